@@ -1,0 +1,156 @@
+"""The canonical MoE op `torch.ops.moecc.moe` and its ONE PyTorch reference implementation.
+
+    moe(x [..., H], logits [..., L], w_in [E, R, H], w_out [E, H, F], ...) -> y [..., H]
+
+R = F, or 2F for gated activations. torch.export keeps the op as one node (fake kernel below);
+autograd recomputes the reference, so gradients reach x, the router logits and every expert weight.
+The `spec` argument is `MoESpec.to_json()`; `kernel` names the implementation that runs it
+("reference", or a torch backend kernel such as "torch.grouped_gemm").
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .routing import route
+from .spec import MoESpec
+
+OP_ARGS = ("x", "logits", "w_in", "w_out", "b_in", "b_out", "router_bias",
+           "shared_w_in", "shared_w_out", "shared_gate", "token_ids", "spec", "kernel")
+_observers: list[list] = []
+
+
+@functools.lru_cache(maxsize=256)
+def parse_spec(spec: str) -> MoESpec:
+    return MoESpec.from_json(spec)
+
+
+@contextlib.contextmanager
+def record_routing():
+    """Collect one record per executed MoE layer: {layer, expert_ids [T, S], weights [T, S]}."""
+    records: list = []
+    _observers.append(records)
+    try:
+        yield records
+    finally:
+        _observers.remove(records)
+
+
+def activate(h: Tensor, spec: MoESpec) -> Tensor:
+    """[n, R] -> [n, F]: the expert's activation, gated variants split [gate; up] (or interleaved)."""
+    a = spec.activation
+    if a == "relu":
+        return F.relu(h)
+    if a == "gelu":
+        return F.gelu(h)
+    if a == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if a == "silu":
+        return F.silu(h)
+    gate, up = (h[..., ::2], h[..., 1::2]) if spec.interleaved else h.chunk(2, dim=-1)
+    if a == "swiglu":
+        return F.silu(gate) * up
+    if a == "geglu":
+        return F.gelu(gate) * up
+    # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
+    gate = gate.clamp(max=spec.act_limit)
+    up = up.clamp(min=-spec.act_limit, max=spec.act_limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * spec.act_alpha))
+
+
+def ffn(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None,
+        spec: MoESpec) -> Tensor:
+    """One expert: [n, H] -> [n, H]."""
+    return F.linear(activate(F.linear(x, w_in, b_in), spec), w_out, b_out)
+
+
+def shared_expert(x: Tensor, w_in: Tensor, w_out: Tensor, gate: Tensor | None, spec: MoESpec) -> Tensor:
+    y = ffn(x, w_in, None, w_out, None, spec)
+    if gate is not None:
+        y = torch.sigmoid(F.linear(x, gate)) * y
+    return y
+
+
+def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+                  shared_gate, token_ids, spec: MoESpec) -> Tensor:
+    """Loop over experts; each takes the tokens routed to it. The definition every kernel must match."""
+    shape = x.shape
+    xt = x.reshape(-1, shape[-1])                                          # [T, H]
+    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids)  # [T, S]
+    _notify(spec, ids, weights)
+    y = torch.zeros_like(xt)
+    for e in range(spec.num_experts):
+        tok, slot = torch.where(ids == e)                                  # tokens routed to e
+        if tok.numel() == 0:
+            continue
+        h = ffn(xt[tok], w_in[e], None if b_in is None else b_in[e], w_out[e],
+                None if b_out is None else b_out[e], spec)                 # [n, H]
+        y = y.index_add(0, tok, h * weights[tok, slot].unsqueeze(-1).to(h.dtype))
+    if shared_w_in is not None:
+        y = y + shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec)
+    return y.reshape(shape)
+
+
+def _notify(spec: MoESpec, ids: Tensor, weights: Tensor) -> None:
+    for records in _observers:
+        records.append({"layer": spec.name, "expert_ids": ids.detach(), "weights": weights.detach()})
+
+
+def run_kernel(kernel: str, *tensors, spec: MoESpec) -> Tensor:
+    if kernel in ("", "reference", "torch.reference"):
+        return moe_reference(*tensors, spec)
+    # Kernels are named by string in the IR and resolved lazily: the IR never imports a backend.
+    kernels = importlib.import_module("moecc.backends.torch.kernels")
+    return kernels.run(kernel, *tensors, spec=spec)
+
+
+@torch.library.custom_op("moecc::moe", mutates_args=())
+def moe(x: Tensor, logits: Tensor, w_in: Tensor, w_out: Tensor, b_in: Optional[Tensor],
+        b_out: Optional[Tensor], router_bias: Optional[Tensor], shared_w_in: Optional[Tensor],
+        shared_w_out: Optional[Tensor], shared_gate: Optional[Tensor], token_ids: Optional[Tensor],
+        spec: str, kernel: str) -> Tensor:
+    return run_kernel(kernel, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
+                      shared_w_out, shared_gate, token_ids, spec=parse_spec(spec)).contiguous()
+
+
+@moe.register_fake
+def _moe_fake(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+              shared_gate, token_ids, spec, kernel):
+    return torch.empty_like(x)
+
+
+_DIFF = ("x", "logits", "w_in", "w_out", "b_in", "b_out", "shared_w_in", "shared_w_out", "shared_gate")
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs   # recomputed in backward: activations are not saved twice
+
+
+def _backward(ctx, grad):
+    *tensors, spec, _kernel = ctx.inputs
+    names = OP_ARGS[:-2]
+    wanted = [n for i, n in enumerate(names) if n in _DIFF and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_(True) for n, t in zip(names, tensors) if n in wanted}
+        args = [leaves.get(n, t) for n, t in zip(names, tensors)]
+        y = moe_reference(*args, parse_spec(spec))
+        grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad, allow_unused=True)
+    by_name = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(wanted, grads)}
+    return (*[by_name.get(n) for n in names], None, None)
+
+
+moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+def call_moe(x: Tensor, logits: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec, *,
+             b_in=None, b_out=None, router_bias=None, shared_w_in=None, shared_w_out=None,
+             shared_gate=None, token_ids=None, kernel: str = "reference") -> Tensor:
+    """Keyword-friendly front door to `torch.ops.moecc.moe`."""
+    return torch.ops.moecc.moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
+                               shared_w_out, shared_gate, token_ids, spec.to_json(), kernel)

@@ -1,0 +1,140 @@
+"""The IR's data: `MoESpec` and `RouterSpec`, frozen and JSON-serializable.
+
+One MoE layer is one `torch.ops.moecc.moe` node; its spec travels twice: as the op's `spec` string
+argument (so it survives torch.export.save/load and reaches every backend's translation) and as
+`node.meta["moecc.spec"]` (parsed, for passes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .errors import MoeccError
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "swiglu_oai")
+GATED = ("swiglu", "geglu", "swiglu_oai")
+ROUTER_KINDS = {
+    "softmax_topk": "softmax over all E, then top-k (optionally renormalize the k weights)",
+    "topk_softmax": "top-k of the raw logits, then softmax over the k",
+    "sigmoid_topk": "sigmoid scores; a per-expert correction bias chooses (not weighs) experts; "
+                    "optional group-limited top-k; weights renormalized and scaled",
+    "expert_choice": "each expert takes its top tokens up to capacity (batch-dependent)",
+    "hash": "token id -> expert by a fixed table, no parameters",
+    "hierarchical": "a first router picks groups of experts, a second picks experts within them",
+}
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How tokens choose experts. Logits are computed outside the op (a Linear, fp32 if asked)."""
+
+    kind: str = "softmax_topk"
+    top_k: int = 2
+    renormalize: bool = True        # softmax_topk / sigmoid_topk: divide the k weights by their sum
+    scaling: float = 1.0            # routed scaling factor applied to the final weights
+    n_groups: int = 1               # group-limited / hierarchical: experts split in n_groups groups
+    topk_groups: int = 1            # ... of which this many are kept
+    capacity_factor: float | None = None   # None = dropless
+    fp32: bool = True               # the router's softmax/sigmoid in float32
+    noisy: bool = False             # noisy top-k (training only; noise added outside the op)
+    group_score: str = "top2_sum"   # sigmoid_topk groups: "top2_sum" (DeepSeek-V3) or "max"
+
+    def describe(self) -> str:
+        return ROUTER_KINDS[self.kind]
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """One MoE layer: E experts of hidden→ffn→hidden, routed top-k, optional shared expert.
+
+    Weights (stacked, nn.Linear layout): w_in [E, F or 2F, H], w_out [E, H, F]; gated activations
+    keep gate rows first then up rows ([gate; up]) unless `interleaved` (row 2i gate, 2i+1 up).
+    """
+
+    num_experts: int
+    hidden: int
+    ffn: int
+    activation: str = "gelu"
+    router: RouterSpec = field(default_factory=RouterSpec)
+    expert_bias: bool = False       # b_in [E, F or 2F], b_out [E, H]
+    interleaved: bool = False       # gated w_in rows interleaved (GPT-OSS)
+    act_alpha: float = 1.702        # swiglu_oai: gate * sigmoid(alpha * gate)
+    act_limit: float = 7.0          # swiglu_oai: clamp
+    shared_ffn: int = 0             # width of the always-on shared expert (0 = none)
+    shared_gated: bool = False      # shared expert output scaled by sigmoid(x @ shared_gate^T)
+    name: str = ""                  # the layer's name in the source model (for messages, traces)
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+    @property
+    def in_rows(self) -> int:
+        return 2 * self.ffn if self.gated else self.ffn
+
+    def validate(self) -> "MoESpec":
+        where = f"MoE layer {self.name or '?'}"
+        r = self.router
+        if self.num_experts < 2:
+            raise MoeccError(f"{where}: needs at least 2 experts, got E={self.num_experts}")
+        if r.kind not in ROUTER_KINDS:
+            raise MoeccError(f"{where}: unknown router {r.kind!r}; choose one of {sorted(ROUTER_KINDS)}")
+        if r.kind != "expert_choice" and not 1 <= r.top_k <= self.num_experts:
+            raise MoeccError(f"{where}: top-k must be in 1..E={self.num_experts}, got k={r.top_k}")
+        if self.activation not in ACTIVATIONS:
+            raise MoeccError(f"{where}: unknown activation {self.activation!r}; one of {ACTIVATIONS}")
+        if r.capacity_factor is not None and r.capacity_factor <= 0:
+            raise MoeccError(f"{where}: capacity factor must be > 0, got {r.capacity_factor}")
+        if r.n_groups > 1 or r.kind == "hierarchical":
+            if self.num_experts % r.n_groups:
+                raise MoeccError(f"{where}: n_groups={r.n_groups} does not divide E={self.num_experts}")
+            if not 1 <= r.topk_groups <= r.n_groups:
+                raise MoeccError(f"{where}: topk_groups={r.topk_groups} must be in 1..n_groups={r.n_groups}")
+            per_group = self.num_experts // r.n_groups
+            if r.top_k > r.topk_groups * per_group:
+                raise MoeccError(f"{where}: k={r.top_k} exceeds the {r.topk_groups} kept groups × "
+                                 f"{per_group} experts each")
+        return self
+
+    def replace(self, **kw) -> "MoESpec":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_dict(d: dict) -> "MoESpec":
+        d = dict(d)
+        d["router"] = RouterSpec(**d.get("router", {}))
+        return MoESpec(**d)
+
+    @staticmethod
+    def from_json(s: str) -> "MoESpec":
+        return MoESpec.from_dict(json.loads(s))
+
+    # params / FLOPs per token, for `moecc inspect`
+    def expert_params(self) -> int:
+        p = self.in_rows * self.hidden + self.hidden * self.ffn
+        if self.expert_bias:
+            p += self.in_rows + self.hidden
+        return p
+
+    def shared_params(self) -> int:
+        rows = 2 * self.shared_ffn if self.shared_gated or self.gated else self.shared_ffn
+        return rows * self.hidden + self.hidden * self.shared_ffn + (self.hidden if self.shared_gated else 0)
+
+    def params(self) -> tuple[int, int]:
+        """(total, active per token) parameters, router included."""
+        router = self.num_experts * self.hidden
+        shared = self.shared_params() if self.shared_ffn else 0
+        total = self.num_experts * self.expert_params() + router + shared
+        active = self.top_k * self.expert_params() + router + shared
+        return total, active
