@@ -1,0 +1,81 @@
+"""Capture: nn.Module → torch.export → unlifted ATen fx.GraphModule, known MoE blocks as ONE node.
+
+    model (+ recognizers replace known MoE blocks by moecc.nn modules)
+      → torch.export.export(dynamic batch/seq dims)  → ExportedProgram
+      → .module()                                    → fx.GraphModule (params as get_attr), passes run here
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .errors import MoeccError
+from .inputs import InputSpec, describe_inputs, dynamic_shapes
+from .pipeline import annotate
+
+
+@dataclass
+class Captured:
+    """A captured model: the graph passes rewrite, and what is needed to export it again."""
+
+    gm: fx.GraphModule
+    example_inputs: tuple
+    dynamic_shapes: tuple | None
+    inputs: list[InputSpec]
+    source: str = "model"
+    recognized: list = field(default_factory=list)      # recognizer report entries
+
+    def export(self) -> torch.export.ExportedProgram:
+        return export(self.gm, self.example_inputs, self.dynamic_shapes, self.source)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def export(module: torch.nn.Module, example_inputs: tuple, dyn, source: str) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(module, example_inputs, dynamic_shapes=dyn, strict=False)
+    except MoeccError:
+        raise
+    except Exception as e:
+        raise MoeccError(f"could not capture {source} with torch.export: {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
+
+
+def _recognize(model: torch.nn.Module) -> list:
+    try:
+        from .recognize import recognize
+    except ImportError:
+        return []
+    _, report = recognize(model)
+    return list(report or [])
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            delattr(gm, "_guards_fn")
+    gm.recompile()
+
+
+def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source: str = "model",
+            recognize: bool = True) -> Captured:
+    """Export `model` on `example_inputs` with dynamic token dims; MoE blocks it recognizes become
+    one moecc::moe node each."""
+    if not isinstance(model, torch.nn.Module):
+        raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    model.eval()
+    recognized = _recognize(model) if recognize else []
+    dyn = dynamic_shapes(example_inputs, dynamic)
+    program = export(model, example_inputs, dyn, source)
+    gm = program.module()
+    _drop_guards(gm)
+    return Captured(annotate(gm), example_inputs, dyn, describe_inputs(program), source, recognized)
