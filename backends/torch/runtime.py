@@ -1,0 +1,26 @@
+"""Run a torch artifact: torch.export.load(model.pt2) (after registering moecc's ops)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def load_program(artifact_dir):
+    import torch
+
+    import moecc.ops  # noqa: F401  (registers torch.ops.moecc.* before load)
+    return torch.export.load(Path(artifact_dir) / "model.pt2")
+
+
+def load(artifact_dir, manifest: dict | None = None):
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    module = load_program(artifact_dir).module()
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
+        return [t.detach().numpy() for t in tree_leaves(out)]
+    return run

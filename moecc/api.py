@@ -1,0 +1,139 @@
+"""The public API: capture → transform → compile (lower + verify + artifact), and load.
+
+    moecc.compile(model, example_inputs, passes=[("upcycle", {"num_experts": 8, "top_k": 2})],
+                  backend="onnx", out="out/tiny_gpt_moe")
+"""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_leaves
+
+from . import __version__, artifact
+from .capture import Captured, capture
+from .errors import MoeccError
+from .inputs import fresh_inputs
+from .pipeline import PassManager, moe_nodes
+from .progress import Steps
+from .verify import summary, verify
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+def transform(captured: Captured, passes: list[tuple[str, dict]]) -> PassManager:
+    """Run named passes (canonicalize first) on the captured graph, in place; returns the manager
+    (its `.records` hold each pass's stats and time)."""
+    from . import passes as registry
+    names = [n for n, _ in passes]
+    plan = ([] if "canonicalize" in names else [("canonicalize", {})]) + list(passes)
+    pm = PassManager([(n, registry.make(n, dict(o, captured=captured))) for n, o in plan])
+    captured.gm = pm(captured.gm)
+    return pm
+
+
+def _numpy(args) -> list[np.ndarray]:
+    return [t.detach().numpy() for t in args if isinstance(t, torch.Tensor)]
+
+
+def _torch_runner(module: torch.nn.Module):
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.detach().numpy() for t in tree_leaves(module(*[torch.from_numpy(a) for a in inputs]))]
+    return run
+
+
+def _lower_and_verify(captured, program, backend: str, options: dict, tmp: Path, verify_on: bool,
+                      tol: float, steps: Steps) -> tuple[dict, dict]:
+    from . import backends
+    lowered = backends.get(backend).lower(program, tmp, options)
+    if not verify_on:
+        return lowered.to_dict(), {"skipped": True}
+    steps.next("verify")
+    sets = [("example", _numpy(captured.example_inputs)),
+            ("fresh", _numpy(fresh_inputs(captured.example_inputs, captured.inputs)))]
+    run = backends.runtime(backend).load(tmp, {"backend": {"name": backend}})
+    checks = verify(run, _torch_runner(captured.gm), sets, tol)
+    return lowered.to_dict(), {"tolerance": tol, "checks": [c.to_dict() for c in checks],
+                               "ok": all(c.ok for c in checks), "text": summary(checks)}
+
+
+def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, dict]] = (),
+            backend: str = "torch", out: str | Path, options: dict | None = None, verify: bool = True,
+            force: bool = False, tolerance: float = DEFAULT_TOLERANCE, source: str = "model",
+            progress: bool = True) -> Path:
+    """Capture, transform, lower and verify `model`; write the artifact directory `out` atomically."""
+    options = dict(options or {})
+    out = Path(out)
+    artifact.check_out_dir(out, force)
+    steps = Steps(["capture", "passes", "lower", "verify", "write"], enabled=progress)
+    captured = capture(model, example_inputs, source=source)
+    steps.next("passes")
+    pm = transform(captured, list(passes))
+    steps.next("lower")
+    program = captured.export()
+    options.setdefault("tokens", int(np.prod(captured.example_inputs[0].shape[:2]))
+                       if captured.example_inputs and isinstance(captured.example_inputs[0], torch.Tensor) else 0)
+    with artifact.atomic_dir(out, force) as tmp:
+        lowered, check = _lower_and_verify(captured, program, backend, options, tmp, verify, tolerance, steps)
+        if check.get("ok") is False and backend == "onnx" and options.get("onnx_moe", "auto") != "portable":
+            first = check["text"]
+            for f in tmp.iterdir():
+                f.unlink()
+            options["onnx_moe"] = "portable"
+            lowered, check = _lower_and_verify(captured, captured.export(), backend, options, tmp, True,
+                                               tolerance, steps)
+            check["fallback"] = (f"the fused ONNX Runtime MoE op did not match the PyTorch reference "
+                                 f"({first}); fell back to the portable lowering")
+        if check.get("ok") is False:
+            raise MoeccError(f"{source}: {backend} output differs from the PyTorch reference beyond "
+                             f"tolerance {tolerance}: {check['text']}; nothing written (--no-verify to skip)")
+        steps.next("write")
+        manifest = {
+            "moecc_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "inputs": [i.to_dict() for i in captured.inputs],
+            "outputs": _outputs(program),
+            "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in moe_nodes(captured.gm)],
+            "passes": [r.to_dict() for r in pm.records],
+            "backend": dict(name=backend, options={k: v for k, v in options.items() if _jsonable(v)}, **lowered),
+            "verification": check,
+            "recognized": captured.recognized,
+        }
+        artifact.write_json(tmp / artifact.MANIFEST, manifest)
+        (tmp / "report.md").write_text(artifact.report_md(manifest))
+    steps.close()
+    return out
+
+
+def _facts(node) -> dict:
+    """Extra per-layer facts a pass left in node.meta (e.g. moefy's partition and calibration)."""
+    return {k.split(".", 1)[1]: v for k, v in node.meta.items() if k.startswith("moecc.") and k != "moecc.spec"}
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
+
+
+def _outputs(program: torch.export.ExportedProgram) -> list[dict]:
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    outs = []
+    for i, val in enumerate(tree_leaves([a.meta.get("val") if hasattr(a, "meta") else None
+                                         for a in tree_leaves(out_node.args)])):
+        if isinstance(val, torch.Tensor):
+            outs.append({"index": i, "dtype": str(val.dtype).replace("torch.", ""),
+                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape]})
+    return outs
+
+
+def load(path: str | Path):
+    """Load an artifact: a torch artifact gives its ExportedProgram; others a `run(list[np]) -> list[np]`."""
+    from . import backends
+    manifest = artifact.read_manifest(Path(path))
+    name = manifest["backend"]["name"]
+    if name == "torch":
+        return backends.runtime("torch").load_program(path)
+    return backends.runtime(name).load(path, manifest)

@@ -1,0 +1,169 @@
+"""The `moecc` command line: compile, inspect, run (+ bench, plan, trace from their own modules).
+
+Every user mistake ends as one line `moecc: error: ...` and exit code 2; nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .errors import MoeccError
+
+COMPILE_EXAMPLES = """examples:
+  moecc compile samples/tiny_gpt.py:build --upcycle 8 --top-k 2 --to onnx --out out/tiny_gpt_moe
+  moecc compile samples/tiny_bert.py:build --upcycle 4 --top-k 1 --layers every-2 --to torch --out out/bert
+  moecc compile samples/minilm.py:build --moefy 8 --top-k 2 --calibration moecc/data/corpus.txt --to onnx --out out/minilm
+  moecc compile samples/tiny_gpt.py:build --upcycle 8 --router sigmoid-topk --capacity-factor 1.25 --out out/g
+"""
+
+EXTRA_COMMANDS = [("moecc.cli_bench", "add_bench_parser"), ("moecc.cli_plan", "add_plan_parser"),
+                  ("moecc.cli_plan", "add_trace_parser")]
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="capture, transform, lower and verify a model into an artifact",
+                       description="Compile MODEL (path/to/file.py:factory or package.module:factory; the "
+                                   "factory returns (model, example_inputs)) into an artifact directory.",
+                       epilog=COMPILE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL")
+    g = p.add_argument_group("dense → MoE")
+    g.add_argument("--upcycle", type=int, metavar="E", help="sparse upcycling: each FFN → E copies")
+    g.add_argument("--moefy", type=int, metavar="E", help="MoEfication: split each FFN into E experts")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    g.add_argument("--layers", default="all", help="all | every-N | 0,2,5 (default all)")
+    g.add_argument("--router-init", default="zeros", choices=["zeros", "random"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--calibration", help="moefy: text file (one example per line) or tensor file")
+    g.add_argument("--method", default="cluster", help="moefy partition: cluster | coactivation")
+    g.add_argument("--shared", type=int, default=0, help="moefy: neurons kept in an always-on shared expert")
+    g = p.add_argument_group("routing")
+    g.add_argument("--router", help="set the router of every MoE layer (see `moecc inspect --routers`)")
+    g.add_argument("--capacity-factor", type=float, help="token dropping above capacity (default dropless)")
+    g.add_argument("--n-groups", type=int, help="group-limited / hierarchical routing: number of groups")
+    g.add_argument("--topk-groups", type=int, help="groups kept per token")
+    g.add_argument("--passes", help="explicit pass list, comma separated (e.g. canonicalize,upcycle,route)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--to", dest="backend", default="torch", help="torch | onnx | tvm (default torch)")
+    g.add_argument("--onnx-moe", default="auto", choices=["auto", "portable", "fused"],
+                   help="onnx: standard ops only, ORT's fused com.microsoft::MoE, or fused where exact")
+    g.add_argument("--target", default="llvm", help="tvm target (default llvm)")
+    g.add_argument("--kernel", help="force one MoE kernel for every layer (e.g. torch.grouped_gemm)")
+    g.add_argument("--autotune", action="store_true", help="measure kernel candidates per token bucket")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, type=Path, help="artifact directory (must not exist)")
+    g.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    g.add_argument("--no-verify", action="store_true", help="skip numerical verification (recorded)")
+    g.add_argument("--tolerance", type=float, default=1e-4, help="max abs error, scaled by max(1, |ref|)")
+    p.set_defaults(func=cmd_compile)
+
+
+def _passes_from(a) -> list[tuple[str, dict]]:
+    common = {"num_experts": a.upcycle or a.moefy, "top_k": a.top_k, "layers": a.layers,
+              "router_init": a.router_init, "seed": a.seed, "calibration": a.calibration,
+              "method": a.method, "shared": a.shared}
+    route = {k: v for k, v in {"router": a.router, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
+                               "n_groups": a.n_groups, "topk_groups": a.topk_groups, "layers": a.layers}.items()
+             if v is not None}
+    if a.passes:
+        return [(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
+    if a.upcycle and a.moefy:
+        raise MoeccError("choose one of --upcycle and --moefy")
+    passes = []
+    if a.upcycle is not None:
+        passes.append(("upcycle", common))
+    if a.moefy is not None:
+        passes.append(("moefy", common))
+    if a.router or a.capacity_factor is not None or a.n_groups:
+        passes.append(("route", route))
+    return passes
+
+
+def cmd_compile(a) -> int:
+    from . import api
+    from .backends import NAMES
+    from .loader import load_model
+    if a.backend not in NAMES:
+        raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
+    passes = _passes_from(a)
+    from .artifact import check_out_dir
+    check_out_dir(a.out, a.force)
+    model, inputs = load_model(a.model)
+    options = {"onnx_moe": a.onnx_moe, "target": a.target, "kernel": a.kernel, "autotune": a.autotune}
+    out = api.compile(model, inputs, passes=passes, backend=a.backend, out=a.out, options=options,
+                      verify=not a.no_verify, force=a.force, tolerance=a.tolerance, source=a.model)
+    from .inspect_model import inspect
+    print(inspect(str(out)))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="table of a model's or artifact's FFN/MoE layers",
+                       epilog="examples:\n  moecc inspect samples/tiny_gpt.py:build\n  moecc inspect out/tiny_gpt_moe\n"
+                              "  moecc inspect --routers", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="?", metavar="MODEL|ARTIFACT")
+    p.add_argument("--routers", action="store_true", help="list the router kinds")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a) -> int:
+    from .inspect_model import inspect, routers_help
+    if a.routers:
+        print(routers_help())
+    if a.target:
+        print(inspect(a.target))
+    elif not a.routers:
+        raise MoeccError("inspect needs MODEL or ARTIFACT (or --routers)")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run an artifact on inputs from an .npz file (no torch for onnx/tvm)",
+                       epilog="example:\n  moecc run out/tiny_gpt_moe --input tokens.npz --output logits.npz",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--input", required=True, type=Path, help=".npz with one array per model input (by name or order)")
+    p.add_argument("--output", type=Path, help="write outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a) -> int:
+    from .run_artifact import run_artifact
+    outputs = run_artifact(a.artifact, a.input, a.output)
+    for i, o in enumerate(outputs):
+        print(f"output {i}: shape {list(o.shape)} dtype {o.dtype} mean {float(o.mean()):.6g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moecc", description="A compiler for Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"moecc {__import__('moecc').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    _add_inspect(sub)
+    _add_run(sub)
+    for module, fn in EXTRA_COMMANDS:
+        try:   # TODO(lead): drop once bench/plan land
+            getattr(importlib.import_module(module), fn)(sub)
+        except (ImportError, AttributeError):
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MoeccError as e:
+        print(f"moecc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moecc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
