@@ -33,7 +33,8 @@ def parse_spec(spec: str) -> MoESpec:
 
 @contextlib.contextmanager
 def record_routing():
-    """Collect one record per executed MoE layer: {layer, expert_ids [T, S], weights [T, S]}."""
+    """Collect one record per executed MoE layer (forward only): {layer, expert_ids [T, S],
+    weights [T, S], spec}."""
     records: list = []
     _observers.append(records)
     try:
@@ -99,7 +100,19 @@ def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
 
 def _notify(spec: MoESpec, ids: Tensor, weights: Tensor) -> None:
     for records in _observers:
-        records.append({"layer": spec.name, "expert_ids": ids.detach(), "weights": weights.detach()})
+        records.append({"layer": spec.name, "expert_ids": ids.detach(), "weights": weights.detach(),
+                        "spec": spec})
+
+
+@contextlib.contextmanager
+def _muted():
+    """The backward pass recomputes the forward: it must not be recorded a second time."""
+    saved = _observers[:]
+    _observers.clear()
+    try:
+        yield
+    finally:
+        _observers.extend(saved)
 
 
 def run_kernel(kernel: str, *tensors, spec: MoESpec) -> Tensor:
@@ -136,7 +149,7 @@ def _backward(ctx, grad):
     *tensors, spec, _kernel = ctx.inputs
     names = OP_ARGS[:-2]
     wanted = [n for i, n in enumerate(names) if n in _DIFF and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
+    with torch.enable_grad(), _muted():
         leaves = {n: t.detach().requires_grad_(True) for n, t in zip(names, tensors) if n in wanted}
         args = [leaves.get(n, t) for n, t in zip(names, tensors)]
         y = moe_reference(*args, parse_spec(spec))
