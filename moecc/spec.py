@@ -22,6 +22,8 @@ ROUTER_KINDS = {
     "expert_choice": "each expert takes its top tokens up to capacity (batch-dependent)",
     "hash": "token id -> expert by a fixed table, no parameters",
     "hierarchical": "a first router picks groups of experts, a second picks experts within them",
+    "topk_unit": "top-k of the raw logits, each chosen expert weighted 1 (MoEfication: experts are "
+                 "disjoint slices of one dense FFN, so all experts on = the dense FFN)",
 }
 
 
@@ -39,6 +41,8 @@ class RouterSpec:
     fp32: bool = True               # the router's softmax/sigmoid in float32
     noisy: bool = False             # noisy top-k (training only; noise added outside the op)
     group_score: str = "top2_sum"   # sigmoid_topk groups: "top2_sum" (DeepSeek-V3) or "max"
+    capacity: int = 0               # fixed slots per expert (Switch's expert_capacity); 0 = from the factor
+    capacity_per_row: bool = False  # capacity counted per row of x [B, S, H] (per sequence), not per call
 
     def describe(self) -> str:
         return ROUTER_KINDS[self.kind]
@@ -90,6 +94,8 @@ class MoESpec:
             raise MoeccError(f"{where}: unknown activation {self.activation!r}; one of {ACTIVATIONS}")
         if r.capacity_factor is not None and r.capacity_factor <= 0:
             raise MoeccError(f"{where}: capacity factor must be > 0, got {r.capacity_factor}")
+        if r.capacity < 0:
+            raise MoeccError(f"{where}: capacity must be ≥ 0 slots per expert (0 = from the factor), got {r.capacity}")
         if r.n_groups > 1 or r.kind == "hierarchical":
             if self.num_experts % r.n_groups:
                 raise MoeccError(f"{where}: n_groups={r.n_groups} does not divide E={self.num_experts}")
