@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -83,7 +84,8 @@ def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
     """Loop over experts; each takes the tokens routed to it. The definition every kernel must match."""
     shape = x.shape
     xt = x.reshape(-1, shape[-1])                                          # [T, H]
-    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids)  # [T, S]
+    rows = math.prod(shape[:-2]) if len(shape) > 2 else 1                  # sequences (per-row capacity)
+    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
     _notify(spec, ids, weights)
     y = torch.zeros_like(xt)
     for e in range(spec.num_experts):
