@@ -69,6 +69,14 @@ def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, d
     out = Path(out)
     artifact.check_out_dir(out, force)
     steps = Steps(["capture", "passes", "lower", "verify", "write"], enabled=progress)
+    try:
+        return _compile(model, example_inputs, passes, backend, out, options, verify, force, tolerance,
+                        source, steps)
+    finally:
+        steps.close()
+
+
+def _compile(model, example_inputs, passes, backend, out, options, verify, force, tolerance, source, steps):
     captured = capture(model, example_inputs, source=source)
     steps.next("passes")
     pm = transform(captured, list(passes))
@@ -105,7 +113,6 @@ def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, d
         }
         artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
-    steps.close()
     return out
 
 

@@ -25,7 +25,7 @@ class Captured:
     dynamic_shapes: tuple | None
     inputs: list[InputSpec]
     source: str = "model"
-    recognized: list = field(default_factory=list)      # recognizer report entries
+    recognized: dict = field(default_factory=dict)      # the recognizers' report (to_dict)
 
     def export(self) -> torch.export.ExportedProgram:
         return export(self.gm, self.example_inputs, self.dynamic_shapes, self.source)
@@ -46,13 +46,10 @@ def export(module: torch.nn.Module, example_inputs: tuple, dyn, source: str) -> 
                          f"{_first_line(e)}") from e
 
 
-def _recognize(model: torch.nn.Module) -> list:
-    try:
-        from .recognize import recognize
-    except ImportError:
-        return []
+def _recognize(model: torch.nn.Module) -> dict:
+    from .recognize import recognize
     _, report = recognize(model)
-    return list(report or [])
+    return report.to_dict()
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -73,7 +70,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     model.eval()
-    recognized = _recognize(model) if recognize else []
+    recognized = _recognize(model) if recognize else {}
     dyn = dynamic_shapes(example_inputs, dynamic)
     program = export(model, example_inputs, dyn, source)
     gm = program.module()

@@ -87,6 +87,9 @@ def cmd_compile(a) -> int:
     if a.backend not in NAMES:
         raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
     passes = _passes_from(a)
+    if a.upcycle is not None or a.moefy is not None:
+        from .passes.upcycle import check_experts
+        check_experts(a.upcycle or a.moefy, a.top_k)
     from .artifact import check_out_dir
     check_out_dir(a.out, a.force)
     model, inputs = load_model(a.model)

@@ -8,7 +8,7 @@ class Steps:
     def __init__(self, names: list[str], enabled: bool = True):
         self.names = names
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=len(names), desc=names[0], unit="step", leave=False, file=sys.stderr)
         self.done = 0
@@ -20,6 +20,6 @@ class Steps:
         self.done += 1
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.update(len(self.names) - self.bar.n)
             self.bar.close()

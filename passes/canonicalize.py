@@ -88,6 +88,7 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
             stats["inplace"] += 1
         elif t in IDENTITY or (t is aten.dropout.default and node.args[2] is False):
             node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
             stats["identity"] += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -25,7 +25,7 @@ def choose_kernel(spec, tokens: int, options: dict) -> KernelChoice:
     if forced:
         return KernelChoice(spec.name, forced, "forced by --kernel")
     from . import select
-    return select.choose(spec, tokens, autotune=bool(options.get("autotune")))
+    return select.choose(spec, tokens)
 
 
 def set_kernels(program: torch.export.ExportedProgram, tokens: int, options: dict) -> list[KernelChoice]:

@@ -1,0 +1,34 @@
+# moecc: `make demo` (set up + compile the bundled sample) and `make test` (set up + run the suite).
+# torch is pinned to the CPU build on this machine's disk; override for other hardware:
+#   make test TORCH_SPEC="torch==2.9.1"
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moecc-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[hf,minilm,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/moecc inspect samples/tiny_gpt.py:build
+	$(BIN)/moecc compile samples/tiny_gpt.py:build --upcycle 8 --top-k 2 --to onnx --out out/tiny_gpt_moe --force
+	$(BIN)/moecc compile samples/tiny_bert.py:build --upcycle 4 --top-k 2 --to torch --out out/tiny_bert_moe --force
+	$(BIN)/python samples/run_onnx_standalone.py out/tiny_gpt_moe
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 900 tests
+
+bench: setup
+	$(BIN)/moecc bench --quick --out out/bench
+
+clean:
+	rm -rf out .pytest_cache

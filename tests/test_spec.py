@@ -1,0 +1,31 @@
+import pytest
+
+from moecc.errors import MoeccError
+from moecc.spec import MoESpec, RouterSpec
+
+
+def test_json_roundtrip():
+    s = MoESpec(num_experts=8, hidden=4, ffn=6, activation="swiglu", shared_ffn=3, shared_gated=True,
+                router=RouterSpec("sigmoid_topk", 2, n_groups=4, topk_groups=2, scaling=2.5), name="l0")
+    assert MoESpec.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_experts=1), "at least 2 experts"),
+    (dict(router=RouterSpec(top_k=9)), "top-k must be in 1..E=8"),
+    (dict(router=RouterSpec(top_k=0)), "top-k must be in 1..E=8"),
+    (dict(router=RouterSpec(capacity_factor=0)), "capacity factor must be > 0"),
+    (dict(router=RouterSpec("sigmoid_topk", n_groups=3)), "n_groups=3 does not divide E=8"),
+    (dict(activation="tanh"), "unknown activation"),
+])
+def test_validate_names_the_problem(kw, msg):
+    base = dict(num_experts=8, hidden=4, ffn=6, name="blocks.0.ffn")
+    with pytest.raises(MoeccError, match=msg) as e:
+        MoESpec(**{**base, **kw}).validate()
+    assert "blocks.0.ffn" in str(e.value)
+
+
+def test_params_total_and_active():
+    s = MoESpec(num_experts=4, hidden=2, ffn=3, router=RouterSpec(top_k=1))
+    per_expert = 3 * 2 + 2 * 3
+    assert s.params() == (4 * per_expert + 4 * 2, per_expert + 4 * 2)
