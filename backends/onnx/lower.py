@@ -1,0 +1,126 @@
+"""ONNX backend: torch.export program ⇒ model.onnx, one kernel chosen per MoE layer.
+
+    ExportedProgram  ⇒  torch.onnx.export(dynamo=True, custom_translation_table={moecc::moe: translate})
+                     ⇒  model.onnx (weights inside unless > 2 GB), batch/sequence dims dynamic
+
+`translate` receives each layer's tensors and its spec JSON, and emits the chosen kernel's graph
+(backends/onnx/kernels.py: portable standard ops, or onnxruntime's fused com.microsoft::MoE).
+Options: onnx_moe = portable | fused | auto (default auto), onnx_kernel (force one kernel),
+tokens (the token count the cost model plans for; default: the example's), opset.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from moecc.errors import MoeccError
+from moecc.ops import OP_ARGS, parse_spec
+from moecc.pipeline import MOE_OP, moe_nodes
+
+from ..base import KernelChoice, Lowered
+from . import fused, kernels
+
+SPEC_ARG = OP_ARGS.index("spec")
+TWO_GB = 2 ** 31
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+           torch.float64: "float64", torch.int64: "int64", torch.int32: "int32"}
+
+
+def _shape(v) -> tuple:
+    return tuple(d if isinstance(d, int) else None for d in v.shape)
+
+
+def layer_shapes(node: torch.fx.Node) -> dict:
+    """{arg name: (shape with None for dynamic dims, dtype)} for the tensor arguments of a moe node."""
+    out = {}
+    for name, arg in zip(OP_ARGS, node.args):
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            out[name] = (_shape(val), _DTYPES.get(val.dtype, str(val.dtype).removeprefix("torch.")))
+    return out
+
+
+def example_tokens(node: torch.fx.Node) -> int:
+    """The token count of the example the program was exported with (the cost model's default)."""
+    val = node.args[0].meta.get("val")
+    try:
+        return max(1, math.prod(d if isinstance(d, int) else int(d.node.hint) for d in val.shape[:-1]))
+    except Exception:   # no hint recorded: plan for a modest batch
+        return 64
+
+
+def plan(program: torch.export.ExportedProgram, options: dict) -> list[tuple[str, KernelChoice]]:
+    """[(spec JSON, KernelChoice)] for every moe node, in graph order."""
+    mode = options.get("onnx_moe") or "auto"
+    out = []
+    for node, spec in moe_nodes(program.graph_module):
+        spec = spec if spec.name else spec.replace(name=node.name)
+        tokens = int(options.get("tokens") or example_tokens(node))
+        choice = kernels.choose(spec, layer_shapes(node), mode, tokens, options.get("onnx_kernel"))
+        out.append((node.args[SPEC_ARG], choice))
+    return out
+
+
+def translation(choices: list[tuple[str, KernelChoice]]):
+    """The custom translation for `moecc::moe`: emits layer i's chosen kernel (nodes come in graph order)."""
+    pending = list(choices)
+
+    def translate(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+                  shared_gate, token_ids, spec: str, kernel: str = "reference"):
+        if not pending or pending[0][0] != spec:
+            raise MoeccError(f"ONNX export met MoE layer {parse_spec(spec).name or '?'} out of the planned "
+                             f"order; re-run the export (the program changed after planning)")
+        _, choice = pending.pop(0)
+        return kernels.emit(choice.kernel, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
+                            shared_w_out, shared_gate, token_ids, spec=parse_spec(spec))
+    return translate
+
+
+def tidy(model) -> None:
+    """onnxscript's optimizer minus its pattern rewriter (quadratic in graph size: minutes for a few
+    unrolled gather layers, and onnxruntime fuses at load anyway): inline, fold constants, drop dead nodes."""
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants_ir
+    common.InlinePass()(model)
+    fold_constants_ir(model)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(), common.NameFixPass())(model)
+
+
+def _io(values) -> list[dict]:
+    return [{"name": v.name, "dtype": str(v.dtype).lower() if v.dtype is not None else None,
+             "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
+            for v in values]
+
+
+def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
+    out_dir = Path(out_dir)
+    choices = plan(program, options)
+    if any(c.kernel == "ort.moe_fused" for _, c in choices):
+        fused.register_schema()
+    kw = {"opset_version": int(options["opset"])} if options.get("opset") else {}
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False,
+                                         custom_translation_table={MOE_OP: translation(choices)}, **kw)
+        tidy(onnx_program.model)
+    except MoeccError:
+        raise
+    except Exception as e:   # the exporter's own message names the node it could not translate
+        raise MoeccError(f"ONNX export failed: {str(e).splitlines()[0]}") from e
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    onnx_program.save(out_dir / "model.onnx", external_data=weight_bytes > TWO_GB)
+    files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model.onnx"))
+    graph = onnx_program.model.graph
+    opsets = dict(onnx_program.model.opset_imports)
+    return Lowered(files=["model.onnx"] + [f for f in files if f != "model.onnx"],
+                   kernels=[c for _, c in choices],
+                   notes={"opset": opsets.get(""), "opset_imports": opsets,
+                          "inputs": _io(graph.inputs), "outputs": _io(graph.outputs),
+                          "onnx_moe": options.get("onnx_moe") or "auto",
+                          "external_data": weight_bytes > TWO_GB})

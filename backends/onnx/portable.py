@@ -1,0 +1,129 @@
+"""Standard-ONNX translation of `moecc::moe` (opset 18 ops only: runs on any ONNX runtime).
+
+    x [..., H], logits [..., L]  ⇒  route  ⇒  (weights [T, S], ids [T, S])  ⇒  experts  ⇒  y [..., H]
+
+Routing is backends/onnx/routing.py (moecc/routing.py op for op, so every RouterSpec kind, capacity
+included, reproduces `moe_reference`). Two expert formulations (the kernels of backends/onnx/kernels.py):
+
+    dense_masked:  every expert on every token, y = Σ_e C[:, e] · expert_e(x)  with C [T, E] dense
+    gather:        per expert e: Gather its routed tokens, two MatMuls, then one ScatterND(add)
+
+Called inside torch.onnx's translation (onnxscript tracing): Python control flow on the spec picks
+the ops, so each layer gets exactly the graph its spec needs. Intermediate values carry no dtype at
+trace time, hence CastLike against `x` / `logits` wherever a constant meets a tensor.
+"""
+from __future__ import annotations
+
+import math
+
+from onnxscript import opset18 as op
+
+from moecc.spec import MoESpec
+
+from .routing import dense_weights, int0, ints, route, scalar, shape
+
+
+def flat_tokens(x, width: int):
+    """[..., W] -> ([T, W], T [1] int64, rows [1] int64); no -1 in the Reshape, so T = 0 works too.
+    rows = the product of the dims before the last two (sequences, for per-row capacity), at least 1."""
+    T = op.ReduceProd(op.Shape(x, start=0, end=-1), keepdims=1)           # [1]
+    rank = len(x.shape) if x.shape is not None else 2
+    rows = op.Max(op.ReduceProd(op.Shape(x, start=0, end=-2), keepdims=1), ints(1)) if rank > 2 else ints(1)
+    return op.Reshape(x, shape(T, width)), T, rows
+
+
+# ---------------------------------------------------------------- experts (moecc/ops.py)
+
+def activate(h, spec: MoESpec, F: int):
+    """[..., R] -> [..., F]: moecc.ops.activate in ONNX ops."""
+    a = spec.activation
+    if a == "relu":
+        return op.Relu(h)
+    if a in ("gelu", "gelu_tanh"):
+        return _gelu(h, a == "gelu_tanh")
+    if a == "silu":
+        return op.Mul(h, op.Sigmoid(h))
+    if spec.interleaved:
+        gate = op.Slice(h, ints(0), ints(2 * F), ints(-1), ints(2))
+        up = op.Slice(h, ints(1), ints(2 * F), ints(-1), ints(2))
+    else:
+        gate = op.Slice(h, ints(0), ints(F), ints(-1))
+        up = op.Slice(h, ints(F), ints(2 * F), ints(-1))
+    if a == "swiglu":
+        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+    if a == "geglu":
+        return op.Mul(_gelu(gate, False), up)
+    # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
+    lim = spec.act_limit
+    gate = op.Min(gate, scalar(lim, h))
+    up = op.Max(op.Min(up, scalar(lim, h)), scalar(-lim, h))
+    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, scalar(spec.act_alpha, h))))
+    return op.Mul(op.Add(up, scalar(1.0, h)), glu)
+
+
+def _gelu(h, tanh: bool):
+    if tanh:   # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        inner = op.Mul(op.Add(h, op.Mul(scalar(0.044715, h), op.Mul(op.Mul(h, h), h))),
+                       scalar(math.sqrt(2.0 / math.pi), h))
+        return op.Mul(op.Mul(h, scalar(0.5, h)), op.Add(op.Tanh(inner), scalar(1.0, h)))
+    return op.Mul(op.Mul(h, scalar(0.5, h)), op.Add(op.Erf(op.Mul(h, scalar(math.sqrt(0.5), h))), scalar(1.0, h)))
+
+
+def linear(x, w, b=None, stacked: bool = False):
+    """x [..., in] · w [out, in]^T (+ b), nn.Linear layout; stacked: w [E, out, in] batched over E."""
+    y = op.MatMul(x, op.Transpose(w, perm=[0, 2, 1] if stacked else [1, 0]))
+    return y if b is None else op.Add(y, b)
+
+
+def ffn(x, w_in, b_in, w_out, b_out, spec: MoESpec, stacked: bool = False):
+    """One expert (or all E, stacked): [..., H] -> [..., H]."""
+    h = activate(linear(x, w_in, b_in, stacked), spec, spec.ffn)
+    return linear(h, w_out, b_out, stacked)
+
+
+def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec):
+    """xt [T, H], C [T, E] -> [T, H]: every expert on every token, weighted by C (0 = not routed)."""
+    b_in, b_out = (None if b is None else op.Unsqueeze(b, ints(1)) for b in (b_in, b_out))   # [E, 1, R|H]
+    out = ffn(op.Unsqueeze(xt, ints(0)), w_in, b_in, w_out, b_out, spec, stacked=True)     # [E, T, H]
+    wc = op.Unsqueeze(op.Transpose(op.CastLike(C, xt), perm=[1, 0]), ints(-1))  # [E, T, 1]
+    return op.ReduceSum(op.Mul(out, wc), ints(0), keepdims=0)
+
+
+def gather(xt, weights, ids, T, w_in, w_out, b_in, b_out, spec: MoESpec):
+    """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it."""
+    toks, parts = [], []
+    for e in range(spec.num_experts):
+        where = op.Transpose(op.NonZero(op.Equal(ids, ints(e))), perm=[1, 0])     # [n, 2] (token, slot)
+        tok = op.Gather(where, int0(0), axis=1)                                  # [n]
+        pick = lambda w: op.Gather(w, int0(e), axis=0)  # noqa: E731
+        h = ffn(op.Gather(xt, tok, axis=0), pick(w_in), None if b_in is None else pick(b_in),
+                pick(w_out), None if b_out is None else pick(b_out), spec)          # [n, H]
+        w = op.CastLike(op.GatherND(weights, where), xt)                            # [n]
+        toks.append(tok)
+        parts.append(op.Mul(h, op.Unsqueeze(w, ints(-1))))
+    zeros = op.Expand(scalar(0.0, xt), op.Shape(xt))
+    return op.ScatterND(zeros, op.Unsqueeze(op.Concat(*toks, axis=0), ints(-1)),
+                        op.Concat(*parts, axis=0), reduction="add")
+
+
+def shared_expert(xt, w_in, w_out, gate, spec: MoESpec):
+    """moecc.ops.shared_expert: always-on FFN of width shared_ffn, optionally sigmoid-gated."""
+    y = linear(activate(linear(xt, w_in), spec, spec.shared_ffn), w_out)
+    return y if gate is None else op.Mul(op.Sigmoid(linear(xt, gate)), y)
+
+
+def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
+        token_ids, spec: MoESpec, kernel: str):
+    """The whole layer: [..., H] -> [..., H] with `kernel` in onnx.dense_masked | onnx.gather."""
+    xt, T, rows = flat_tokens(x, spec.hidden)                              # [T, H]
+    L = logits.shape[-1] if logits.shape is not None else spec.num_experts
+    lt = op.Reshape(logits, shape(T, L))                                   # [T, L]
+    weights, ids, dense = route(lt, spec, T, rows, router_bias, token_ids, logits.dtype)
+    if kernel == "onnx.gather":
+        y = gather(xt, weights, ids, T, w_in, w_out, b_in, b_out, spec)
+    else:
+        C = dense if dense is not None else dense_weights(weights, ids, spec.num_experts)
+        y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec)
+    if shared_w_in is not None:
+        y = op.Add(y, shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec))
+    return op.Reshape(y, op.Shape(x))

@@ -1,0 +1,64 @@
+"""Run an ONNX artifact with onnxruntime and numpy only (no torch): usable standalone next to model.onnx.
+
+    run_onnx(model_path, inputs: list[np.ndarray]) -> list[np.ndarray]
+    load(artifact_dir, manifest) -> run(inputs) -> outputs
+
+Inputs are matched to the model's inputs by position and cast to the dtype each one declares
+(e.g. int32 token ids for an int64 input).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+try:
+    from moecc.errors import MoeccError
+except ImportError:   # copied next to an artifact, without moecc installed
+    class MoeccError(Exception):
+        """One clear line, non-zero exit."""
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def session(model_path, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session; `threads` sets intra-op threads (None: onnxruntime's default)."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def runner(sess: ort.InferenceSession):
+    wanted = sess.get_inputs()
+    names = [o.name for o in sess.get_outputs()]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != len(wanted):
+            raise MoeccError(f"the model takes {len(wanted)} inputs ({', '.join(i.name for i in wanted)}), "
+                             f"got {len(inputs)}")
+        feed = {}
+        for spec, a in zip(wanted, inputs):
+            a = np.asarray(a)
+            dtype = _NP.get(spec.type)
+            feed[spec.name] = np.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
+        return sess.run(names, feed)
+    return run
+
+
+def run_onnx(model_path, inputs: list[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
+    """Load `model_path` and run it once on `inputs` (a list of arrays, in the model's input order)."""
+    return runner(session(model_path, threads))(inputs)
+
+
+def load(artifact_dir, manifest: dict | None = None, threads: int | None = None):
+    """`run(inputs) -> outputs` for the artifact's model.onnx (the file named in the manifest, if any)."""
+    files = (manifest or {}).get("files") or []
+    name = next((f for f in files if str(f).endswith(".onnx")), "model.onnx")
+    path = Path(artifact_dir) / name
+    if not path.exists():
+        raise MoeccError(f"{artifact_dir}: no {name}; is this an ONNX artifact (moecc compile --to onnx)?")
+    return runner(session(path, threads))
