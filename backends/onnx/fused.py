@@ -3,15 +3,15 @@
     moecc::moe(x, logits, w_in, w_out, b_in?, b_out?, shared?)
         ⇒  com.microsoft::MoE(x [T, H], logits [T, E], w_in, b_in, w_out, b_out) [· scaling] [+ shared(x)]
 
-What the CPU kernel computes (onnxruntime 1.32, checked by tests/backends/onnx/test_fused.py):
-float32 only; `router_probs` are raw logits: softmax over all E, top-k, divided by their sum when
+What the CPU kernel computes (onnxruntime 1.32, checked by tests/backends/onnx/test_onnx_fused.py):
+`router_probs` are raw logits in the input's dtype: softmax over all E, top-k, divided by their sum when
 normalize_routing_weights=1 (so topk_softmax is normalize=1 too); weights in the nn.Linear layout
 (E, out, in) — the old (E, in, out) layout still runs and gives wrong numbers, so never transpose;
 activation "gelu" is the tanh approximation; "swiglu" needs swiglu_fusion=1 (gate/up interleaved
 row by row) and is G·sigmoid(alpha·G)·(L + beta) with G, L clamped when swiglu_limit is given, so
 alpha=1, beta=0, no limit is plain SwiGLU and alpha, beta=1, limit is GPT-OSS's; no geglu on CPU;
 router_probs must be 2D. Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
-exact GELU, float16) is refused by `refusal()` with the reason, and the layer goes portable.
+exact GELU, non-float32 models) is refused by `refusal()` with the reason, and the layer goes portable.
 
 onnxscript only emits ops it has a schema for: `register_schema()` copies onnxruntime's own schema
 (`get_all_operator_schema()`) into onnx.defs once, on first use (no import-time side effects).
@@ -40,12 +40,15 @@ def refusal(spec: MoESpec, dtype: str = "float32", logits_width: int | None = No
     """None when com.microsoft::MoE computes exactly this layer, else the reason it does not."""
     r = spec.router
     if dtype != "float32":
-        return f"onnxruntime's CPU MoE kernel is float32 only; this layer runs in {dtype}"
+        return (f"the layer runs in {dtype}: the fused op would take the router logits in {dtype} (the "
+                f"reference routes in float32) and does its own internal precision; only float32 is exact")
     if r.kind not in ("softmax_topk", "topk_softmax"):
         return (f"router {r.kind!r} ({r.describe()}); the fused op only does softmax over all E "
                 f"-> top-k [-> renormalize]")
-    if r.capacity_factor is not None:
-        return f"capacity factor {r.capacity_factor} drops tokens; the fused op is dropless"
+    if r.n_groups > 1:
+        return f"group-limited routing (n_groups={r.n_groups}); the fused op picks top-k over all E"
+    if r.capacity_factor is not None or getattr(r, "capacity", 0):
+        return "expert capacity drops tokens; the fused op is dropless"
     if spec.activation not in ACTIVATION:
         return WHY_ACTIVATION.get(spec.activation, f"activation {spec.activation!r} has no fused equivalent")
     if logits_width is not None and logits_width != spec.num_experts:

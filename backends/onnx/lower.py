@@ -5,7 +5,7 @@
 
 `translate` receives each layer's tensors and its spec JSON, and emits the chosen kernel's graph
 (backends/onnx/kernels.py: portable standard ops, or onnxruntime's fused com.microsoft::MoE).
-Options: onnx_moe = portable | fused | auto (default auto), onnx_kernel (force one kernel),
+Options: onnx_moe = portable | fused | auto (default auto), onnx_kernel or kernel (force one kernel),
 tokens (the token count the cost model plans for; default: the example's), opset.
 """
 from __future__ import annotations
@@ -58,7 +58,8 @@ def plan(program: torch.export.ExportedProgram, options: dict) -> list[tuple[str
     for node, spec in moe_nodes(program.graph_module):
         spec = spec if spec.name else spec.replace(name=node.name)
         tokens = int(options.get("tokens") or example_tokens(node))
-        choice = kernels.choose(spec, layer_shapes(node), mode, tokens, options.get("onnx_kernel"))
+        force = options.get("onnx_kernel") or options.get("kernel") or None
+        choice = kernels.choose(spec, layer_shapes(node), mode, tokens, force)
         out.append((node.args[SPEC_ARG], choice))
     return out
 

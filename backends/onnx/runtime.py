@@ -8,6 +8,7 @@ Inputs are matched to the model's inputs by position and cast to the dtype each 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,11 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
 
 
 def session(model_path, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session; `threads` sets intra-op threads (None: onnxruntime's default)."""
+    """An onnxruntime CPU session; `threads` intra-op threads (None: $OMP_NUM_THREADS if set, else
+    onnxruntime's default of one per core)."""
     so = ort.SessionOptions()
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    threads = threads or (int(env) if env.isdigit() else 0)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -56,7 +60,8 @@ def run_onnx(model_path, inputs: list[np.ndarray], threads: int | None = None) -
 
 def load(artifact_dir, manifest: dict | None = None, threads: int | None = None):
     """`run(inputs) -> outputs` for the artifact's model.onnx (the file named in the manifest, if any)."""
-    files = (manifest or {}).get("files") or []
+    manifest = manifest or {}
+    files = (manifest.get("backend") or {}).get("files") or manifest.get("files") or []
     name = next((f for f in files if str(f).endswith(".onnx")), "model.onnx")
     path = Path(artifact_dir) / name
     if not path.exists():
