@@ -1,0 +1,202 @@
+"""TVM backend: an exported MoE program → Relax → one compiled library, weights beside it.
+
+    ExportedProgram  ⇒  from_exported_program(custom_convert_map={"moe.default": moe lowering})
+                     ⇒  tvm.compile(mod, target)  ⇒  DIR/model.so + DIR/params.npz + DIR/tvm_meta.json
+
+The dense parts go through TVM's own PyTorch importer; each `moecc::moe` node is lowered here:
+router math (routing.py) → the kernel chosen by cost for the layer (kernels.py) → shared expert.
+Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence.
+
+Weights: parameters stay function inputs (`keep_params_as_input`); they are saved in params.npz
+under their graph names, in the order `main` takes them after the user inputs (tvm_meta.json lists
+both). Buffers and constants are bound into the library. The library stays small, compile time does
+not depend on weight size, and the runtime (runtime.py) loads the weights once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from moecc.errors import MoeccError
+from moecc.ops import OP_ARGS
+from moecc.spec import MoESpec
+
+from ..base import Lowered
+from . import kernels, tir
+from .routing import dims, route
+from .runtime import FORMAT, META, sha256
+
+MOE_KEY = "moe.default"            # TVM keys its convert map by the target's __name__ (no namespace)
+LIBRARY, PARAMS = "model.so", "params.npz"
+
+
+def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
+    from tvm.relax.frontend.torch import from_exported_program
+
+    out_dir = Path(out_dir)
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise MoeccError(f"TVM backend: expected a torch.export.ExportedProgram, got {type(program).__name__}")
+    target = resolve_target(options.get("target") or "llvm")
+    t0 = time.perf_counter()
+    program = program.run_decompositions()
+    check_supported(program)
+    choices: list = []
+    convert = moe_converter(options, choices, tir.lanes_of(target))
+    try:
+        mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
+                                    custom_convert_map={MOE_KEY: convert})
+    except MoeccError:
+        raise
+    except Exception as e:
+        raise MoeccError(f"TVM backend: TVM {tvm.__version__}'s PyTorch importer failed: "
+                         f"{type(e).__name__}: {message(e)}") from e
+    t1 = time.perf_counter()
+    names, params = parameters(program, mod)
+    try:
+        with target:
+            executable = tvm.compile(mod, target)
+    except Exception as e:
+        raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
+                         f"{type(e).__name__}: {message(e)}") from e
+    t2 = time.perf_counter()
+    executable.export_library(str(out_dir / LIBRARY))
+    np.savez(out_dir / PARAMS, **dict(zip(names, params)))
+    meta = {
+        "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
+        "library": LIBRARY, "params": PARAMS,
+        "inputs": [var_info(v) for v in mod["main"].params[:num_inputs(mod)]],
+        "param_names": names,
+        "sha256": {f: sha256(out_dir / f) for f in (LIBRARY, PARAMS)},
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    notes = {"target": str(target), "tvm": tvm.__version__, "import_s": round(t1 - t0, 3),
+             "compile_s": round(t2 - t1, 3), "weights": f"{PARAMS} (main's inputs after the user inputs)"}
+    return Lowered(files=[LIBRARY, PARAMS, META], kernels=choices, notes=notes)
+
+
+# ---------------------------------------------------------------- the moe op
+
+
+def moe_converter(options: dict, choices: list, lanes: int):
+    """fn(node, importer) -> relax var, for the importer's custom_convert_map."""
+    forced = options.get("kernel") or None
+    if forced and not str(forced).startswith("tvm."):
+        raise MoeccError(f"TVM backend: kernel {forced!r} is not a TVM kernel; one of {', '.join(kernels.KERNELS)}")
+
+    def convert(node, importer):
+        a = op_args(node)
+        spec = MoESpec.from_json(a["spec"])
+        spec = spec if spec.name else spec.replace(name=node.name)
+        env = {k: (None if a[k] is None else importer.env[a[k]]) for k in OP_ARGS[:-2]}
+        tokens = int(options.get("tokens") or example_tokens(node))
+        choice = kernels.select(spec, {"tokens": tokens, "dtype": str(env["x"].ty.dtype)},
+                                (options.get("kernels") or {}).get(spec.name, forced))
+        choices.append(choice)
+        return emit_moe(importer.block_builder, env, spec, choice.kernel, lanes)
+    return convert
+
+
+def emit_moe(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4):
+    """moe(x [..., H], logits [..., L], ...) -> y [..., H], T = Π leading dims (symbolic)."""
+    shape = dims(t["x"])
+    T = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    rows = (math.prod(shape[:-2]), shape[-2]) if len(shape) > 2 else (1, T)   # per-row capacity
+    x = bb.emit(relax.op.reshape(t["x"], (T, spec.hidden)))              # [T, H]
+    logits = bb.emit(relax.op.reshape(t["logits"], (T, dims(t["logits"])[-1])))   # [T, L]
+    weights, ids = route(bb, logits, spec, t["router_bias"], t["token_ids"], rows)  # [T, S]
+    y = kernels.KERNELS[kernel].emit(bb, x, weights, ids, t, spec, lanes)  # [T, H]
+    if t["shared_w_in"] is not None:
+        y = bb.emit(relax.op.add(y, kernels.shared_expert(bb, x, t, spec, lanes)))
+    return bb.emit(relax.op.reshape(y, t["x"].ty.shape))
+
+
+def op_args(node) -> dict:
+    args = dict(zip(OP_ARGS, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in OP_ARGS})
+    return {k: args.get(k) for k in OP_ARGS}
+
+
+def example_tokens(node) -> int:
+    """The example's token count at this node (size hints of the symbolic dims), for kernel choice."""
+    val = node.args[0].meta.get("val")
+    if val is None:
+        return 1
+    sizes = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in val.shape[:-1]]
+    return int(math.prod(s for s in sizes if s is not None)) or 1
+
+
+# ---------------------------------------------------------------- checks and files
+
+
+def check_supported(program: torch.export.ExportedProgram) -> None:
+    """Name the first op (and node) TVM's importer cannot translate, before it asserts."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    known = set(ExportedProgramImporter().convert_map) | {MOE_KEY}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in known:
+            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or ["?"]
+            hint = ("it is a moecc op without a TVM lowering yet" if "moecc" in str(node.target)
+                    else "rewrite the model around it or compile with --to onnx / --to torch")
+            raise MoeccError(f"TVM backend: node {node.name!r} calls {node.target}, which TVM "
+                             f"{tvm.__version__}'s PyTorch importer does not support ({hint}; "
+                             f"source: {where[0].strip()})")
+
+
+def resolve_target(spec) -> tvm.target.Target:
+    """'llvm' (generic x86-64: runs on any x86-64 CPU), 'host' (llvm for this machine's CPU: AVX2 /
+    AVX-512 where present, ~2x faster GEMMs, not portable to older CPUs), a JSON dict string or a dict
+    -> Target, if this TVM build and machine can run it."""
+    if spec == "host":
+        spec = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    text = spec if isinstance(spec, str) else json.dumps(spec)
+    try:
+        target = tvm.target.Target(json.loads(text) if text.strip().startswith("{") else text)
+    except Exception as e:
+        raise MoeccError(f"TVM target {text!r} is not a valid target: {message(e)}") from None
+    kind = target.kind.name
+    if not tvm.runtime.enabled(kind):
+        raise MoeccError(f"TVM target {kind} is not available: this TVM build has no {kind} code generator")
+    if kind != "llvm":
+        if not tvm.device(kind).exist:
+            raise MoeccError(f"TVM target {kind} is not available on this machine: no {kind} device "
+                             f"found; use --target llvm")
+        raise MoeccError(f"TVM target {kind}: moecc's TVM MoE kernels have CPU schedules only; "
+                         f"use --target llvm")
+    return target
+
+
+def device_of(target: tvm.target.Target) -> str:
+    return "cpu" if target.kind.name == "llvm" else target.kind.name
+
+
+def num_inputs(mod) -> int:
+    return int(mod["main"].attrs["num_input"])
+
+
+def parameters(program: torch.export.ExportedProgram, mod) -> tuple[list[str], list[np.ndarray]]:
+    """main's parameters after the user inputs, by graph name -> numpy (what the runtime feeds back)."""
+    by_arg = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
+    state = {**program.state_dict, **program.constants}
+    names, arrays = [], []
+    for var in mod["main"].params[num_inputs(mod):]:
+        tensor = state[by_arg[var.name]]
+        names.append(var.name)
+        arrays.append(tensor.detach().cpu().contiguous().numpy())
+    return names, arrays
+
+
+def var_info(var) -> dict:
+    return {"name": var.name, "dtype": str(var.ty.dtype),
+            "shape": [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in dims(var)]}
+
+
+def message(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -1,0 +1,115 @@
+"""Run a TVM artifact with tvm + numpy only (no torch, no moecc compiler parts).
+
+    load(DIR, manifest) -> run(inputs: list[np.ndarray]) -> list[np.ndarray]
+    DIR/tvm_meta.json (inputs, parameter order, hashes) + DIR/model.so + DIR/params.npz
+
+tvm_ffi imports torch eagerly when torch is installed; `import_tvm` hides torch during that import
+so a serving process stays torch-free (tvm_ffi treats a missing torch as optional).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moecc.errors import MoeccError
+
+META = "tvm_meta.json"
+FORMAT = "moecc.tvm/1"
+
+
+def import_tvm():
+    """`import tvm` without letting tvm_ffi pull in torch (if torch is not loaded already)."""
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        import tvm
+        return tvm
+    sys.modules["torch"] = None            # makes `import torch` raise ImportError inside tvm_ffi
+    try:
+        import tvm
+        import tvm.runtime.vm  # noqa: F401
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tvm
+
+
+def read_meta(artifact: Path) -> dict:
+    path = artifact / META
+    if not path.exists():
+        raise MoeccError(f"TVM artifact {artifact} is incomplete: no {META}; recompile it with --to tvm")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeccError(f"TVM artifact {artifact}: {META} is corrupted ({e}); recompile it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MoeccError(f"TVM artifact {artifact}: {META} is not a {FORMAT} description; recompile it")
+    for name in (meta["library"], meta["params"]):
+        file = artifact / name
+        if not file.exists():
+            raise MoeccError(f"TVM artifact {artifact} is incomplete: {name} is missing; recompile it")
+        if sha256(file) != meta["sha256"].get(name):
+            raise MoeccError(f"TVM artifact {artifact}: {name} is corrupted (its checksum does not match "
+                             f"{META}); recompile it")
+    return meta
+
+
+def load(artifact_dir, manifest: dict | None = None):
+    artifact = Path(artifact_dir)
+    meta = read_meta(artifact)
+    tvm = import_tvm()
+    if meta["device"] != "cpu":
+        raise MoeccError(f"TVM artifact {artifact} targets {meta['device']}; this runtime runs CPU artifacts")
+    dev = tvm.cpu()
+    try:
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(artifact / meta["library"])), dev)
+        main = vm["main"]
+    except Exception as e:
+        raise MoeccError(f"TVM artifact {artifact}: {meta['library']} does not load with TVM "
+                         f"{tvm.__version__} ({type(e).__name__}); recompile it") from None
+    with np.load(artifact / meta["params"]) as data:
+        missing = [n for n in meta["param_names"] if n not in data]
+        if missing:
+            raise MoeccError(f"TVM artifact {artifact}: {meta['params']} lacks {missing}; recompile it")
+        params = [tvm.runtime.tensor(data[n], dev) for n in meta["param_names"]]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        arrays = check_inputs(inputs, meta["inputs"])
+        out = main(*[tvm.runtime.tensor(a, dev) for a in arrays], *params)
+        return [np.asarray(o.numpy()) for o in flatten(out)]
+    return run
+
+
+def check_inputs(inputs: list, specs: list[dict]) -> list[np.ndarray]:
+    """Same count, rank, static dims; dtypes converted within their kind (int32 -> int64 ...)."""
+    if len(inputs) != len(specs):
+        raise MoeccError(f"the TVM model takes {len(specs)} inputs ({', '.join(s['name'] for s in specs)}), "
+                         f"got {len(inputs)}")
+    arrays = []
+    for a, s in zip(inputs, specs):
+        a = np.asarray(a)
+        want = np.dtype(s["dtype"])
+        if a.ndim != len(s["shape"]) or any(isinstance(d, int) and d != n for d, n in zip(s["shape"], a.shape)):
+            raise MoeccError(f"input {s['name']}: expected shape {s['shape']}, got {list(a.shape)}")
+        if a.dtype != want:
+            if a.dtype.kind != want.kind and not (a.dtype.kind in "iu" and want.kind in "iu"):
+                raise MoeccError(f"input {s['name']}: expected {want}, got {a.dtype}")
+            a = a.astype(want)
+        arrays.append(np.ascontiguousarray(a))
+    return arrays
+
+
+def flatten(out) -> list:
+    if hasattr(out, "numpy"):
+        return [out]
+    return [leaf for item in out for leaf in flatten(item)]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
