@@ -79,14 +79,21 @@ def shared_expert(x: Tensor, w_in: Tensor, w_out: Tensor, gate: Tensor | None, s
     return y
 
 
+def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpec):
+    """x [..., H] -> (xt [T, H], weights [T, S], ids [T, S]), recorded for record_routing().
+    Shared by the reference and every torch kernel, so they route identically."""
+    xt = x.reshape(-1, x.shape[-1])                                        # [T, H]
+    rows = math.prod(x.shape[:-2]) if x.dim() > 2 else 1                   # sequences (per-row capacity)
+    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
+    _notify(spec, ids, weights)
+    return xt, weights, ids
+
+
 def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
                   shared_gate, token_ids, spec: MoESpec) -> Tensor:
     """Loop over experts; each takes the tokens routed to it. The definition every kernel must match."""
     shape = x.shape
-    xt = x.reshape(-1, shape[-1])                                          # [T, H]
-    rows = math.prod(shape[:-2]) if len(shape) > 2 else 1                  # sequences (per-row capacity)
-    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
-    _notify(spec, ids, weights)
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
     y = torch.zeros_like(xt)
     for e in range(spec.num_experts):
         tok, slot = torch.where(ids == e)                                  # tokens routed to e
