@@ -1,0 +1,198 @@
+"""`moecc bench`: every torch kernel against the hardware limit and the alternatives, in ONE run.
+
+    shapes (Mixtral-, DeepSeek-, Switch-like) × T (1, 8, 64, 512, 2048) ×
+      moecc:<kernel> (each whose checker accepts T) + moecc:auto (run-time dispatch)
+      ref:dense_gemm  a dense GEMM doing the same active FLOPs (the prefill roofline, measured)
+      ref:stream      reading the bytes of the experts the tokens hit, once (the decode roofline)
+      ort:fused       onnxruntime's com.microsoft::MoE on the same weights
+      hf:eager, hf:grouped_mm   the transformers 5.x MoE block, both experts implementations
+    → limit = max(active FLOPs / square-matmul FLOP/s, ref:stream) per point; median of repeats;
+      rounds interleave the implementations so machine contention hits all of them alike.
+
+`run_bench(...)` returns the results dict; `bench_report` writes the table, JSON and PNG.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moecc.ops import moe_reference
+from moecc.routing import route
+from moecc.spec import MoESpec, RouterSpec
+
+from . import bench_alts, kernels, machine, select
+
+SHAPES = {
+    "mixtral-like": MoESpec(8, 1024, 3584, "swiglu", RouterSpec(top_k=2), name="mixtral-like"),
+    "deepseek-like": MoESpec(64, 1024, 512, "swiglu", RouterSpec(top_k=6, renormalize=False),
+                             shared_ffn=512, name="deepseek-like"),
+    "switch-like": MoESpec(16, 1024, 4096, "relu", RouterSpec(top_k=1, renormalize=False), name="switch-like"),
+}
+TOKENS = (1, 8, 64, 512, 2048)
+QUICK = {"tokens": (1, 64, 512), "repeats": 3}
+FULL_REPEATS = 5
+SLOW = 8.0            # an implementation this many times slower than the best kernel is timed once
+
+
+def make_weights(spec: MoESpec, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    E, H, R, Fw = spec.num_experts, spec.hidden, spec.in_rows, spec.ffn
+    rnd = lambda *s: torch.randn(*s, generator=g) * s[-1] ** -0.5   # noqa: E731
+    w = {"router": rnd(E, H), "w_in": rnd(E, R, H), "w_out": rnd(E, H, Fw)}
+    if spec.shared_ffn:
+        w["shared_w_in"] = rnd(2 * spec.shared_ffn if spec.gated else spec.shared_ffn, H)
+        w["shared_w_out"] = rnd(H, spec.shared_ffn)
+    return w
+
+
+def active_flops(spec: MoESpec, tokens: int) -> float:
+    H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
+    per_token = spec.top_k * 2 * (H * R + Fw * H) + 2 * spec.num_experts * H
+    if spec.shared_ffn:
+        per_token += 2 * (H * (2 * spec.shared_ffn if spec.gated else spec.shared_ffn) + spec.shared_ffn * H)
+    return float(tokens * per_token)
+
+
+def square_gemm_flops(n: int = 2048, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def _implementations(spec: MoESpec, w: dict, x: torch.Tensor, alts: dict) -> tuple[dict, list, dict]:
+    """name -> zero-argument callable computing the layer (router Linear included) on x."""
+    T = x.shape[0]
+    args = lambda logits: (x, logits, w["w_in"], w["w_out"], None, None, None,   # noqa: E731
+                           w.get("shared_w_in"), w.get("shared_w_out"), None, None)
+    impls, skipped = {}, []
+    for name, k in kernels.KERNELS.items():
+        verdict = k.checker(spec, T)
+        if verdict is True:
+            impls[f"moecc:{name}"] = lambda fn=k.fn: fn(*args(F.linear(x, w["router"])), spec=spec)
+        else:
+            skipped.append(f"moecc:{name}: {verdict}")
+    impls["moecc:auto"] = lambda: kernels.run(kernels.AUTO, *args(F.linear(x, w["router"])), spec=spec)
+    xr = x.repeat_interleave(spec.top_k, 0)                                  # [T*k, H]
+    w1, w2 = w["w_in"][0], w["w_out"][0]
+
+    sw_in, sw_out = w.get("shared_w_in"), w.get("shared_w_out")
+
+    def dense_gemm():                  # the same GEMM FLOPs on one expert's weights (no routing)
+        y = F.linear(F.linear(xr, w1)[:, : spec.ffn], w2)
+        if sw_in is not None:
+            F.linear(F.linear(x, sw_in)[:, : spec.shared_ffn], sw_out)
+        return y
+    impls["ref:dense_gemm"] = dense_gemm
+    ids = route(F.linear(x, w["router"]), spec)[1]
+    hit = sorted(int(e) for e in ids.unique() if e >= 0)
+    streamed = [w["router"]] + [t for e in hit for t in (w["w_in"][e], w["w_out"][e])]
+    streamed += [w[n] for n in ("shared_w_in", "shared_w_out") if n in w]
+    impls["ref:stream"] = lambda: [t.sum() for t in streamed]
+    for name, fn in alts.items():
+        if name.startswith("ort:"):
+            xn = x.numpy()
+            impls[name] = lambda fn=fn: fn(xn)
+        else:
+            impls[name] = lambda fn=fn: fn(x)
+    return impls, skipped, {"experts_hit": len(hit), "bytes_hit": sum(t.numel() * 4 for t in streamed)}
+
+
+def _check(impls: dict, reference: torch.Tensor) -> dict:
+    """Max abs error of every implementation's output against moe_reference (refs excluded)."""
+    errs = {}
+    for name, fn in impls.items():
+        if not name.startswith("ref:"):
+            y = fn()
+            y = torch.from_numpy(y) if not isinstance(y, torch.Tensor) else y
+            errs[name] = float((y.reshape(reference.shape) - reference).abs().max())
+    return errs
+
+
+def _time(impls: dict, repeats: int, tick) -> dict:
+    """Interleaved rounds (order rotated per round); median seconds per implementation."""
+    names = list(impls)
+    first = {}
+    for n in names:                                    # warm-up round, also finds the slow ones
+        t0 = time.perf_counter()
+        impls[n]()
+        first[n] = time.perf_counter() - t0
+    best = min(v for n, v in first.items() if n.startswith("moecc:"))
+    slow = {n for n in names if first[n] > SLOW * best and first[n] > 0.5}
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        tick()
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            if n in slow and times[n]:
+                continue
+            t0 = time.perf_counter()
+            impls[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "runs": len(v)}
+            for n, v in times.items()}
+
+
+def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REPEATS, threads: int | None = None,
+              alternatives: bool = True, progress: bool = True, seed: int = 0) -> dict:
+    """Measure the grid; the results dict (see `bench_report.write`)."""
+    from tqdm import tqdm
+    shapes = SHAPES if shapes is None else shapes
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    consts = machine.constants()
+    results = {"threads": threads, "machine": machine.machine_key(), "constants": consts,
+               "versions": _versions(), "repeats": repeats, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "shapes": {}, "points": []}
+    bar = tqdm(total=len(shapes) * len(tokens) * (repeats + 2), disable=not progress, desc="moecc bench")
+    with torch.inference_mode():
+        for sname, spec in shapes.items():
+            w = make_weights(spec, seed)
+            alts, alt_skips = {}, []
+            if alternatives:
+                for name, build in (("ort:fused", lambda: bench_alts.ort_fused(spec, w, threads)),
+                                    ("hf:eager", lambda: bench_alts.hf_block(spec, w, "eager")),
+                                    ("hf:grouped_mm", lambda: bench_alts.hf_block(spec, w, "grouped_mm"))):
+                    made = build()
+                    (alt_skips.append(f"{name}: {made}") if isinstance(made, str) else alts.__setitem__(name, made))
+            peak = square_gemm_flops(512 if spec.hidden < 512 else 2048)
+            results["shapes"][sname] = {"spec": spec.to_dict(), "gemm_flops": peak, "skipped": alt_skips}
+            for T in tokens:
+                bar.set_postfix_str(f"{sname} T={T}")
+                x = torch.randn(T, spec.hidden, generator=torch.Generator().manual_seed(seed + T))
+                impls, skipped, load = _implementations(spec, w, x, alts)
+                ref = moe_reference(x, F.linear(x, w["router"]), w["w_in"], w["w_out"], None, None, None,
+                                    w.get("shared_w_in"), w.get("shared_w_out"), None, None, spec)
+                errors = _check(impls, ref)
+                bar.update(1)
+                times = _time(impls, repeats, lambda: bar.update(1))
+                choice = select.choose(spec, T)
+                compute = active_flops(spec, T) / peak * 1e3
+                memory = times["ref:stream"]["median_ms"]
+                results["points"].append({
+                    "shape": sname, "tokens": T, "times": times, "errors": errors, "skipped": skipped, **load,
+                    "chosen": f"moecc:{choice.kernel}", "chosen_reason": choice.reason, "rejected": choice.rejected,
+                    "compute_limit_ms": compute, "memory_limit_ms": memory, "limit_ms": max(compute, memory)})
+                bar.update(1)
+            del w, alts
+    bar.close()
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return results
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("torch", "onnxruntime", "transformers", "moecc"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,235 @@
+"""PyTorch MoE kernels: four ways to compute `moecc.ops.moe_reference`, each with a checker and a cost.
+
+    run(kernel, x [..., H], logits [..., L], w_in [E, R, H], w_out [E, H, F], b_in?, b_out?,
+        router_bias?, shared_w_in?, shared_w_out?, shared_gate?, token_ids?, spec=MoESpec) -> y [..., H]
+
+    torch.loop          for e in E: tokens of e → index_select → ffn → index_add_          (baseline)
+    torch.grouped_gemm  sort (token, slot) pairs by expert → x rows gathered once [N, H] → per-expert
+                        mm into ONE [N, R] buffer → one activation → per-expert mm into [N, H] →
+                        one weighted index_add_                                              (prefill)
+    torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
+                        the k chosen experts, copies no weight                                (decode)
+    torch.dense_masked  ONE GEMM x [T, H] · w_in[E·R, H]ᵀ → activation → per-expert bmm with the
+                        routing weights folded in → sum over experts                        (tiny E)
+    torch.auto          one of the above per call, by token-count bucket (`select.dispatch`)
+
+Routing is `moecc.ops.route_tokens`, the reference's own (never re-implemented); dropped or
+unpicked slots (id -1) are skipped.
+Kernels are inference-only: the op's autograd recomputes `moe_reference` in backward.
+`KERNELS[name] = Kernel(fn, checker(spec, tokens) -> True | reason, cost(spec, tokens) -> seconds)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moecc.errors import MoeccError
+from moecc.ops import activate, ffn, route_tokens, shared_expert
+from moecc.routing import expert_choice_capacity, token_capacity
+from moecc.spec import MoESpec
+
+from . import machine
+
+AUTO = "torch.auto"
+GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
+DENSE_MAX_EXPERTS = 8          # dense_masked computes every expert on every token
+DENSE_MAX_ELEMENTS = 2 ** 26   # ... and holds [T, E, R] activations
+
+
+def _finish(y: Tensor, xt: Tensor, shape, shared_w_in, shared_w_out, shared_gate, spec) -> Tensor:
+    if shared_w_in is not None:
+        y = y.add_(shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec))
+    return y.reshape(shape)
+
+
+def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
+         token_ids, *, spec: MoESpec) -> Tensor:
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+    y = torch.zeros_like(xt)                                                 # [T, H]
+    for e in range(spec.num_experts):
+        tok, slot = torch.where(ids == e)                                    # [n], [n]
+        if tok.numel() == 0:
+            continue
+        h = ffn(xt.index_select(0, tok), w_in[e], None if b_in is None else b_in[e], w_out[e],
+                None if b_out is None else b_out[e], spec)                   # [n, H]
+        y.index_add_(0, tok, h.mul_(weights[tok, slot].unsqueeze(-1).to(h.dtype)))
+    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+
+
+def _segment_mm(a: Tensor, w: Tensor, b: Tensor | None, counts: list[int], out: Tensor) -> Tensor:
+    """out[s:s+c] = a[s:s+c] · w[e]ᵀ (+ b[e]) for each expert's contiguous segment."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            seg = slice(start, start + c)
+            if b is None:
+                torch.mm(a[seg], w[e].t(), out=out[seg])
+            else:
+                torch.addmm(b[e], a[seg], w[e].t(), out=out[seg])
+            start += c
+    return out
+
+
+def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+                 shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+    E, S = spec.num_experts, ids.shape[1]
+    flat = ids.reshape(-1)                                                   # [T*S]
+    counts = torch.bincount(flat + 1, minlength=E + 1).tolist()             # [1 + E]; [0] = dropped
+    dropped, counts = counts[0], counts[1:]
+    order = torch.argsort(flat, stable=True)[dropped:]                       # [N] pairs by expert
+    tok = order // S                                                         # [N] token of each pair
+    xs = xt.index_select(0, tok)                                             # [N, H]
+    h = _segment_mm(xs, w_in, b_in, counts, xs.new_empty(len(order), w_in.shape[1]))   # [N, R]
+    a = activate(h, spec)                                                    # [N, F]
+    o = _segment_mm(a, w_out, b_out, counts, xs.new_empty(len(order), xt.shape[1]))     # [N, H]
+    o.mul_(weights.reshape(-1)[order].unsqueeze(-1).to(o.dtype))
+    y = torch.zeros_like(xt).index_add_(0, tok, o)                           # [T, H]
+    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+
+
+def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
+           token_ids, *, spec: MoESpec) -> Tensor:
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+    y = torch.zeros_like(xt)                                                 # [T, H]
+    for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist())):   # one sync each
+        xr = xt[t:t + 1]                                                     # [1, H]
+        for e, w in zip(row, wrow):
+            if e >= 0:
+                h = ffn(xr, w_in[e], None if b_in is None else b_in[e], w_out[e],
+                        None if b_out is None else b_out[e], spec)           # [1, H]
+                y[t:t + 1].add_(h, alpha=w)
+    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+
+
+def dense_masked(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+                 shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+    (T, H), (E, R, _) = xt.shape, w_in.shape
+    dense = weights.new_zeros(T, E).scatter_add_(1, ids.clamp(min=0), weights * (ids >= 0))  # [T, E]
+    h = F.linear(xt, w_in.reshape(E * R, H), None if b_in is None else b_in.reshape(E * R))  # [T, E*R]
+    a = activate(h.view(T, E, R), spec)                                      # [T, E, F]
+    a = a.mul_(dense.to(a.dtype).unsqueeze(-1)).transpose(0, 1)              # [E, T, F] weighted
+    y = torch.bmm(a, w_out.transpose(1, 2)).sum(0)                           # [T, H]
+    if b_out is not None:
+        y = y.add_(dense.to(y.dtype) @ b_out)
+    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+
+
+# ---- checkers: True, or the reason the kernel does not fit -----------------------------------
+
+def _always(spec: MoESpec, tokens: int | None):
+    return True
+
+
+def _slots(spec: MoESpec) -> int:
+    return spec.num_experts if spec.router.kind == "expert_choice" else spec.top_k
+
+
+def _check_gather(spec: MoESpec, tokens: int | None):
+    if tokens is not None and tokens * _slots(spec) > GATHER_MAX_PAIRS:
+        return (f"decode kernel: {tokens} tokens x {_slots(spec)} slots = {tokens * _slots(spec)} "
+                f"expert reads > {GATHER_MAX_PAIRS}")
+    return True
+
+
+def _check_dense(spec: MoESpec, tokens: int | None):
+    if spec.num_experts > DENSE_MAX_EXPERTS:
+        return f"tiny-E kernel: E={spec.num_experts} > {DENSE_MAX_EXPERTS} (computes every expert on every token)"
+    if tokens is not None and tokens * spec.num_experts * spec.in_rows > DENSE_MAX_ELEMENTS:
+        return f"[T, E, R] = [{tokens}, {spec.num_experts}, {spec.in_rows}] activations too large"
+    return True
+
+
+# ---- costs: seconds, from the machine constants (machine.py) ---------------------------------
+# Op counts per kernel were calibrated on tiny shapes (H=8), where dispatch overhead is all there is.
+
+def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:
+    """(experts hit, tokens per hit expert) for `tokens` tokens routed uniformly at random."""
+    E, r = spec.num_experts, spec.router
+    if r.kind == "expert_choice":
+        return float(E), float(expert_choice_capacity(tokens, spec))
+    k = min(r.top_k, E)
+    hit = E * (1.0 - (1.0 - k / E) ** tokens)
+    pairs = float(tokens * k)
+    if r.capacity_factor is not None or r.capacity:
+        pairs = min(pairs, E * token_capacity(tokens, spec))
+    return hit, pairs / hit if hit else 0.0
+
+
+def _expert_time(spec: MoESpec, m: float) -> float:
+    """One expert on m tokens: two GEMMs + the activation's traffic."""
+    H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
+    return (machine.gemm_time(m, H, R) + machine.gemm_time(m, Fw, H)
+            + machine.elementwise_time(8 * m * (R + Fw)))
+
+
+def _common_time(spec: MoESpec, tokens: int) -> float:
+    """Routing and the shared expert: the same for every kernel."""
+    t = machine.op_time(13)
+    if spec.shared_ffn:
+        rows = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
+        t += machine.gemm_time(tokens, spec.hidden, rows) + machine.gemm_time(tokens, spec.shared_ffn, spec.hidden)
+    return t
+
+
+def _cost_loop(spec: MoESpec, tokens: int) -> float:
+    hit, m = expected_load(spec, tokens)
+    return (_common_time(spec, tokens) + machine.op_time(5 + 3 * spec.num_experts)
+            + hit * (_expert_time(spec, m) + machine.op_time(7)) + machine.elementwise_time(16 * hit * m * spec.hidden))
+
+
+def _cost_grouped(spec: MoESpec, tokens: int) -> float:
+    hit, m = expected_load(spec, tokens)
+    return (_common_time(spec, tokens) + machine.op_time(23)
+            + hit * (_expert_time(spec, m) + machine.op_time(4.5)) + machine.elementwise_time(16 * hit * m * spec.hidden))
+
+
+def _cost_gather(spec: MoESpec, tokens: int) -> float:
+    pairs = tokens * _slots(spec)
+    return _common_time(spec, tokens) + pairs * (_expert_time(spec, 1) + machine.op_time(6))
+
+
+def _cost_dense(spec: MoESpec, tokens: int) -> float:
+    E = spec.num_experts
+    return (_common_time(spec, tokens) + machine.op_time(16)
+            + machine.gemm_time(tokens, spec.hidden, E * spec.in_rows)
+            + E * machine.gemm_time(tokens, spec.ffn, spec.hidden)
+            + machine.elementwise_time(8 * tokens * E * (spec.in_rows + spec.ffn + spec.hidden)))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    fn: Callable[..., Tensor]
+    checker: Callable[[MoESpec, "int | None"], "bool | str"]
+    cost: Callable[[MoESpec, int], float]
+    summary: str
+
+
+KERNELS: dict[str, Kernel] = {
+    "torch.loop": Kernel(loop, _always, _cost_loop, "per-expert loop (where, index_select, index_add_)"),
+    "torch.grouped_gemm": Kernel(grouped_gemm, _always, _cost_grouped,
+                                 "sort by expert, contiguous segments, one gather and one scatter"),
+    "torch.gather": Kernel(gather, _check_gather, _cost_gather, "per (token, slot) on weight views (decode)"),
+    "torch.dense_masked": Kernel(dense_masked, _check_dense, _cost_dense, "all experts on all tokens (tiny E)"),
+}
+
+
+def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+        shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
+    """What `moecc.ops.run_kernel` calls for a non-reference kernel name."""
+    if kernel == AUTO:
+        from . import select          # select imports this module: resolved at call time
+        kernel = select.dispatch(spec, x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    if kernel not in KERNELS:
+        raise MoeccError(f"MoE layer {spec.name or '?'}: unknown torch kernel {kernel!r}; choose one of "
+                         f"{', '.join([*KERNELS, AUTO])} or 'reference'")
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    return KERNELS[kernel].fn(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
+                              shared_w_out, shared_gate, token_ids, spec=spec)

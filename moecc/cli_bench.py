@@ -1,0 +1,81 @@
+"""`moecc bench`: measure the PyTorch MoE kernels against the hardware limit and the alternatives.
+
+    add_bench_parser(subparsers)      the lead's moecc/cli.py wires it in
+    python -m moecc.cli_bench [--quick] [--out DIR] [--threads N]   stand-alone
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MoeccError
+
+EPILOG = """examples:
+  moecc bench --quick                    # ~1-2 min: 3 shapes x T in 1, 64, 512, 3 repeats
+  moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats
+  moecc bench --threads 1 --shapes mixtral-like --tokens 1,8
+writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmark MoE kernels vs the hardware limit, ORT and transformers",
+                              description=__doc__.splitlines()[0], epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (a minute or two)")
+    p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch/ORT threads (default: torch's)")
+    p.add_argument("--shapes", default=None, help="comma list of shapes (mixtral-like, deepseek-like, switch-like)")
+    p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    p.add_argument("--no-alternatives", action="store_true", help="skip onnxruntime and transformers")
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MoeccError(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise MoeccError(f"--{what} values must be >= 1, got {text!r}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from moecc.backends.torch import bench, bench_report
+    shapes = bench.SHAPES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = [s for s in wanted if s not in bench.SHAPES]
+        if unknown:
+            raise MoeccError(f"unknown shape(s) {unknown}; choose from {', '.join(bench.SHAPES)}")
+        shapes = {s: bench.SHAPES[s] for s in wanted}
+    tokens = _ints(args.tokens, "tokens") if args.tokens else (bench.QUICK["tokens"] if args.quick else bench.TOKENS)
+    repeats = args.repeats or (bench.QUICK["repeats"] if args.quick else bench.FULL_REPEATS)
+    if args.threads is not None and args.threads < 1:
+        raise MoeccError(f"--threads must be >= 1, got {args.threads}")
+    results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives)
+    paths = bench_report.write(results, args.out)
+    print(paths["md"].read_text())
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="moecc bench", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except MoeccError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

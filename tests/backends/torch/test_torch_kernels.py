@@ -1,0 +1,145 @@
+"""Every torch kernel == moe_reference: random E, k, H, F, T, every router (capacity drops, expert
+choice, hash, groups), biases, gated/interleaved activations, shared experts; through the op too."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from numerics import assert_numerically_equal
+
+from moecc.backends.torch import kernels
+from moecc.errors import MoeccError
+from moecc.ops import call_moe, moe_reference, record_routing
+from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
+
+NAMES = list(kernels.KERNELS)
+
+
+def make_inputs(spec: MoESpec, T: int, seed: int = 0, dtype=torch.float64, rows: int = 0) -> list:
+    """The op's tensor arguments; rows > 0 shapes x as [rows, T/rows, H] (logits, token ids alike)."""
+    g = torch.Generator().manual_seed(seed)
+    E, H, R, Fw = spec.num_experts, spec.hidden, spec.in_rows, spec.ffn
+    L = E + (spec.router.n_groups if spec.router.kind == "hierarchical" else 0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)   # noqa: E731
+    sh_rows = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
+    x, logits = rnd(T, H), rnd(T, L)
+    ids = torch.randint(0, 1000, (T,), generator=g) if spec.router.kind == "hash" else None
+    if rows:
+        x, logits = x.view(rows, T // rows, H), logits.view(rows, T // rows, L)
+        ids = None if ids is None else ids.view(rows, T // rows)
+    return [x, logits, rnd(E, R, H), rnd(E, H, Fw),
+            rnd(E, R) if spec.expert_bias else None, rnd(E, H) if spec.expert_bias else None,
+            rnd(E) if spec.router.kind == "sigmoid_topk" else None,
+            rnd(sh_rows, H) if spec.shared_ffn else None, rnd(H, spec.shared_ffn) if spec.shared_ffn else None,
+            rnd(1, H) if spec.shared_ffn and spec.shared_gated else None, ids]
+
+
+@st.composite
+def cases(draw):
+    E = draw(st.integers(2, 8))
+    kind = draw(st.sampled_from(sorted(ROUTER_KINDS)))
+    activation = draw(st.sampled_from(ACTIVATIONS))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if E % g == 0]))
+    if kind == "hierarchical":
+        groups = max(groups, 2) if E % 2 == 0 else 1
+        assume(groups > 1)
+    topk_groups = draw(st.integers(1, groups))
+    k = draw(st.integers(1, E))
+    capacity = draw(st.sampled_from([None, None, 0.5, 1.0, 2.0]))
+    slots = draw(st.sampled_from([0, 0, 1, 2])) if kind != "expert_choice" else 0
+    router = RouterSpec(kind=kind, top_k=k, renormalize=draw(st.booleans()),
+                        scaling=draw(st.sampled_from([1.0, 2.5])), n_groups=groups if kind in
+                        ("sigmoid_topk", "hierarchical") else 1, topk_groups=topk_groups,
+                        capacity_factor=capacity, capacity=slots, capacity_per_row=draw(st.booleans()),
+                        fp32=draw(st.booleans()))
+    shared = draw(st.sampled_from([0, 0, 3]))
+    spec = MoESpec(E, draw(st.integers(2, 12)), draw(st.integers(1, 8)), activation, router,
+                   expert_bias=draw(st.booleans()), interleaved=activation in ("swiglu", "geglu", "swiglu_oai")
+                   and draw(st.booleans()), shared_ffn=shared, shared_gated=shared > 0 and draw(st.booleans()),
+                   name="prop")
+    try:
+        spec.validate()
+    except MoeccError:
+        assume(False)
+    rows = draw(st.sampled_from([1, 1, 2, 3]))                 # x [rows, S, H] (per-row capacity)
+    return spec, rows * draw(st.sampled_from([1, 1, 2, 3, 5, 8])), draw(st.integers(0, 2 ** 16)), rows
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_every_kernel_matches_reference(case):
+    spec, T, seed, rows = case
+    inputs = make_inputs(spec, T, seed, rows=rows)
+    expected = moe_reference(*inputs, spec)
+    for name in NAMES:
+        got = kernels.run(name, *inputs, spec=spec)
+        assert got.shape == expected.shape
+        assert_numerically_equal(got, expected, atol=1e-9, rtol=1e-9, what=f"{name} on {spec}")
+
+
+@pytest.mark.parametrize("name", NAMES + [kernels.AUTO])
+def test_through_the_op_forward_and_backward(name):
+    """call_moe with a torch kernel: same output; backward recomputes the reference's gradients."""
+    spec = MoESpec(4, 6, 5, "swiglu", RouterSpec(top_k=2), expert_bias=True, shared_ffn=3, name="l0")
+    inputs = make_inputs(spec, 7, seed=3)
+    x, logits, w_in, w_out, b_in, b_out, _, sw_in, sw_out, _, _ = inputs
+    leaves = [t.clone().requires_grad_(True) for t in (x, logits, w_in, w_out)]
+    kw = dict(b_in=b_in, b_out=b_out, shared_w_in=sw_in, shared_w_out=sw_out)
+    y = call_moe(*leaves, spec, kernel=name, **kw)
+    y_ref = call_moe(*[t.detach().requires_grad_(True) for t in leaves], spec, kernel="reference", **kw)
+    assert_numerically_equal(y, y_ref, atol=1e-10, rtol=1e-10, what=name)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    y_direct = moe_reference(*ref_leaves, b_in, b_out, None, sw_in, sw_out, None, None, spec)
+    ref_grads = torch.autograd.grad(y_direct.square().sum(), ref_leaves)
+    for g, r in zip(grads, ref_grads):
+        assert_numerically_equal(g, r, atol=1e-9, rtol=1e-9, what=f"{name} grad")
+
+
+@pytest.mark.parametrize("name", NAMES + [kernels.AUTO])
+def test_no_tokens(name):
+    """An empty batch (T = 0, e.g. a dropped micro-batch) gives an empty output, not an error."""
+    spec = MoESpec(4, 6, 5, "gelu", RouterSpec(top_k=2), shared_ffn=2)
+    for shape in ((0, 6), (2, 0, 6)):
+        inputs = make_inputs(spec, 0)
+        inputs[0], inputs[1] = inputs[0].reshape(shape), inputs[1].reshape(*shape[:-1], 4)
+        assert kernels.run(name, *inputs, spec=spec).shape == shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_and_routing_records(name):
+    """float32 within 1e-5; every kernel reports its routing to record_routing() like the reference."""
+    spec = MoESpec(8, 16, 12, "swiglu", RouterSpec(top_k=2, capacity_factor=0.5), name="layer3")
+    inputs = make_inputs(spec, 9, seed=5, dtype=torch.float32)
+    with record_routing() as records:
+        got = kernels.run(name, *inputs, spec=spec)
+        expected = moe_reference(*inputs, spec)
+    assert_numerically_equal(got, expected, atol=1e-5, rtol=1e-5, what=name)
+    assert [r["layer"] for r in records] == ["layer3", "layer3"]
+    assert torch.equal(records[0]["expert_ids"], records[1]["expert_ids"])
+    assert (records[0]["expert_ids"] == -1).any()          # capacity 0.5 drops some assignments
+
+
+def test_unknown_kernel_is_a_clear_error():
+    spec = MoESpec(4, 6, 5, name="blocks.2.moe")
+    with pytest.raises(MoeccError, match="blocks.2.moe.*unknown torch kernel 'torch.fast'"):
+        kernels.run("torch.fast", *make_inputs(spec, 2), spec=spec)
+
+
+def test_checkers_refuse_with_reasons():
+    big_e = MoESpec(64, 8, 4, router=RouterSpec(top_k=6))
+    assert "E=64 > 8" in kernels.KERNELS["torch.dense_masked"].checker(big_e, 4)
+    assert "decode kernel" in kernels.KERNELS["torch.gather"].checker(big_e, 512)
+    assert kernels.KERNELS["torch.gather"].checker(big_e, 1) is True
+    assert kernels.KERNELS["torch.grouped_gemm"].checker(big_e, 10 ** 6) is True
+
+
+def test_expected_load():
+    spec = MoESpec(8, 8, 8, router=RouterSpec(top_k=2))
+    hit, m = kernels.expected_load(spec, 1)
+    assert hit == pytest.approx(2.0) and m == pytest.approx(1.0)
+    hit, m = kernels.expected_load(spec, 4096)
+    assert hit == pytest.approx(8.0) and m == pytest.approx(1024.0)
+    ec = MoESpec(8, 8, 8, router=RouterSpec("expert_choice", capacity_factor=2.0))
+    assert kernels.expected_load(ec, 64) == (8.0, 16.0)
