@@ -89,15 +89,15 @@ def _replace(model: nn.Module, path: str, block: nn.Module, rec: Recognizer, rep
              verify: bool) -> nn.Module:
     try:
         new = rec.build(block, path)
-        if not isinstance(new, nn.Module):
-            raise MoeccError(f"recognizer {rec.name!r} returned {type(new).__name__}, not an nn.Module")
+        if not isinstance(new, MoE):
+            raise MoeccError(f"recognizer {rec.name!r} returned {type(new).__name__}; build must return a "
+                             f"moecc.nn.MoE (e.g. RecognizedMoE) so the block becomes one moecc::moe node")
         new.train(block.training)
         err = probe(block, new, path) if verify else None
     except MoeccError as e:
         report.refused.append((path, rec.name, str(e)))
         return model
-    spec = getattr(new, "spec", None)
-    report.recognized.append(Recognized(path, rec.name, type(block).__name__, spec, err))
+    report.recognized.append(Recognized(path, rec.name, type(block).__name__, new.spec, err))
     if path == "":
         return new
     parent, _, child = path.rpartition(".")

@@ -122,6 +122,13 @@ def test_registry_is_explicit_and_user_wins():
         only_mine.register("mixtral")
 
 
+def test_a_recognizer_must_return_a_moecc_module():
+    bad = Recognizer("bad", by_class_name("ListMoE"), lambda block, path: nn.Identity())
+    with pytest.warns(UnrecognizedMoEWarning, match="build must return a moecc.nn.MoE"):
+        _, report = recognize(custom_moe.ListMoE(), [bad])
+    assert report.refused and not report.recognized
+
+
 def test_model_that_is_a_block_is_replaced_at_the_root():
     torch.manual_seed(0)
     block = custom_moe.ListMoE().eval()
