@@ -22,9 +22,11 @@ backend agree. Logits come from a Linear outside the op (L = E, or G + E for hie
 Capacity (token-choice routers): C = ceil(capacity_factor · T · k / E) slots per expert. Assignments
 are served slot-major (every token's 1st choice in token order, then every 2nd choice, ...); those
 past C are dropped (id -1, weight 0): the token keeps its other experts and the residual carries it.
-capacity_factor None = dropless. Dynamic capacity = the factor recomputed OUTSIDE the op, between
-steps, from the load observed over a window (`capacity_factor_for`, moecc.monitor.dynamic_capacity):
-capacity then equals the busiest expert's recent load (× margin), and the op stays a pure function.
+capacity_factor None = dropless. A fixed `capacity` (slots, Switch's expert_capacity) overrides the
+factor; `capacity_per_row` keeps one queue per sequence of x [B, S, H] (Switch/T5X), not per call.
+Dynamic capacity = the factor recomputed OUTSIDE the op, between steps, from the demand (choices
+before dropping) observed over a window of steps (`capacity_factor_for`, moecc.monitor.dynamic_capacity):
+capacity then equals the busiest expert's recent demand (× margin), and the op stays a pure function.
 
 Expert choice is batch-dependent: a token's experts depend on the other tokens in the call. In
 decoding (one token per call) every expert takes that token — the output differs from prefill.

@@ -99,11 +99,6 @@ def _holder(gm: fx.GraphModule) -> nn.Module:
     return getattr(gm, HOLDER)
 
 
-def _count(gm: fx.GraphModule) -> int:
-    holder = getattr(gm, HOLDER, None)
-    return 0 if holder is None else len(dict(holder.named_parameters())) + len(dict(holder.named_buffers()))
-
-
 def _fake_mode(gm: fx.GraphModule):
     for n in gm.graph.nodes:
         val = n.meta.get("val")
@@ -198,16 +193,38 @@ def token_ids_input(gm: fx.GraphModule) -> fx.Node | None:
 
 def _set_arg(node: fx.Node, index: int, value) -> None:
     args = list(node.args)
-    old, args[index] = args[index], value
+    args[index] = value
     node.args = tuple(args)
-    if isinstance(old, fx.Node) and not old.users and old.op == "get_attr":
-        node.graph.erase_node(old)
+
+
+def _drop_unused_tensors(gm: fx.GraphModule, used_before: set[str]) -> int:
+    """Delete the parameters/buffers this pass stopped reading (and route's own unread ones)."""
+    now = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    gone = (used_before | _holder_tensors(gm)) - now
+    for target in gone:
+        *path, leaf = target.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+    return len(gone)
+
+
+def _used_tensors(gm: fx.GraphModule) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+
+
+def _holder_tensors(gm: fx.GraphModule) -> set[str]:
+    holder = getattr(gm, HOLDER, None)
+    if holder is None:
+        return set()
+    return {f"{HOLDER}.{k}" for k, _ in (*holder.named_parameters(), *holder.named_buffers())}
 
 
 def route_pass(gm: fx.GraphModule, options: dict) -> PassResult:
     chosen = _pick(gm, options.get("layers"))
-    stats = {"moe_layers": sum(1 for _ in moe_nodes(gm)), "rerouted": 0, "tensors_added": -_count(gm),
-             "token_ids_wired": 0}
+    used_before, held_before = _used_tensors(gm), _holder_tensors(gm)
+    stats = {"moe_layers": sum(1 for _ in moe_nodes(gm)), "rerouted": 0, "tensors_added": 0,
+             "tensors_removed": 0, "token_ids_wired": 0}
     for node, old in chosen:
         label = _label(node, old)
         spec = new_spec(old, options, label)
@@ -235,7 +252,8 @@ def route_pass(gm: fx.GraphModule, options: dict) -> PassResult:
         set_spec(node, spec)
         stats["rerouted"] += 1
     gm.graph.eliminate_dead_code()
-    stats["tensors_added"] += _count(gm)
+    stats["tensors_removed"] = _drop_unused_tensors(gm, used_before)
+    stats["tensors_added"] = len(_holder_tensors(gm) - held_before)
     gm.recompile()
     return PassResult(gm, stats["rerouted"] > 0, stats)
 

@@ -82,7 +82,8 @@ def test_sigmoid_topk_groups_capacity_set_everywhere_with_a_zero_correction_bias
     c = captured(net)
     res = route_pass(c.gm, {"router": "sigmoid-topk", "n_groups": 2, "topk_groups": 1, "scaling": 2.5,
                             "capacity_factor": 1.5, "captured": c, "num_experts": 99})   # extra keys ignored
-    assert res.modified and res.stats == {"moe_layers": 2, "rerouted": 2, "tensors_added": 2, "token_ids_wired": 0}
+    assert res.modified and res.stats == {"moe_layers": 2, "rerouted": 2, "tensors_added": 2, "tensors_removed": 0,
+                                          "token_ids_wired": 0}
     for node, spec in moe_nodes(c.gm):
         assert node.meta["moecc.spec"] == spec
         r = spec.router
@@ -94,6 +95,9 @@ def test_sigmoid_topk_groups_capacity_set_everywhere_with_a_zero_correction_bias
                                                 capacity_factor=1.5), flat_logits)
     assert_numerically_equal(c.gm(TOKENS), expected, what="sigmoid-topk")
     assert_numerically_equal(c.export().module()(TOKENS), expected, what="re-exported")
+    res = route_pass(c.gm, {"router": "topk-softmax", "n_groups": 1})    # the bias goes with the router
+    assert res.stats["tensors_removed"] == 2 and not list(c.gm.moecc_route.buffers())
+    assert all(n.args[6] is None for n, _ in moe_nodes(c.gm))
 
 
 def test_hierarchical_adds_a_group_router_and_back_again():
@@ -109,8 +113,9 @@ def test_hierarchical_adds_a_group_router_and_back_again():
         return torch.cat([x @ w.reshape(2, 2, H).mean(1).T, x @ w.T], -1)
     expected = by_hand(net, TOKENS, with_router(kind="hierarchical", n_groups=2, topk_groups=1), hier_logits)
     assert_numerically_equal(c.gm(TOKENS), expected, what="hierarchical")
-    route_pass(c.gm, {"router": "softmax-topk"})                          # back to a flat router
+    res = route_pass(c.gm, {"router": "softmax-topk"})                    # back to a flat router
     assert all(s.router.n_groups == 1 for _, s in moe_nodes(c.gm))
+    assert res.stats["tensors_removed"] == 2 and not list(c.gm.moecc_route.parameters())
     assert_numerically_equal(c.gm(TOKENS), net(TOKENS), what="flat again")
 
 
