@@ -114,3 +114,16 @@ def test_python_m_entrypoint(root):
     r = subprocess.run([sys.executable, "-m", "moecc", "compile", "--help"], capture_output=True, text=True,
                        env=dict(os.environ))
     assert r.returncode == 0 and "examples:" in r.stdout
+
+
+def test_autotuned_torch_artifact_carries_its_table(tmp_path, monkeypatch):
+    from moecc.backends.torch import machine, select
+    monkeypatch.setattr(machine, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(select, "BUCKET_TOKENS", (1, 8, 64, 80, 96))       # keep the measurement small
+    out = tmp_path / "a"
+    assert main(["compile", GPT, "--upcycle", "4", "--top-k", "2", "--autotune", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert "kernels.json" in m["backend"]["files"] and (out / "kernels.json").exists()
+    assert all(k["kernel"] == "torch.auto" and "bucket" in k["reason"] for k in m["backend"]["kernels"])
+    tables = select.load(out / "kernels.json")
+    assert len(tables) == 1 and all(b["kernel"] in b["times_ms"] for b in next(iter(tables.values()))["buckets"])

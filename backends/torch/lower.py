@@ -1,8 +1,11 @@
 """Torch backend: the exported program with a kernel chosen per MoE layer, saved with torch.export.save.
 
-    ExportedProgram  ⇒  moe nodes' `kernel` argument set (cost model / autotune)  ⇒  model.pt2
+    ExportedProgram  ⇒  moe nodes' `kernel` argument set  ⇒  model.pt2 (+ kernels.json when autotuned)
 
-Loading needs `import moecc.ops` (the custom op) before `torch.export.load`: `moecc.load(dir)` does it.
+The token count varies at run time, so a layer's kernel is "torch.auto": it dispatches per call by
+token-count bucket (decode … prefill), from the cost model or, with `--autotune`, from measurements
+made here and carried in the artifact's kernels.json. `--kernel NAME` forces one kernel everywhere.
+Loading needs `import moecc.ops` before `torch.export.load`: `moecc.load(dir)` does it.
 """
 from __future__ import annotations
 
@@ -14,34 +17,37 @@ from moecc.ops import OP_ARGS, parse_spec
 from moecc.pipeline import MOE_OP
 
 from ..base import KernelChoice, Lowered
+from . import select
 
 KERNEL_ARG = OP_ARGS.index("kernel")
 SPEC_ARG = OP_ARGS.index("spec")
+TABLES = "kernels.json"
 
 
-def choose_kernel(spec, tokens: int, options: dict) -> KernelChoice:
-    """The kernel for one layer; `options["kernel"]` forces one."""
+def choose_kernel(spec, options: dict, table: dict | None) -> KernelChoice:
     forced = options.get("kernel")
     if forced:
         return KernelChoice(spec.name, forced, "forced by --kernel")
-    from . import select
-    return select.choose(spec, tokens)
-
-
-def set_kernels(program: torch.export.ExportedProgram, tokens: int, options: dict) -> list[KernelChoice]:
-    choices = []
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target is MOE_OP:
-            choice = choose_kernel(parse_spec(node.args[SPEC_ARG]), tokens, options)
-            args = list(node.args)
-            args[KERNEL_ARG] = choice.kernel
-            node.args = tuple(args)
-            choices.append(choice)
-    program.graph_module.recompile()
-    return choices
+    return select.choose(spec, 0, table=table)
 
 
 def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
-    choices = set_kernels(program, int(options.get("tokens", 0)), options)
+    choices, tables = [], {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is MOE_OP:
+            spec = parse_spec(node.args[SPEC_ARG])
+            key = select.spec_key(spec)
+            if options.get("autotune") and not options.get("kernel") and key not in tables:
+                tables[key] = select.autotune(spec)
+            choice = choose_kernel(spec, options, tables.get(key))
+            node.args = tuple(choice.kernel if i == KERNEL_ARG else a for i, a in enumerate(node.args))
+            choices.append(choice)
+    program.graph_module.recompile()
+    files = ["model.pt2"]
     torch.export.save(program, Path(out_dir) / "model.pt2")
-    return Lowered(files=["model.pt2"], kernels=choices, notes={"format": "torch.export (.pt2)"})
+    if tables:
+        select.save(tables, Path(out_dir) / TABLES)
+        select.install(tables)             # verification in this process uses them too
+        files.append(TABLES)
+    return Lowered(files=files, kernels=choices, notes={"format": "torch.export (.pt2)",
+                                                        "autotuned": bool(tables)})

@@ -7,9 +7,14 @@ import numpy as np
 
 
 def load_program(artifact_dir):
+    """The artifact's ExportedProgram, with its autotuned kernel tables installed (if it has them)."""
     import torch
 
     import moecc.ops  # noqa: F401  (registers torch.ops.moecc.* before load)
+    from . import select
+    tables = Path(artifact_dir) / "kernels.json"
+    if tables.exists():
+        select.install(select.load(tables))
     return torch.export.load(Path(artifact_dir) / "model.pt2")
 
 
