@@ -110,9 +110,12 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False,
                                          custom_translation_table={MOE_OP: translation(choices)}, **kw)
         tidy(onnx_program.model)
-    except MoeccError:
-        raise
-    except Exception as e:   # the exporter's own message names the node it could not translate
+    except Exception as e:   # ours (wrapped by the exporter) as is; else the exporter's first line
+        cause = e
+        while cause is not None and not isinstance(cause, MoeccError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
         raise MoeccError(f"ONNX export failed: {str(e).splitlines()[0]}") from e
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     onnx_program.save(out_dir / "model.onnx", external_data=weight_bytes > TWO_GB)

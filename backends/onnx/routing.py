@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
+from moecc.errors import MoeccError
 from moecc.routing import HASH_MULT
 from moecc.spec import MoESpec
 
@@ -70,8 +71,14 @@ def route(logits, spec: MoESpec, T, rows, router_bias=None, token_ids=None, logi
         weights, ids = pick(probs, choice, r.top_k, 0.0 if r.renormalize else None)
     elif r.kind == "expert_choice":
         return _expert_choice(logits, spec, T)
-    else:  # hash
+    elif r.kind == "hash":
         weights, ids = _hash(logits, spec, T, token_ids)
+    elif r.kind == "topk_unit":
+        _, ids = op.TopK(logits, ints(r.top_k), axis=-1)                   # [T, k]
+        weights = op.Expand(scalar(1.0, logits), shape(T, r.top_k))
+    else:
+        raise MoeccError(f"MoE layer {spec.name or '?'}: the ONNX backend has no lowering for router "
+                         f"{r.kind!r}")
     if r.scaling != 1.0:
         weights = op.Mul(weights, scalar(r.scaling, weights))
     if r.capacity_factor is not None or getattr(r, "capacity", 0):
@@ -136,6 +143,9 @@ def _expert_choice(logits, spec: MoESpec, T):
 def _hash(logits, spec: MoESpec, T, token_ids):
     """token id -> k distinct experts ((id·HASH_MULT) mod 2^31 + j) mod E, each weighted 1/k."""
     E, k = spec.num_experts, spec.top_k
+    if token_ids is None:
+        raise MoeccError(f"MoE layer {spec.name or '?'}: hash routing needs token ids, but none reach "
+                         f"this layer in the exported program")
     tid = op.Reshape(op.Cast(token_ids, to=INT64), ints(-1))               # [T]
     base = op.Mod(op.Mul(tid, ints(HASH_MULT)), ints(2 ** 31))
     ids = op.Mod(op.Add(op.Unsqueeze(base, ints(-1)), arange(k)), ints(E))  # [T, k]

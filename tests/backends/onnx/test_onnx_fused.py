@@ -37,6 +37,7 @@ REFUSED = [  # (spec, words the reason must contain)
     (spec("sigmoid_plain", kind="sigmoid_topk", top_k=2, renormalize=False), "sigmoid_topk"),
     (spec("expert_choice", kind="expert_choice"), "expert_choice"),
     (spec("hash", kind="hash"), "hash"),
+    (spec("topk_unit", kind="topk_unit"), "topk_unit"),
     (spec("hierarchical", E=8, kind="hierarchical", n_groups=2), "hierarchical"),
     (spec("grouped", E=8, top_k=2, n_groups=4, topk_groups=2), "group-limited"),
     (spec("capacity", top_k=2, capacity_factor=1.0), "capacity"),

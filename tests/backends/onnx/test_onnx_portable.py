@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moecc.backends.onnx import kernels
+from moecc.errors import MoeccError
 from moecc.ops import record_routing
 from moecc.routing import dropped_fraction
 from numerics import assert_numerically_equal
@@ -20,6 +21,7 @@ SPECS = [
     spec("expert_choice", kind="expert_choice", top_k=2),
     spec("expert_choice_cf", kind="expert_choice", top_k=1, capacity_factor=1.5, scaling=0.5),
     spec("hash", kind="hash", top_k=2),
+    spec("topk_unit", kind="topk_unit", top_k=2),
     spec("hierarchical", E=8, kind="hierarchical", top_k=2, n_groups=2, topk_groups=1),
     spec("hierarchical_plain", E=8, kind="hierarchical", top_k=3, n_groups=4, topk_groups=2, renormalize=False),
     spec("capacity_softmax", top_k=2, capacity_factor=0.5),
@@ -109,3 +111,16 @@ def test_two_dim_input_and_the_tokens_option(tmp_path):
     assert "at 100000 tokens" in low.kernels[0].reason
     x = (torch.randn(11, 8),)
     assert_numerically_equal(run(path, x), eager(m, x), atol=1e-5, what="2-D input")
+
+
+def test_hash_routing_without_token_ids_is_one_clear_line(tmp_path):
+    class NoIds(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.side = Side([spec("hash_layer", kind="hash")])
+
+        def forward(self, x):
+            return self.side(x, None)
+
+    with pytest.raises(MoeccError, match="MoE layer hash_layer: hash routing needs token ids"):
+        lower(NoIds(), (torch.randn(2, 3, 8),), tmp_path)
