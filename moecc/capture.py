@@ -46,10 +46,10 @@ def export(module: torch.nn.Module, example_inputs: tuple, dyn, source: str) -> 
                          f"{_first_line(e)}") from e
 
 
-def _recognize(model: torch.nn.Module) -> dict:
+def _recognize(model: torch.nn.Module, recognizers) -> tuple[torch.nn.Module, dict]:
     from .recognize import recognize
-    _, report = recognize(model)
-    return report.to_dict()
+    model, report = recognize(model, recognizers)
+    return model, report.to_dict()
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -61,16 +61,19 @@ def _drop_guards(gm: fx.GraphModule) -> None:
 
 
 def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source: str = "model",
-            recognize: bool = True) -> Captured:
+            recognize: bool = True, recognizers=None) -> Captured:
     """Export `model` on `example_inputs` with dynamic token dims; MoE blocks it recognizes become
-    one moecc::moe node each."""
+    one moecc::moe node each (`recognizers`: a moecc.recognize Registry of the user's own, or None
+    for the built-in families)."""
     if not isinstance(model, torch.nn.Module):
         raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     model.eval()
-    recognized = _recognize(model) if recognize else {}
+    recognized = {}
+    if recognize:
+        model, recognized = _recognize(model, recognizers)
     dyn = dynamic_shapes(example_inputs, dynamic)
     program = export(model, example_inputs, dyn, source)
     gm = program.module()
