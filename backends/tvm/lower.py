@@ -45,8 +45,9 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         raise MoeccError(f"TVM backend: expected a torch.export.ExportedProgram, got {type(program).__name__}")
     target = resolve_target(options.get("target") or "llvm")
     t0 = time.perf_counter()
-    program = program.run_decompositions()
-    check_supported(program)
+    if options.get("decompose") or unsupported(program):       # the importer takes most ATen ops as
+        program = program.run_decompositions()                  # they are; decomposing (slow) is the
+        check_supported(program)                                # fallback for the ones it lacks
     choices: list = []
     convert = moe_converter(options, choices, tir.lanes_of(target))
     try:
@@ -135,18 +136,23 @@ def example_tokens(node) -> int:
 # ---------------------------------------------------------------- checks and files
 
 
-def check_supported(program: torch.export.ExportedProgram) -> None:
-    """Name the first op (and node) TVM's importer cannot translate, before it asserts."""
+def unsupported(program: torch.export.ExportedProgram) -> list:
+    """The call nodes whose op TVM's PyTorch importer has no translation for."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
     known = set(ExportedProgramImporter().convert_map) | {MOE_KEY}
-    for node in program.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in known:
-            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or ["?"]
-            hint = ("it is a moecc op without a TVM lowering yet" if "moecc" in str(node.target)
-                    else "rewrite the model around it or compile with --to onnx / --to torch")
-            raise MoeccError(f"TVM backend: node {node.name!r} calls {node.target}, which TVM "
-                             f"{tvm.__version__}'s PyTorch importer does not support ({hint}; "
-                             f"source: {where[0].strip()})")
+    return [n for n in program.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known]
+
+
+def check_supported(program: torch.export.ExportedProgram) -> None:
+    """Name the first op (and node) TVM's importer cannot translate, before it asserts."""
+    for node in unsupported(program)[:1]:
+        where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or ["?"]
+        hint = ("it is a moecc op without a TVM lowering yet" if "moecc" in str(node.target)
+                else "rewrite the model around it or compile with --to onnx / --to torch")
+        raise MoeccError(f"TVM backend: node {node.name!r} calls {node.target}, which TVM "
+                         f"{tvm.__version__}'s PyTorch importer does not support ({hint}; "
+                         f"source: {where[0].strip()})")
 
 
 def resolve_target(spec) -> tvm.target.Target:

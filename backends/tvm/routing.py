@@ -138,7 +138,7 @@ def apply_capacity(bb, weights, ids, spec: MoESpec, rows):
     """Drop assignments past each expert's capacity, served slot-major (every token's 1st choice, then
     2nd, ...); capacity_per_row: each of the R rows of x has its own queues."""
     T, k = dims(ids)
-    E = spec.num_experts
+    E, k = spec.num_experts, int(k)
     R, S = rows if spec.router.capacity_per_row and rows[1] is not None else (1, T)
     flat = bb.emit(op.reshape(op.permute_dims(op.reshape(ids, (R, S, k)), [0, 2, 1]), (R, k * S)))
     valid = bb.emit(op.astype(op.greater_equal(flat, relax.const(0, "int64")), "int64"))   # [R, kS]

@@ -1,4 +1,4 @@
-"""Run a TVM artifact with tvm + numpy only (no torch, no moecc compiler parts).
+"""Run a TVM artifact with tvm + numpy only (no torch; this file also works copied out of moecc).
 
     load(DIR, manifest) -> run(inputs: list[np.ndarray]) -> list[np.ndarray]
     DIR/tvm_meta.json (inputs, parameter order, hashes) + DIR/model.so + DIR/params.npz
@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from moecc.errors import MoeccError
+try:
+    from moecc.errors import MoeccError
+except ImportError:   # copied next to an artifact, without moecc installed
+    class MoeccError(Exception):
+        """One clear line, non-zero exit."""
 
 META = "tvm_meta.json"
 FORMAT = "moecc.tvm/1"

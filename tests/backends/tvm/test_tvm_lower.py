@@ -1,0 +1,114 @@
+"""backends/tvm/lower.py end to end: an exported model with dense parts and two MoE layers becomes ONE
+library serving every batch × sequence, numerically the PyTorch model; kernel choices are recorded;
+unsupported ops, unavailable targets and wrong options fail with one clear line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moecc.backends.tvm import kernels, lower, runtime
+from moecc.errors import MoeccError
+from moecc.nn import MoE
+from numerics import assert_numerically_equal
+from tvm_cases import spec
+
+H = 16
+
+
+class TwoLayers(nn.Module):
+    """Linear → MoE (softmax top-2, gated shared expert) → LayerNorm → MoE (DeepSeek-V3 router) → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm, self.out = nn.Linear(H, H), nn.LayerNorm(H), nn.Linear(H, H)
+        self.moe1 = MoE(spec("moe1", H=H, F=24, act="swiglu", top_k=2, shared_ffn=8, shared_gated=True),
+                        init_std=H ** -0.5)
+        self.moe2 = MoE(spec("moe2", E=8, H=H, F=12, act="gelu", kind="sigmoid_topk", top_k=2, n_groups=4,
+                             topk_groups=2, scaling=2.0), init_std=H ** -0.5)
+        with torch.no_grad():
+            self.moe2.correction_bias.copy_(torch.randn(8) * 0.1)
+        self.eval()
+
+    def forward(self, x):
+        h = self.moe1(self.inp(x))
+        return self.out(self.moe2(self.norm(h)) + h)
+
+
+def export(model: nn.Module, *args) -> torch.export.ExportedProgram:
+    dims = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in args)
+    return torch.export.export(model, args, dynamic_shapes=dims)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    model = TwoLayers()
+    out = tmp_path_factory.mktemp("tvm_art")
+    lowered = lower.lower(export(model, torch.randn(2, 6, H)), out, {})
+    return model, out, lowered
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (3, 17)])
+def test_one_library_serves_other_token_counts(artifact, shape):
+    model, out, _ = artifact
+    x = torch.randn(*shape, H, generator=torch.Generator().manual_seed(sum(shape)))
+    want = model(x).detach().numpy()
+    got = runtime.load(out, {})([x.numpy()])
+    assert len(got) == 1 and np.abs(want).max() > 0.1
+    assert_numerically_equal(got[0], want, atol=1e-5, rtol=1e-5, what=f"x {shape}")
+
+
+def test_kernel_choices_and_files_are_recorded(artifact):
+    _, out, lowered = artifact
+    assert [k.layer for k in lowered.kernels] == ["moe1", "moe2"]
+    for k in lowered.kernels:
+        assert k.kernel in kernels.KERNELS and "T=12" in k.reason
+        assert set(k.rejected) == set(kernels.KERNELS) - {k.kernel}
+    assert lowered.files == ["model.so", "params.npz", "tvm_meta.json"]
+    assert all((out / f).exists() for f in lowered.files)
+    meta = json.loads((out / "tvm_meta.json").read_text())
+    (x,) = meta["inputs"]
+    assert x["dtype"] == "float32" and x["shape"][2] == H and all(isinstance(d, str) for d in x["shape"][:2])
+    assert "p_moe2_correction_bias" in meta["param_names"] and "p_moe1_w_in" in meta["param_names"]
+    assert lowered.notes["compile_s"] > 0 and json.dumps(lowered.to_dict())
+
+
+def test_forced_kernel_and_host_target(tmp_path):
+    model = MoE(spec("only", top_k=2), init_std=0.25).eval()
+    x = torch.randn(2, 5, H)
+    low = lower.lower(export(model, x), tmp_path, {"kernel": "tvm.dense_masked", "target": "host"})
+    assert [k.kernel for k in low.kernels] == ["tvm.dense_masked"]
+    assert "mcpu" in json.loads((tmp_path / "tvm_meta.json").read_text())["target"]
+    x = torch.randn(4, 3, H)
+    assert_numerically_equal(runtime.load(tmp_path)([x.numpy()])[0], model(x).detach().numpy(), atol=1e-5)
+
+
+def test_unsupported_op_names_the_op_and_the_node(tmp_path):
+    class Histogram(nn.Module):
+        def forward(self, x):
+            return torch.histc(x, bins=4) + 1
+
+    with pytest.raises(MoeccError, match=r"node 'histc' calls aten\.histc\.default.*does not support"):
+        lower.lower(torch.export.export(Histogram(), (torch.randn(8),)), tmp_path, {})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("target,message", [("cuda", "not available"), ("rocm", "not available"),
+                                            ("no-such-target", "not a valid target")])
+def test_unavailable_target(target, message):
+    with pytest.raises(MoeccError, match=message):
+        lower.resolve_target(target)
+
+
+def test_hash_router_without_token_ids(tmp_path):
+    model = MoE(spec("hashed", kind="hash", top_k=2)).eval()
+    with pytest.raises(MoeccError, match="hashed: hash routing needs token ids"):
+        lower.lower(export(model, torch.randn(2, 3, H)), tmp_path, {})
+
+
+def test_kernel_option_must_name_a_tvm_kernel(tmp_path):
+    model = MoE(spec("opt", top_k=2)).eval()
+    with pytest.raises(MoeccError, match="'torch.gather' is not a TVM kernel"):
+        lower.lower(export(model, torch.randn(2, 3, H)), tmp_path, {"kernel": "torch.gather"})
