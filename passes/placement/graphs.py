@@ -18,20 +18,21 @@ from .trace import Trace
 
 
 def pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int) -> np.ndarray:
-    """[T, ka], [T, kb] -> [E, E]: sum over tokens t and slots i, j of [a[t,i] = e][b[t,j] = f]."""
-    E = num_experts
-    idx = (a.astype(np.int64)[:, :, None] * E + b[:, None, :]).ravel()
-    return np.bincount(idx, minlength=E * E).reshape(E, E).astype(np.float64)
+    """[T, ka], [T, kb] -> [E, E]: sum over tokens t and slots i, j of [a[t,i] = e][b[t,j] = f]
+    (dropped choices, -1, count nowhere)."""
+    E = num_experts + 1                                     # -1 -> the extra last row / column
+    a, b = np.where(a < 0, E - 1, a).astype(np.int64), np.where(b < 0, E - 1, b)
+    idx = (a[:, :, None] * E + b[:, None, :]).ravel()
+    return np.bincount(idx, minlength=E * E).reshape(E, E)[:-1, :-1].astype(np.float64)
 
 
 def layer_graph(ids: np.ndarray, prev_ids: np.ndarray | None,
                 num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """ids [T, k] of this layer (prev_ids [T, k] of the previous one, or None) -> (w, C, X or None)."""
     E, k = num_experts, ids.shape[1]
-    w = np.bincount(ids.ravel(), minlength=E).astype(np.float64)
+    w = np.bincount(ids[ids >= 0], minlength=E).astype(np.float64)
     i, j = np.triu_indices(k, 1)                # slot pairs i < j (top-k experts are distinct)
-    upper = np.bincount((ids[:, i].astype(np.int64) * E + ids[:, j]).ravel(),
-                        minlength=E * E).reshape(E, E)
+    upper = pair_counts(ids[:, i].reshape(-1, 1), ids[:, j].reshape(-1, 1), E)
     coact = (upper + upper.T) / max(k - 1, 1)
     flow = None if prev_ids is None else pair_counts(prev_ids, ids, E) / prev_ids.shape[1]
     return w, coact, flow

@@ -30,6 +30,7 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
                          f"slots in {P} parts")
     rows = np.arange(B)
     w = np.where(valid, w, 0.0)
+    max_load = np.maximum(max_load, 1e-12)                                 # empty problems too
     spread = spread / np.maximum(w.sum(1), 1e-12)[:, None]                 # [B, 1]
     order = np.argsort(np.where(valid, -w, np.inf), axis=1, kind="stable")  # [B, n] heaviest first
     ws = np.take_along_axis(w, order, 1)                                    # [B, n]
@@ -67,7 +68,7 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
         score[b, p] += affinity[b, i]
         taken[b, g, p] = True
     state = (affinity, score, w, part, load, count, taken, grp)
-    final_load = max_load if final_load is None else np.minimum(final_load, max_load)
+    final_load = max_load if final_load is None else np.clip(final_load, 1e-12, max_load)
     for _ in range(4 * P if repair_rounds is None else repair_rounds):
         if not repair(state, max_count, final_load):
             break

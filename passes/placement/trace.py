@@ -1,6 +1,7 @@
 """Routing traces: which k experts every token chose in every MoE layer, in time windows.
 
-    Trace.expert_ids [L, T, k] int32   expert id chosen by token t in MoE layer l (slot j of its top-k)
+    Trace.expert_ids [L, T, k] int32   expert id chosen by token t in MoE layer l (slot j of its top-k);
+                                       -1 = a choice dropped (expert over capacity): computed nowhere
     Trace.weights    [L, T, k] float32 the router weight of that choice
     Trace.window     [T]       int32   the time window token t belongs to (0, 1, ...; planning uses
                                        window i, scoring window i+1)
@@ -48,9 +49,10 @@ class Trace:
         E = int(self.num_experts)
         if E < 1:
             raise MoeccError(f"trace: num_experts must be >= 1, got {E}")
-        if ids.size and (ids.min() < 0 or ids.max() >= E):
+        if ids.size and (ids.min() < -1 or ids.max() >= E):
             bad = int(ids.max()) if ids.max() >= E else int(ids.min())
-            raise MoeccError(f"trace: expert id {bad} is outside 0..{E - 1} (num_experts={E})")
+            raise MoeccError(f"trace: expert id {bad} is outside 0..{E - 1} (num_experts={E}; -1 "
+                             "marks a dropped choice)")
         if k > E:
             raise MoeccError(f"trace: top-k={k} exceeds num_experts={E}")
         if win.size and win.min() < 0:
@@ -91,8 +93,9 @@ class Trace:
     def load(self) -> np.ndarray:
         """[L, E] tokens routed to each expert (one per (token, expert) pair)."""
         L, E = self.num_layers, self.num_experts
-        flat = self.expert_ids.reshape(L, -1) + (np.arange(L, dtype=np.int64) * E)[:, None]
-        return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E).astype(np.float64)
+        ids = self.expert_ids.reshape(L, -1)
+        flat = np.where(ids >= 0, ids + (np.arange(L, dtype=np.int64) * E)[:, None], L * E)
+        return np.bincount(flat.ravel(), minlength=L * E + 1)[:-1].reshape(L, E).astype(np.float64)
 
 
 def check_against_model(trace: Trace, num_layers: int | None, num_experts: int | None) -> None:
