@@ -10,20 +10,25 @@
 Modes (`options["onnx_moe"]`): "portable" = cheapest portable kernel; "auto" = the fused op where
 its checker passes, else the cheapest portable one; "fused" = the fused op for every layer, an
 error naming the layer and the reason where it cannot. `options["onnx_kernel"]` forces one kernel.
+Note (measured, see below): on one core the fused op beats the portable kernels at small T but is
+2-4x slower than onnx.gather from a few hundred tokens on; "auto" still prefers it (exact + compact).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from ..base import KernelChoice
 from moecc.errors import MoeccError
 from moecc.spec import MoESpec
 
+from ..base import KernelChoice
 from . import fused, portable
 
 MODES = ("portable", "fused", "auto")
-FLOPS_PER_US = 2e4      # ~20 GFLOP/s: one core, fp32 GEMM
-NODE_US = 3.0           # onnxruntime CPU per-node overhead
+# Calibrated on one CPU core, onnxruntime 1.32, E=8 H=64 F=128 swiglu k=2, T = 1 .. 2048: dense_masked
+# 57 / 122 / 453 / 3478 µs at T = 1 / 8 / 64 / 512; gather 81 / 106 / 197 / 931 µs (this model: 57 / 102 /
+# 469 / 3405 and 86 / 97 / 189 / 923). The fused op measured 26 / 73 / 236 / 2322 µs, 20 ms at T = 2048.
+FLOPS_PER_US = 6e4      # ~60 GFLOP/s: one core, fp32 GEMM
+NODE_US = 2.0           # onnxruntime CPU per-node overhead
 
 
 def _expert_flops(spec: MoESpec) -> float:
@@ -42,7 +47,7 @@ def _always(spec: MoESpec, shapes: dict) -> bool | str:
 
 
 def _fused_checker(spec: MoESpec, shapes: dict) -> bool | str:
-    x_shape, dtype = shapes.get("x", (None, "float32"))
+    dtype = shapes.get("x", (None, "float32"))[1]
     logits_shape = shapes.get("logits", (None, None))[0]
     why = fused.refusal(spec, dtype, None if not logits_shape else logits_shape[-1])
     return True if why is None else why
@@ -54,11 +59,11 @@ def _cost_dense(spec: MoESpec, tokens: int) -> float:
 
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
     return (tokens * _routed_per_token(spec) * _expert_flops(spec) / FLOPS_PER_US
-            + (15 + 12 * spec.num_experts) * NODE_US)
+            + (10 + 4 * spec.num_experts) * NODE_US)
 
 
 def _cost_fused(spec: MoESpec, tokens: int) -> float:
-    return tokens * spec.top_k * _expert_flops(spec) / FLOPS_PER_US + 4 * NODE_US
+    return 2 * tokens * spec.top_k * _expert_flops(spec) / FLOPS_PER_US + 5 * NODE_US
 
 
 def _emit_portable(name: str) -> Callable:

@@ -89,7 +89,7 @@ def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec):
     return op.ReduceSum(op.Mul(out, wc), ints(0), keepdims=0)
 
 
-def gather(xt, weights, ids, T, w_in, w_out, b_in, b_out, spec: MoESpec):
+def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec):
     """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it."""
     toks, parts = [], []
     for e in range(spec.num_experts):
@@ -120,7 +120,7 @@ def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_
     lt = op.Reshape(logits, shape(T, L))                                   # [T, L]
     weights, ids, dense = route(lt, spec, T, rows, router_bias, token_ids, logits.dtype)
     if kernel == "onnx.gather":
-        y = gather(xt, weights, ids, T, w_in, w_out, b_in, b_out, spec)
+        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec)
     else:
         C = dense if dense is not None else dense_weights(weights, ids, spec.num_experts)
         y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec)

@@ -137,8 +137,8 @@ def _single_node(**attrs):
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     node = helper.make_node("MoE", names, ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "g", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
 
 
 def _run_single(model, feed, tmp_path):

@@ -1,7 +1,9 @@
 """Portable ONNX (standard ops only): every router kind and activation vs moe_reference, both kernels,
 at token counts other than the export example's (dynamic batch and sequence)."""
+import onnx
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 
 from moecc.backends.onnx import kernels
 from moecc.errors import MoeccError
@@ -72,6 +74,17 @@ def test_every_router_and_activation_matches_the_reference(lowered, model, B, S)
     got = run(path, args)
     for s, g, e in zip(SPECS, got, expected):
         assert_numerically_equal(g, e, atol=1e-5, what=f"{kernel} layer {s.name} at {B}x{S} tokens")
+
+
+def test_standard_onnx_checker_and_a_second_runtime_agree(lowered, model):
+    """Portable means portable: the full ONNX checker passes and onnx's own numpy ReferenceEvaluator
+    (not onnxruntime) reproduces the reference too."""
+    kernel, _, path = lowered
+    onnx.checker.check_model(str(path), full_check=True)
+    x, ids = inputs(2, 5, seed=3)
+    got = ReferenceEvaluator(str(path)).run(None, {"x": x.numpy(), "token_ids": ids.numpy()})
+    for s, g, e in zip(SPECS, got, eager(model, (x, ids))):
+        assert_numerically_equal(g, e, atol=1e-5, what=f"onnx.reference {kernel} layer {s.name}")
 
 
 def test_capacity_layers_really_drop_tokens(model):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from moecc.backends.onnx import runtime
 from moecc.errors import MoeccError
