@@ -34,6 +34,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--no-alternatives", action="store_true", help="skip onnxruntime and transformers")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall seconds (default) or process CPU seconds (with --threads 1 on a shared machine)")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (bench.QUICK["repeats"] if args.quick else bench.FULL_REPEATS)
     if args.threads is not None and args.threads < 1:
         raise MoeccError(f"--threads must be >= 1, got {args.threads}")
-    results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives)
+    results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives,
+                              clock=args.clock)
     paths = bench_report.write(results, args.out)
     print(paths["md"].read_text())
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -56,14 +57,14 @@ def active_flops(spec: MoESpec, tokens: int) -> float:
     return float(tokens * per_token)
 
 
-def square_gemm_flops(n: int = 2048, repeats: int = 3) -> float:
+def square_gemm_flops(n: int = 2048, repeats: int = 3, clock=time.perf_counter) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return 2 * n ** 3 / statistics.median(times)
 
 
@@ -116,14 +117,17 @@ def _check(impls: dict, reference: torch.Tensor) -> dict:
     return errs
 
 
-def _time(impls: dict, repeats: int, tick) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(impls: dict, repeats: int, tick, clock=time.perf_counter) -> dict:
     """Interleaved rounds (order rotated per round); median seconds per implementation."""
     names = list(impls)
     first = {}
     for n in names:                                    # warm-up round, also finds the slow ones
-        t0 = time.perf_counter()
+        t0 = clock()
         impls[n]()
-        first[n] = time.perf_counter() - t0
+        first[n] = clock() - t0
     best = min(v for n, v in first.items() if n.startswith("moecc:"))
     slow = {n for n in names if first[n] > SLOW * best and first[n] > 0.5}
     times = {n: [] for n in names}
@@ -132,23 +136,28 @@ def _time(impls: dict, repeats: int, tick) -> dict:
         for n in names[r % len(names):] + names[: r % len(names)]:
             if n in slow and times[n]:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             impls[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return {n: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "runs": len(v)}
             for n, v in times.items()}
 
 
 def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REPEATS, threads: int | None = None,
-              alternatives: bool = True, progress: bool = True, seed: int = 0) -> dict:
-    """Measure the grid; the results dict (see `bench_report.write`)."""
+              alternatives: bool = True, progress: bool = True, seed: int = 0, clock: str = "wall") -> dict:
+    """Measure the grid; the results dict (see `bench_report.write`).
+
+    clock="cpu" times process CPU seconds instead of wall seconds: on a machine shared with other
+    jobs it ignores the time this process waits descheduled (honest only with threads=1, where no
+    thread spins waiting for another)."""
     from tqdm import tqdm
     shapes = SHAPES if shapes is None else shapes
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     consts = machine.constants()
-    results = {"threads": threads, "machine": machine.machine_key(), "constants": consts,
+    results = {"threads": threads, "clock": clock, "load_before": os.getloadavg(),
+               "machine": machine.machine_key(), "constants": consts,
                "versions": _versions(), "repeats": repeats, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "shapes": {}, "points": []}
     bar = tqdm(total=len(shapes) * len(tokens) * (repeats + 2), disable=not progress, desc="moecc bench")
@@ -162,7 +171,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
                                     ("hf:grouped_mm", lambda: bench_alts.hf_block(spec, w, "grouped_mm"))):
                     made = build()
                     (alt_skips.append(f"{name}: {made}") if isinstance(made, str) else alts.__setitem__(name, made))
-            peak = square_gemm_flops(512 if spec.hidden < 512 else 2048)
+            peak = square_gemm_flops(512 if spec.hidden < 512 else 2048, clock=CLOCKS[clock])
             results["shapes"][sname] = {"spec": spec.to_dict(), "gemm_flops": peak, "skipped": alt_skips}
             for T in tokens:
                 bar.set_postfix_str(f"{sname} T={T}")
@@ -172,7 +181,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
                                     w.get("shared_w_in"), w.get("shared_w_out"), None, None, spec)
                 errors = _check(impls, ref)
                 bar.update(1)
-                times = _time(impls, repeats, lambda: bar.update(1))
+                times = _time(impls, repeats, lambda: bar.update(1), CLOCKS[clock])
                 choice = select.choose(spec, T)
                 compute = active_flops(spec, T) / peak * 1e3
                 memory = times["ref:stream"]["median_ms"]
@@ -184,6 +193,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
             del w, alts
     bar.close()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    results["load_after"] = os.getloadavg()
     return results
 
 

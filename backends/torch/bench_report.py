@@ -10,6 +10,7 @@ transformers implementations.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 ALTS = ("ort:fused", "hf:eager", "hf:grouped_mm")
@@ -42,6 +43,10 @@ def rows(results: dict) -> list[dict]:
     return out
 
 
+def _load(avg) -> str:
+    return "?" if not avg else f"{avg[0]:.1f}"
+
+
 def _f(v, fmt="{:.2f}") -> str:
     return "—" if v is None else fmt.format(v)
 
@@ -52,8 +57,10 @@ def _mark(ok: bool) -> str:
 
 def markdown(results: dict) -> str:
     lines = [f"# moecc bench — {results['machine']}",
-             f"threads={results['threads']}, median of {results['repeats']} interleaved repeats, "
-             f"started {results['started']}; versions {results['versions']}", ""]
+             f"threads={results['threads']}, {results.get('clock', 'wall')} clock, median of {results['repeats']} "
+             f"interleaved repeats, started {results['started']}, load average before/after "
+             f"{_load(results.get('load_before'))} / {_load(results.get('load_after'))} "
+             f"(on {os.cpu_count()} CPUs); versions {results['versions']}", ""]
     for name, s in results["shapes"].items():
         lines.append(f"- {name}: square-matmul {s['gemm_flops'] / 1e9:.0f} GFLOP/s"
                      + (f"; skipped {s['skipped']}" if s["skipped"] else ""))

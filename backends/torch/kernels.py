@@ -34,6 +34,7 @@ from moecc.routing import expert_choice_capacity, token_capacity
 from moecc.spec import MoESpec
 
 from . import machine
+from .gemm import linear, linear_into
 
 AUTO = "torch.auto"
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
@@ -67,10 +68,7 @@ def _segment_mm(a: Tensor, w: Tensor, b: Tensor | None, counts: list[int], out: 
     for e, c in enumerate(counts):
         if c:
             seg = slice(start, start + c)
-            if b is None:
-                torch.mm(a[seg], w[e].t(), out=out[seg])
-            else:
-                torch.addmm(b[e], a[seg], w[e].t(), out=out[seg])
+            linear_into(a[seg], w[e], None if b is None else b[e], out[seg])
             start += c
     return out
 
@@ -99,11 +97,11 @@ def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared
     y = torch.zeros_like(xt)                                                 # [T, H]
     for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist())):   # one sync each
         xr = xt[t:t + 1]                                                     # [1, H]
+        yr = y[t:t + 1]
         for e, w in zip(row, wrow):
-            if e >= 0:
-                h = ffn(xr, w_in[e], None if b_in is None else b_in[e], w_out[e],
-                        None if b_out is None else b_out[e], spec)           # [1, H]
-                y[t:t + 1].add_(h, alpha=w)
+            if e >= 0:                # ops.ffn with the decode GEMM form (gemm.linear, w · xᵀ)
+                a = activate(linear(xr, w_in[e], None if b_in is None else b_in[e]), spec)      # [1, F]
+                yr.add_(linear(a, w_out[e], None if b_out is None else b_out[e]), alpha=w)    # [1, H]
     return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
 
 

@@ -3,7 +3,8 @@
     constants() -> {"gemm_flops": FLOP/s of a large square matmul,
                     "bandwidth": B/s streaming a buffer larger than the last-level cache,
                     "op_overhead": s per small torch op (dispatch + Python),
-                    "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM, weights not cached}}
+                    "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear_into),
+                                   weights not cached}}
     gemm_time(m, k, n) -> s     elementwise_time(bytes) -> s     op_time(ops) -> s
 
 Cached as JSON in $MOECC_CACHE_DIR or ~/.cache/moecc/machine.json, one entry per (CPU, threads,
@@ -23,6 +24,9 @@ import time
 
 import torch
 
+from .gemm import linear_into
+
+VERSION = 2               # bump when what is measured changes: old cache entries are measured again
 CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CURVE_DIM = 4096          # [m, 4096] x [4096, 4096]: 64 MiB of weights, larger than the LLC
 _override: dict | None = None
@@ -41,7 +45,7 @@ def machine_key() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|v{VERSION}"
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -67,8 +71,8 @@ def measure(quick: bool = False) -> dict:
     w = torch.randn(dim, dim)
     curve = {}
     for m in CURVE_M:
-        x = torch.randn(m, dim)
-        curve[m] = _median_time(lambda: torch.nn.functional.linear(x, w), 3)
+        x, out = torch.randn(m, dim), torch.empty(m, dim)
+        curve[m] = _median_time(lambda: linear_into(x, w, None, out), 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

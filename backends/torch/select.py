@@ -2,7 +2,10 @@
 
     choose(spec, tokens, candidates) -> KernelChoice      checker → cost model (or a tuned table)
     autotune(spec, candidates) -> layer table             measure each candidate once per bucket
-    install(table) ; dispatch(spec, tokens) -> kernel      what "torch.auto" runs per call
+    install(tables) / install_file(path) ; dispatch(spec, tokens) -> kernel   what "torch.auto" runs
+
+An artifact wires it as: lower → `save({spec_key(s): autotune(s)}, dir / "kernels.json")` and the
+layers' kernel "torch.auto" (`choose(spec, 0)`); runtime → `install_file(dir / "kernels.json")`.
 
 Token counts fall in buckets (decode … prefill): T ≤ 1, ≤ 8, ≤ 64, ≤ 512, > 512, measured at
 T = 1, 8, 64, 512, 2048. A layer table is JSON ({"spec", "buckets": [{"max_tokens", "tokens",
@@ -190,6 +193,14 @@ def install(tables: dict) -> None:
     """Make torch.auto use these tuned tables ({spec_key: layer table}), e.g. an artifact's file."""
     _installed.update(tables)
     _bucket_choice.cache_clear()
+
+
+def install_file(path) -> bool:
+    """Install an artifact's kernel tables (`kernels.json`) if it has one; whether it had."""
+    path = pathlib.Path(path)
+    if path.exists():
+        install(load(path))
+    return path.exists()
 
 
 def uninstall() -> None:

@@ -121,6 +121,17 @@ def test_float32_and_routing_records(name):
     assert (records[0]["expert_ids"] == -1).any()          # capacity 0.5 drops some assignments
 
 
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_float32_gemm_variants(tokens):
+    """The three GEMM forms of grouped_gemm (w·aᵀ for m ≤ 4, oneDNN for ≥ 4096 weight rows, MKL)."""
+    spec = MoESpec(2, 8, 2048, "swiglu", RouterSpec(top_k=1), expert_bias=True)   # w_in [2, 4096, 8]
+    inputs = make_inputs(spec, tokens, seed=tokens, dtype=torch.float32)
+    inputs[2] = inputs[2] * 0.3
+    for name in NAMES:
+        got = kernels.run(name, *inputs, spec=spec)
+        assert_numerically_equal(got, moe_reference(*inputs, spec), atol=1e-3, rtol=1e-4, what=name)
+
+
 def test_unknown_kernel_is_a_clear_error():
     spec = MoESpec(4, 6, 5, name="blocks.2.moe")
     with pytest.raises(MoeccError, match="blocks.2.moe.*unknown torch kernel 'torch.fast'"):

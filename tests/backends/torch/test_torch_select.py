@@ -158,3 +158,26 @@ def test_gemm_time_interpolates_and_scales():
     assert machine.gemm_time(2048, 4096, 4096) == pytest.approx(0.1150 * 4)
     assert machine.gemm_time(0, 4096, 4096) == 0.0
     torch.testing.assert_close(torch.tensor(machine.op_time(10)), torch.tensor(5e-5))
+
+
+def test_exported_program_with_auto_serves_tuned_buckets(tmp_path):
+    """An artifact's life: export with kernel torch.auto, save the tuned table beside the program,
+    load both in a fresh state, and every token count runs the bucket's kernel on the same math."""
+    from moecc.nn import MoE
+    torch.manual_seed(0)
+    model = MoE(TINY, kernel=select.choose(TINY, 0).kernel).eval()
+    assert model.kernel == kernels.AUTO
+    x = torch.randn(2, 5, TINY.hidden)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    select.save({select.spec_key(TINY): select.autotune(TINY, tokens=(1, 8), repeats=1, cache=False)},
+                tmp_path / "kernels.json")
+    select.uninstall()
+    assert select.install_file(tmp_path / "kernels.json") and not select.install_file(tmp_path / "none.json")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    reference = MoE(TINY).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for T in (1, 3, 20):
+            x = torch.randn(2, T, TINY.hidden)
+            assert_numerically_equal(loaded(x), reference(x), atol=1e-5, rtol=1e-5, what=f"T={2 * T}")
