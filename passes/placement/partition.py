@@ -68,6 +68,8 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
         score[b, p] += affinity[b, i]
         taken[b, g, p] = True
     state = (affinity, score, w, part, load, count, taken, grp)
+    if group is not None:
+        _unmerge(state, valid)
     final_load = max_load if final_load is None else np.clip(final_load, 1e-12, max_load)
     for _ in range(4 * P if repair_rounds is None else repair_rounds):
         if not repair(state, max_count, final_load):
@@ -131,6 +133,24 @@ def repair(state, max_count, max_load) -> bool:
     _move(state, prob[sw], j_sw, p[sw])
     _move(state, prob[sw], i_sw, q_sw)
     return bool(go.any())
+
+
+def _unmerge(state, valid) -> None:
+    """Where the greedy had to put two items of one group in one part, swap one of them with the
+    item of most similar load that can trade places (neither part then holds a group twice)."""
+    affinity, score, w, part, load, count, taken, grp = state
+    for b in range(part.shape[0]):
+        key = np.where(valid[b], grp[b] * (part.shape[1] + 1) + part[b], -1)
+        _, first = np.unique(key, return_index=True)
+        for i in np.setdiff1d(np.flatnonzero(valid[b]), first).tolist():   # 2nd+ copy in a part
+            p, g = part[b, i], grp[b, i]
+            j_ok = valid[b] & ~taken[b, g][part[b]] & ~taken[b, grp[b], p]
+            if j_ok.any():
+                j = int(np.flatnonzero(j_ok)[np.argmin(np.abs(w[b, j_ok] - w[b, i]))])
+                q = part[b, j]
+                rows = np.array([b])
+                _move(state, rows, np.array([j]), np.array([p]))
+                _move(state, rows, np.array([i]), np.array([q]))
 
 
 def _move(state, b: np.ndarray, i: np.ndarray, q: np.ndarray) -> None:
