@@ -130,7 +130,7 @@ class Monitor:
             row[1].plot(steps, [evenness(h.load)["entropy"] for h in hs], label="entropy (1 = even)")
             row[1].plot(steps, [h.dropped for h in hs], label="dropped fraction")
             row[1].set(ylim=(0, 1.05), xlabel="step")
-            row[1].legend(loc="lower right", fontsize=8)
+            row[1].legend(loc="center right", fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=90)
