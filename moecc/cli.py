@@ -148,10 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_run(sub)
     for module, fn in EXTRA_COMMANDS:
-        try:   # TODO(lead): drop once bench/plan land
-            getattr(importlib.import_module(module), fn)(sub)
-        except (ImportError, AttributeError):
-            pass
+        getattr(importlib.import_module(module), fn)(sub)
     return parser
 
 
