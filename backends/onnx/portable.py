@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import onnx_ir as ir
 from onnxscript import opset18 as op
 
 from moecc.spec import MoESpec
@@ -89,8 +90,9 @@ def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec):
     return op.ReduceSum(op.Mul(out, wc), ints(0), keepdims=0)
 
 
-def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec):
-    """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it."""
+def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec, wide: bool = False):
+    """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it.
+    wide: accumulate in float32 (onnxruntime's CPU ScatterND has no float16 'add')."""
     toks, parts = [], []
     for e in range(spec.num_experts):
         where = op.Transpose(op.NonZero(op.Equal(ids, ints(e))), perm=[1, 0])     # [n, 2] (token, slot)
@@ -101,9 +103,11 @@ def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec):
         w = op.CastLike(op.GatherND(weights, where), xt)                            # [n]
         toks.append(tok)
         parts.append(op.Mul(h, op.Unsqueeze(w, ints(-1))))
-    zeros = op.Expand(scalar(0.0, xt), op.Shape(xt))
-    return op.ScatterND(zeros, op.Unsqueeze(op.Concat(*toks, axis=0), ints(-1)),
-                        op.Concat(*parts, axis=0), reduction="add")
+    part = op.Concat(*parts, axis=0)                                                # [Σn, H]
+    part = op.Cast(part, to=ir.DataType.FLOAT) if wide else part
+    y = op.ScatterND(op.Expand(scalar(0.0, part), op.Shape(xt)), op.Unsqueeze(op.Concat(*toks, axis=0), ints(-1)),
+                     part, reduction="add")
+    return op.CastLike(y, xt) if wide else y
 
 
 def shared_expert(xt, w_in, w_out, gate, spec: MoESpec):
@@ -120,7 +124,8 @@ def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_
     lt = op.Reshape(logits, shape(T, L))                                   # [T, L]
     weights, ids, dense = route(lt, spec, T, rows, router_bias, token_ids, logits.dtype)
     if kernel == "onnx.gather":
-        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec)
+        wide = x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec, wide)
     else:
         C = dense if dense is not None else dense_weights(weights, ids, spec.num_experts)
         y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec)

@@ -42,6 +42,7 @@ SPECS = [
     spec("shared_gated_swiglu", act="swiglu", top_k=2, shared_ffn=5, shared_gated=True),
 ]
 CAPACITY = [i for i, s in enumerate(SPECS) if s.name.startswith("capacity")]
+NAMED = {s.name: s for s in SPECS}
 EXAMPLE, OTHERS = (2, 3), [(3, 5), (1, 1), (1, 9)]
 
 
@@ -113,7 +114,7 @@ def test_two_dim_input_and_the_tokens_option(tmp_path):
     class Flat(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.side = Side([SPECS[0], SPECS[11]])
+            self.side = Side([NAMED["softmax_renorm"], NAMED["capacity_softmax"]])
 
         def forward(self, x):
             return self.side(x, None)
@@ -137,3 +138,14 @@ def test_hash_routing_without_token_ids_is_one_clear_line(tmp_path):
 
     with pytest.raises(MoeccError, match="MoE layer hash_layer: hash routing needs token ids"):
         lower(NoIds(), (torch.randn(2, 3, 8),), tmp_path)
+
+
+@pytest.mark.parametrize("kernel", ["onnx.dense_masked", "onnx.gather"])
+def test_float16_model(tmp_path, kernel):
+    """fp16 experts with an fp32 router: within a few fp16 ulps of the fp16 reference."""
+    m = Side([NAMED[n] for n in ("softmax_renorm", "sigmoid_groups", "capacity_softmax", "swiglu")]).half()
+    x, ids = inputs(2, 3)
+    _, path = lower(m, (x.half(), ids), tmp_path, onnx_moe="portable", onnx_kernel=kernel)
+    x, ids = inputs(3, 5, seed=2)
+    assert_numerically_equal(run(path, (x.half(), ids)), eager(m, (x.half(), ids)), atol=4e-3, rtol=4e-3,
+                             what=f"float16 {kernel}")
