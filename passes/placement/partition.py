@@ -71,7 +71,7 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
     if group is not None:
         _unmerge(state, valid)
     final_load = max_load if final_load is None else np.clip(final_load, 1e-12, max_load)
-    for _ in range(4 * P if repair_rounds is None else repair_rounds):
+    for _ in range(n if repair_rounds is None else repair_rounds):     # each round lowers the excess
         if not repair(state, max_count, final_load):
             break
     return part
@@ -139,7 +139,8 @@ def _unmerge(state, valid) -> None:
     """Where the greedy had to put two items of one group in one part, swap one of them with the
     item of most similar load that can trade places (neither part then holds a group twice)."""
     affinity, score, w, part, load, count, taken, grp = state
-    for b in range(part.shape[0]):
+    merged = taken.sum((1, 2)) < valid.sum(1)               # fewer (group, part) pairs than items
+    for b in np.flatnonzero(merged).tolist():
         key = np.where(valid[b], grp[b] * (part.shape[1] + 1) + part[b], -1)
         _, first = np.unique(key, return_index=True)
         for i in np.setdiff1d(np.flatnonzero(valid[b]), first).tolist():   # 2nd+ copy in a part
