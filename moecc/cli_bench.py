@@ -13,7 +13,8 @@ from .errors import MoeccError
 EPILOG = """examples:
   moecc bench --quick                    # ~1-2 min: 3 shapes x T in 1, 64, 512, 3 repeats
   moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats
-  moecc bench --threads 1 --shapes mixtral-like --tokens 1,8
+  moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
+  moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
 writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""
 
 
@@ -34,6 +35,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--no-alternatives", action="store_true", help="skip onnxruntime and transformers")
+    p.add_argument("--tvm", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compile and time moecc's TVM kernels (default: on for the full run, off for --quick)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall seconds (default) or process CPU seconds (with --threads 1 on a shared machine)")
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise MoeccError(f"--threads must be >= 1, got {args.threads}")
     results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives,
-                              clock=args.clock)
+                              clock=args.clock, tvm=(not args.quick) if args.tvm is None else args.tvm)
     paths = bench_report.write(results, args.out)
     print(paths["md"].read_text())
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")

@@ -6,6 +6,7 @@
       ref:stream      reading the bytes of the experts the tokens hit, once (the decode roofline)
       ort:fused       onnxruntime's com.microsoft::MoE on the same weights
       hf:eager, hf:grouped_mm   the transformers 5.x MoE block, both experts implementations
+      tvm:<kernel>    moecc's TVM backend kernels (tvm=True; compiled once per shape)
     → limit = max(active FLOPs / square-matmul FLOP/s, ref:stream) per point; median of repeats;
       rounds interleave the implementations so machine contention hits all of them alike.
 
@@ -14,7 +15,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
@@ -97,12 +100,15 @@ def _implementations(spec: MoESpec, w: dict, x: torch.Tensor, alts: dict) -> tup
     streamed = [w["router"]] + [t for e in hit for t in (w["w_in"][e], w["w_out"][e])]
     streamed += [w[n] for n in ("shared_w_in", "shared_w_out") if n in w]
     impls["ref:stream"] = lambda: [t.sum() for t in streamed]
+    xn = x.numpy()
     for name, fn in alts.items():
-        if name.startswith("ort:"):
-            xn = x.numpy()
-            impls[name] = lambda fn=fn: fn(xn)
-        else:
-            impls[name] = lambda fn=fn: fn(x)
+        if isinstance(fn, tuple):                      # (run on numpy, checker(T)): TVM kernels
+            fn, check = fn
+            verdict = check(T)
+            if verdict is not True:
+                skipped.append(f"{name}: {verdict}")
+                continue
+        impls[name] = (lambda fn=fn: fn(xn)) if name.startswith(("ort:", "tvm:")) else (lambda fn=fn: fn(x))
     return impls, skipped, {"experts_hit": len(hit), "bytes_hit": sum(t.numel() * 4 for t in streamed)}
 
 
@@ -144,7 +150,8 @@ def _time(impls: dict, repeats: int, tick, clock=time.perf_counter) -> dict:
 
 
 def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REPEATS, threads: int | None = None,
-              alternatives: bool = True, progress: bool = True, seed: int = 0, clock: str = "wall") -> dict:
+              alternatives: bool = True, progress: bool = True, seed: int = 0, clock: str = "wall",
+              tvm: bool = False) -> dict:
     """Measure the grid; the results dict (see `bench_report.write`).
 
     clock="cpu" times process CPU seconds instead of wall seconds: on a machine shared with other
@@ -155,6 +162,8 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    if tvm:
+        os.environ["TVM_NUM_THREADS"] = str(threads)   # read when tvm's runtime starts its pool
     consts = machine.constants()
     results = {"threads": threads, "clock": clock, "load_before": os.getloadavg(),
                "machine": machine.machine_key(), "constants": consts,
@@ -171,6 +180,10 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
                                     ("hf:grouped_mm", lambda: bench_alts.hf_block(spec, w, "grouped_mm"))):
                     made = build()
                     (alt_skips.append(f"{name}: {made}") if isinstance(made, str) else alts.__setitem__(name, made))
+            work = tempfile.mkdtemp(prefix="moecc-bench-tvm-") if tvm else None
+            if tvm:
+                made = bench_alts.tvm_kernels(spec, w, work)
+                (alt_skips.append(f"tvm: {made}") if isinstance(made, str) else alts.update(made))
             peak = square_gemm_flops(512 if spec.hidden < 512 else 2048, clock=CLOCKS[clock])
             results["shapes"][sname] = {"spec": spec.to_dict(), "gemm_flops": peak, "skipped": alt_skips}
             for T in tokens:
@@ -191,6 +204,8 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
                     "compute_limit_ms": compute, "memory_limit_ms": memory, "limit_ms": max(compute, memory)})
                 bar.update(1)
             del w, alts
+            if work:
+                shutil.rmtree(work, ignore_errors=True)
     bar.close()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     results["load_after"] = os.getloadavg()

@@ -8,6 +8,9 @@
         "grouped_mm" (config._experts_implementation, read at every call):
         gated + renormalized → MixtralSparseMoeBlock; gated + one shared expert, no renormalize →
         DeepseekV2Moe; not gated → NemotronHExperts (has_gate=False) behind the same softmax-top-k.
+    tvm_kernels(spec, weights, work_dir) -> {"tvm:<kernel>": (run(x [T, H] np) -> y np, checker)}
+        moecc's TVM backend: a moecc.nn.MoE layer holding the weights, exported once (dynamic T),
+        lowered once per TVM kernel (TVM_NUM_THREADS must be set before tvm is first imported).
 
 `weights` = {"router": [E, H], "w_in": [E, R, H], "w_out": [E, H, F], "shared_w_in"?, "shared_w_out"?}.
 Facts used (issue 2): the fused op takes RAW logits (softmax over E, top-k, optional renormalize),
@@ -154,3 +157,31 @@ def _topk_block(experts, router: torch.Tensor, k: int, renormalize: bool):
         return experts(x, idx, top.to(x.dtype)).view(x3.shape)
     forward.experts, forward.eval = experts, experts.eval
     return forward
+
+
+def tvm_kernels(spec: MoESpec, weights: dict, work_dir) -> dict | str:
+    import pathlib
+    try:
+        from moecc import backends
+        from moecc.backends.tvm import kernels as tvm_k
+    except ImportError as e:
+        return f"TVM backend unavailable: {e}"
+    from moecc.nn import MoE
+    model = MoE(spec, init_std=0.0).eval()
+    p = lambda t: torch.nn.Parameter(t, requires_grad=False)   # noqa: E731  (shares storage)
+    model.router.weight, model.w_in, model.w_out = p(weights["router"]), p(weights["w_in"]), p(weights["w_out"])
+    if spec.shared_ffn:
+        model.shared_w_in, model.shared_w_out = p(weights["shared_w_in"]), p(weights["shared_w_out"])
+    program = torch.export.export(model, (torch.randn(1, 8, spec.hidden),),
+                                  dynamic_shapes=({1: torch.export.Dim.AUTO},))
+    out = {}
+    for name, kernel in tvm_k.KERNELS.items():
+        if kernel.checker(spec, {}) is not True:
+            continue
+        d = pathlib.Path(work_dir) / name
+        d.mkdir(parents=True, exist_ok=True)
+        backends.get("tvm").lower(program, d, {"kernel": name, "target": "llvm"})
+        run = backends.runtime("tvm").load(d, {})
+        check = lambda T, k=kernel: k.checker(spec, {"tokens": T})           # noqa: E731
+        out[f"tvm:{name.split('.', 1)[1]}"] = (lambda x, run=run: run([x[None]])[0][0], check)
+    return out

@@ -52,6 +52,18 @@ def test_unsupported_alternatives_are_skipped_with_a_reason(results):
     assert max(point["errors"].values()) < 1e-5
 
 
+def test_tvm_kernels_join_the_same_run():
+    machine.use(machine.measure(quick=True))
+    try:
+        res = bench.run_bench({"sigmoid-tiny": TINY["sigmoid-tiny"]}, tokens=(2,), repeats=1, progress=False,
+                              alternatives=False, tvm=True)
+    finally:
+        machine.use(None)
+    (point,) = res["points"]
+    assert {"tvm:gather", "tvm:grouped_gemm", "tvm:dense_masked"} <= set(point["times"])
+    assert max(point["errors"].values()) < 1e-5
+
+
 def test_report_files(results, tmp_path):
     paths = bench_report.write(results, tmp_path / "out")
     md = paths["md"].read_text()
