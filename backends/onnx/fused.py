@@ -9,8 +9,11 @@ normalize_routing_weights=1 (so topk_softmax is normalize=1 too); weights in the
 (E, out, in) — the old (E, in, out) layout still runs and gives wrong numbers, so never transpose;
 activation "gelu" is the tanh approximation; "swiglu" needs swiglu_fusion=1 (gate/up interleaved
 row by row) and is G·sigmoid(alpha·G)·(L + beta) with G, L clamped when swiglu_limit is given, so
-alpha=1, beta=0, no limit is plain SwiGLU and alpha, beta=1, limit is GPT-OSS's; no geglu on CPU;
-router_probs must be 2D. Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
+alpha=1, beta=0, no limit is plain SwiGLU and alpha, beta=1, limit is GPT-OSS's; no geglu and no
+separate FC3 on CPU; router_probs must be 2D (x may be 3D). float16 runs on CPU too, but the logits
+then enter in float16 (our routers are float32), so only float32 layers are exact. Chained between
+other nodes (onnxruntime issue 33866) it gave the right values here, 1 and 2 threads, all graph
+optimization levels (test_chained_fused_layers_...). Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
 exact GELU, non-float32 models) is refused by `refusal()` with the reason, and the layer goes portable.
 
 onnxscript only emits ops it has a schema for: `register_schema()` copies onnxruntime's own schema

@@ -132,9 +132,8 @@ def test_schema_registration_is_idempotent_and_copies_onnxruntime():
 E, H, F, T = 4, 8, 6, 9
 
 
-def _single_node(**attrs):
-    names = ["x", "r", "w1", "b1", "w2", "b2"]
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+def _single_node(names=("x", "r", "w1", "b1", "w2", "b2"), **attrs):
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n]
     node = helper.make_node("MoE", names, ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "g", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
@@ -177,9 +176,13 @@ def test_fact_old_in_out_weight_layout_runs_and_is_wrong(tmp_path):
     assert np.abs(old - _ref(s, f)).max() > 1e-2
 
 
-def test_fact_cpu_swiglu_must_be_interleaved_and_has_no_geglu(tmp_path):
+def test_fact_cpu_swiglu_must_be_interleaved_no_geglu_no_fc3(tmp_path):
     sw = spec("s", act="swiglu")
     with pytest.raises(Exception, match="interleaved|swiglu_fusion"):
         _run_single(_single_node(k=2, activation_type="swiglu", swiglu_fusion=2), _case(sw), tmp_path)
     with pytest.raises(Exception, match="geglu"):
         _run_single(_single_node(k=2, activation_type="geglu", swiglu_fusion=1), _case(sw), tmp_path)
+    f = _case(spec("s", act="silu"))
+    f["w3"] = f["w1"]
+    with pytest.raises(Exception, match="FC3 is not implemented"):
+        _run_single(_single_node(("x", "r", "w1", "b1", "w2", "b2", "w3"), k=2, activation_type="silu"), f, tmp_path)
