@@ -12,8 +12,8 @@ row by row) and is G·sigmoid(alpha·G)·(L + beta) with G, L clamped when swigl
 alpha=1, beta=0, no limit is plain SwiGLU and alpha, beta=1, limit is GPT-OSS's; no geglu and no
 separate FC3 on CPU; router_probs must be 2D (x may be 3D). float16 runs on CPU too, but the logits
 then enter in float16 (our routers are float32), so only float32 layers are exact. Chained between
-other nodes (onnxruntime issue 33866) it gave the right values here, 1 and 2 threads, all graph
-optimization levels (test_chained_fused_layers_...). Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
+other nodes (onnxruntime issue 33866) it gave the right values here (by hand: 1 and 2 threads, all
+three graph optimization levels; in the tests: default level, 1 and 2 threads). Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
 exact GELU, non-float32 models) is refused by `refusal()` with the reason, and the layer goes portable.
 
 onnxscript only emits ops it has a schema for: `register_schema()` copies onnxruntime's own schema
