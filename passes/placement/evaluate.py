@@ -32,14 +32,16 @@ def window_pairs(trace: Trace, in_sample: bool = False) -> list[tuple[Trace, Tra
 
 def evaluate(trace: Trace, topology: Topology, methods, replicas: int = 0, token_bytes: int = 8192,
              options: dict | None = None, in_sample: bool = False) -> dict[str, Metrics]:
-    """{method: Metrics aggregated over window pairs}; options = {method: extra keyword args}."""
+    """{label: Metrics aggregated over window pairs}. methods: method names, or {label: method}
+    to run one method twice under different labels; options = {label: extra keyword args}."""
     pairs = window_pairs(trace, in_sample)
+    labels = methods if isinstance(methods, dict) else {m: m for m in methods}
     results = {}
-    for method in methods:
+    for label, method in labels.items():
         r = 0 if method in NO_REPLICAS else replicas
-        scores = [score(plan(past, topology, method, r, **(options or {}).get(method, {})), future,
+        scores = [score(plan(past, topology, method, r, **(options or {}).get(label, {})), future,
                         token_bytes) for past, future in pairs]
-        results[method] = aggregate(scores)
+        results[label] = aggregate(scores)
     return results
 
 
