@@ -31,8 +31,9 @@ def _add_compile(sub) -> None:
     g = p.add_argument_group("dense → MoE")
     g.add_argument("--upcycle", type=int, metavar="E", help="sparse upcycling: each FFN → E copies")
     g.add_argument("--moefy", type=int, metavar="E", help="MoEfication: split each FFN into E experts")
-    g.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    g.add_argument("--layers", default="all", help="all | every-N | 0,2,5 (default all)")
+    g.add_argument("--top-k", type=int, help="experts per token (default 2 for --upcycle/--moefy; "
+                                              "with --router: the layer's own k unless given)")
+    g.add_argument("--layers", default="all", help="FFNs to rewrite: all | every-N | 0,2,5 (default all)")
     g.add_argument("--router-init", default="zeros", choices=["zeros", "random"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--calibration", help="moefy: text file (one example per line) or tensor file")
@@ -40,6 +41,7 @@ def _add_compile(sub) -> None:
     g.add_argument("--shared", type=int, default=0, help="moefy: neurons kept in an always-on shared expert")
     g = p.add_argument_group("routing")
     g.add_argument("--router", help="set the router of every MoE layer (see `moecc inspect --routers`)")
+    g.add_argument("--route-layers", help="MoE layers the router applies to: all | every-N | 0,2 | names")
     g.add_argument("--capacity-factor", type=float, help="token dropping above capacity (default dropless)")
     g.add_argument("--n-groups", type=int, help="group-limited / hierarchical routing: number of groups")
     g.add_argument("--topk-groups", type=int, help="groups kept per token")
@@ -60,11 +62,12 @@ def _add_compile(sub) -> None:
 
 
 def _passes_from(a) -> list[tuple[str, dict]]:
-    common = {"num_experts": a.upcycle or a.moefy, "top_k": a.top_k, "layers": a.layers,
+    common = {"num_experts": a.upcycle or a.moefy, "top_k": 2 if a.top_k is None else a.top_k, "layers": a.layers,
               "router_init": a.router_init, "seed": a.seed, "calibration": a.calibration,
               "method": a.method, "shared": a.shared}
     route = {k: v for k, v in {"router": a.router, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
-                               "n_groups": a.n_groups, "topk_groups": a.topk_groups, "layers": a.layers}.items()
+                               "n_groups": a.n_groups, "topk_groups": a.topk_groups,
+                               "layers": a.route_layers}.items()
              if v is not None}
     if a.passes:
         return [(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
@@ -89,7 +92,7 @@ def cmd_compile(a) -> int:
     passes = _passes_from(a)
     if a.upcycle is not None or a.moefy is not None:
         from .passes.upcycle import check_experts
-        check_experts(a.upcycle or a.moefy, a.top_k)
+        check_experts(a.upcycle or a.moefy, 2 if a.top_k is None else a.top_k)
     from .artifact import check_out_dir
     check_out_dir(a.out, a.force)
     model, inputs = load_model(a.model)

@@ -58,6 +58,5 @@ def inspect(target: str) -> str:
 
 
 def routers_help() -> str:
-    from .spec import ROUTER_KINDS
-    return text_table(["router", "what it does"], [[k.replace("_", "-"), v] for k, v in ROUTER_KINDS.items()],
-                      align_right=False)
+    from .routing import ROUTER_HELP
+    return text_table(["router", "what it does"], [[k, v] for k, v in ROUTER_HELP.items()], align_right=False)

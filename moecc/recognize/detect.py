@@ -23,6 +23,8 @@ class UnrecognizedMoEWarning(UserWarning):
 
 def looks_like_moe(module: nn.Module) -> str | None:
     """A reason when `module` has a router weight and E experts, else None."""
+    if _is_moe(module):
+        return None                                                 # already canonical
     experts = _expert_sets(module)                                  # {E: where}
     if not experts:
         return None
@@ -44,10 +46,16 @@ def _expert_sets(module: nn.Module) -> dict[int, str]:
     for name, child in module.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2:
             members = list(child.values()) if isinstance(child, nn.ModuleDict) else list(child)
-            alike = len({type(m) for m in members}) == 1
+            alike = len({type(m) for m in members}) == 1 and not _is_moe(members[0])
             if alike and all(sum(p.dim() == 2 for p in m.parameters()) >= 2 for m in members):
                 found.setdefault(len(members), name)
     for name, p in module.named_parameters():
-        if p.dim() == 3 and p.shape[0] >= 2 and len(name.split(".")) <= 2:
+        owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        if p.dim() == 3 and p.shape[0] >= 2 and len(name.split(".")) <= 2 and not _is_moe(owner):
             found.setdefault(p.shape[0], name.rpartition(".")[0] or name)
     return found
+
+
+def _is_moe(module: nn.Module) -> bool:
+    from ..nn import MoE
+    return isinstance(module, MoE)
