@@ -164,7 +164,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     threads = torch.get_num_threads()
     if tvm:
         os.environ["TVM_NUM_THREADS"] = str(threads)   # read when tvm's runtime starts its pool
-    consts = machine.constants()
+    consts = machine.remeasure()                       # fresh constants: the cost model's choices below
     results = {"threads": threads, "clock": clock, "load_before": os.getloadavg(),
                "machine": machine.machine_key(), "constants": consts,
                "versions": _versions(), "repeats": repeats, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

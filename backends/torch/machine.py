@@ -5,10 +5,11 @@
                     "op_overhead": s per small torch op (dispatch + Python),
                     "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear_into),
                                    weights not cached}}
+    shape_curve(k, n) -> {m: s}   the small-m curve of one weight shape, measured on first use
     gemm_time(m, k, n) -> s     elementwise_time(bytes) -> s     op_time(ops) -> s
 
-Cached as JSON in $MOECC_CACHE_DIR or ~/.cache/moecc/machine.json, one entry per (CPU, threads,
-torch version). The GEMM curve captures what a FLOP count alone misses on CPUs: small-M GEMMs are
+Cached as JSON in $MOECC_CACHE_DIR or ~/.cache/moecc/ (machine.json, gemm_shapes.json), one entry
+per (CPU, threads, torch version[, weight shape]). The GEMM curve captures what a FLOP count alone misses on CPUs: small-M GEMMs are
 neither at peak FLOP/s nor at streaming bandwidth (BLAS packs the weight panel), so the time of
 an expert with m tokens is read off a measured curve, scaled by the weight size.
 """
@@ -26,8 +27,11 @@ import torch
 
 from .gemm import linear_into
 
-VERSION = 2               # bump when what is measured changes: old cache entries are measured again
-CURVE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+VERSION = 3               # bump when what is measured changes: old cache entries are measured again
+CURVE_M = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256)
+SHAPE_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)   # per weight shape, measured on first use
+MIN_SHAPE_ELEMENTS = 2 ** 20                   # smaller weights: the square curve, scaled
+MAX_SHAPE_ELEMENTS = 2 ** 24                   # larger (dense_masked's [E·R, H]): the same
 CURVE_DIM = 4096          # [m, 4096] x [4096, 4096]: 64 MiB of weights, larger than the LLC
 _override: dict | None = None
 
@@ -48,49 +52,70 @@ def machine_key() -> str:
     return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|v{VERSION}"
 
 
-def _median_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls after a warm-up: on a machine shared with other jobs the minimum
+    is what the hardware does, the median is what the neighbours let it do. With one thread the
+    process's CPU time is used (time spent descheduled does not count)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     fn()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        best = min(best, clock() - t0)
+    return max(best, 1e-9)
 
 
 def measure(quick: bool = False) -> dict:
-    """Measure the constants (about 2 s; `quick` uses small sizes, for tests)."""
+    """Measure the constants (a few seconds; `quick` uses small sizes, for tests)."""
     n = 512 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    gemm_flops = 2 * n ** 3 / _median_time(lambda: a @ b, 3)
+    gemm_flops = 2 * n ** 3 / _best_time(lambda: a @ b, 3)
     buf = torch.randn((4 if quick else 32) * 2 ** 20)                  # 16 / 128 MiB
-    bandwidth = buf.numel() * 4 / _median_time(buf.sum, 5)
+    bandwidth = buf.numel() * 4 / _best_time(buf.sum, 5)
     tiny = torch.ones(4)
-    op_overhead = _median_time(lambda: [tiny.add(1.0) for _ in range(100)], 5) / 100
+    op_overhead = _best_time(lambda: [tiny.add(1.0) for _ in range(100)], 5) / 100
     dim = 256 if quick else CURVE_DIM
     w = torch.randn(dim, dim)
     curve = {}
     for m in CURVE_M:
         x, out = torch.randn(m, dim), torch.empty(m, dim)
-        curve[m] = _median_time(lambda: linear_into(x, w, None, out), 3)
+        curve[m] = _best_time(lambda: linear_into(x, w, None, out), 5 if m < 128 else 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def load_or_measure(path: pathlib.Path, key: str, measure_fn=measure) -> dict:
-    """The entry `key` of the JSON cache at `path`; measured with `measure_fn` and written if absent."""
+def load_or_measure(path: pathlib.Path, key: str, measure_fn=measure, fresh: bool = False) -> dict:
+    """The entry `key` of the JSON cache at `path`; measured with `measure_fn` and written if absent
+    (or if `fresh`)."""
     try:
         table = json.loads(path.read_text()) if path.exists() else {}
     except ValueError:
         table = {}                                    # a broken cache is measured again
-    if key not in table:
+    if fresh or key not in table:
         table[key] = measure_fn()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(path)
     return table[key]
+
+
+def remeasure(quick: bool = False) -> dict:
+    """Measure now and replace this machine's cache entry (what `moecc bench` does first);
+    constants set with `use` are kept as they are."""
+    if _override is not None:
+        return _override
+    shapes = cache_dir() / "gemm_shapes.json"
+    try:
+        kept = {k: v for k, v in json.loads(shapes.read_text()).items() if not k.startswith(machine_key() + "|")}
+        shapes.write_text(json.dumps(kept, indent=1))          # this machine's shapes: measured again
+    except (OSError, ValueError):
+        pass
+    _cached.cache_clear()
+    _shape_cached.cache_clear()
+    return load_or_measure(cache_dir() / "machine.json", machine_key(), lambda: measure(quick), fresh=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -109,22 +134,59 @@ def use(consts: dict | None) -> None:
     _override = consts
 
 
+def _interp(curve: dict, m: float) -> float:
+    """Piecewise-linear in m through the measured points; linear in m beyond the last one."""
+    pts = sorted((int(mm), t) for mm, t in curve.items())
+    if m >= pts[-1][0]:
+        return pts[-1][1] * m / pts[-1][0]
+    if m <= pts[0][0]:
+        return pts[0][1]
+    i = next(i for i in range(1, len(pts)) if m <= pts[i][0])
+    (m0, t0), (m1, t1) = pts[i - 1], pts[i]
+    return t0 + (t1 - t0) * (m - m0) / (m1 - m0)
+
+
+def measure_shape(k: int, n: int) -> dict:
+    """{m: s} of linear_into for [m, k] x [n, k]ᵀ, m in SHAPE_M, on enough weight copies to
+    exceed the cache (each call reads its weight from memory, as an expert's GEMM does)."""
+    copies = max(2, -(-(96 * 2 ** 20) // (4 * k * n)))
+    ws = [torch.randn(n, k) for _ in range(copies)]
+    turn = [0]
+
+    def call(x, out):
+        turn[0] = (turn[0] + 1) % copies
+        linear_into(x, ws[turn[0]], None, out)
+    return {str(m): _best_time(lambda x=torch.randn(m, k), o=torch.empty(m, n): call(x, o), 5) for m in SHAPE_M}
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_cached(key: str, directory: str, k: int, n: int) -> dict:
+    return load_or_measure(pathlib.Path(directory) / "gemm_shapes.json", f"{key}|{k}x{n}",
+                           lambda: measure_shape(k, n))
+
+
+def shape_curve(k: int, n: int) -> dict | None:
+    """This weight shape's small-m curve: measured on first use (≈0.3 s) and cached; with constants
+    set by `use`, only what they carry under "shapes" (tests never measure)."""
+    if _override is not None:
+        return _override.get("shapes", {}).get(f"{k}x{n}")
+    if not MIN_SHAPE_ELEMENTS <= k * n <= MAX_SHAPE_ELEMENTS:
+        return None
+    return _shape_cached(machine_key(), str(cache_dir()), k, n)
+
+
 def gemm_time(m: float, k: int, n: int) -> float:
-    """Seconds for [m, k] x [k, n] with a weight read from memory: the measured curve, scaled."""
+    """Seconds for [m, k] x [k, n] with the weight read from memory. Small m (decode, fine-grained
+    experts): the shape's own measured curve; beyond it, the square 4096 curve, scaled by k·n."""
     if m <= 0:
         return 0.0
     c = constants()
-    dim = c["curve_dim"]
-    pts = sorted((int(mm), t) for mm, t in c["gemm_curve"].items())
-    scale = (k * n) / (dim * dim)
-    if m >= pts[-1][0]:                                  # beyond the curve: linear in m
-        return pts[-1][1] * scale * m / pts[-1][0]
-    if m <= pts[0][0]:
-        return pts[0][1] * scale
-    for (m0, t0), (m1, t1) in zip(pts, pts[1:]):
-        if m0 <= m <= m1:
-            return (t0 + (t1 - t0) * (m - m0) / (m1 - m0)) * scale
-    raise AssertionError("unreachable")
+    generic = lambda mm: _interp(c["gemm_curve"], mm) * (k * n) / c["curve_dim"] ** 2   # noqa: E731
+    curve = shape_curve(k, n)
+    if not curve:
+        return generic(m)
+    top = max(int(mm) for mm in curve)
+    return _interp(curve, m) if m <= top else _interp(curve, top) * generic(m) / generic(top)
 
 
 def elementwise_time(nbytes: float) -> float:

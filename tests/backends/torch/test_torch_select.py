@@ -181,3 +181,36 @@ def test_exported_program_with_auto_serves_tuned_buckets(tmp_path):
         for T in (1, 3, 20):
             x = torch.randn(2, T, TINY.hidden)
             assert_numerically_equal(loaded(x), reference(x), atol=1e-5, rtol=1e-5, what=f"T={2 * T}")
+
+
+def test_remeasure_replaces_the_cache_entry(tmp_path):
+    machine.use(None)
+    path = tmp_path / "cache" / "machine.json"
+    path.parent.mkdir(parents=True)
+    stale = {**machine.measure(quick=True), "gemm_flops": 1.0}
+    path.write_text(json.dumps({machine.machine_key(): stale, "other": {"x": 1}}))
+    machine._cached.cache_clear()
+    assert machine.constants()["gemm_flops"] == 1.0                     # the cache is read as is
+    assert machine.constants() is machine.constants()                   # ... once per process
+    fresh = machine.remeasure(quick=True)
+    assert fresh["gemm_flops"] > 1e8 and machine.constants() == fresh
+    assert json.loads(path.read_text())["other"] == {"x": 1}
+    machine.use(CONSTS)
+    assert machine.remeasure() is CONSTS                                  # overrides stay
+
+
+def test_shape_curves_measured_once_per_shape(tmp_path):
+    machine.use(None)
+    machine._cached.cache_clear()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "machine.json").write_text(json.dumps({machine.machine_key(): CONSTS}))
+    curve = machine.shape_curve(1024, 1024)
+    assert set(curve) == {str(m) for m in machine.SHAPE_M} and all(t > 0 for t in curve.values())
+    assert machine.shape_curve(8, 8) is None                                # tiny: the square curve
+    assert machine.gemm_time(3, 1024, 1024) == pytest.approx(curve["3"])
+    assert machine.gemm_time(5, 1024, 1024) == pytest.approx((curve["4"] + curve["6"]) / 2)
+    stored = json.loads((tmp_path / "cache" / "gemm_shapes.json").read_text())
+    assert list(stored) == [f"{machine.machine_key()}|1024x1024"]
+    assert machine.gemm_time(64, 1024, 1024) > machine.gemm_time(32, 1024, 1024)   # continues the curve
+    machine.use({**CONSTS, "shapes": {"1024x1024": {"1": 1.0, "2": 1.5}}})
+    assert machine.gemm_time(2, 1024, 1024) == 1.5 and machine.shape_curve(4096, 4096) is None
