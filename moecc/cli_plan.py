@@ -20,7 +20,7 @@ PLAN_EXAMPLES = """examples:
   moecc plan --trace trace.npz --topology 4x8:slots=9 --replicas 32 --compare --plot load.png
 """
 TRACE_EXAMPLES = """examples:
-  moecc trace samples/minilm.py:build --calibration moecc/data/corpus.txt --out trace.npz
+  moecc trace out/minilm_moe --calibration moecc/data/corpus.txt --out trace.npz
   moecc trace samples/hf_moe.py:build_olmoe --calibration tokens.pt --windows 4 --out trace.json
 """
 
@@ -105,7 +105,8 @@ def add_trace_parser(subparsers) -> None:
         description="Run MODEL (path/to/file.py:factory or package.module:factory) on calibration "
                     "data and record, per MoE layer, the k experts each token chose and their weights.",
         epilog=TRACE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="path/to/file.py:factory, package.module:factory, "
+                                                  "or a torch artifact directory")
     p.add_argument("--calibration", required=True,
                    help="text file (one example per line; needs tokenize(lines) beside the factory) "
                         "or a .pt/.npz file of input tensors")
@@ -124,18 +125,21 @@ def cmd_trace(a) -> int:
     from moecc.passes.placement.trace import from_records, save_trace
     if a.out.suffix not in (".npz", ".json"):
         raise MoeccError(f"trace: --out must end in .npz or .json, got {a.out.name}")
-    captured, specs = _capture(a.model)
+    run, specs, source = _runnable(a.model)
     experts = {s.num_experts for s in specs}
     if len(experts) > 1:
         raise MoeccError(f"model {a.model} has MoE layers with different expert counts {sorted(experts)}; "
                          "a trace needs one E")
-    tokenize = getattr(load_factory(a.model), "__globals__", {}).get("tokenize")   # beside the factory
+    tokenize = None
+    if not a.calibration.endswith((".pt", ".npz")) and ":" in source:   # text: the tokenize(lines)
+        # defined beside the factory
+        tokenize = getattr(load_factory(source), "__globals__", {}).get("tokenize")
     cal = calibration.load(a.calibration, tokenize)
     names = _layer_names(specs)
     records = []
     for batch in cal.batches:
         with record_routing() as seen, torch.no_grad():
-            captured.gm(*batch)
+            run(*batch)
         if len(seen) != len(specs):
             raise MoeccError(f"trace: a forward pass ran {len(seen)} MoE layer calls, the model has "
                              f"{len(specs)} MoE layers")
@@ -147,23 +151,34 @@ def cmd_trace(a) -> int:
     return 0
 
 
-def _capture(ref: str):
-    """Capture MODEL and return (captured, [MoESpec per MoE layer in graph order])."""
-    from moecc.capture import capture
-    from moecc.loader import load_model
+def _runnable(ref: str):
+    """MODEL (a factory, or a torch artifact directory from `moecc compile`) -> (graph module to
+    run, [MoESpec per MoE layer in graph order], the factory reference it came from)."""
     from moecc.pipeline import moe_nodes
-    model, inputs = load_model(ref)
-    captured = capture(model, inputs, source=ref)
-    specs = [spec for _, spec in moe_nodes(captured.gm)]
+    source = ref
+    if Path(ref).is_dir():
+        from moecc import load
+        from moecc.artifact import read_manifest
+        manifest = read_manifest(Path(ref))
+        if manifest.get("backend", {}).get("name") != "torch":
+            raise MoeccError(f"trace: {ref} is a {manifest.get('backend', {}).get('name')} artifact; "
+                             "trace a torch artifact or the model factory")
+        gm, source = load(ref).module(), str(manifest.get("source", ""))
+    else:
+        from moecc.capture import capture
+        from moecc.loader import load_model
+        model, inputs = load_model(ref)
+        gm = capture(model, inputs, source=ref).gm
+    specs = [spec for _, spec in moe_nodes(gm)]
     if not specs:
         raise MoeccError(f"model {ref} has no MoE layer moecc recognizes (make one with "
                          "`moecc compile --upcycle E` or `--moefy E`)")
-    return captured, specs
+    return gm, specs, source
 
 
 def model_moe_layers(ref: str) -> list:
-    """The MoESpec of every MoE layer of MODEL, in graph order."""
-    return _capture(ref)[1]
+    """The MoESpec of every MoE layer of MODEL (factory or torch artifact), in graph order."""
+    return _runnable(ref)[1]
 
 
 def _layer_names(specs) -> list[str]:

@@ -69,7 +69,8 @@ def neighbour_anchor(member: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Pull of each part on each expert: member [L, E, P] (share of expert e in part p), flow
     [L, E, E] (flow[l] from layer l-1 to l; flow[0] = 0) -> [L, E, P] tokens arriving from the
     part in layer l-1 plus tokens leaving to it in layer l+1."""
-    anchor = np.zeros(member.shape)
+    member = member.astype(flow.dtype)
+    anchor = np.zeros(member.shape, dtype=flow.dtype)
     anchor[1:] += np.swapaxes(flow[1:], 1, 2) @ member[:-1]
     anchor[:-1] += flow[1:] @ member[1:]
     return anchor
@@ -86,14 +87,19 @@ def align(labels: np.ndarray, flow: np.ndarray, parts: int) -> np.ndarray:
 
 
 def match(agree: np.ndarray) -> np.ndarray:
-    """[P, P] agreement between old parts (rows) and new parts (columns) -> new label per column."""
-    agree = agree.astype(np.float64).copy()
-    rename = np.zeros(agree.shape[1], dtype=np.int64)
-    for _ in range(agree.shape[1]):
-        a, b = np.unravel_index(np.argmax(agree), agree.shape)
-        rename[b] = a
-        agree[a, :] = agree[:, b] = -np.inf
-    return rename
+    """[..., P, P] agreement between old parts (rows) and new parts (columns) -> [..., P] new label
+    per column: greedy, the largest remaining agreement first."""
+    agree = np.array(agree, dtype=np.float64)
+    flat = agree.reshape(-1, *agree.shape[-2:])                             # [B, P, P]
+    B, P = flat.shape[0], flat.shape[-1]
+    rename = np.zeros((B, P), dtype=np.int64)
+    rows = np.arange(B)
+    for _ in range(P):
+        a, b = np.divmod(flat.reshape(B, -1).argmax(1), P)
+        rename[rows, b] = a
+        flat[rows, a, :] = -np.inf
+        flat[rows, :, b] = -np.inf
+    return rename.reshape(agree.shape[:-1])
 
 
 def replicate(w: np.ndarray, node_of: np.ndarray, replicas: int, per_node: int, slots: int,
@@ -148,12 +154,11 @@ def _to_share(copy_of, device, scale, L, E, N, G) -> np.ndarray:
 def _align_devices(share: np.ndarray, flow: np.ndarray, N: int, G: int) -> np.ndarray:
     """Rename the devices inside each node of layer l to follow layer l-1 (share [L, E, D])."""
     share = share.copy()
+    nodes = np.arange(N)
     for l in range(1, len(share)):
-        agree = share[l - 1].T @ flow[l] @ share[l]                          # [D, D]
-        for n in range(N):
-            cols = slice(n * G, (n + 1) * G)
-            rename = match(agree[cols, cols])
-            block = np.zeros_like(share[l][:, cols])
-            block[:, rename] = share[l][:, cols]
-            share[l][:, cols] = block
+        agree = (share[l - 1].T @ flow[l] @ share[l]).reshape(N, G, N, G)[nodes, :, nodes]  # [N, G, G]
+        rename = match(agree) + (nodes * G)[:, None]                      # [N, G] new device of each
+        block = np.zeros_like(share[l])
+        block[:, rename.ravel()] = share[l]
+        share[l] = block
     return share

@@ -46,8 +46,8 @@ def model_graph(trace: Trace, coact_tokens: int | None = None,
     L, E, T = trace.num_layers, trace.num_experts, trace.num_tokens
     ids = trace.expert_ids
     w = trace.load()
-    coact = np.zeros((L, E, E))
-    flow = np.zeros((L, E, E))
+    coact = np.zeros((L, E, E), dtype=np.float32)
+    flow = np.zeros((L, E, E), dtype=np.float32)
     c_keep, f_keep = _sample(T, coact_tokens), _sample(T, flow_tokens)
     for l in range(L):
         coact[l] = layer_graph(ids[l, c_keep], None, E)[1] * (T / len(c_keep))

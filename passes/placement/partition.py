@@ -79,9 +79,9 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
 
 def repair(state, max_count, max_load) -> bool:
     """One exchange in every problem that has a part over its load cap: that part (the one most
-    over) gives one of CANDIDATES items (light to heavy) to a part with a free slot and room, or swaps it for a lighter item of
-    another part, whichever removes most excess (affinity gained breaks near-ties). False when no
-    problem could exchange anything."""
+    over) gives one of CANDIDATES of its items (light to heavy) to a part with a free slot and
+    room, or swaps it for a lighter item of another part, whichever removes most excess (affinity
+    gained breaks near-ties). False when no problem could exchange anything."""
     affinity, score, w, part, load, count, taken, grp = state
     B, P = load.shape
     n = w.shape[1]
