@@ -1,0 +1,238 @@
+"""Quality/speed curve of MoEfication (and sparse upcycling, for contrast) on all-MiniLM-L6-v2.
+
+    corpus → calibration / held-out (disjoint, moecc.calibration.split_corpus)
+    for E in {4, 8, 16, 32}:  moefy.plan once (partitions, routers)  →  for each k: moefy.apply
+        → held-out sentence embeddings vs the dense model's: cosine (mean, worst), nearest-neighbour
+          agreement (each sentence's nearest other held-out sentence unchanged), active FFN neurons,
+          FFN time MoE / dense at 512 tokens (layer 0, same run, median of repeats)
+    upcycle E, k (at init = dense, k full-size experts per token) → the same numbers
+    → OUT/curve.json, OUT/curve.png, OUT/curve.md
+
+    python samples/moefy_curve.py --out out/moefy_curve [--quick] [--method cluster] [--router linear]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm  # noqa: E402
+
+from moecc import calibration as calib  # noqa: E402
+from moecc.capture import capture  # noqa: E402
+from moecc.ops import call_moe, parse_spec  # noqa: E402
+from moecc.passes import moefy, upcycle  # noqa: E402
+from moecc.passes.canonicalize import canonicalize  # noqa: E402
+from moecc.passes.ffn_match import find_ffns  # noqa: E402
+from moecc.passes.moe_rewrite import param  # noqa: E402
+from moecc.pipeline import moe_nodes  # noqa: E402
+
+TOKENS = 512
+
+
+def ks_for(E: int, quick: bool) -> list[int]:
+    if E <= 16 and not quick:
+        return list(range(1, E + 1))
+    return sorted({1, 2, max(1, E // 8), E // 4, E // 2, (3 * E) // 4, E})
+
+
+def kernels() -> list[str]:
+    try:
+        from moecc.backends.torch import kernels as k
+        return [n for n in ("torch.grouped_gemm", "torch.loop") if n in k.KERNELS]
+    except ImportError:
+        return ["reference"]
+
+
+@torch.no_grad()
+def embed(gm, batches) -> torch.Tensor:
+    return torch.cat([gm(*b) for b in batches])
+
+
+def quality(emb: torch.Tensor, dense: torch.Tensor) -> dict:
+    cos = F.cosine_similarity(emb, dense, dim=1)
+    sim_e, sim_d = emb @ emb.t(), dense @ dense.t()
+    sim_e.fill_diagonal_(-2)
+    sim_d.fill_diagonal_(-2)
+    nn = (sim_e.argmax(1) == sim_d.argmax(1)).float().mean()
+    return {"cos_mean": round(cos.mean().item(), 5), "cos_worst": round(cos.min().item(), 5),
+            "nn_agreement": round(nn.item(), 4)}
+
+
+def median_time(fn, x, repeats: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def dense_ffn(gm):
+    m = find_ffns(gm)[0][0]
+    w1, b1, w2, b2 = param(gm, m.w_in[0]), param(gm, m.b_in[0]), param(gm, m.w_out), param(gm, m.b_out)
+    return lambda x: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def moe_ffn(gm, kernel: str):
+    """Layer 0's router + MoE op as one callable x [T, H] -> [T, H] (the graph's own tensors)."""
+    node, spec = next(moe_nodes(gm))
+    logits_node = node.args[1]
+    get = lambda n: None if n is None else getattr(gm.get_submodule(n.target.rsplit(".", 1)[0]),
+                                                   n.target.rsplit(".", 1)[1]).detach()
+    w_in, w_out, b_in, b_out = (get(n) for n in node.args[2:6])
+    rw, rb = get(logits_node.args[1]), get(logits_node.args[2]) if len(logits_node.args) > 2 else None
+    first = logits_node.args[0]
+    mlp = (get(first.args[0].args[1]), get(first.args[0].args[2])) if first.op == "call_function" \
+        and first.target is torch.ops.aten.relu.default else None
+
+    def run(x):
+        h = torch.relu(F.linear(x, *mlp)) if mlp else x
+        return call_moe(x, F.linear(h, rw, rb), w_in, w_out, spec, b_in=b_in, b_out=b_out, kernel=kernel)
+    return run
+
+
+def speed(gm, dense_fn, x, repeats: int) -> dict:
+    out = {}
+    for kernel in kernels():
+        fn = moe_ffn(gm, kernel)
+        t_dense, t_moe = [], []
+        for _ in range(3):   # interleaved, so both see the same machine load
+            t_dense.append(median_time(dense_fn, x, repeats))
+            t_moe.append(median_time(fn, x, repeats))
+        out[kernel] = round(min(t_moe) / min(t_dense), 3)
+    return out
+
+
+def run(args) -> dict:
+    cal_lines, held = calib.split_corpus()
+    model, example = minilm.build()
+    cal = calib.load(cal_lines, minilm.tokenize)
+    held_b = calib.load(held, minilm.tokenize).batches
+    base = capture(model, example, source="samples/minilm.py:build")
+    canonicalize(base.gm)
+    dense = embed(base.gm, held_b)
+    x0 = calib.collect(base.gm, [find_ffns(base.gm)[0][0].x], calib.load(held, minilm.tokenize))[0]
+    x = x0.repeat(TOKENS // x0.shape[0] + 1, 1)[:TOKENS]                         # [512, H] real inputs
+    dense_fn = dense_ffn(base.gm)
+    grid = [(E, k) for E in args.experts for k in ks_for(E, args.quick)]
+    rows, bar = [], tqdm(total=len(grid) + len(args.upcycle_k), desc="moefy curve", unit="point")
+    plans_for = {}
+    for E, k in grid:
+        if E not in plans_for:
+            bar.set_postfix_str(f"plan E={E}")
+            t = time.perf_counter()
+            plans_for[E] = moefy.plan(base.gm, E, method=args.method, shared=args.shared,
+                                      router=args.router, calibration=cal, seed=args.seed)[0]
+            plan_s = time.perf_counter() - t
+        plans = plans_for[E]
+        if k <= plans[0].shared:
+            bar.update(1)
+            continue
+        gm = copy.deepcopy(base.gm)
+        moefy.apply(gm, plans, k)
+        facts = next(iter(moefy.moefy_facts(gm).values()))
+        row = {"pass": "moefy", "E": E, "k": k, "active_fraction": facts["active_fraction"],
+               **quality(embed(gm, held_b), dense), "time_ratio": speed(gm, dense_fn, x, args.repeats),
+               "router_recall": round(statistics.mean(p.facts["router_recall"] for p in plans), 4),
+               "plan_seconds": round(plan_s, 1)}
+        rows.append(row)
+        bar.update(1)
+    for k in args.upcycle_k:
+        gm = copy.deepcopy(base.gm)
+        upcycle.upcycle(gm, num_experts=8, top_k=k)
+        rows.append({"pass": "upcycle", "E": 8, "k": k, "active_fraction": float(k),
+                     **quality(embed(gm, held_b), dense), "time_ratio": speed(gm, dense_fn, x, args.repeats)})
+        bar.update(1)
+    bar.close()
+    return {"model": "all-MiniLM-L6-v2 (samples/minilm.py)", "method": args.method, "router": args.router,
+            "shared_neurons": args.shared, "seed": args.seed, "calibration": cal.facts(),
+            "held_out_sentences": len(held), "tokens_timed": TOKENS, "threads": torch.get_num_threads(),
+            "kernels": kernels(), "rows": rows}
+
+
+def table(result: dict) -> str:
+    kern = result["kernels"]
+    head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree"] + [f"time {k}" for k in kern]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["pass"], r["E"], r["k"], f"{r['active_fraction']:.0%}", f"{r['cos_mean']:.4f}",
+                 f"{r['cos_worst']:.4f}", f"{r['nn_agreement']:.1%}"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return (f"# MoEfication curve: {result['model']}\n\nmethod={result['method']}, router={result['router']}, "
+            f"shared={result['shared_neurons']} neurons; calibration {result['calibration']['examples']} "
+            f"sentences / {result['calibration']['tokens']} tokens; {result['held_out_sentences']} held-out "
+            f"sentences; FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} threads.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kern = result["kernels"][0]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    moe_rows = [r for r in result["rows"] if r["pass"] == "moefy"]
+    for E in sorted({r["E"] for r in moe_rows}):
+        rs = [r for r in moe_rows if r["E"] == E]
+        fr = [r["active_fraction"] for r in rs]
+        axes[0].plot(fr, [r["cos_mean"] for r in rs], "o-", label=f"moefy E={E}")
+        axes[0].plot(fr, [r["cos_worst"] for r in rs], ":", color=axes[0].lines[-1].get_color())
+        axes[1].plot(fr, [r["nn_agreement"] for r in rs], "o-", label=f"moefy E={E}")
+        axes[2].plot(fr, [r["time_ratio"][kern] for r in rs], "o-", label=f"moefy E={E}")
+    up = [r for r in result["rows"] if r["pass"] == "upcycle"]
+    if up:
+        axes[2].plot([r["active_fraction"] for r in up], [r["time_ratio"][kern] for r in up], "k^--",
+                     label="upcycle E=8 (at init = dense)")
+    for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst)", "nearest-neighbour agreement",
+                                f"FFN time MoE / dense ({kern}, {result['tokens_timed']} tokens)"]):
+        ax.set_xlabel("fraction of FFN neurons active per token")
+        ax.set_title(title, fontsize=10)
+        ax.axvline(0.25, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].axhline(0.99, color="red", lw=0.5)
+    axes[1].axhline(0.95, color="red", lw=0.5)
+    axes[2].axhline(1.0, color="red", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--experts", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16, 32])
+    p.add_argument("--method", default="cluster", choices=moefy.moefy_partition.METHODS)
+    p.add_argument("--router", default="linear", choices=moefy.moefy_router.ROUTERS)
+    p.add_argument("--shared", type=int, default=0, help="always-on neurons (rounded up to whole experts)")
+    p.add_argument("--upcycle-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="E in {4, 8}, a few k each")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.experts = [e for e in args.experts if e <= 8]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "curve.json").write_text(json.dumps(result, indent=1))
+    (args.out / "curve.md").write_text(table(result))
+    plot(result, args.out / "curve.png")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
