@@ -29,7 +29,7 @@ from moecc.ops import OP_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
-from . import kernels, tir
+from . import importer, kernels, tir
 from .routing import dims, route
 from .runtime import FORMAT, META, sha256
 
@@ -52,7 +52,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     convert = moe_converter(options, choices, tir.lanes_of(target))
     try:
         mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
-                                    custom_convert_map={MOE_KEY: convert})
+                                    custom_convert_map=importer.guarded({MOE_KEY: convert}))
     except MoeccError:
         raise
     except Exception as e:
@@ -91,16 +91,16 @@ def moe_converter(options: dict, choices: list, lanes: int):
     if forced and not str(forced).startswith("tvm."):
         raise MoeccError(f"TVM backend: kernel {forced!r} is not a TVM kernel; one of {', '.join(kernels.KERNELS)}")
 
-    def convert(node, importer):
+    def convert(node, imp):
         a = op_args(node)
         spec = MoESpec.from_json(a["spec"])
         spec = spec if spec.name else spec.replace(name=node.name)
-        env = {k: (None if a[k] is None else importer.env[a[k]]) for k in OP_ARGS[:-2]}
+        env = {k: (None if a[k] is None else imp.env[a[k]]) for k in OP_ARGS[:-2]}
         tokens = int(options.get("tokens") or example_tokens(node))
         choice = kernels.select(spec, {"tokens": tokens, "dtype": str(env["x"].ty.dtype)},
                                 (options.get("kernels") or {}).get(spec.name, forced))
         choices.append(choice)
-        return emit_moe(importer.block_builder, env, spec, choice.kernel, lanes)
+        return emit_moe(imp.block_builder, env, spec, choice.kernel, lanes)
     return convert
 
 

@@ -112,3 +112,28 @@ def test_kernel_option_must_name_a_tvm_kernel(tmp_path):
     model = MoE(spec("opt", top_k=2)).eval()
     with pytest.raises(MoeccError, match="'torch.gather' is not a TVM kernel"):
         lower.lower(export(model, torch.randn(2, 3, H)), tmp_path, {"kernel": "torch.gather"})
+
+
+class MaskLike(nn.Module):
+    """transformers' packed-sequence mask arithmetic on dynamic shapes (diff → != → cumsum of bool,
+    views by symbolic sizes): what TVM 0.27's importer mistranslates without backends/tvm/importer.py."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = MoE(spec("masked", top_k=2), init_std=H ** -0.5).eval()
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        pos = torch.arange(S).expand(B, -1)                                   # [B, S]
+        seg = (pos.diff(dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)      # [B, S] int64
+        y = self.moe(x).view(B * S, -1).view(B, S, -1)
+        return y * (seg + 2).unsqueeze(-1)
+
+
+def test_importer_gaps_on_dynamic_shapes_are_closed(tmp_path):
+    model = MaskLike().eval()
+    low = lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    assert low.kernels[0].layer == "masked"
+    x = torch.randn(3, 10, H)
+    want = model(x).detach().numpy()
+    assert_numerically_equal(runtime.load(tmp_path)([x.numpy()])[0], want, atol=1e-5, what="mask-like")
