@@ -4,65 +4,105 @@ The graphs (graphs.py), per layer: experts are vertices weighted by load, co-act
 experts one token chose together, flow edges join an expert of layer l-1 to one of layer l that a
 token went through in turn. All layers are partitioned at once (partition.py):
 
-    1. nodes:    every layer's experts -> nodes by co-activation, under a node load cap
-                 (1 + tol) * mean (then repaired down to (1 + final_tol) * mean) and a node slot
-                 cap; node labels of layer l are renamed to follow layer l-1 (greedy matching on
-                 the flow between parts); each further sweep re-partitions with the flow to the
-                 parts of layers l-1 and l+1 as anchors (so a token's next experts sit where its
-                 last ones were) and renames again;
-    2. replicas: every extra copy goes to the expert with the largest load per copy whose node has a
-                 free slot; copies stay in their expert's node, so they add no cross-node traffic;
-    3. devices:  inside each node the same partition places the copies on devices (slots per device,
-                 copies of one expert on different devices, same load caps per device). Edge
-                 weights are scaled by device_affinity: -1 (default) spreads co-activated experts
-                 over the node's devices, since their loads rise and fall together (balance); +1
-                 packs them (fewer intra-node sends). Device labels then follow layer l-1.
-
-A copy takes 1/count of its expert's tokens.
+    1. replicas: as in EPLB, each extra copy goes to the expert with the largest load per copy; a
+                 copy takes 1/count of its expert's tokens (its load and edges scale by 1/count);
+    2. nodes:    copies -> nodes by co-activation, under a node load cap, (1 + tol) * mean while
+                 placing, then exchanges down to (1 + final_tol) * mean, and the node's slots.
+                 Node labels of layer l are renamed to follow layer l-1 (greedy matching on the
+                 flow between parts); each further sweep re-partitions with the flow to the parts
+                 of layers l-1 and l+1 as anchors, weighted 1/k (a token's hidden state moves only
+                 if none of its k experts stays), and renames again. Copies of a hot expert share
+                 a node when the caps allow (affinity pulls them to the same experts), else spread;
+    3. devices:  inside each node the same partition places its copies on devices (slots, copies
+                 of one expert on different devices, the same load caps). Edge weights are scaled
+                 by device_affinity: -1 (default) spreads co-activated experts over the node's
+                 devices since their loads rise and fall together (balance), +1 packs them (fewer
+                 intra-node sends). Device labels then follow layer l-1;
+    4. shares:   the copies of replicated experts take unequal shares where that evens out the
+                 devices' loads (shares.even_out).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from moecc.errors import MoeccError
-
 from .graphs import model_graph
 from .partition import partition
+from .shares import even_out
 from .topology import Topology, check_fits
 from .trace import Trace
 
 
 def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float = 0.02,
                device_tol: float = 0.02, final_tol: float = 0.005, device_affinity: float = -1.0,
-               sweeps: int = 2, spread: float = 16.0, coact_tokens: int | None = 2048,
-               flow_tokens: int | None = 1024) -> np.ndarray:
+               sweeps: int | None = None, spread: float = 4.0, coact_tokens: int | None = 2048,
+               flow_tokens: int | None = 1024, flow_weight: float | None = None) -> np.ndarray:
     """share [L, E, D] for the trace (tol / device_tol: allowed load above the mean of a node / of
-    a device in its node, as a fraction; sweeps: node partition passes; coact_tokens / flow_tokens:
-    estimate edges from at most that many tokens)."""
+    a device in its node while placing, final_tol: after exchanges; sweeps: node partition passes,
+    default round(4 / k) but at least 1 (the 1/k-weighted anchors matter most for small k);
+    spread: how hard heavy items avoid loaded parts; coact_tokens / flow_tokens: estimate edges
+    from at most that many tokens; flow_weight: weight of the anchors, default 1/k)."""
     L, E = trace.num_layers, trace.num_experts
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
     check_fits(topology, E, replicas)
     w, coact, flow = model_graph(trace, coact_tokens, flow_tokens)  # [L, E], [L, E, E] x 2
     w = np.maximum(w, 1e-6 * max(w.max(), 1.0))               # unseen experts still weigh a little
-    node_cap = G * S - (topology.total_slots - E) // (2 * N)  # keep room for replicas in each node
-    if node_cap * N < E:
-        raise MoeccError(f"graph: {E} experts do not fit {N} nodes of {G} devices x {S} slots")
-    valid = np.ones((L, E), dtype=bool)
-    mean = (w.sum(1, keepdims=True) / N).repeat(N, 1)                         # [L, N]
-    caps = dict(max_count=np.full((L, N), node_cap), max_load=mean * (1 + tol),
+    count = replicate(w, replicas, topology.devices)                        # [L, E]
+    copy_of = copies(count)                                                 # [L, M] (-1: padding)
+    c, valid = np.maximum(copy_of, 0), copy_of >= 0
+    rows = np.arange(L)[:, None]
+    scale = np.where(valid, 1.0 / count[rows, c], 0.0)
+    cw = w[rows, c] * scale                                                 # [L, M] copy loads
+    s32 = scale.astype(np.float32)
+    affinity = coact[rows[:, :, None], c[:, :, None], c[:, None, :]] * (s32[:, :, None]
+                                                                       * s32[:, None, :])
+    mean = (cw.sum(1, keepdims=True) / N).repeat(N, 1)                        # [L, N]
+    caps = dict(max_count=np.full((L, N), G * S), max_load=mean * (1 + tol),
                 final_load=mean * (1 + final_tol))
-    node_of = None
-    for _ in range(max(sweeps, 1)):
-        anchor = None if node_of is None else neighbour_anchor(_onehot(node_of, N), flow)
-        node_of = align(partition(coact, anchor, w, valid, spread=spread, **caps), flow, N)
-    count = replicate(w, node_of, replicas, G, S, N)                        # [L, E]
-    return place_devices(w, coact, flow, node_of, count, topology, device_tol, final_tol,
-                         device_affinity)
+    node = None
+    for _ in range(max(round(4 / trace.top_k) if sweeps is None else sweeps, 1)):
+        anchor = None
+        if node is not None:
+            pull = neighbour_anchor(membership(copy_of, node, scale, E, N), flow) * (
+                1.0 / trace.top_k if flow_weight is None else flow_weight)
+            anchor = pull[rows, c] * scale[:, :, None]                      # [L, M, N]
+        node = partition(affinity, anchor, cw, valid, spread=spread, **caps)
+        _, rename = align(membership(copy_of, node, scale, E, N), flow, 1)
+        node = np.where(valid, np.take_along_axis(rename, np.maximum(node, 0), 1), -1)
+    share = place_devices(w, coact, flow, copy_of, node, scale, topology, device_tol, final_tol,
+                          device_affinity)
+    return even_out(share, w)
 
 
-def _onehot(labels: np.ndarray, parts: int) -> np.ndarray:
-    """[L, n] int -> [L, n, parts] float."""
-    return (labels[..., None] == np.arange(parts)).astype(np.float64)
+def replicate(w: np.ndarray, replicas: int, max_copies: int) -> np.ndarray:
+    """Copies per expert [L, E]: each extra copy to the expert with the largest load per copy
+    (EPLB's replicate_experts), at most max_copies each."""
+    L, E = w.shape
+    rows = np.arange(L)
+    count = np.ones((L, E), dtype=np.int64)
+    for _ in range(min(replicas, E * (max_copies - 1))):
+        hot = np.argmax(np.where(count < max_copies, w / count, -1.0), 1)
+        count[rows, hot] += 1
+    return count
+
+
+def copies(count: np.ndarray) -> np.ndarray:
+    """[B, E] copies per expert -> [B, M] the expert of each copy (copies of one expert adjacent),
+    padded with -1 to the largest total M."""
+    M = int(count.sum(1).max())
+    out = np.full((len(count), M), -1, dtype=np.int64)
+    for b, row in enumerate(count):
+        ids = np.repeat(np.arange(len(row)), row)
+        out[b, :len(ids)] = ids
+    return out
+
+
+def membership(copy_of: np.ndarray, part: np.ndarray, scale: np.ndarray, E: int,
+               P: int) -> np.ndarray:
+    """Copies' parts [L, M] -> [L, E, P]: the share of each expert's tokens in each part."""
+    out = np.zeros((len(copy_of), E, P))
+    b, m = np.nonzero(copy_of >= 0)
+    np.add.at(out, (b, copy_of[b, m], part[b, m]), scale[b, m])
+    return out
 
 
 def neighbour_anchor(member: np.ndarray, flow: np.ndarray) -> np.ndarray:
@@ -76,14 +116,22 @@ def neighbour_anchor(member: np.ndarray, flow: np.ndarray) -> np.ndarray:
     return anchor
 
 
-def align(labels: np.ndarray, flow: np.ndarray, parts: int) -> np.ndarray:
-    """Rename each layer's part labels [L, n] to follow layer l-1: greedy matching of the parts
-    with the most flow between them."""
-    labels = labels.copy()
-    for l in range(1, len(labels)):
-        agree = _onehot(labels[l - 1], parts).T @ flow[l] @ _onehot(labels[l], parts)   # [P, P]
-        labels[l] = match(agree)[labels[l]]
-    return labels
+def align(member: np.ndarray, flow: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rename parts so that layer l follows layer l-1: member [L, E, P] (share of expert e in part
+    p), parts renamed only within each of `blocks` equal blocks (devices stay in their node) ->
+    (renamed member, rename [L, P] = new label of each old one). Greedy matching on the flow."""
+    member = member.copy()
+    L, E, P = member.shape
+    size = P // blocks
+    rename = np.tile(np.arange(P), (L, 1))
+    blk = np.arange(blocks)
+    for l in range(1, L):
+        agree = (member[l - 1].T @ flow[l] @ member[l]).reshape(blocks, size, blocks, size)
+        rename[l] = (match(agree[blk, :, blk]) + (blk * size)[:, None]).ravel()
+        moved = np.zeros_like(member[l])
+        moved[:, rename[l]] = member[l]
+        member[l] = moved
+    return member, rename
 
 
 def match(agree: np.ndarray) -> np.ndarray:
@@ -102,63 +150,27 @@ def match(agree: np.ndarray) -> np.ndarray:
     return rename.reshape(agree.shape[:-1])
 
 
-def replicate(w: np.ndarray, node_of: np.ndarray, replicas: int, per_node: int, slots: int,
-              nodes: int) -> np.ndarray:
-    """Copies per expert [L, E]: each extra copy to the largest load per copy with room in its node."""
-    L, E = w.shape
-    rows = np.arange(L)
-    count = np.ones((L, E), dtype=np.int64)
-    room = per_node * slots - np.stack([np.bincount(n, minlength=nodes) for n in node_of])  # [L, N]
-    for _ in range(replicas):
-        per_copy = np.where((np.take_along_axis(room, node_of, 1) > 0) & (count < per_node),
-                            w / count, -1.0)
-        hot = np.argmax(per_copy, 1)
-        grow = per_copy[rows, hot] > 0                                      # layers with room left
-        count[rows[grow], hot[grow]] += 1
-        room[rows[grow], node_of[rows[grow], hot[grow]]] -= 1
-    return count
-
-
-def place_devices(w, coact, flow, node_of, count, topology: Topology, tol: float,
+def place_devices(w, coact, flow, copy_of, node, scale, topology: Topology, tol: float,
                   final_tol: float, device_affinity: float) -> np.ndarray:
-    """Copies of every (layer, node) onto the node's devices -> share [L, E, D]."""
+    """Each node's copies onto its devices (one problem per layer and node) -> share [L, E, D]."""
     L, E = w.shape
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
-    # copies of problem (l, n), padded to M: copy_of [L*N, M] expert id (-1 = padding)
-    groups = [np.repeat(np.flatnonzero(node_of[l] == n), count[l][node_of[l] == n])
-              for l in range(L) for n in range(N)]
-    M = max(len(g) for g in groups)
-    copy_of = np.full((L * N, M), -1, dtype=np.int64)
-    for b, g in enumerate(groups):
-        copy_of[b, :len(g)] = g
-    valid = copy_of >= 0
-    c = np.maximum(copy_of, 0)
+    per = [np.flatnonzero(node[l] == n) for l in range(L) for n in range(N)]  # copies of (l, n)
+    pos = np.full((L * N, max(len(p) for p in per)), -1, dtype=np.int64)   # [B, M] copy index
+    for b, p in enumerate(per):
+        pos[b, :len(p)] = p
+    valid = pos >= 0
     layer = np.repeat(np.arange(L), N)[:, None]                             # [B, 1]
-    scale = np.where(valid, 1.0 / count[layer, c], 0.0)                     # [B, M]
-    cw = w[layer, c] * scale
+    c = np.where(valid, copy_of[layer, np.maximum(pos, 0)], 0)              # [B, M] expert
+    sc = np.where(valid, scale[layer, np.maximum(pos, 0)], 0.0)
+    cw = w[layer, c] * sc
+    s32 = sc.astype(np.float32)
     affinity = coact[layer[:, :, None], c[:, :, None], c[:, None, :]] * (
-        device_affinity * scale[:, :, None] * scale[:, None, :])
+        np.float32(device_affinity) * s32[:, :, None] * s32[:, None, :])
     mean = (cw.sum(1, keepdims=True) / G).repeat(G, 1)                       # [B, G]
-    device = partition(affinity, None, cw, valid, np.full((L * N, G), S), mean * (1 + tol), group=c,
-                       final_load=mean * (1 + final_tol))                   # [B, M] device in node
-    return _align_devices(_to_share(copy_of, device, scale, L, E, N, G), flow, N, G)
-
-
-def _to_share(copy_of, device, scale, L, E, N, G) -> np.ndarray:
+    device = partition(affinity, None, cw, valid, np.full((L * N, G), S), mean * (1 + tol),
+                       group=c, final_load=mean * (1 + final_tol))          # [B, M] device in node
+    b, m = np.nonzero(valid)
     share = np.zeros((L, E, N * G))
-    b, m = np.nonzero(copy_of >= 0)
-    np.add.at(share, (b // N, copy_of[b, m], (b % N) * G + device[b, m]), scale[b, m])
-    return share
-
-
-def _align_devices(share: np.ndarray, flow: np.ndarray, N: int, G: int) -> np.ndarray:
-    """Rename the devices inside each node of layer l to follow layer l-1 (share [L, E, D])."""
-    share = share.copy()
-    nodes = np.arange(N)
-    for l in range(1, len(share)):
-        agree = (share[l - 1].T @ flow[l] @ share[l]).reshape(N, G, N, G)[nodes, :, nodes]  # [N, G, G]
-        rename = match(agree) + (nodes * G)[:, None]                      # [N, G] new device of each
-        block = np.zeros_like(share[l])
-        block[:, rename.ravel()] = share[l]
-        share[l] = block
-    return share
+    np.add.at(share, (b // N, c[b, m], (b % N) * G + device[b, m]), sc[b, m])
+    return align(share, flow, N)[0]

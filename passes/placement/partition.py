@@ -40,33 +40,40 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
         np.take_along_axis(ws, (n_valid[:, None] - 1 - np.arange(n)) % n, 1)
         * (np.arange(n) < n_valid[:, None]), 1)], 1)                        # [B, n + 1]
     grp = np.broadcast_to(np.arange(n), (B, n)) if group is None else np.where(valid, group, 0)
-    g_ord = np.take_along_axis(grp, order, 1)
+    g_ord = np.take_along_axis(grp, order, 1)                               # [B, n]
     score = np.zeros((B, P, n)) if anchor is None else np.ascontiguousarray(
         np.swapaxes(anchor, 1, 2), dtype=np.float64)                        # [B, P, n]
     part = np.full((B, n), -1, dtype=np.int64)
     load = np.zeros((B, P))
     count = np.zeros((B, P), dtype=np.int64)
     taken = np.zeros((B, int(grp.max(initial=0)) + 1, P), dtype=bool)     # [B, group, P]
+    n_min = int(n_valid.min(initial=0))
     for s in range(int(n_valid.max(initial=0))):
-        b = rows if s < n_valid.min() else rows[n_valid > s]                # problems with a step s
-        i, wi, g = order[b, s], ws[b, s][:, None], g_ord[b, s]
-        ld, free = load[b], max_count[b] - count[b]
+        b = rows if s < n_min else rows[n_valid > s]                        # problems with a step s
+        sel = slice(None) if s < n_min else b
+        i, wi = order[sel, s], ws[sel, s][:, None]
+        ld, free = load[sel], max_count[sel] - count[sel]
         ok = free > 0
-        pref = ok & ~taken[b, g]
-        ok = np.where(pref.any(1, keepdims=True), pref, ok)
+        if group is not None:
+            g = g_ord[sel, s]
+            pref = ok & ~taken[b, g]
+            ok = np.where(pref.any(1, keepdims=True), pref, ok)
         # p must still take the items the other parts' free slots cannot hold after this one:
         # keep at least the load of that many lightest items free
-        forced = np.clip(free - (free.sum(1, keepdims=True) - (n_valid[b, None] - s - 1)), 0, n)
-        need = ld + wi + lightest[b[:, None], forced]
-        fits = ok & (need <= max_load[b])
-        key = np.where(fits, score[b, :, i] - spread[b] * wi * ld, -np.inf)
+        forced = free - free.sum(1, keepdims=True) + (n_valid[sel] - s - 1)[:, None]
+        need = ld + wi + lightest[b[:, None], np.minimum(np.maximum(forced, 0), n)]
+        fits = ok & (need <= max_load[sel])
+        key = np.where(fits, score[b, :, i] - spread[sel] * wi * ld, -np.inf)
         p = np.where(fits.any(1), np.argmax(key, 1),
-                     np.argmin(np.where(ok, need / max_load[b], np.inf), 1))
+                     np.argmin(np.where(ok, need / max_load[sel], np.inf), 1))
         part[b, i] = p
         load[b, p] += wi[:, 0]
         count[b, p] += 1
         score[b, p] += affinity[b, i]
-        taken[b, g, p] = True
+        if group is not None:
+            taken[b, g, p] = True
+    if group is None:                                       # each item its own group
+        taken[rows[:, None], grp, np.maximum(part, 0)] = valid
     state = (affinity, score, w, part, load, count, taken, grp)
     if group is not None:
         _unmerge(state, valid)

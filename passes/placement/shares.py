@@ -33,3 +33,47 @@ def from_physical(expert_of: np.ndarray, device_of: np.ndarray, num_experts: int
     np.add.at(share, (layer, expert_of.ravel(), device_of.ravel()),
               1.0 / count[layer, expert_of.ravel()])
     return share
+
+
+def even_out(share: np.ndarray, w: np.ndarray, rounds: int = 64, floor: float = 0.05) -> np.ndarray:
+    """Shift token shares between the copies of replicated experts towards the least loaded device.
+
+    share [L, E, D], w [L, E] expert loads -> share [L, E, D]. Per round and layer: the busiest
+    device hands part of one of its replicated experts to the least loaded other device holding a
+    copy of it (up to halving their difference); every copy keeps at least `floor` of an even
+    split. Copies and slots do not change."""
+    share = share.copy()
+    L, E, D = share.shape
+    count = (share > 0).sum(2)                                              # [L, E]
+    R = int((count > 1).sum(1).max(initial=0))
+    if R == 0:
+        return share
+    rep = np.argsort(count < 2, axis=1, kind="stable")[:, :R]               # [L, R] replicated first
+    ok = np.take_along_axis(count > 1, rep, 1)                              # [L, R]
+    rows = np.arange(L)
+    sub = share[rows[:, None], rep]                                         # [L, R, D]
+    wr = np.take_along_axis(w, rep, 1)                                      # [L, R]
+    held = (sub > 0) & ok[:, :, None]
+    least = floor / np.maximum(np.take_along_axis(count, rep, 1), 1)        # [L, R] min share
+    load = np.einsum("le,led->ld", w, share)                                # [L, D]
+    for _ in range(rounds):
+        hi = load.argmax(1)                                                 # [L]
+        on_hi = held[rows, :, hi]                                           # [L, R]
+        partner_load = np.where(held, load[:, None, :], np.inf)
+        partner_load[rows, :, hi] = np.inf
+        to = partner_load.argmin(2)                                         # [L, R]
+        gap = (load[rows, hi][:, None] - partner_load.min(2)) / 2
+        give = np.where(on_hi, np.minimum(gap, (sub[rows, :, hi] - least) * wr), 0.0)   # tokens
+        e = give.argmax(1)
+        amount = give[rows, e]
+        go = amount > 1e-9 * np.maximum(load.max(1), 1e-12)
+        if not go.any():
+            break
+        r, e, d = rows[go], e[go], to[rows, e][go]
+        moved = amount[go] / wr[r, e]
+        sub[r, e, hi[go]] -= moved
+        sub[r, e, d] += moved
+        load[r, hi[go]] -= amount[go]
+        load[r, d] += amount[go]
+    share[rows[:, None], rep] = np.where(ok[:, :, None], sub, share[rows[:, None], rep])
+    return share

@@ -10,8 +10,8 @@ every layer each topic favours a random set of experts. Per layer l, window w, t
 popularity[l, 0] ~ N(0, skew²) and drifts by N(0, drift²) per window, so the hot experts of window i
 are only partly the hot experts of window i+1. The favoured sets are consecutive runs of a random
 permutation of the experts, `favoured` long (default E / topics: disjoint clusters); `affinity=0`
-removes all co-activation structure. `groups` > 1 adds DeepSeek-style group-limited routing: only the `topk_groups` groups with the best
-top-2 scores may be chosen.
+removes all co-activation structure. `groups` > 1 adds DeepSeek-style group-limited routing: only
+the `topk_groups` groups with the best top-2 scores may be chosen.
 """
 from __future__ import annotations
 

@@ -57,10 +57,15 @@ def test_partition_caps_and_groups():
 
 def test_align_follows_the_previous_layer():
     # layer 1 is layer 0 with parts renamed 0 <-> 1; flow sends each expert's tokens to itself
-    labels = np.array([[0, 0, 1, 1], [1, 1, 0, 0]])
+    member = np.eye(2)[[[0, 0, 1, 1], [1, 1, 0, 0]]]                        # [L=2, E=4, P=2]
     flow = np.eye(4)[None].repeat(2, 0)
-    np.testing.assert_array_equal(align(labels, flow, 2), [[0, 0, 1, 1], [0, 0, 1, 1]])
+    renamed, rename = align(member, flow, 1)
+    np.testing.assert_array_equal(rename, [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(renamed[1], member[0])
     np.testing.assert_array_equal(match(np.array([[1.0, 9.0], [8.0, 2.0]])), [1, 0])
+    # devices (2 nodes x 2) are renamed only inside their node
+    member = np.eye(4)[[[0, 1, 2, 3], [1, 0, 3, 2]]]
+    np.testing.assert_array_equal(align(member, flow, 2)[1][1], [1, 0, 3, 2])
 
 
 def test_fewer_cross_node_sends_than_eplb_on_structured_traces():

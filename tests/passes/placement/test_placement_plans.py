@@ -89,7 +89,7 @@ def test_invariants_on_random_traces(c):
         assert m.node_sends <= m.device_sends <= trace.num_tokens * trace.num_layers * trace.top_k
 
 
-def test_graph_uses_its_replicas_on_hot_experts():
+def test_graph_replicates_the_hottest_experts():
     trace = random_trace(np.random.default_rng(1), layers=2, experts=32, k=4, tokens=2000, skew=1.5)
     topo = parse_topology("2x4:slots=5")
     p = plan(trace, topo, "graph", replicas=8)
@@ -98,9 +98,6 @@ def test_graph_uses_its_replicas_on_hot_experts():
     hottest = trace.load().argmax(1)
     assert (copies.sum(1) == 40).all()                          # all 8 replicas used
     assert (copies[[0, 1], hottest] == copies.max(1)).all() and (copies.max(1) >= 2).all()
-    # replicas never leave their expert's node
-    nodes = (p.share.reshape(2, 32, 2, 4).sum(-1) > 0).sum(-1)
-    assert (nodes == 1).all()
 
 
 def test_bad_input_names_the_numbers():
