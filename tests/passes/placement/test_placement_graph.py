@@ -86,3 +86,17 @@ def test_unstructured_golden_layers_still_place():
     from moecc.passes.placement.plan import plan
     p = plan(t, parse_topology("1x4:slots=1"), "graph", replicas=2)
     assert (p.share[0, 0] > 0).sum() == 3 and (p.share[1, 1] > 0).sum() == 3
+
+
+def test_even_out_shifts_replica_shares_to_the_idle_device():
+    from moecc.passes.placement.shares import even_out
+    # expert 0 (load 10) has copies on devices 0 and 1; device 0 also holds expert 1 (load 4)
+    share = np.zeros((1, 2, 2))
+    share[0, 0] = [0.5, 0.5]
+    share[0, 1, 0] = 1.0
+    w = np.array([[10.0, 4.0]])
+    out = even_out(share, w)
+    load = np.einsum("le,led->ld", w, out)
+    np.testing.assert_allclose(load, [[7.0, 7.0]])                # 4 + 3 and 7
+    np.testing.assert_allclose(out.sum(-1), 1.0)
+    assert ((out > 0) == (share > 0)).all()                         # same copies, same slots
