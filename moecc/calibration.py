@@ -2,6 +2,7 @@
 
     --calibration FILE.txt      one example per line → the model's own `tokenize(lines)` → input batches
     --calibration FILE.pt|.npz  tensors (a tensor, a tuple/list, or a dict in insertion order) → one batch
+    --calibration corpus:calibration   the shipped corpus's calibration part (corpus:held-out: the rest)
     (GraphModule, batches)      → fx.Interpreter → the input of each matched FFN, x [T, H] (all tokens)
 
 Text lines are grouped by token count and run in batches without padding, so every collected token is
@@ -25,6 +26,7 @@ CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 HELD_OUT_EVERY = 4                     # ≈ 1 line in 4 is held out
 MIN_TOKENS_PER_EXPERT = 32             # a router fit needs this many calibration tokens per expert
 BATCH_TOKENS = 4096                    # tokens per forward pass while collecting
+SHIPPED = ("corpus:calibration", "corpus:held-out")   # --calibration names for the shipped split
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def load(source, tokenize: Callable | None = None) -> Calibration:
         return from_lines(source, _need_tokenizer(tokenize, "a list of sentences"), "lines")
     if isinstance(source, (torch.Tensor, tuple, list, dict)):
         return from_tensors(source)
+    if isinstance(source, str) and source in SHIPPED:
+        lines = split_corpus()[SHIPPED.index(source)]
+        return from_lines(lines, _need_tokenizer(tokenize, source), source)
     path = Path(source)
     if not path.is_file():
         raise MoeccError(f"calibration file {path} not found")

@@ -50,6 +50,12 @@ def test_corpus_is_large_varied_and_split_without_overlap():
     assert sum(s.endswith("?") for s in lines) >= 20                 # questions among statements
 
 
+def test_shipped_split_by_name():
+    cal = calib.load("corpus:calibration", toy_tokenize)
+    assert cal.examples == len(calib.split_corpus()[0]) and cal.source == "corpus:calibration"
+    assert calib.load("corpus:held-out", toy_tokenize).examples == len(calib.split_corpus()[1])
+
+
 def test_split_is_by_content_so_duplicates_stay_on_one_side():
     lines = ["alpha beta", "gamma", "alpha beta", "delta epsilon", "gamma"] * 3
     cal, held = calib.split_corpus(lines)
