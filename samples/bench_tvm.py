@@ -33,6 +33,7 @@ from moecc.spec import MoESpec, RouterSpec  # noqa: E402
 SHAPES = {
     "swiglu E8 k2 H512 F1024": MoESpec(8, 512, 1024, "swiglu", RouterSpec(top_k=2), name="swiglu-e8"),
     "gelu E32 k4 H256 F256": MoESpec(32, 256, 256, "gelu", RouterSpec(top_k=4), name="gelu-e32"),
+    "gelu E4 k2 H256 F512 (tiny E)": MoESpec(4, 256, 512, "gelu", RouterSpec(top_k=2), name="gelu-e4"),
 }
 TOKENS = (1, 16, 512)
 TVM_KERNELS = ("tvm.gather", "tvm.grouped_gemm", "tvm.dense_masked")

@@ -1,5 +1,5 @@
-"""TVM's PyTorch importer, guarded: every translation names its fx node when it fails, and two gaps of
-apache-tvm 0.27's translations are closed (both hit by transformers' masking code on dynamic shapes).
+"""TVM's PyTorch importer, guarded: every translation names its fx node when it fails, and gaps of
+apache-tvm 0.27's translations on dynamic shapes are closed (hit by transformers' masking code).
 
     from_exported_program(custom_convert_map=guarded({"moe.default": lower_moe}))
       every op name the importer knows  ->  its own translation, wrapped
@@ -11,6 +11,8 @@ apache-tvm 0.27's translations are closed (both hit by transformers' masking cod
       any op         a result shape lost or left as T.min/T.max of symbols  ->  torch's shape (match_cast)
 """
 from __future__ import annotations
+
+import types
 
 import torch
 from tvm import relax, tirx
@@ -39,7 +41,7 @@ def wrap(name: str):
     def convert(node, importer):
         original = originals(importer)[name]
         fix = FIXES.get(getattr(original, "__name__", ""))
-        out = named(lambda n, imp: fix(n, imp) if fix else original(n))(node, importer)
+        out = named(lambda n, imp: fix(n, imp, original) if fix else original(n))(node, importer)
         return repair_shape(node, importer, out)
     return convert
 
@@ -92,21 +94,26 @@ def named(fn):
             raise
         except Exception as e:
             where = (node.meta.get("stack_trace") or "").strip().splitlines()[-1:] or ["?"]
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
             raise MoeccError(f"TVM backend: TVM's importer cannot translate node {node.name!r} "
-                             f"({node.target}): {type(e).__name__}: {lines[-1] if lines else ''} "
+                             f"({node.target}): {type(e).__name__}: {message(e)} "
                              f"(source: {where[0].strip()})") from e
     return convert
 
 
-def reshape(node, importer):
+def message(e: Exception) -> str:
+    """The last non-empty line of an error (TVM puts its traceback first)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def reshape(node, importer, original):
     """aten.view/reshape without the identity check that breaks on symbolic dims."""
     args = importer.retrieve_args(node)
     dims = args[1] if isinstance(args[1], (torch.Size, tuple, list)) else args[1:]
     return importer._emit_torch_reshape(args[0], dims)
 
 
-def cumsum(node, importer):
+def cumsum(node, importer, original):
     """aten.cumsum with torch's dtype rule (integral/bool -> int64) and a symbolic shape for the scan."""
     bb = importer.block_builder
     x = importer.env[node.args[0]]
@@ -123,17 +130,17 @@ def cumsum(node, importer):
     return bb.emit(relax.op.cumsum(x, dim, dtype))
 
 
-def slice_(node, importer):
+def slice_(node, importer, original):
     """aten.slice with a negative dim made positive (strided_slice wants axes >= 0)."""
     dim = node.args[1] if len(node.args) > 1 else 0
     if isinstance(dim, int) and dim < 0:
         args = list(node.args)
         args[1] = dim + importer.env[node.args[0]].ty.ndim
         node = _with_args(node, args)
-    return originals(importer)["slice.Tensor"](node)
+    return original(node)
 
 
-def empty(node, importer):
+def empty(node, importer, original):
     """aten.empty(sizes) with symbolic sizes: zeros of the PrimExpr shape (contents are unspecified)."""
     dtype = importer._convert_data_type(node.kwargs.get("dtype") or torch.get_default_dtype(), importer.env)
     sizes = [prim_expr(importer.env[d] if isinstance(d, torch.fx.Node) else d) for d in node.args[0]]
@@ -148,13 +155,9 @@ def prim_expr(value):
 
 
 def _with_args(node, args):
-    """A stand-in for `node` with other positional args (the translations read only these fields)."""
-    class View:
-        pass
-    view = View()
-    view.__dict__.update(name=node.name, target=node.target, args=tuple(args), kwargs=node.kwargs,
-                         meta=node.meta, op=node.op)
-    return view
+    """A stand-in for `node` with other positional args (the graph itself is left untouched)."""
+    return types.SimpleNamespace(name=node.name, target=node.target, args=tuple(args), kwargs=node.kwargs,
+                                 meta=node.meta, op=node.op)
 
 
 FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty}

@@ -7,10 +7,18 @@ The dense parts go through TVM's own PyTorch importer; each `moecc::moe` node is
 router math (routing.py) → the kernel chosen by cost for the layer (kernels.py) → shared expert.
 Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence.
 
+The program is imported as exported when TVM's importer knows every op (fast); otherwise it is
+decomposed to core ATen first (slow: torch re-traces it). importer.py names the node of any failed
+translation and closes gaps of TVM 0.27's translations on dynamic shapes.
+
 Weights: parameters stay function inputs (`keep_params_as_input`); they are saved in params.npz
 under their graph names, in the order `main` takes them after the user inputs (tvm_meta.json lists
 both). Buffers and constants are bound into the library. The library stays small, compile time does
 not depend on weight size, and the runtime (runtime.py) loads the weights once.
+
+Options: target ("llvm" default: generic x86-64; "host": this CPU; a JSON dict), kernel (force one
+"tvm.*" kernel on every layer), kernels ({layer: kernel}), tokens (the token count the cost model
+plans for; default the example's), decompose (always decompose first).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from moecc.spec import MoESpec
 
 from ..base import Lowered
 from . import importer, kernels, tir
+from .importer import message
 from .routing import dims, route
 from .runtime import FORMAT, META, sha256
 
@@ -203,6 +212,3 @@ def var_info(var) -> dict:
             "shape": [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in dims(var)]}
 
 
-def message(e: Exception) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
