@@ -38,13 +38,13 @@ SCENARIOS = {   # name: synthetic_trace options (skew 1.0 and drift 0.3 unless g
 METHODS = ["contiguous", "round_robin", "eplb", "graph"]
 
 
-def run_scenario(trace, topology, replicas, extra_eplb=None) -> dict:
-    """Metrics per method (and an EPLB hierarchical variant when the model has groups)."""
+def run_scenario(trace, topology, replicas, extra_eplb=None, hidden=7168) -> dict:
+    """Metrics per method (and EPLB with the model's expert groups when it has groups)."""
     methods, options = {m: m for m in METHODS}, {}
     if extra_eplb:
         methods = dict(list(methods.items())[:3] + [("eplb_groups", "eplb"), ("graph", "graph")])
         options["eplb_groups"] = {"groups": extra_eplb}
-    return evaluate(trace, topology, methods, replicas, options=options)
+    return evaluate(trace, topology, methods, replicas, token_bytes=2 * hidden, options=options)
 
 
 def planning_time(cfg: dict, repeats: int) -> dict:
@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="synthetic traces per scenario (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="planning-time runs (default 5)")
     ap.add_argument("--trace", action="append", default=[], type=Path,
-                    help="also score a real trace (from `moecc trace`), same topology and replicas")
+                    help="also score a real trace (from `moecc trace`) on --trace-topology")
+    ap.add_argument("--trace-topology", action="append", default=[],
+                    help="TOPOLOGY/REPLICAS for the real traces, e.g. 2x4:slots=3/8 (repeatable)")
+    ap.add_argument("--hidden", type=int, default=7168, help="hidden size for a2a time (bf16)")
     a = ap.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     topology = parse_topology(cfg["topology"])
@@ -87,15 +90,20 @@ def main(argv=None) -> int:
             trace = synthetic_trace(layers=cfg["layers"], experts=cfg["experts"], top_k=cfg["top_k"],
                                     tokens=cfg["tokens"], windows=cfg["windows"], seed=seed, **options)
             heat_trace = heat_trace or (trace if name == "topics (affinity 4)" else None)
-            per_seed.append(run_scenario(trace, topology, cfg["replicas"], options.get("groups")))
+            per_seed.append(run_scenario(trace, topology, cfg["replicas"], options.get("groups"),
+                                         a.hidden))
         report["scenarios"][name] = summarize(per_seed, cfg["layers"])
         md += [f"## {name}", "", table(merge(per_seed), cfg["layers"]), ""]
         print(f"{name}: " + _headline(report["scenarios"][name]), flush=True)
     for path in a.trace:
         real = load_trace(path)
-        res = run_scenario(real, topology, cfg["replicas"])
-        report["scenarios"][f"trace {path.name}"] = summarize([res], real.num_layers)
-        md += [f"## trace {path.name}", "", table(res, real.num_layers), ""]
+        for spec in a.trace_topology or ["2x4:slots=3/8"]:
+            topo_text, _, replicas = spec.partition("/")
+            res = run_scenario(real, parse_topology(topo_text), int(replicas or 0), hidden=a.hidden)
+            name = f"trace {path.name} on {topo_text}, {replicas or 0} replicas"
+            report["scenarios"][name] = summarize([res], real.num_layers)
+            md += [f"## {name}", "", table(res, real.num_layers), ""]
+            print(f"{name}: " + _headline(report["scenarios"][name]), flush=True)
     report["planning"] = planning_time(FULL, a.repeats)
     pt = report["planning"]
     md += ["## Planning time, 58 layers x 256 experts onto 32 devices (4x8:slots=9, 32 replicas, "

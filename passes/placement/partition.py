@@ -1,15 +1,17 @@
-"""Balanced graph partitioning, B independent problems at once (one per layer, or per layer and node).
+"""Balanced graph partitioning, B independent problems at once (one per layer, or layer and node).
 
     partition(affinity [B, n, n], anchor [B, n, P] | None, w [B, n], valid [B, n],
               max_count [B, P], max_load [B, P], group [B, n] | None) -> part [B, n]  (-1: invalid)
 
 Each problem places n weighted items into P parts. Greedy, heaviest item first, all problems in
 lockstep (step s places every problem's s-th heaviest item): an item goes to the part with the most
-affinity among those with a free slot and load room, affinity being the anchor (fixed pull towards a
-part) plus the edge weights to items already there, minus what an item of its load would get at
-random (w_i * load_p / W, modularity's null model). An item that fits no part's load cap goes to the
-part with the least relative load. Items sharing a `group` id (copies of one expert) share a part
-only when no other part has a free slot. Then `repair` swaps items out of parts over their cap.
+affinity among those with a free slot and load room, affinity being the anchor (a fixed pull
+towards a part) plus the edge weights to items already there, minus `spread` times what an item of
+its load would get at random (w_i * load_p / W, modularity's null model), so heavy items spread.
+A part keeps room for the lightest items that the other parts' free slots could not take. An item
+that fits no part's load cap goes to the part with the least relative load. Items sharing a `group`
+id (copies of one expert) share a part only when no other part has a free slot, and are split
+apart afterwards where a swap allows. Then `repair` exchanges items out of parts over `final_load`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ CANDIDATES = 16     # repair tries this many items of a part over its cap, sprea
 
 def partition(affinity, anchor, w, valid, max_count, max_load, group=None, spread=4.0,
               final_load=None, repair_rounds=None):
+    """part [B, n] (see the module docstring); final_load [B, P] defaults to max_load."""
     B, n = w.shape
     P = max_count.shape[1]
     if (max_count.sum(1) < valid.sum(1)).any():

@@ -63,7 +63,7 @@ class Plan:
 
     @property
     def replicas(self) -> int:
-        """Copies beyond one per expert, summed over layers' maximum (the budget the plan uses)."""
+        """The most extra copies (beyond one per expert) that any layer uses."""
         return int((self.held.sum((1, 2)) - self.num_experts).max(initial=0))
 
     def device_experts(self, layer: int) -> list[list[int]]:
