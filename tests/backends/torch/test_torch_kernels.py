@@ -132,6 +132,15 @@ def test_float32_gemm_variants(tokens):
         assert_numerically_equal(got, moe_reference(*inputs, spec), atol=1e-3, rtol=1e-4, what=name)
 
 
+def test_grouped_gemm_gathers_per_expert_when_rows_do_not_fit(monkeypatch):
+    """Large T: rows gathered per expert segment instead of one [N, H] buffer; same numbers."""
+    spec = MoESpec(4, 6, 5, "geglu", RouterSpec(top_k=2, capacity_factor=0.75), expert_bias=True, shared_ffn=2)
+    inputs = make_inputs(spec, 11, seed=2)
+    monkeypatch.setattr(kernels, "GATHER_ONCE_BYTES", 0)
+    assert_numerically_equal(kernels.run("torch.grouped_gemm", *inputs, spec=spec), moe_reference(*inputs, spec),
+                             atol=1e-10, rtol=1e-10)
+
+
 def test_unknown_kernel_is_a_clear_error():
     spec = MoESpec(4, 6, 5, name="blocks.2.moe")
     with pytest.raises(MoeccError, match="blocks.2.moe.*unknown torch kernel 'torch.fast'"):
