@@ -82,7 +82,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
         "library": LIBRARY, "params": PARAMS,
         "inputs": [var_info(v) for v in mod["main"].params[:num_inputs(mod)]],
-        "param_names": names,
+        "param_names": names, "param_dtypes": [str(a.dtype) for a in params],
         "sha256": {f: sha256(out_dir / f) for f in (LIBRARY, PARAMS)},
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -201,9 +201,13 @@ def parameters(program: torch.export.ExportedProgram, mod) -> tuple[list[str], l
     state = {**program.state_dict, **program.constants}
     names, arrays = [], []
     for var in mod["main"].params[num_inputs(mod):]:
-        tensor = state[by_arg[var.name]]
+        tensor = state[by_arg[var.name]].detach().cpu().contiguous()
         names.append(var.name)
-        arrays.append(tensor.detach().cpu().contiguous().numpy())
+        if tensor.dtype == torch.bfloat16:                    # numpy has no bfloat16: ml_dtypes' (TVM's)
+            import ml_dtypes
+            arrays.append(tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+        else:
+            arrays.append(tensor.numpy())
     return names, arrays
 
 

@@ -77,7 +77,8 @@ def load(artifact_dir, manifest: dict | None = None):
         missing = [n for n in meta["param_names"] if n not in data]
         if missing:
             raise MoeccError(f"TVM artifact {artifact}: {meta['params']} lacks {missing}; recompile it")
-        params = [tvm.runtime.tensor(data[n], dev) for n in meta["param_names"]]
+        dtypes = meta.get("param_dtypes") or [None] * len(meta["param_names"])
+        params = [tvm.runtime.tensor(as_dtype(data[n], d), dev) for n, d in zip(meta["param_names"], dtypes)]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
         arrays = check_inputs(inputs, meta["inputs"])
@@ -94,7 +95,7 @@ def check_inputs(inputs: list, specs: list[dict]) -> list[np.ndarray]:
     arrays = []
     for a, s in zip(inputs, specs):
         a = np.asarray(a)
-        want = np.dtype(s["dtype"])
+        want = np_dtype(s["dtype"])
         if a.ndim != len(s["shape"]) or any(isinstance(d, int) and d != n for d, n in zip(s["shape"], a.shape)):
             raise MoeccError(f"input {s['name']}: expected shape {s['shape']}, got {list(a.shape)}")
         if a.dtype != want:
@@ -103,6 +104,19 @@ def check_inputs(inputs: list, specs: list[dict]) -> list[np.ndarray]:
             a = a.astype(want)
         arrays.append(np.ascontiguousarray(a))
     return arrays
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype by TVM name; bfloat16 is ml_dtypes' (a TVM dependency)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def as_dtype(array: np.ndarray, name: str | None) -> np.ndarray:
+    """np.load gives bfloat16 arrays back as raw 2-byte voids: view them as what they were."""
+    return array.view(np_dtype(name)) if name and array.dtype.kind == "V" else array
 
 
 def flatten(out) -> list:

@@ -137,3 +137,19 @@ def test_importer_gaps_on_dynamic_shapes_are_closed(tmp_path):
     x = torch.randn(3, 10, H)
     want = model(x).detach().numpy()
     assert_numerically_equal(runtime.load(tmp_path)([x.numpy()])[0], want, atol=1e-5, what="mask-like")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(tmp_path, dtype):
+    """Weights saved and fed back in the model's dtype (bfloat16 via ml_dtypes); experts accumulate
+    in float32, so the result is the reference's within its own rounding (2 ulp)."""
+    import ml_dtypes
+    model = MoE(spec("half", top_k=2, act="swiglu"), init_std=0.25).eval().to(dtype)
+    lower.lower(export(model, torch.randn(2, 5, H, dtype=dtype)), tmp_path, {"kernel": "tvm.grouped_gemm"})
+    x = torch.randn(3, 7, H, dtype=dtype)
+    feed = x.numpy() if dtype == torch.float16 else x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    (got,) = runtime.load(tmp_path)([feed])
+    want = model(x).detach().float().numpy()
+    assert str(got.dtype) == str(dtype).removeprefix("torch.")
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+    assert_numerically_equal(got.astype(np.float32), want, atol=2 * ulp * np.abs(want).max(), rtol=0)
