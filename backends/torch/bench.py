@@ -179,11 +179,17 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
                                     ("hf:eager", lambda: bench_alts.hf_block(spec, w, "eager")),
                                     ("hf:grouped_mm", lambda: bench_alts.hf_block(spec, w, "grouped_mm"))):
                     made = build()
-                    (alt_skips.append(f"{name}: {made}") if isinstance(made, str) else alts.__setitem__(name, made))
+                    if isinstance(made, str):
+                        alt_skips.append(f"{name}: {made}")
+                    else:
+                        alts[name] = made
             work = tempfile.mkdtemp(prefix="moecc-bench-tvm-") if tvm else None
             if tvm:
                 made = bench_alts.tvm_kernels(spec, w, work)
-                (alt_skips.append(f"tvm: {made}") if isinstance(made, str) else alts.update(made))
+                if isinstance(made, str):
+                    alt_skips.append(f"tvm: {made}")
+                else:
+                    alts.update(made)
             peak = square_gemm_flops(512 if spec.hidden < 512 else 2048, clock=CLOCKS[clock])
             results["shapes"][sname] = {"spec": spec.to_dict(), "gemm_flops": peak, "skipped": alt_skips}
             for T in tokens:

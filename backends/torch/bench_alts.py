@@ -49,7 +49,7 @@ def ort_fused(spec: MoESpec, weights: dict, threads: int):
     reason = ort_reason(spec)
     if reason:
         return reason
-    import onnx
+
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -20,7 +20,6 @@ Kernels are inference-only: the op's autograd recomputes `moe_reference` in back
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 

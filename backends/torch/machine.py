@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import time
 
 import torch
@@ -52,7 +51,7 @@ def machine_key() -> str:
     return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|v{VERSION}"
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
     """Fastest of `repeats` calls after a warm-up: on a machine shared with other jobs the minimum
     is what the hardware does, the median is what the neighbours let it do. With one thread the
     process's CPU time is used (time spent descheduled does not count)."""
@@ -70,17 +69,17 @@ def measure(quick: bool = False) -> dict:
     """Measure the constants (a few seconds; `quick` uses small sizes, for tests)."""
     n = 512 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    gemm_flops = 2 * n ** 3 / _best_time(lambda: a @ b, 3)
+    gemm_flops = 2 * n ** 3 / best_time(lambda: a @ b, 3)
     buf = torch.randn((4 if quick else 32) * 2 ** 20)                  # 16 / 128 MiB
-    bandwidth = buf.numel() * 4 / _best_time(buf.sum, 5)
+    bandwidth = buf.numel() * 4 / best_time(buf.sum, 5)
     tiny = torch.ones(4)
-    op_overhead = _best_time(lambda: [tiny.add(1.0) for _ in range(100)], 5) / 100
+    op_overhead = best_time(lambda: [tiny.add(1.0) for _ in range(100)], 5) / 100
     dim = 256 if quick else CURVE_DIM
     w = torch.randn(dim, dim)
     curve = {}
     for m in CURVE_M:
         x, out = torch.randn(m, dim), torch.empty(m, dim)
-        curve[m] = _best_time(lambda: linear_into(x, w, None, out), 5 if m < 128 else 3)
+        curve[m] = best_time(lambda: linear_into(x, w, None, out), 5 if m < 128 else 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -156,7 +155,7 @@ def measure_shape(k: int, n: int) -> dict:
     def call(x, out):
         turn[0] = (turn[0] + 1) % copies
         linear_into(x, ws[turn[0]], None, out)
-    return {str(m): _best_time(lambda x=torch.randn(m, k), o=torch.empty(m, n): call(x, o), 5) for m in SHAPE_M}
+    return {str(m): best_time(lambda x=torch.randn(m, k), o=torch.empty(m, n): call(x, o), 5) for m in SHAPE_M}
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,9 +19,6 @@ import hashlib
 import json
 import os
 import pathlib
-import statistics
-import time
-
 import torch
 
 from moecc.backends.base import KernelChoice
@@ -68,7 +65,10 @@ def choose(spec: MoESpec, tokens: int, candidates=None, table: dict | None = Non
     ok = []
     for name in names:
         verdict = KERNELS[name].checker(spec, tokens)
-        (ok.append(name) if verdict is True else rejected.__setitem__(name, str(verdict)))
+        if verdict is True:
+            ok.append(name)
+        else:
+            rejected[name] = str(verdict)
     if not ok:
         raise MoeccError(f"MoE layer {spec.name or '?'}: no torch kernel fits T={tokens}: {rejected}")
     layer = spec.name or spec_key(spec)
@@ -126,16 +126,10 @@ def _random_inputs(spec: MoESpec, tokens: int, gen: torch.Generator) -> list:
 
 
 def measure_kernel(name: str, spec: MoESpec, inputs: list, repeats: int = 3) -> float:
-    """Median seconds of one call (after one warm-up call)."""
+    """Seconds of one call: the fastest of `repeats` after a warm-up (machine.best_time)."""
     fn = KERNELS[name].fn
-    times = []
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            fn(*inputs, spec=spec)
-            if i:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return machine.best_time(lambda: fn(*inputs, spec=spec), repeats)
 
 
 def autotune(spec: MoESpec, candidates=None, tokens=BUCKET_TOKENS, repeats: int = 3,
