@@ -14,7 +14,7 @@ __all__ = ["MoeccError", "__version__", "MoESpec", "RouterSpec", "capture", "tra
 if "torch" in sys.modules:
     from . import ops  # noqa: F401  (defines torch.ops.moecc.moe before any torch.export.load)
 
-_LAZY = {"MoESpec": "spec", "RouterSpec": "spec", "capture": "capture", "transform": "api",
+_LAZY = {"MoESpec": "spec", "RouterSpec": "spec", "capture": "frontend", "transform": "api",
          "compile": "api", "load": "api"}
 
 

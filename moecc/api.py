@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from . import __version__, artifact
-from .capture import Captured, capture
+from .frontend import Captured, capture
 from .errors import MoeccError
 from .inputs import fresh_inputs
 from .pipeline import PassManager, moe_nodes

@@ -165,7 +165,7 @@ def _runnable(ref: str):
                              "trace a torch artifact or the model factory")
         gm, source = load(ref).module(), str(manifest.get("source", ""))
     else:
-        from moecc.capture import capture
+        from moecc.frontend import capture
         from moecc.loader import load_model
         model, inputs = load_model(ref)
         gm = capture(model, inputs, source=ref).gm

@@ -14,7 +14,7 @@ def _moe_row(name: str, spec) -> list:
 
 
 def rows_for_model(ref: str) -> tuple[str, list[list]]:
-    from .capture import capture
+    from .frontend import capture
     from .loader import load_model
     from .passes.canonicalize import canonicalize
     from .passes.ffn_match import find_ffns

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm  # noqa: E402
 
 from moecc import calibration as calib  # noqa: E402
-from moecc.capture import capture  # noqa: E402
+from moecc.frontend import capture  # noqa: E402
 from moecc.ops import call_moe  # noqa: E402
 from moecc.passes import moefy, upcycle  # noqa: E402
 from moecc.passes.canonicalize import canonicalize  # noqa: E402

@@ -28,7 +28,7 @@ import tiny_gpt  # noqa: E402
 
 from moecc import balance  # noqa: E402
 from moecc.api import transform  # noqa: E402
-from moecc.capture import capture  # noqa: E402
+from moecc.frontend import capture  # noqa: E402
 from moecc.monitor import Monitor  # noqa: E402
 from moecc.nn import from_graph  # noqa: E402
 

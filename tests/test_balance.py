@@ -7,7 +7,7 @@ import torch
 
 import tiny_gpt
 from moecc import balance
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.nn import MoE, from_graph
 from moecc.passes.upcycle import upcycle

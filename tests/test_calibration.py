@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moecc import calibration as calib
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.passes.canonicalize import canonicalize
 from moecc.passes.ffn_match import find_ffns

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.monitor import Monitor, dynamic_capacity, evenness
 from moecc.nn import MoE

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moecc import calibration as calib
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.passes import make as make_pass
 from moecc.passes import moefy, moefy_partition, moefy_router

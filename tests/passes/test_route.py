@@ -9,7 +9,7 @@ from torch import nn
 import tiny_gpt
 from moecc import passes
 from moecc.api import transform
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.nn import MoE
 from moecc.ops import call_moe

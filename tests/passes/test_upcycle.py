@@ -8,7 +8,7 @@ from torch import nn
 
 import tiny_bert
 import tiny_gpt
-from moecc.capture import capture
+from moecc.frontend import capture
 from moecc.errors import MoeccError
 from moecc.passes.canonicalize import canonicalize
 from moecc.passes.ffn_match import find_ffns
