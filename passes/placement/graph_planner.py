@@ -52,7 +52,7 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     rows = np.arange(L)[:, None]
     scale = np.where(valid, 1.0 / count[rows, c], 0.0)
     cw = w[rows, c] * scale                                                 # [L, M] copy loads
-    affinity = sub_graph(coact, np.arange(L), c, scale)                    # [L, M, M]
+    affinity = copy_edges(coact, np.arange(L), c, scale)
     mean = (cw.sum(1, keepdims=True) / N).repeat(N, 1)                        # [L, N]
     caps = dict(max_count=np.full((L, N), G * S), max_load=mean * (1 + tol),
                 final_load=mean * (1 + final_tol))
@@ -94,13 +94,19 @@ def copies(count: np.ndarray) -> np.ndarray:
     return out
 
 
-def sub_graph(coact: np.ndarray, layer: np.ndarray, c: np.ndarray, scale: np.ndarray,
-              factor: float = 1.0) -> np.ndarray:
-    """Edges between copies: coact [L, E, E], problem b's layer [B] and copies' experts c [B, M]
-    -> [B, M, M] = factor * coact[layer, c_i, c_j] * scale_i * scale_j (float32)."""
-    s32 = scale.astype(np.float32)
-    rows = coact[layer[:, None], c] * (np.float32(factor) * s32[:, :, None])          # [B, M, E]
-    return np.take_along_axis(rows, c[:, None, :], 2) * s32[:, None, :]
+def copy_edges(coact: np.ndarray, layer: np.ndarray, c: np.ndarray, scale: np.ndarray,
+               factor: float = 1.0):
+    """Edges between copies, on demand: coact [L, E, E], problem b's layer [B], copies' experts
+    c [B, M] -> rows(b, i) = factor * coact[layer[b], c[b, i], c[b]] * scale[b, i] * scale[b]
+    ([..., M], float32), for partition (an [B, M, M] matrix would cost more than the partition)."""
+    s = scale.astype(np.float32)
+
+    def rows(b, i):
+        r = coact[layer[b], c[b, i]]                                        # [..., E]
+        out = np.take_along_axis(r, c[b], -1)                               # [..., M]
+        return out * (np.float32(factor) * s[b, i][..., None] * s[b])
+
+    return rows
 
 
 def membership(copy_of: np.ndarray, part: np.ndarray, scale: np.ndarray, E: int,
@@ -171,7 +177,7 @@ def place_devices(w, coact, flow, copy_of, node, scale, topology: Topology, tol:
     c = np.where(valid, copy_of[layer, np.maximum(pos, 0)], 0)              # [B, M] expert
     sc = np.where(valid, scale[layer, np.maximum(pos, 0)], 0.0)
     cw = w[layer, c] * sc
-    affinity = sub_graph(coact, layer[:, 0], c, sc, device_affinity)        # [B, M, M]
+    affinity = copy_edges(coact, layer[:, 0], c, sc, device_affinity)
     mean = (cw.sum(1, keepdims=True) / G).repeat(G, 1)                       # [B, G]
     device = partition(affinity, None, cw, valid, np.full((L * N, G), S), mean * (1 + tol),
                        group=c, final_load=mean * (1 + final_tol))          # [B, M] device in node

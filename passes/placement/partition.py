@@ -3,6 +3,9 @@
     partition(affinity [B, n, n], anchor [B, n, P] | None, w [B, n], valid [B, n],
               max_count [B, P], max_load [B, P], group [B, n] | None) -> part [B, n]  (-1: invalid)
 
+`affinity` may also be a function (b, i) -> the edge rows of items i of problems b ([..., n]), for
+graphs too large to materialize (graph_planner.copy_edges).
+
 Each problem places n weighted items into P parts. Greedy, heaviest item first, all problems in
 lockstep (step s places every problem's s-th heaviest item): an item goes to the part with the most
 affinity among those with a free slot and load room, affinity being the anchor (a fixed pull
@@ -25,6 +28,7 @@ CANDIDATES = 16     # repair tries this many items of a part over its cap, sprea
 def partition(affinity, anchor, w, valid, max_count, max_load, group=None, spread=4.0,
               final_load=None, repair_rounds=None):
     """part [B, n] (see the module docstring); final_load [B, P] defaults to max_load."""
+    edges = affinity if callable(affinity) else (lambda b, i: affinity[b, i])
     B, n = w.shape
     P = max_count.shape[1]
     if (max_count.sum(1) < valid.sum(1)).any():
@@ -72,12 +76,12 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
         part[b, i] = p
         load[b, p] += wi[:, 0]
         count[b, p] += 1
-        score[b, p] += affinity[b, i]
+        score[b, p] += edges(b, i)
         if group is not None:
             taken[b, g, p] = True
     if group is None:                                       # each item its own group
         taken[rows[:, None], grp, np.maximum(part, 0)] = valid
-    state = (affinity, score, w, part, load, count, taken, grp)
+    state = (edges, score, w, part, load, count, taken, grp)
     if group is not None:
         _unmerge(state, valid)
     final_load = max_load if final_load is None else np.clip(final_load, 1e-12, max_load)
@@ -92,7 +96,7 @@ def repair(state, max_count, max_load) -> bool:
     over) gives one of CANDIDATES of its items (light to heavy) to a part with a free slot and
     room, or swaps it for a lighter item of another part, whichever removes most excess (affinity
     gained breaks near-ties). False when no problem could exchange anything."""
-    affinity, score, w, part, load, count, taken, grp = state
+    edges, score, w, part, load, count, taken, grp = state
     B, P = load.shape
     n = w.shape[1]
     rel = (load - max_load) / max_load
@@ -123,7 +127,7 @@ def repair(state, max_count, max_load) -> bool:
           & ~held[b1, np.arange(n), p[:, None]][:, None, :])
     # gain of swapping i (in p) with j (in q): both change sides; the i-j edge is counted twice
     gain = (sc[b3, qi[:, None, :], I[:, :, None]] - s_p[b1, I][:, :, None] + s_p[:, None, :]
-            - s_own[:, None, :] - 2 * affinity[prob[:, None], I])
+            - s_own[:, None, :] - 2 * edges(prob[:, None], I))
     key = np.where(ok, np.minimum(delta, excess) + 0.1 * gain, -np.inf).reshape(len(prob), -1)
     # moves of i to a part r with a free slot and load room
     free = (count[prob] < max_count[prob]) & (np.arange(P)[None, :] != p[:, None])   # [b, P]
@@ -148,7 +152,7 @@ def repair(state, max_count, max_load) -> bool:
 def _unmerge(state, valid) -> None:
     """Where the greedy had to put two items of one group in one part, swap one of them with the
     item of most similar load that can trade places (neither part then holds a group twice)."""
-    affinity, score, w, part, load, count, taken, grp = state
+    edges, score, w, part, load, count, taken, grp = state
     merged = taken.sum((1, 2)) < valid.sum(1)               # fewer (group, part) pairs than items
     for b in np.flatnonzero(merged).tolist():
         key = np.where(valid[b], grp[b] * (part.shape[1] + 1) + part[b], -1)
@@ -167,7 +171,7 @@ def _unmerge(state, valid) -> None:
 def _move(state, b: np.ndarray, i: np.ndarray, q: np.ndarray) -> None:
     """Move item i[k] of problem b[k] to part q[k] (distinct problems), updating loads, counts,
     scores and group occupancy."""
-    affinity, score, w, part, load, count, taken, grp = state
+    edges, score, w, part, load, count, taken, grp = state
     if not len(b):
         return
     p = part[b, i]
@@ -176,8 +180,9 @@ def _move(state, b: np.ndarray, i: np.ndarray, q: np.ndarray) -> None:
     load[b, q] += w[b, i]
     count[b, p] -= 1
     count[b, q] += 1
-    score[b, p] -= affinity[b, i]
-    score[b, q] += affinity[b, i]
+    row = edges(b, i)
+    score[b, p] -= row
+    score[b, q] += row
     g = grp[b, i]
     taken[b, g, p] = ((part[b] == p[:, None]) & (grp[b] == g[:, None])).any(1)
     taken[b, g, q] = True
