@@ -18,8 +18,10 @@ FFN (up to float summation order). Choices made here, and why:
 - compensation: each expert's b_out is −c_e (its mean contribution over the calibration tokens where
   the router leaves it out at this k), plus (b_out + Σ c)/k: with exactly k experts chosen per token the
   output is b_out + the chosen experts + the mean of the others (0 added when all are on).
-Facts for the artifact (partition method, router and its held-out recall, calibration size and sha256)
-are on each MoE node's `node.meta["moecc.moefy"]`; `moefy_facts(gm)` collects them by layer name.
+Facts for the artifact (partition method, router and its held-out recall, calibration size and sha256,
+active fraction, held-out FFN error at this k: mean ‖MoE − dense‖/‖dense‖ of the FFN output on calibration
+tokens the router was not fitted on) are on each MoE node's `node.meta["moecc.moefy"]`;
+`moefy_facts(gm)` collects them by layer name.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from .upcycle import check_experts, no_ffn_error
 FACTS_KEY = "moecc.moefy"
 ALWAYS_ON = 1.0e4            # router logit of a shared (always-on) expert
 VALIDATE_EVERY = 10          # every 10th calibration token scores the router, the rest fit it
+CHECK_TOKENS = 256           # of those, kept in the plan to measure the FFN error at each k
 
 
 @dataclass
@@ -55,6 +58,7 @@ class LayerPlan:
     router: dict                     # fitted on the E - j routed experts
     comp: torch.Tensor               # [E - j + 1, E, H]: c_e for routed k = 0..E-j
     facts: dict
+    check: dict                      # held-out calibration tokens: routed contributions, logits, target
 
 
 def _weights(gm: fx.GraphModule, m: FFNMatch):
@@ -109,7 +113,20 @@ def plan_layer(gm, m: FFNMatch, index: int, x: torch.Tensor, num_experts: int, m
              "shared_neurons": int(shared_idx.numel()), "width": width, "padded_neurons": E * width - F_,
              "router_recall": round(moefy_router.recall(pred[val], y[val]), 4),
              "random_recall": round(moefy_router.random_recall(y[val], seed), 4)}
-    return LayerPlan(index, m.name, groups, width, j, fitted, comp, facts)
+    v = torch.nonzero(val).flatten()[:CHECK_TOKENS]
+    check = {"routed": torch.stack([_contribution(a[v], w_out, idx) for idx in routed], 1),   # [V, Er, H]
+             "logits": pred[v], "dense": _contribution(a[v], w_out, torch.arange(F_))}       # [V, Er], [V, H]
+    check["shared"] = check["dense"] - check["routed"].sum(1)                                 # [V, H]
+    return LayerPlan(index, m.name, groups, width, j, fitted, comp, facts, check)
+
+
+def held_out_error(p: LayerPlan, k: int) -> float:
+    """Mean relative error of the FFN output (bias aside) on held-out calibration tokens at top-k."""
+    c, kr = p.check, k - p.shared
+    comp = p.comp[kr][p.shared:]                                                  # [Er, H]
+    chosen = torch.zeros_like(c["logits"]).scatter_(1, c["logits"].topk(kr, dim=1).indices, 1.0)
+    approx = c["shared"] + (c["routed"] * chosen[..., None]).sum(1) + (1 - chosen) @ comp   # [V, H]
+    return ((approx - c["dense"]).norm(dim=1) / c["dense"].norm(dim=1).clamp(min=1e-12)).mean().item()
 
 
 def _compensation(a, w_out, routed, pred, j: int, E: int) -> torch.Tensor:
@@ -234,7 +251,7 @@ def apply(gm: fx.GraphModule, plans: list[LayerPlan], top_k: int) -> fx.GraphMod
         moe = replace_ffn(gm, m, p.index, spec, t)
         _router_nodes(gm, moe, t)
         moe.meta[FACTS_KEY] = {**p.facts, "top_k": top_k, "active_fraction": round(top_k * p.width / (
-            E * p.width - p.facts["padded_neurons"]), 4)}
+            E * p.width - p.facts["padded_neurons"]), 4), "held_out_ffn_error": round(held_out_error(p, top_k), 4)}
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

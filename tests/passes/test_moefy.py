@@ -85,6 +85,7 @@ def test_structure_spec_and_stats(bert):
     f = facts["layer.0"]
     assert f["method"] == "cluster" and f["router"] == "linear" and f["active_fraction"] == 0.5
     assert f["calibration"]["tokens"] == 288 and len(f["calibration"]["sha256"]) == 64
+    assert 0 < f["held_out_ffn_error"] < 1
     assert gm(*example).shape == model(*example).shape
 
 
@@ -92,9 +93,11 @@ def test_structure_spec_and_stats(bert):
 def test_all_experts_on_equals_dense_bert(bert, method, router, shared):
     model, example, gm, cal = bert
     plans, _ = moefy.plan(gm, 8, method=method, router=router, shared=shared, calibration=cal)
-    _, y = _run(gm, plans, 8, example)
+    out, y = _run(gm, plans, 8, example)
     torch.testing.assert_close(y, model(*example), atol=1e-5, rtol=0)
     assert plans[0].shared == (2 if shared else 0)
+    errors = [moefy.held_out_error(plans[0], k) for k in range(plans[0].shared + 1, 9)]
+    assert errors[-1] < 1e-5 and errors[0] > errors[-2] > errors[-1]
 
 
 def test_all_experts_on_equals_dense_swiglu_with_padding(gpt):
