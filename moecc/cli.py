@@ -95,7 +95,9 @@ def cmd_compile(a) -> int:
         check_experts(a.upcycle or a.moefy, 2 if a.top_k is None else a.top_k)
     from .artifact import check_out_dir
     check_out_dir(a.out, a.force)
-    model, inputs = load_model(a.model)
+    model, inputs, tokenize = load_model(a.model, with_tokenizer=True)
+    for _, opts in passes:
+        opts.setdefault("tokenize", tokenize)
     options = {"onnx_moe": a.onnx_moe, "target": a.target, "kernel": a.kernel, "autotune": a.autotune}
     out = api.compile(model, inputs, passes=passes, backend=a.backend, out=a.out, options=options,
                       verify=not a.no_verify, force=a.force, tolerance=a.tolerance, source=a.model)

@@ -120,7 +120,7 @@ def cmd_trace(a) -> int:
     import torch
 
     from moecc import calibration
-    from moecc.loader import load_factory
+    from moecc.loader import tokenizer_for
     from moecc.ops import record_routing
     from moecc.passes.placement.trace import from_records, save_trace
     if a.out.suffix not in (".npz", ".json"):
@@ -133,7 +133,7 @@ def cmd_trace(a) -> int:
     tokenize = None
     if not a.calibration.endswith((".pt", ".npz")) and ":" in source:   # text: the tokenize(lines)
         # defined beside the factory
-        tokenize = getattr(load_factory(source), "__globals__", {}).get("tokenize")
+        tokenize = tokenizer_for(source)
     cal = calibration.load(a.calibration, tokenize)
     names = _layer_names(specs)
     records = []

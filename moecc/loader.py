@@ -35,8 +35,17 @@ def load_factory(ref: str):
     return factory
 
 
-def load_model(ref: str):
-    """(model, example_inputs) from the factory, checked."""
+def tokenizer_of(factory) -> object:
+    """The `tokenize(lines) -> example inputs` defined beside a factory (for text calibration), or None."""
+    return getattr(factory, "__globals__", {}).get("tokenize")
+
+
+def tokenizer_for(ref: str):
+    return tokenizer_of(load_factory(ref))
+
+
+def load_model(ref: str, with_tokenizer: bool = False):
+    """(model, example_inputs) from the factory, checked; `with_tokenizer`: (model, inputs, tokenize)."""
     import torch
     factory = load_factory(ref)
     try:
@@ -49,4 +58,6 @@ def load_model(ref: str):
     model, inputs = result
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if with_tokenizer:
+        return model, tuple(inputs), tokenizer_of(factory)
     return model, tuple(inputs)
