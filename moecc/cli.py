@@ -14,7 +14,7 @@ from .errors import MoeccError
 COMPILE_EXAMPLES = """examples:
   moecc compile samples/tiny_gpt.py:build --upcycle 8 --top-k 2 --to onnx --out out/tiny_gpt_moe
   moecc compile samples/tiny_bert.py:build --upcycle 4 --top-k 1 --layers every-2 --to torch --out out/bert
-  moecc compile samples/minilm.py:build --moefy 8 --top-k 2 --calibration moecc/data/corpus.txt --to onnx --out out/minilm
+  moecc compile samples/minilm.py:build --moefy 8 --top-k 2 --calibration corpus:calibration --to onnx --out out/minilm
   moecc compile samples/tiny_gpt.py:build --upcycle 8 --router sigmoid-topk --capacity-factor 1.25 --out out/g
 """
 
