@@ -1,46 +1,50 @@
 """The GEMM every torch MoE kernel calls for an expert's tokens, in the form fastest for its shape.
 
-    linear_into(a [m, K], w [N, K], b [N]?, out [m, N]) -> out = a · wᵀ (+ b)
-    linear(a [m, K], w [N, K], b [N]?) -> [m, N]          (a new tensor; the decode kernel's form)
+    linear(a [m, K], w [N, K], b [N]?) -> [m, N] = a · wᵀ (+ b)
 
-Measured on this project's CPU (AVX2; PyTorch's MKL and oneDNN; 1 thread; process time):
-- m ≤ 4: w · aᵀ (weight-stationary) is 1.3-2x faster than F.linear, which packs the weight first
-  (even at m = 1 for short rows: [1024, 512] weights stream at 1.45x the time with F.linear);
+Measured on this project's CPU (AVX2; PyTorch's MKL and oneDNN; 1 thread; process time; weights
+read from memory as an expert's are):
+- 2 ≤ m ≤ 4: w · aᵀ (weight-stationary) is 1.3-2x faster than F.linear, which packs the weight first;
   m = 3 runs 15-35% faster padded with a zero row to m = 4 (MKL has a 4-column kernel);
-- N ≥ 4096 weight rows: oneDNN (`mkldnn._linear_pointwise`) is 1.4-2x faster than MKL for m = 4..256
-  (MKL packs the whole N x K weight, larger than the cache); for N ≤ 3584 the two are within 10%;
-- otherwise MKL's addmm, written straight into `out` (no copy).
+- N ≥ 4096 weight rows: oneDNN (`mkldnn._linear_pointwise`) is 1.1-1.6x faster than MKL for m = 4..256
+  (MKL packs the whole N x K weight, larger than the cache), and at m = 1 streams the weight at the
+  bandwidth of a plain sum (10-15% ahead of MKL's gemv); from m ≈ 384 MKL is ~10% faster again;
+  for N ≤ 3584 they are within 10%;
+- m = 1 otherwise: w · aᵀ (MKL gemv; F.linear is up to 1.45x slower on short rows, e.g. [1024, 512]);
+- otherwise MKL (F.linear).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _DNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 DNN_MIN_ROWS = 4096
+DNN_MAX_M = 384
 SMALL_M = 4
 
 
-def _small(a: Tensor, w: Tensor) -> Tensor:
-    """[m ≤ 4, K] · wᵀ as w · aᵀ (m = 3 padded to 4)."""
-    if a.shape[0] == 3:
-        return torch.mm(w, torch.cat([a, a.new_zeros(1, a.shape[1])]).t())[:, :3].t()
-    return torch.mm(w, a.t()).t()                                            # [m, N]
-
-
-def linear_into(a: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+def form(a: Tensor, w: Tensor) -> str:
+    """"dnn", "small" (w · aᵀ) or "mkl" for this [m, K] · [N, K]ᵀ."""
+    dnn = (_DNN is not None and w.shape[0] >= DNN_MIN_ROWS and a.dtype == torch.float32
+           and w.dtype == torch.float32)
     m = a.shape[0]
+    if m == 1:
+        return "dnn" if dnn else "small"
     if m <= SMALL_M:
-        r = _small(a, w)
-        return out.copy_(r) if b is None else torch.add(r, b, out=out)
-    if (_DNN is not None and w.shape[0] >= DNN_MIN_ROWS and a.dtype == torch.float32
-            and w.dtype == torch.float32):
-        return out.copy_(_DNN(a, w, b, "none", [], ""))
-    return torch.mm(a, w.t(), out=out) if b is None else torch.addmm(b, a, w.t(), out=out)
+        return "small"
+    return "dnn" if dnn and m < DNN_MAX_M else "mkl"
 
 
 def linear(a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    if a.shape[0] <= SMALL_M:
-        r = _small(a, w)
-        return r if b is None else r + b
-    return linear_into(a, w, b, a.new_empty(a.shape[0], w.shape[0]))
+    f = form(a, w)
+    if f == "dnn":
+        return _DNN(a, w, b, "none", [], "")
+    if f == "mkl":
+        return F.linear(a, w, b)
+    if a.shape[0] == 3:                                                      # pad to MKL's 4 columns
+        r = torch.mm(w, torch.cat([a, a.new_zeros(1, a.shape[1])]).t())[:, :3].t()
+    else:
+        r = torch.mm(w, a.t()).t()                                           # [m, N]
+    return r if b is None else r + b

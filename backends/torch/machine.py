@@ -3,7 +3,7 @@
     constants() -> {"gemm_flops": FLOP/s of a large square matmul,
                     "bandwidth": B/s streaming a buffer larger than the last-level cache,
                     "op_overhead": s per small torch op (dispatch + Python),
-                    "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear_into),
+                    "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear),
                                    weights not cached}}
     shape_curve(k, n) -> {m: s}   the small-m curve of one weight shape, measured on first use
     gemm_time(m, k, n) -> s     elementwise_time(bytes) -> s     op_time(ops) -> s
@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from .gemm import linear_into
+from .gemm import linear
 
-VERSION = 3               # bump when what is measured changes: old cache entries are measured again
+VERSION = 4               # bump when what is measured changes: old cache entries are measured again
 CURVE_M = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256)
 SHAPE_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)   # per weight shape, measured on first use
 MIN_SHAPE_ELEMENTS = 2 ** 20                   # smaller weights: the square curve, scaled
@@ -78,8 +78,8 @@ def measure(quick: bool = False) -> dict:
     w = torch.randn(dim, dim)
     curve = {}
     for m in CURVE_M:
-        x, out = torch.randn(m, dim), torch.empty(m, dim)
-        curve[m] = best_time(lambda: linear_into(x, w, None, out), 5 if m < 128 else 3)
+        x = torch.randn(m, dim)
+        curve[m] = best_time(lambda: linear(x, w), 5 if m < 128 else 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -146,16 +146,16 @@ def _interp(curve: dict, m: float) -> float:
 
 
 def measure_shape(k: int, n: int) -> dict:
-    """{m: s} of linear_into for [m, k] x [n, k]ᵀ, m in SHAPE_M, on enough weight copies to
+    """{m: s} of gemm.linear for [m, k] x [n, k]ᵀ, m in SHAPE_M, on enough weight copies to
     exceed the cache (each call reads its weight from memory, as an expert's GEMM does)."""
     copies = max(2, -(-(96 * 2 ** 20) // (4 * k * n)))
     ws = [torch.randn(n, k) for _ in range(copies)]
     turn = [0]
 
-    def call(x, out):
+    def call(x):
         turn[0] = (turn[0] + 1) % copies
-        linear_into(x, ws[turn[0]], None, out)
-    return {str(m): best_time(lambda x=torch.randn(m, k), o=torch.empty(m, n): call(x, o), 5) for m in SHAPE_M}
+        linear(x, ws[turn[0]])
+    return {str(m): best_time(lambda x=torch.randn(m, k): call(x), 5) for m in SHAPE_M}
 
 
 @functools.lru_cache(maxsize=256)

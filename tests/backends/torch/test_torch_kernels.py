@@ -121,9 +121,9 @@ def test_float32_and_routing_records(name):
     assert (records[0]["expert_ids"] == -1).any()          # capacity 0.5 drops some assignments
 
 
-@pytest.mark.parametrize("tokens", [3, 6, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 6, 40])
 def test_float32_gemm_variants(tokens):
-    """The GEMM forms of grouped_gemm (w·aᵀ for m ≤ 4, m = 3 padded, oneDNN for ≥ 4096 weight rows, MKL)."""
+    """gemm.linear's forms (w·aᵀ for m ≤ 4, m = 3 padded, oneDNN for ≥ 4096 weight rows incl. m = 1, MKL)."""
     spec = MoESpec(2, 8, 2048, "swiglu", RouterSpec(top_k=1), expert_bias=True)   # w_in [2, 4096, 8]
     inputs = make_inputs(spec, tokens, seed=tokens, dtype=torch.float32)
     inputs[2] = inputs[2] * 0.3
