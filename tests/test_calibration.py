@@ -12,18 +12,14 @@ import torch
 from moecc import calibration as calib
 from moecc.frontend import capture
 from moecc.errors import MoeccError
+from sample_loader import load_sample
 from moecc.passes.canonicalize import canonicalize
 from moecc.passes.ffn_match import find_ffns
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sample(name: str):
-    spec = importlib.util.spec_from_file_location(f"sample_{name}", ROOT / "samples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+_sample = load_sample
 
 
 def _words(line: str) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from moecc import calibration as calib
 from moecc.frontend import capture
 from moecc.errors import MoeccError
+from sample_loader import load_sample
 from moecc.passes import make as make_pass
 from moecc.passes import moefy, moefy_partition, moefy_router
 from moecc.passes.canonicalize import canonicalize
@@ -22,12 +23,7 @@ from moecc.pipeline import PassManager, moe_nodes
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _sample(name: str):
-    spec = importlib.util.spec_from_file_location(f"sample_{name}", ROOT / "samples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+_sample = load_sample
 
 
 def _captured(model, example):
