@@ -94,18 +94,22 @@ def plot(results: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shapes = list(results["shapes"])
+    names = sorted({n for p in results["points"] for n in p["times"] if n != "ref:stream"})
+    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}     # one colour per name
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         pts = [p for p in results["points"] if p["shape"] == shape]
-        names = sorted({n for p in pts for n in p["times"] if n != "ref:stream"})
         for n in names:
             xs = [p["tokens"] for p in pts if n in p["times"]]
             ys = [p["times"][n]["median_ms"] / p["limit_ms"] for p in pts if n in p["times"]]
-            ax.plot(xs, ys, marker="o", label=n, linestyle="--" if not n.startswith("moecc:") else "-")
+            ax.plot(xs, ys, marker="o", label=n, color=colors[n],
+                    linestyle="-" if n.startswith("moecc:") else "--")
         for y in (1.0, 1.1, 1.3):
             ax.axhline(y, color="grey", linewidth=0.6)
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="time / limit", title=shape)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="-" if n.startswith("moecc:") else "--",
+                          label=n) for n in names]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"moecc bench, {results['threads']} threads (limit = max(FLOPs/peak, stream))")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
