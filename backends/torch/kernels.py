@@ -34,6 +34,7 @@ from moecc.spec import MoESpec
 
 from . import machine
 from .gemm import linear
+from .parallel import balance, run_groups
 
 AUTO = "torch.auto"
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
@@ -46,8 +47,7 @@ GATHER_ONCE_BYTES = 2 ** 22    # grouped_gemm: one [N, H] gather up to 4 MiB; la
 def _finish(y: Tensor, xt: Tensor, shape, shared_w_in, shared_w_out, shared_gate, spec) -> Tensor:
     """y + ops.shared_expert(xt), with gemm.linear's GEMM forms (decode: [1, F] rows stream 1.5x faster)."""
     if shared_w_in is not None:
-        s = linear(activate(linear(xt, shared_w_in), spec), shared_w_out)      # [T, H]
-        y = y.add_(s if shared_gate is None else s.mul_(torch.sigmoid(linear(xt, shared_gate))))
+        _shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec)[1](y)
     return y.reshape(shape)
 
 
@@ -71,6 +71,31 @@ def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tenso
     return linear(activate(h, spec), w_out[e], None if b_out is None else b_out[e])
 
 
+def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec):
+    """The shared expert as one more work item: (cost, add-to-y)."""
+    def add(y: Tensor) -> None:
+        s = linear(activate(linear(xt, shared_w_in), spec), shared_w_out)      # [T, H]
+        y.add_(s if shared_gate is None else s.mul_(torch.sigmoid(linear(xt, shared_gate))))
+    return float(shared_w_in.numel() + shared_w_out.numel()) * max(xt.shape[0], 8), add
+
+
+def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
+    """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads the items run
+    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end."""
+    def work(group) -> Tensor:
+        y = torch.zeros_like(xt)                                             # [T, H]
+        for i in group:
+            items[i][1](y)
+        return y
+    threads = torch.get_num_threads()
+    if threads > 1 and len(items) > 1:
+        parts = run_groups(work, balance([c for c, _ in items], threads))
+        for p in parts[1:]:
+            parts[0].add_(p)
+        return parts[0].reshape(shape)
+    return work(range(len(items))).reshape(shape)
+
+
 def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
                  shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
@@ -83,28 +108,37 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
     scale = weights.reshape(-1)[order].unsqueeze(-1).to(xt.dtype)            # [N, 1]
     once = len(order) * xt.shape[1] * xt.element_size() <= GATHER_ONCE_BYTES
     xs = xt.index_select(0, tok) if once else None                           # [N, H] if it stays cached
-    y = torch.zeros_like(xt)                                                 # [T, H]
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            seg = slice(start, start + c)
+    size = float(w_in[0].numel() + w_out[0].numel())
+
+    def segment(e: int, seg: slice):
+        def add(y: Tensor) -> None:
             xe = xs[seg] if once else xt.index_select(0, tok[seg])           # [c, H]
             y.index_add_(0, tok[seg], _expert(xe, e, w_in, w_out, b_in, b_out, spec).mul_(scale[seg]))
+        return size * max(seg.stop - seg.start, 8), add
+    items, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            items.append(segment(e, slice(start, start + c)))
             start += c
-    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+    if shared_w_in is not None:
+        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
+    return _accumulate(xt, items, x.shape)
 
 
 def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
            token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
-    y = torch.zeros_like(xt)                                                 # [T, H]
-    for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist())):   # one sync each
-        xr = xt[t:t + 1]                                                     # [1, H]
-        yr = y[t:t + 1]
-        for e, w in zip(row, wrow):
-            if e >= 0:                # the decode GEMM form: w · xᵀ streams the weight once
-                yr.add_(_expert(xr, e, w_in, w_out, b_in, b_out, spec), alpha=w)              # [1, H]
-    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+
+    def pair(t: int, e: int, w: float):
+        def add(y: Tensor) -> None:     # the decode GEMM form: w · xᵀ streams the weight once
+            y[t:t + 1].add_(_expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec), alpha=w)   # [1, H]
+        return 1.0, add
+    items = [pair(t, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
+             for e, w in zip(row, wrow) if e >= 0]                           # one sync each
+    if shared_w_in is not None:
+        cost, add = _shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec)
+        items.append((cost / (w_in[0].numel() + w_out[0].numel()) / 8, add))   # in units of one pair
+    return _accumulate(xt, items, x.shape)
 
 
 def dense_masked(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,

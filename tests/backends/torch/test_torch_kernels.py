@@ -163,3 +163,41 @@ def test_expected_load():
     assert hit == pytest.approx(8.0) and m == pytest.approx(1024.0)
     ec = MoESpec(8, 8, 8, router=RouterSpec("expert_choice", capacity_factor=2.0))
     assert kernels.expected_load(ec, 64) == (8.0, 16.0)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads: grouped_gemm and gather split whole experts over threads (parallel.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["torch.grouped_gemm", "torch.gather"])
+def test_experts_split_over_threads_match_reference(two_threads, name):
+    """Partial sums per thread (added at the end) match the reference; grad leaves and inference
+    mode both work (grad/inference mode are thread-local); the thread count is restored."""
+    for seed, spec in enumerate([MoESpec(8, 6, 5, "swiglu", RouterSpec(top_k=3), expert_bias=True, shared_ffn=3,
+                                         shared_gated=True),
+                                 MoESpec(4, 6, 5, "gelu", RouterSpec(top_k=2, capacity_factor=0.5))]):
+        inputs = make_inputs(spec, 5, seed=seed)
+        expected = moe_reference(*inputs, spec)
+        assert_numerically_equal(kernels.run(name, *inputs, spec=spec), expected, atol=1e-10, rtol=1e-10, what=name)
+        with torch.inference_mode():
+            got = kernels.run(name, *inputs, spec=spec)
+        assert_numerically_equal(got, expected, atol=1e-10, rtol=1e-10, what=f"{name} inference mode")
+        leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+        y = call_moe(*leaves, spec, kernel=name, b_in=inputs[4], b_out=inputs[5], shared_w_in=inputs[7],
+                     shared_w_out=inputs[8], shared_gate=inputs[9])
+        assert_numerically_equal(y, expected, atol=1e-10, rtol=1e-10, what=f"{name} through the op")
+        assert torch.get_num_threads() == 2
+
+
+def test_balance_groups_by_cost():
+    from moecc.backends.torch.parallel import balance, run_groups
+    groups = balance([5.0, 1.0, 4.0, 2.0, 3.0], 2)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    assert sorted(sum([5.0, 1.0, 4.0, 2.0, 3.0][i] for i in g) for g in groups) == [7.0, 8.0]
+    assert balance([1.0], 4) == [[0]]
+    assert run_groups(lambda g: (sum(g), torch.get_num_threads()), [[1, 2], [3]]) == [(3, 1), (3, 1)]
