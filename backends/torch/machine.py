@@ -26,7 +26,7 @@ import torch
 
 from .gemm import linear
 
-VERSION = 4               # bump when what is measured changes: old cache entries are measured again
+VERSION = 5               # bump when what is measured changes: old cache entries are measured again
 CURVE_M = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256)
 SHAPE_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)   # per weight shape, measured on first use
 MIN_SHAPE_ELEMENTS = 2 ** 20                   # smaller weights: the square curve, scaled

@@ -201,3 +201,29 @@ def test_balance_groups_by_cost():
     assert sorted(sum([5.0, 1.0, 4.0, 2.0, 3.0][i] for i in g) for g in groups) == [7.0, 8.0]
     assert balance([1.0], 4) == [[0]]
     assert run_groups(lambda g: (sum(g), torch.get_num_threads()), [[1, 2], [3]]) == [(3, 1), (3, 1)]
+
+
+def test_skinny_gemm_matches_blas():
+    """skinny.py's weight-streaming kernel: tails in K (not a multiple of 8) and N (not of 3 or 6),
+    every m up to MAX_M, rows of a strided; what it refuses goes to BLAS."""
+    from moecc.backends.torch import gemm, skinny
+    if not skinny.available():
+        pytest.skip("no C compiler or no AVX2/FMA here: gemm.linear uses BLAS only")
+    g = torch.Generator().manual_seed(0)
+    for m in range(1, skinny.MAX_M + 1):
+        for n, k in ((1, 8), (7, 13), (20, 64), (5, 1003)):
+            a = torch.randn(m, 2 * k, generator=g)[:, k:]                  # row stride 2k
+            w = torch.randn(n, k, generator=g)
+            assert skinny.fits(a, w)
+            assert_numerically_equal(skinny.gemm(a, w), a @ w.t(), atol=1e-4, rtol=1e-4, what=f"m={m} {n}x{k}")
+    a, w = torch.randn(4, 16), torch.randn(6, 16)
+    assert not skinny.fits(a.double(), w.double())                          # float32 only
+    assert not skinny.fits(torch.randn(skinny.MAX_M + 1, 16), w)            # many rows: MKL
+    assert not skinny.fits(a, torch.randn(16, 6).t())                       # w must be contiguous
+    assert gemm.form(a, w) == "skinny"
+    assert_numerically_equal(gemm.linear(a, w, torch.ones(6)), a @ w.t() + 1, atol=1e-5, rtol=1e-5)
+    torch.set_num_threads(2)
+    try:
+        assert gemm.form(a, w) != "skinny"                                  # one thread only
+    finally:
+        torch.set_num_threads(1)
