@@ -39,6 +39,11 @@ def _add_compile(sub) -> None:
     g.add_argument("--calibration", help="moefy: text file (one example per line) or tensor file")
     g.add_argument("--method", default="cluster", help="moefy partition: cluster | coactivation")
     g.add_argument("--shared", type=int, default=0, help="moefy: neurons kept in an always-on shared expert")
+    g.add_argument("--moefy-router", default="linear", choices=["linear", "mlp"],
+                   help="moefy: router model fitted on the calibration data (default linear: ridge)")
+    g.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="moefy: keep the dense output weights (fit only expert biases) instead of "
+                        "refitting them to the router's choices by least squares")
     g = p.add_argument_group("routing")
     g.add_argument("--router", help="set the router of every MoE layer (see `moecc inspect --routers`)")
     g.add_argument("--route-layers", help="MoE layers the router applies to: all | every-N | 0,2 | names")
@@ -64,7 +69,7 @@ def _add_compile(sub) -> None:
 def _passes_from(a) -> list[tuple[str, dict]]:
     common = {"num_experts": a.upcycle or a.moefy, "top_k": 2 if a.top_k is None else a.top_k, "layers": a.layers,
               "router_init": a.router_init, "seed": a.seed, "calibration": a.calibration,
-              "method": a.method, "shared": a.shared}
+              "method": a.method, "shared": a.shared, "moefy_router": a.moefy_router, "refit": a.refit}
     route = {k: v for k, v in {"router": a.router, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()

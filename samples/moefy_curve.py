@@ -159,8 +159,10 @@ def run(args) -> dict:
         gm = copy.deepcopy(base.gm)
         use_kernel(moefy.apply(gm, plans, k), kernels()[0])
         facts = next(iter(moefy.moefy_facts(gm).values()))
+        biases_only = moefy.apply(copy.deepcopy(base.gm), plans, k, refit=False)
         row = {"pass": "moefy", "E": E, "k": k, "active_fraction": facts["active_fraction"],
-               **quality(embed(gm, held_b), dense), "time_ratio": speed(gm, dense_fn, x, args.repeats),
+               **quality(embed(gm, held_b), dense), "no_refit": quality(embed(biases_only, held_b), dense),
+               "time_ratio": speed(gm, dense_fn, x, args.repeats),
                "router_recall": round(statistics.mean(p.facts["router_recall"] for p in plans), 4),
                "plan_seconds": round(plan_s, 1)}
         rows.append(row)
@@ -181,16 +183,19 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     kern = result["kernels"]
-    head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree"] + [f"time {k}" for k in kern]
+    head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree", "no refit: cos / NN"] + [
+        f"time {k}" for k in kern]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["pass"], r["E"], r["k"], f"{r['active_fraction']:.0%}", f"{r['cos_mean']:.4f}",
-                 f"{r['cos_worst']:.4f}", f"{r['nn_agreement']:.1%}"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern]
+                 f"{r['cos_worst']:.4f}", f"{r['nn_agreement']:.1%}",
+                 f"{r['no_refit']['cos_mean']:.4f} / {r['no_refit']['nn_agreement']:.1%}" if "no_refit" in r else "—"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return (f"# MoEfication curve: {result['model']}\n\nmethod={result['method']}, router={result['router']}, "
             f"shared={result['shared_neurons']} neurons; calibration {result['calibration']['examples']} "
             f"sentences / {result['calibration']['tokens']} tokens; {result['held_out_sentences']} held-out "
-            f"sentences; FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} thread, CPU time.\n\n"
+            f"sentences; moefy rows refit the output weights by least squares (\"no refit\": biases only); "
+            f"FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} thread, CPU time.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -207,12 +212,16 @@ def plot(result: dict, path: Path) -> None:
         axes[0].plot(fr, [r["cos_mean"] for r in rs], "o-", label=f"moefy E={E}")
         axes[0].plot(fr, [r["cos_worst"] for r in rs], ":", color=axes[0].lines[-1].get_color())
         axes[1].plot(fr, [r["nn_agreement"] for r in rs], "o-", label=f"moefy E={E}")
+        color = axes[1].lines[-1].get_color()
+        axes[0].plot(fr, [r["no_refit"]["cos_mean"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
+        axes[1].plot(fr, [r["no_refit"]["nn_agreement"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
         axes[2].plot(fr, [r["time_ratio"][kern] for r in rs], "o-", label=f"moefy E={E}")
     up = [r for r in result["rows"] if r["pass"] == "upcycle"]
     if up:
         axes[2].plot([r["active_fraction"] for r in up], [r["time_ratio"][kern] for r in up], "k^--",
                      label="upcycle E=8 (at init = dense)")
-    for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst)", "nearest-neighbour agreement",
+    for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst; × no refit)",
+                                "nearest-neighbour agreement (× no refit)",
                                 f"FFN time MoE / dense ({kern}, {result['tokens_timed']} tokens)"]):
         ax.set_xlabel("fraction of FFN neurons active per token")
         ax.set_title(title, fontsize=10)

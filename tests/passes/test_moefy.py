@@ -15,7 +15,7 @@ from moecc.frontend import capture
 from moecc.errors import MoeccError
 from sample_loader import load_sample
 from moecc.passes import make as make_pass
-from moecc.passes import moefy, moefy_partition, moefy_router
+from moecc.passes import moefy, moefy_partition, moefy_refit, moefy_router
 from moecc.passes.canonicalize import canonicalize
 from moecc.passes.ffn_match import find_ffns
 from moecc.pipeline import PassManager, moe_nodes
@@ -124,6 +124,38 @@ def test_all_experts_on_equals_dense_minilm(minilm):
         p.router = {"weight": torch.randn(p.router["weight"].shape, generator=g), "bias": p.router["bias"] * 0}
     cos_rand = torch.nn.functional.cosine_similarity(_run(gm, rand, 4, inputs)[1], dense, dim=1)
     assert cos.mean() > 0.8 and cos.mean() > cos_rand.mean() + 0.02
+
+
+def test_refit_brings_minilm_closer_to_dense(minilm):
+    mod, model, gm, cal_lines, held = minilm
+    plans, _ = moefy.plan(gm, 8, calibration=cal_lines, tokenize=mod.tokenize)
+    for p in plans:     # held-out calibration tokens: the least-squares refit beats biases alone
+        assert moefy.held_out_error(p, 2) < 0.95 * moefy.held_out_error(p, 2, refit=False)
+    inputs = mod.tokenize(held)
+    dense = model(*inputs)
+    cos = {r: torch.nn.functional.cosine_similarity(
+        moefy.apply(copy.deepcopy(gm), plans, 2, refit=r)(*inputs), dense, dim=1).mean() for r in (True, False)}
+    assert cos[True] > cos[False] + 0.02
+    facts = moefy.moefy_facts(moefy.apply(copy.deepcopy(gm), plans, 2, refit=False))
+    assert {f["refit"] for f in facts.values()} == {"biases"}
+
+
+def test_refit_folds_a_dropped_copy_into_a_kept_neuron():
+    # neuron 3 (expert 1, never chosen) fires exactly like neuron 0 (expert 0, always chosen): the refit
+    # moves its output into neuron 0's row and the error vanishes; biases alone cannot do that
+    g = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(400, 6, generator=g))
+    a[:, 3] = a[:, 0]
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    chosen = torch.tensor([[1.0, 0.0]]).expand(400, 2)
+    a[:, 4:] = 0.0                                     # the rest of expert 1 is silent
+    w_out, b_out = torch.randn(5, 6, generator=g), torch.randn(5, generator=g)
+    fit, val = torch.arange(400) % 4 != 0, torch.arange(400) % 4 == 0
+    w_a, d, facts = moefy_refit.refit(a, chosen, owner, w_out, b_out, fit, val)
+    assert facts["val_error"] < 1e-2 < facts["val_error_bias_only"]
+    torch.testing.assert_close(w_a[0], w_out[:, 0] + w_out[:, 3], atol=1e-2, rtol=0)
+    y = a @ w_out.t() + b_out
+    assert moefy_refit.rel_error(moefy_refit.predict(a, chosen, owner, w_a, d), y) == pytest.approx(facts["val_error"], abs=1e-2)
 
 
 @pytest.mark.parametrize("method", moefy_partition.METHODS)
