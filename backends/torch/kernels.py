@@ -4,6 +4,9 @@
         router_bias?, shared_w_in?, shared_w_out?, shared_gate?, token_ids?, spec=MoESpec) -> y [..., H]
 
     torch.loop          for e in E: tokens of e → index_select → ffn → index_add_          (baseline)
+                        (loop, grouped_gemm and gather run an expert's GEMMs through gemm.linear, the
+                        same GEMM forms, and split whole experts over intra-op threads (parallel.py):
+                        they differ in routing, gathering and scattering only)
     torch.grouped_gemm  ONE sort of the (token, slot) pairs by expert → per expert's contiguous
                         segment: its rows (gathered once for all if [N, H] fits in cache), GEMM →
                         activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill)
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moecc.errors import MoeccError
-from moecc.ops import activate, ffn, route_tokens
+from moecc.ops import activate, route_tokens
 from moecc.routing import expert_choice_capacity, token_capacity
 from moecc.spec import MoESpec
 
@@ -54,15 +57,21 @@ def _finish(y: Tensor, xt: Tensor, shape, shared_w_in, shared_w_out, shared_gate
 def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
          token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
-    y = torch.zeros_like(xt)                                                 # [T, H]
+    size = float(w_in[0].numel() + w_out[0].numel())
+
+    def expert(e: int, tok: Tensor, slot: Tensor):
+        def add(y: Tensor) -> None:
+            h = _expert(xt.index_select(0, tok), e, w_in, w_out, b_in, b_out, spec)   # [n, H]
+            y.index_add_(0, tok, h.mul_(weights[tok, slot].unsqueeze(-1).to(h.dtype)))
+        return size * max(tok.numel(), 8), add
+    items = []
     for e in range(spec.num_experts):
         tok, slot = torch.where(ids == e)                                    # [n], [n]
-        if tok.numel() == 0:
-            continue
-        h = ffn(xt.index_select(0, tok), w_in[e], None if b_in is None else b_in[e], w_out[e],
-                None if b_out is None else b_out[e], spec)                   # [n, H]
-        y.index_add_(0, tok, h.mul_(weights[tok, slot].unsqueeze(-1).to(h.dtype)))
-    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+        if tok.numel():
+            items.append(expert(e, tok, slot))
+    if shared_w_in is not None:
+        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
+    return _accumulate(xt, items, x.shape)
 
 
 def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:

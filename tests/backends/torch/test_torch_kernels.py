@@ -167,14 +167,14 @@ def test_expected_load():
 
 @pytest.fixture
 def two_threads():
-    """Two intra-op threads: grouped_gemm and gather split whole experts over threads (parallel.py)."""
+    """Two intra-op threads: loop, grouped_gemm and gather split whole experts over threads (parallel.py)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["torch.grouped_gemm", "torch.gather"])
+@pytest.mark.parametrize("name", ["torch.loop", "torch.grouped_gemm", "torch.gather"])
 def test_experts_split_over_threads_match_reference(two_threads, name):
     """Partial sums per thread (added at the end) match the reference; grad leaves and inference
     mode both work (grad/inference mode are thread-local); the thread count is restored."""
