@@ -129,16 +129,17 @@ def test_autotuned_torch_artifact_carries_its_table(tmp_path, monkeypatch):
     assert len(tables) == 1 and all(b["kernel"] in b["times_ms"] for b in next(iter(tables.values()))["buckets"])
 
 
-@pytest.mark.parametrize("flags,router,refit", [([], "linear", "outputs"),
-                                                (["--moefy-router", "mlp", "--no-refit"], "mlp", "biases")])
-def test_compile_moefy_to_onnx_records_its_facts(flags, router, refit, tmp_path, capsys):
+@pytest.mark.parametrize("flags,router,refit", [(["--to", "onnx"], "linear", "outputs"),
+                                                (["--to", "tvm"], "linear", "outputs"),
+                                                (["--moefy-router", "mlp", "--no-refit", "--to", "onnx"], "mlp", "biases")])
+def test_compile_moefy_records_its_facts(flags, router, refit, tmp_path, capsys):
     import torch
     g = torch.Generator().manual_seed(1)
     cal = tmp_path / "cal.pt"
     torch.save((torch.randint(0, 512, (24, 12), generator=g), torch.ones(24, 12, dtype=torch.long)), cal)
     out = tmp_path / "bert_moe"
     assert main(["compile", BERT, "--moefy", "4", "--top-k", "2", "--calibration", str(cal), *flags,
-                 "--to", "onnx", "--out", str(out)]) == 0
+                 "--out", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["verification"]["ok"] and len(m["layers"]) == 3
     facts = m["layers"][0]["moefy"]

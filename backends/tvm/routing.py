@@ -71,6 +71,9 @@ def route(bb: relax.BlockBuilder, logits, spec: MoESpec, correction_bias=None, t
         return expert_choice(bb, logits, spec)
     elif r.kind == "hash":
         weights, ids = hashed(bb, logits, spec, token_ids)
+    elif r.kind == "topk_unit":                                           # moefy: each chosen expert × 1
+        top, ids = topk(bb, logits, r.top_k)                               # [T, k]
+        weights = bb.emit(op.ones_like(top))
     else:
         raise MoeccError(f"MoE layer {spec.name or '?'}: router kind {r.kind!r} has no TVM lowering")
     if r.scaling != 1.0:

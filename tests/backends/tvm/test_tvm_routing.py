@@ -26,6 +26,7 @@ CASES = {
     "capacity_factor": RouterSpec("softmax_topk", top_k=2, capacity_factor=0.75),
     "capacity_fixed": RouterSpec("topk_softmax", top_k=2, capacity=2),
     "capacity_per_row": RouterSpec("softmax_topk", top_k=2, capacity_factor=1.0, capacity_per_row=True),
+    "topk_unit": RouterSpec("topk_unit", top_k=3, renormalize=False),
 }
 ROWS = 2          # capacity_per_row functions take logits [ROWS, S, L]
 
