@@ -12,9 +12,9 @@ read from memory as an expert's are):
   for N ≤ 3584 they are within 10%;
 - m = 1 otherwise: w · aᵀ (MKL gemv; F.linear is up to 1.45x slower on short rows, e.g. [1024, 512]);
 - otherwise MKL (F.linear).
-With one intra-op thread (also each of parallel.py's expert threads) and float32, 2 ≤ m ≤ 32 rows and
-m = 1 with N < 4096 go to skinny.py's weight-streaming kernel instead (no weight packing): 1.3-2x
-faster than every BLAS form above for m = 2..32, the weight streamed at bandwidth for m ≤ 3.
+With one intra-op thread (also each of parallel.py's expert threads) and float32, 1 ≤ m ≤ 32 rows go
+to skinny.py's weight-streaming kernel instead (no weight packing): 1.3-2x faster than every BLAS
+form above for m = 2..32, the weight streamed at bandwidth for m ≤ 3; at m = 1 as fast as oneDNN.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def form(a: Tensor, w: Tensor) -> str:
     dnn = (_DNN is not None and w.shape[0] >= DNN_MIN_ROWS and a.dtype == torch.float32
            and w.dtype == torch.float32)
     m = a.shape[0]
-    if (m > 1 or not dnn) and torch.get_num_threads() == 1 and skinny.fits(a, w):
+    if torch.get_num_threads() == 1 and skinny.fits(a, w):
         return "skinny"
     if m == 1:
         return "dnn" if dnn else "small"

@@ -9,7 +9,10 @@
                         they differ in routing, gathering and scattering only)
     torch.grouped_gemm  ONE sort of the (token, slot) pairs by expert → per expert's contiguous
                         segment: its rows (gathered once for all if [N, H] fits in cache), GEMM →
-                        activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill)
+                        activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill);
+                        when no expert has more than skinny.MAX_M rows (float32): ONE grouped skinny
+                        GEMM over all segments, one activation, one grouped GEMM, one index_add_
+                        (no per-expert Python: fine-grained experts at T = 1..64)
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E·R, H]ᵀ → activation → per-expert bmm with the
@@ -35,7 +38,7 @@ from moecc.ops import activate, route_tokens
 from moecc.routing import expert_choice_capacity, token_capacity
 from moecc.spec import MoESpec
 
-from . import machine
+from . import machine, skinny
 from .gemm import linear
 from .parallel import balance, run_groups
 
@@ -105,6 +108,41 @@ def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
     return work(range(len(items))).reshape(shape)
 
 
+def _batched_segments(xs: Tensor, tok: Tensor, scale: Tensor, experts: Tensor, counts: list, w_in, w_out,
+                      b_in, b_out, spec: MoESpec, size: float) -> list:
+    """Every expert hit by ≤ skinny.MAX_M rows: work items over contiguous runs of segments (one run
+    per intra-op thread, balanced by cost), each: ONE skinny.grouped call for the w_in GEMMs of all
+    its experts, ONE activation, ONE grouped call for w_out, ONE weighted index_add_."""
+    segs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((start, c, e))
+            start += c
+    cost = [size * max(c, 8) for _, c, _ in segs]
+    parts = max(1, min(torch.get_num_threads(), len(segs)))
+    bounds, acc, total = [0], 0.0, sum(cost)
+    for i, c in enumerate(cost[:-1]):
+        acc += c
+        if acc >= total * len(bounds) / parts and len(bounds) < parts:
+            bounds.append(i + 1)
+    bounds.append(len(segs))
+
+    def run(lo: int, hi: int):
+        r0, r1 = segs[lo][0], segs[hi - 1][0] + segs[hi - 1][1]
+        table = torch.tensor([(s - r0, c, e) for s, c, e in segs[lo:hi]], dtype=torch.int64)   # [G, 3]
+
+        def add(y: Tensor) -> None:
+            h = skinny.grouped(xs[r0:r1], w_in, table)                                       # [n, R]
+            if b_in is not None:
+                h.add_(b_in.index_select(0, experts[r0:r1]))
+            o = skinny.grouped(activate(h, spec).contiguous(), w_out, table)                 # [n, H]
+            if b_out is not None:
+                o.add_(b_out.index_select(0, experts[r0:r1]))
+            y.index_add_(0, tok[r0:r1], o.mul_(scale[r0:r1]))
+        return sum(cost[lo:hi]), add
+    return [run(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
 def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
                  shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
@@ -125,10 +163,14 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
             y.index_add_(0, tok[seg], _expert(xe, e, w_in, w_out, b_in, b_out, spec).mul_(scale[seg]))
         return size * max(seg.stop - seg.start, 8), add
     items, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            items.append(segment(e, slice(start, start + c)))
-            start += c
+    if (once and max(counts) <= skinny.MAX_M and spec.ffn >= 8 and w_out.dtype == torch.float32
+            and w_out.is_contiguous() and skinny.fits_grouped(xs, w_in)):       # few rows per expert
+        items = _batched_segments(xs, tok, scale, flat[order], counts, w_in, w_out, b_in, b_out, spec, size)
+    else:
+        for e, c in enumerate(counts):
+            if c:
+                items.append(segment(e, slice(start, start + c)))
+                start += c
     if shared_w_in is not None:
         items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return _accumulate(xt, items, x.shape)
@@ -190,7 +232,8 @@ def _check_dense(spec: MoESpec, tokens: int | None):
 
 
 # ---- costs: seconds, from the machine constants (machine.py) ---------------------------------
-# Op counts per kernel were calibrated on tiny shapes (H=8), where dispatch overhead is all there is.
+# Op counts per kernel were calibrated on tiny shapes (H=16), where dispatch overhead is all there is,
+# in units of machine.op_time (a tiny add: typical ops of a kernel cost about twice as much).
 
 def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:
     """(experts hit, tokens per hit expert) for `tokens` tokens routed uniformly at random."""
@@ -223,19 +266,28 @@ def _common_time(spec: MoESpec, tokens: int) -> float:
 
 def _cost_loop(spec: MoESpec, tokens: int) -> float:
     hit, m = expected_load(spec, tokens)
-    return (_common_time(spec, tokens) + machine.op_time(5 + 3 * spec.num_experts)
-            + hit * (_expert_time(spec, m) + machine.op_time(7)) + machine.elementwise_time(16 * hit * m * spec.hidden))
+    return (_common_time(spec, tokens) + machine.op_time(10 + 4 * spec.num_experts)
+            + hit * (_expert_time(spec, m) + machine.op_time(18)) + machine.elementwise_time(16 * hit * m * spec.hidden))
+
+
+def batched_expected(spec: MoESpec, tokens: int) -> bool:
+    """Whether grouped_gemm's batched path (every expert ≤ skinny.MAX_M rows) is expected at this T
+    (the busiest expert ~ mean + 3 standard deviations; float32 assumed)."""
+    hit, m = expected_load(spec, tokens)
+    return bool(machine.constants().get("skinny")) and m + 3 * m ** 0.5 <= skinny.MAX_M
 
 
 def _cost_grouped(spec: MoESpec, tokens: int) -> float:
     hit, m = expected_load(spec, tokens)
-    return (_common_time(spec, tokens) + machine.op_time(20)
-            + hit * (_expert_time(spec, m) + machine.op_time(8)) + machine.elementwise_time(16 * hit * m * spec.hidden))
+    fixed, per_expert = (40, 1) if batched_expected(spec, tokens) else (30, 16)   # batched: experts loop in C
+    return (_common_time(spec, tokens) + machine.op_time(fixed)
+            + hit * (_expert_time(spec, m) + machine.op_time(per_expert))
+            + machine.elementwise_time(16 * hit * m * spec.hidden))
 
 
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
     pairs = tokens * _slots(spec)
-    return _common_time(spec, tokens) + pairs * (_expert_time(spec, 1) + machine.op_time(6))
+    return _common_time(spec, tokens) + pairs * (_expert_time(spec, 1) + machine.op_time(12))
 
 
 def _cost_dense(spec: MoESpec, tokens: int) -> float:

@@ -4,7 +4,8 @@
                     "bandwidth": B/s streaming a buffer larger than the last-level cache,
                     "op_overhead": s per small torch op (dispatch + Python),
                     "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear),
-                                   weights not cached}}
+                                   weights not cached},
+                    "skinny": whether skinny.py's kernel runs here (grouped_gemm's batched path)}
     shape_curve(k, n) -> {m: s}   the small-m curve of one weight shape, measured on first use
     gemm_time(m, k, n) -> s     elementwise_time(bytes) -> s     op_time(ops) -> s
 
@@ -24,9 +25,10 @@ import time
 
 import torch
 
+from . import skinny
 from .gemm import linear
 
-VERSION = 5               # bump when what is measured changes: old cache entries are measured again
+VERSION = 6               # bump when what is measured changes: old cache entries are measured again
 CURVE_M = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256)
 SHAPE_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)   # per weight shape, measured on first use
 MIN_SHAPE_ELEMENTS = 2 ** 20                   # smaller weights: the square curve, scaled
@@ -82,6 +84,7 @@ def measure(quick: bool = False) -> dict:
         curve[m] = best_time(lambda: linear(x, w), 5 if m < 128 else 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
+            "skinny": skinny.available(),
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -97,6 +97,15 @@ void skinny_gemm(const float *a, long lda, const float *w, long N, long K, float
     }
     ROWS(1, 4)
 }
+
+/* segments of rows, each against its own expert's weight: for g < G, (r0, rows, e) = segs[3g..3g+2]:
+   y[r0 : r0 + rows] = a[r0 : r0 + rows] . w[e]^T, w [E, N, K] contiguous (wstride = N * K) */
+void skinny_grouped(const float *a, long lda, const float *w, long wstride, long N, long K, float *y, long ldy,
+                    const long *segs, long G) {
+    for (long g = 0; g < G; g++)
+        skinny_gemm(a + segs[3 * g] * lda, lda, w + segs[3 * g + 2] * wstride, N, K, y + segs[3 * g] * ldy, ldy,
+                    segs[3 * g + 1]);
+}
 """
 
 
@@ -137,11 +146,12 @@ def _lib():
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    fn = lib.skinny_gemm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                   ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
-    fn.restype = None
-    return fn                           # ctypes releases the GIL during the call (parallel.py threads)
+    fn, grouped_fn = lib.skinny_gemm, lib.skinny_grouped
+    L, P = ctypes.c_long, ctypes.c_void_p
+    fn.argtypes = [P, L, P, L, L, P, L, L]
+    grouped_fn.argtypes = [P, L, P, L, L, L, P, L, P, L]
+    fn.restype = grouped_fn.restype = None
+    return fn, grouped_fn               # ctypes releases the GIL during the call (parallel.py threads)
 
 
 def available() -> bool:
@@ -160,5 +170,23 @@ def gemm(a: Tensor, w: Tensor) -> Tensor:
     kernels only (the op's backward recomputes the reference)."""
     (m, K), N = a.shape, w.shape[0]
     y = torch.empty(m, N, dtype=torch.float32)
-    _lib()(a.data_ptr(), a.stride(0), w.data_ptr(), N, K, y.data_ptr(), N, m)
+    _lib()[0](a.data_ptr(), a.stride(0), w.data_ptr(), N, K, y.data_ptr(), N, m)
+    return y
+
+
+def fits_grouped(a: Tensor, w: Tensor) -> bool:
+    """Whether grouped(a, w, segs) applies: float32, rows of a contiguous, w [E, N, K] contiguous."""
+    return (a.dtype == torch.float32 and w.dtype == torch.float32 and a.dim() == 2 and w.dim() == 3
+            and a.shape[1] == w.shape[2] >= 8 and a.stride(1) == 1 and w.is_contiguous()
+            and a.device.type == "cpu" and w.device.type == "cpu" and available())
+
+
+def grouped(a: Tensor, w: Tensor, segs: Tensor) -> Tensor:
+    """Rows of a [n, K] by segment, each times its expert's w[e]ᵀ ([E, N, K]) -> [n, N]; segs [G, 3]
+    int64 (first row, rows ≤ MAX_M, expert), covering every row of a (rows not covered stay garbage).
+    ONE call for all the small experts of a layer: no Python or dispatch cost per expert."""
+    (n, K), N = a.shape, w.shape[1]
+    y = torch.empty(n, N, dtype=torch.float32)
+    segs = segs.contiguous()
+    _lib()[1](a.data_ptr(), a.stride(0), w.data_ptr(), N * K, N, K, y.data_ptr(), N, segs.data_ptr(), segs.shape[0])
     return y

@@ -227,3 +227,29 @@ def test_skinny_gemm_matches_blas():
         assert gemm.form(a, w) != "skinny"                                  # one thread only
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_gemm_batched_skinny_path(monkeypatch, threads):
+    """float32, every expert ≤ skinny.MAX_M rows: grouped_gemm's experts in ONE skinny.grouped call
+    per GEMM (per thread); gated/interleaved/plain activations, biases, drops, a shared expert."""
+    from moecc.backends.torch import skinny
+    if not skinny.available():
+        pytest.skip("no C compiler or no AVX2/FMA here")
+    calls = []
+    real = skinny.grouped
+    monkeypatch.setattr(skinny, "grouped", lambda a, w, segs: calls.append(len(segs)) or real(a, w, segs))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed, spec in enumerate([
+                MoESpec(8, 24, 16, "swiglu", RouterSpec(top_k=2), expert_bias=True, shared_ffn=8),
+                MoESpec(6, 16, 9, "geglu", RouterSpec(top_k=3, capacity_factor=0.75), interleaved=True),
+                MoESpec(5, 40, 13, "gelu", RouterSpec(top_k=1), expert_bias=True)]):
+            inputs = make_inputs(spec, 11, seed=seed, dtype=torch.float32)
+            calls.clear()
+            got = kernels.run("torch.grouped_gemm", *inputs, spec=spec)
+            assert_numerically_equal(got, moe_reference(*inputs, spec), atol=1e-5, rtol=1e-5, what=str(spec))
+            assert len(calls) == 2 * threads                 # w_in and w_out, one run of experts per thread
+    finally:
+        torch.set_num_threads(before)

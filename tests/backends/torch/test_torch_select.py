@@ -214,3 +214,13 @@ def test_shape_curves_measured_once_per_shape(tmp_path):
     assert machine.gemm_time(64, 1024, 1024) > machine.gemm_time(32, 1024, 1024)   # continues the curve
     machine.use({**CONSTS, "shapes": {"1024x1024": {"1": 1.0, "2": 1.5}}})
     assert machine.gemm_time(2, 1024, 1024) == 1.5 and machine.shape_curve(4096, 4096) is None
+
+
+def test_batched_skinny_path_makes_grouped_gemm_the_decode_kernel():
+    """Where skinny.py's kernel runs, grouped_gemm loops over experts in C (no per-expert Python):
+    fine-grained decode (6 of 64 experts + a shared one) picks it over gather; T=2048 does not batch."""
+    machine.use({**CONSTS, "skinny": True})
+    assert kernels.batched_expected(DEEPSEEK, 1) and kernels.batched_expected(DEEPSEEK, 64)
+    assert not kernels.batched_expected(DEEPSEEK, 2048)
+    assert select.choose(DEEPSEEK, 1).kernel == "torch.grouped_gemm"
+    assert select.choose(DEEPSEEK, 2048).kernel == "torch.grouped_gemm"
