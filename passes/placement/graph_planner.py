@@ -2,49 +2,81 @@
 
 The graphs (graphs.py), per layer: experts are vertices weighted by load, co-activation edges join
 experts one token chose together, flow edges join an expert of layer l-1 to one of layer l that a
-token went through in turn. All layers are partitioned at once (partition.py):
+token went through in turn. All layers are planned at once, each step batched over layers in numpy:
 
-    1. replicas: as in EPLB, each extra copy goes to the expert with the largest load per copy; a
-                 copy takes 1/count of its expert's tokens (its load and edges scale by 1/count);
-    2. nodes:    copies -> nodes by co-activation, under a node load cap, (1 + tol) * mean while
-                 placing, then exchanges down to (1 + final_tol) * mean, and the node's slots.
-                 Node labels of layer l are renamed to follow layer l-1 (greedy matching on the
-                 flow between parts); each further sweep re-partitions with the flow to the parts
-                 of layers l-1 and l+1 as anchors, weighted 1/k (a token's hidden state moves only
-                 if none of its k experts stays), and renames again. Copies of a hot expert share
-                 a node when the caps allow (affinity pulls them to the same experts), else spread;
-    3. devices:  inside each node the same partition places its copies on devices (slots, copies
-                 of one expert on different devices, the same load caps). Edge weights are scaled
-                 by device_affinity: -1 (default) spreads co-activated experts over the node's
-                 devices since their loads rise and fall together (balance), +1 packs them (fewer
-                 intra-node sends). Device labels then follow layer l-1;
-    4. shares:   the copies of replicated experts take unequal shares where that evens out the
-                 devices' loads (shares.even_out).
+    1. replicas:  as in EPLB, each extra copy goes to the expert with the largest load per copy; a
+                  copy takes 1/count of its expert's tokens (its load and edges scale by 1/count);
+    2. clusters:  (E >= 32) label propagation on the co-activation graph (refine.communities)
+                  finds the groups of experts that tokens choose together. A layer whose clusters
+                  hold little more co-activation than chance (modularity < min_modularity) has
+                  no structure to place by: its edges are dropped and it is placed for balance
+                  only (edges fitted to noise cost balance on the next window and save nothing).
+                  Clusters of consecutive layers that hand each other most of their tokens are
+                  chained in a networkx graph, and each chain is dealt to one node (chains.py):
+                  copies are pulled towards their chain's node, so that a token's experts of
+                  consecutive layers share a node and its hidden state stays there;
+    3. nodes:     copies -> nodes greedily, cluster by cluster (heaviest first), each copy to the
+                  node with most co-activation plus pull, under a node load cap, (1 + tol) * mean
+                  while placing, then exchanges down to (1 + final_tol) * mean, and the node's
+                  slots (partition.py); then Kernighan-Lin swaps between pairs of nodes
+                  (refine.refine) mend the clusters the caps split. Node labels of layer l are
+                  renamed to follow layer l-1 (matching on the flow between them). With sweeps > 1
+                  (default for top-1/2 routing) the nodes are re-planned with the flow to the nodes
+                  of layers l-1 and l+1 as a further pull, weighted 1/k (a token's hidden state
+                  moves only if none of its k experts stays);
+    4. devices:   inside each node the copies are packed onto devices, heaviest first onto the
+                  least loaded device with a free slot that holds no copy of the same expert
+                  (co-activation inside a node does not change node traffic; measured, placing it
+                  on devices did not lower device traffic enough to pay); device labels then
+                  follow layer l-1;
+    5. shares:    the copies of replicated experts take unequal shares where that evens out the
+                  devices' loads (shares.even_out; it matters for few experts, e.g. E = 8).
+
+The flow edges are used factored (graphs.token_counts / token_parts: per token, its choices in
+each part), which gives the same sums as the [E, E] flow matrices without building them.
+
+Why numpy and not networkx for the expert graphs: 58 layers x 256 experts have ~1.9 M
+co-activation edges; building them as networkx.Graph objects alone takes seconds (the target is
+0.5 s for the whole plan), and networkx's partitioners (kernighan_lin_bisection, louvain) run per
+graph in Python. networkx holds the coarse graph, clusters x layers (chains.py), and
+graphs.expert_graph builds the full expert graph in networkx to inspect and export.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .graphs import model_graph
+from .chains import chain_nodes
+from .graphs import _sample, coactivation, token_counts, token_parts
 from .partition import partition
+from .refine import communities, community_order, modularity, refine
 from .shares import even_out
 from .topology import Topology, check_fits
 from .trace import Trace
 
 
+MIN_CLUSTER_EXPERTS = 32    # fewer experts per layer: no clusters to find (the greedy goes by load)
+
+
 def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float = 0.02,
-               device_tol: float = 0.02, final_tol: float = 0.005, device_affinity: float = -1.0,
-               sweeps: int | None = None, spread: float = 4.0, coact_tokens: int | None = 2048,
-               flow_tokens: int | None = 1024, flow_weight: float | None = None) -> np.ndarray:
-    """share [L, E, D] for the trace (tol / device_tol: allowed load above the mean of a node / of
-    a device in its node while placing, final_tol: after exchanges; sweeps: node partition passes,
-    default round(4 / k) but at least 1 (the 1/k-weighted anchors matter most for small k);
-    spread: how hard heavy items avoid loaded parts; coact_tokens / flow_tokens: estimate edges
-    from at most that many tokens; flow_weight: weight of the anchors, default 1/k)."""
-    L, E = trace.num_layers, trace.num_experts
+               final_tol: float = 0.005, sweeps: int | None = None, spread: float = 4.0,
+               refine_rounds: int = 1, neighbours: int = 8, lp_iters: int = 4,
+               coact_tokens: int | None = 2048, flow_tokens: int | None = 1024,
+               flow_weight: float | None = None, clusters: bool | None = None,
+               chain_pull: float = 0.5, chain_tokens: int = 256,
+               min_modularity: float = 0.1) -> np.ndarray:
+    """share [L, E, D] for the trace (tol: allowed load above the mean of a node / of a device in
+    its node while placing, final_tol: after exchanges; sweeps: node partition passes, default
+    round(4 / k) but at least 1; spread: how hard heavy copies avoid loaded nodes; refine_rounds:
+    rounds of swaps over all node pairs; neighbours / lp_iters: label propagation; coact_tokens /
+    flow_tokens: estimate edges from at most that many tokens; flow_weight: weight of the pull
+    of the neighbouring layers' nodes, default 1/k; clusters: find clusters, chain them and
+    order the greedy by them, default when E >= 32; chain_pull: pull of a chain's node, times
+    the copy's load; chain_tokens: tokens to chain clusters by; min_modularity: below it a
+    layer is placed for balance only)."""
+    L, E, T, k = trace.num_layers, trace.num_experts, trace.num_tokens, trace.top_k
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
     check_fits(topology, E, replicas)
-    w, coact, flow = model_graph(trace, coact_tokens, flow_tokens)  # [L, E], [L, E, E] x 2
+    w = trace.load()
     w = np.maximum(w, 1e-6 * max(w.max(), 1.0))               # unseen experts still weigh a little
     count = replicate(w, replicas, topology.devices)                        # [L, E]
     copy_of = copies(count)                                                 # [L, M] (-1: padding)
@@ -52,23 +84,48 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     rows = np.arange(L)[:, None]
     scale = np.where(valid, 1.0 / count[rows, c], 0.0)
     cw = w[rows, c] * scale                                                 # [L, M] copy loads
-    affinity = copy_edges(coact, np.arange(L), c, scale)
-    mean = (cw.sum(1, keepdims=True) / N).repeat(N, 1)                        # [L, N]
+    coact = coactivation(trace, coact_tokens)                               # [L, E, E]
+    A = copy_graph(coact, c, scale)                                         # [L, M, M]
+    ids = trace.expert_ids[:, _sample(T, flow_tokens)]                      # [L, T', k]
+    order = chain = None
+    if E >= MIN_CLUSTER_EXPERTS if clusters is None else clusters:
+        label = communities(coact, w, np.ones((L, E), bool), neighbours, lp_iters)   # [L, E]
+        flat = modularity(coact, label, w) < min_modularity                # [L]
+        A[flat] = 0.0
+        order = np.where(flat[:, None], 0, community_order(label[rows, c], cw, valid))
+        if chain_pull > 0 and N > 1 and L > 1 and not flat.all():
+            home = chain_nodes(label, w, ids[:, _sample(ids.shape[1], chain_tokens)],
+                               N)[rows, c]                                  # [L, M], -1: none
+            chain = np.where(((home[:, :, None] == np.arange(N)) & valid[:, :, None]
+                              & ~flat[:, None, None]), chain_pull * cw[:, :, None], 0.0)
+    mean = (cw.sum(1, keepdims=True) / N).repeat(N, 1)                      # [L, N]
     caps = dict(max_count=np.full((L, N), G * S), max_load=mean * (1 + tol),
                 final_load=mean * (1 + final_tol))
-    node = None
-    for _ in range(max(round(4 / trace.top_k) if sweeps is None else sweeps, 1)):
-        anchor = None
+    node, anchor = None, chain
+    for _ in range(max(round(4 / k) if sweeps is None else sweeps, 1)):
         if node is not None:
-            pull = neighbour_anchor(membership(copy_of, node, scale, E, N), flow) * (
-                1.0 / trace.top_k if flow_weight is None else flow_weight)
-            anchor = pull[rows, c] * scale[:, :, None]                      # [L, M, N]
-        node = partition(affinity, anchor, cw, valid, spread=spread, **caps)
-        _, rename = align(membership(copy_of, node, scale, E, N), flow, 1)
+            pull = neighbour_pull(ids, membership(copy_of, node, scale, E, N), E) * (
+                T / ids.shape[1] / k * (1.0 / k if flow_weight is None else flow_weight))
+            anchor = pull[rows, c] * scale[:, :, None] + (0.0 if chain is None else chain)
+        node = partition(A, anchor, cw, valid, spread=spread, order_key=order, **caps)
+        node = refine(A, cw, node, valid, caps["final_load"], refine_rounds, anchor)
+        _, rename = align(membership(copy_of, node, scale, E, N), ids, 1)
         node = np.where(valid, np.take_along_axis(rename, np.maximum(node, 0), 1), -1)
-    share = place_devices(w, coact, flow, copy_of, node, scale, topology, device_tol, final_tol,
-                          device_affinity)
-    return even_out(share, w)
+    share = place_devices(w, copy_of, node, scale, topology, tol, final_tol)
+    return even_out(align(share, ids, N)[0], w)
+
+
+def copy_graph(coact: np.ndarray, c: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """coact [L, E, E], copies' experts c [L, M], scale [L, M] (1/count; 0 for padding) ->
+    A [L, M, M] float32: A[l, i, j] = coact[l, c_i, c_j] * scale_i * scale_j (copies of one
+    expert are not joined: coact's diagonal is 0)."""
+    L, M = c.shape
+    A = np.empty((L, M, M), dtype=np.float32)
+    s = scale.astype(np.float32)
+    for l in range(L):                              # per layer: np.take is far cheaper than one
+        np.take(coact[l].take(c[l], 0), c[l], 1, out=A[l])     # [L, M, M] fancy index
+        A[l] *= np.outer(s[l], s[l])
+    return A
 
 
 def replicate(w: np.ndarray, replicas: int, max_copies: int) -> np.ndarray:
@@ -94,21 +151,6 @@ def copies(count: np.ndarray) -> np.ndarray:
     return out
 
 
-def copy_edges(coact: np.ndarray, layer: np.ndarray, c: np.ndarray, scale: np.ndarray,
-               factor: float = 1.0):
-    """Edges between copies, on demand: coact [L, E, E], problem b's layer [B], copies' experts
-    c [B, M] -> rows(b, i) = factor * coact[layer[b], c[b, i], c[b]] * scale[b, i] * scale[b]
-    ([..., M], float32), for partition (an [B, M, M] matrix would cost more than the partition)."""
-    s = scale.astype(np.float32)
-
-    def rows(b, i):
-        r = coact[layer[b], c[b, i]]                                        # [..., E]
-        out = np.take_along_axis(r, c[b], -1)                               # [..., M]
-        return out * (np.float32(factor) * s[b, i][..., None] * s[b])
-
-    return rows
-
-
 def membership(copy_of: np.ndarray, part: np.ndarray, scale: np.ndarray, E: int,
                P: int) -> np.ndarray:
     """Copies' parts [L, M] -> [L, E, P]: the share of each expert's tokens in each part."""
@@ -116,35 +158,6 @@ def membership(copy_of: np.ndarray, part: np.ndarray, scale: np.ndarray, E: int,
     b, m = np.nonzero(copy_of >= 0)
     np.add.at(out, (b, copy_of[b, m], part[b, m]), scale[b, m])
     return out
-
-
-def neighbour_anchor(member: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """Pull of each part on each expert: member [L, E, P] (share of expert e in part p), flow
-    [L, E, E] (flow[l] from layer l-1 to l; flow[0] = 0) -> [L, E, P] tokens arriving from the
-    part in layer l-1 plus tokens leaving to it in layer l+1."""
-    member = member.astype(flow.dtype)
-    anchor = np.zeros(member.shape, dtype=flow.dtype)
-    anchor[1:] += np.swapaxes(flow[1:], 1, 2) @ member[:-1]
-    anchor[:-1] += flow[1:] @ member[1:]
-    return anchor
-
-
-def align(member: np.ndarray, flow: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rename parts so that layer l follows layer l-1: member [L, E, P] (share of expert e in part
-    p), parts renamed only within each of `blocks` equal blocks (devices stay in their node) ->
-    (renamed member, rename [L, P] = new label of each old one). Greedy matching on the flow."""
-    member = member.copy()
-    L, E, P = member.shape
-    size = P // blocks
-    rename = np.tile(np.arange(P), (L, 1))
-    blk = np.arange(blocks)
-    for l in range(1, L):
-        agree = (member[l - 1].T @ flow[l] @ member[l]).reshape(blocks, size, blocks, size)
-        rename[l] = (match(agree[blk, :, blk]) + (blk * size)[:, None]).ravel()
-        moved = np.zeros_like(member[l])
-        moved[:, rename[l]] = member[l]
-        member[l] = moved
-    return member, rename
 
 
 def match(agree: np.ndarray) -> np.ndarray:
@@ -163,25 +176,71 @@ def match(agree: np.ndarray) -> np.ndarray:
     return rename.reshape(agree.shape[:-1])
 
 
-def place_devices(w, coact, flow, copy_of, node, scale, topology: Topology, tol: float,
-                  final_tol: float, device_affinity: float) -> np.ndarray:
-    """Each node's copies onto its devices (one problem per layer and node) -> share [L, E, D]."""
+
+
+def neighbour_pull(ids: np.ndarray, member: np.ndarray, E: int) -> np.ndarray:
+    """ids [L, T, k], member [L, E, P] -> [L, E, P]: per expert, the summed part shares of the
+    choices of the tokens that chose it, in the previous and the next layer (the flow edges'
+    pull, unnormalized: multiply by T / T' / k)."""
+    L, T, k = ids.shape
+    P = member.shape[2]
+    U = token_parts(ids, member)                                            # [L, T, P]
+    V = np.zeros_like(U)
+    V[1:] += U[:-1]
+    V[:-1] += U[1:]
+    keep = ids >= 0
+    lay = np.broadcast_to(np.arange(L)[:, None, None], ids.shape)[keep]
+    flat = lay * E + ids[keep]                                              # [pairs]
+    vals = np.broadcast_to(V[:, :, None, :], ids.shape + (P,))[keep]        # [pairs, P]
+    return np.stack([np.bincount(flat, vals[:, p], L * E) for p in range(P)], 1).reshape(L, E, P)
+
+
+def align(member: np.ndarray, ids: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rename parts so that layer l follows layer l-1: member [L, E, P] (share of expert e in part
+    p), ids [L, T, k] the tokens whose flow between layers counts; parts renamed only within each
+    of `blocks` equal blocks (devices stay in their node) -> (renamed member, rename [L, P] = new
+    label of each old one). Greedy matching on the flow agreement U[l-1]^T U[l], U counting each
+    token's choices per part (an expert counted in its largest-share part)."""
+    member = member.copy()
+    L, E, P = member.shape
+    size = P // blocks
+    rename = np.tile(np.arange(P), (L, 1))
+    blk = np.arange(blocks)
+    U = token_counts(ids, member.argmax(2), P)                              # [L, T, P]
+    for l in range(1, L):
+        agree = (U[l - 1].T @ U[l]).reshape(blocks, size, blocks, size)
+        rename[l] = (match(agree[blk, :, blk]) + (blk * size)[:, None]).ravel()
+        moved = np.zeros_like(member[l])
+        moved[:, rename[l]] = member[l]
+        member[l] = moved
+        U[l][:, rename[l]] = U[l].copy()
+    return member, rename
+
+
+def place_devices(w, copy_of, node, scale, topology: Topology, tol: float,
+                  final_tol: float) -> np.ndarray:
+    """Each node's copies onto its devices (one packing problem per layer and node): heaviest
+    first, copies of one expert on different devices -> share [L, E, D]."""
     L, E = w.shape
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
-    per = [np.flatnonzero(node[l] == n) for l in range(L) for n in range(N)]  # copies of (l, n)
-    pos = np.full((L * N, max(len(p) for p in per)), -1, dtype=np.int64)   # [B, M] copy index
-    for b, p in enumerate(per):
-        pos[b, :len(p)] = p
-    valid = pos >= 0
+    B = L * N
+    key = np.where(copy_of >= 0, node, N)                                   # padding last
+    order = np.argsort(key, axis=1, kind="stable")                          # [L, M] by node
+    sizes = np.stack([(node == n).sum(1) for n in range(N)], 1)             # [L, N]
+    width = int(sizes.max(initial=1))
+    start = np.concatenate([np.zeros((L, 1), np.int64), np.cumsum(sizes, 1)[:, :-1]], 1)
+    slot = start[:, :, None] + np.arange(width)                             # [L, N, width]
+    valid = (np.arange(width) < sizes[:, :, None]).reshape(B, width)
+    pos = np.take_along_axis(order, np.minimum(slot, order.shape[1] - 1).reshape(L, -1), 1)
+    pos = np.where(valid, pos.reshape(B, width), -1)                        # [B, width] copy index
     layer = np.repeat(np.arange(L), N)[:, None]                             # [B, 1]
-    c = np.where(valid, copy_of[layer, np.maximum(pos, 0)], 0)              # [B, M] expert
+    c = np.where(valid, copy_of[layer, np.maximum(pos, 0)], 0)              # [B, width] expert
     sc = np.where(valid, scale[layer, np.maximum(pos, 0)], 0.0)
     cw = w[layer, c] * sc
-    affinity = copy_edges(coact, layer[:, 0], c, sc, device_affinity)
-    mean = (cw.sum(1, keepdims=True) / G).repeat(G, 1)                       # [B, G]
-    device = partition(affinity, None, cw, valid, np.full((L * N, G), S), mean * (1 + tol),
-                       group=c, final_load=mean * (1 + final_tol))          # [B, M] device in node
+    mean = (cw.sum(1, keepdims=True) / G).repeat(G, 1)                      # [B, G]
+    device = partition(None, None, cw, valid, np.full((B, G), S), mean * (1 + tol),
+                       group=c, final_load=mean * (1 + final_tol))          # [B, width]
     b, m = np.nonzero(valid)
     share = np.zeros((L, E, N * G))
     np.add.at(share, (b // N, c[b, m], (b % N) * G + device[b, m]), sc[b, m])
-    return align(share, flow, N)[0]
+    return share

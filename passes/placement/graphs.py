@@ -3,6 +3,7 @@
     load  w[e]          tokens routed to expert e                                    [E]
     coact C[e, f]       tokens choosing both e and f in this layer, / (k - 1)         [E, E], C[e, e] = 0
     flow  X[e, f]       tokens choosing e in layer l-1 and f in layer l, / k          [E, E]
+                        (the planner uses it factored: token_parts)
 
 With these normalizations every row of C and every column of X sums to the expert's load, so
 co-activation and flow weigh in the same unit (tokens). `layer_graph` returns the dense weighted
@@ -45,15 +46,44 @@ def model_graph(trace: Trace, coact_tokens: int | None = None,
     `flow_tokens` tokens, rescaled to the whole trace; loads always count every token."""
     L, E, T = trace.num_layers, trace.num_experts, trace.num_tokens
     ids = trace.expert_ids
-    w = trace.load()
-    coact = np.zeros((L, E, E), dtype=np.float32)
     flow = np.zeros((L, E, E), dtype=np.float32)
-    c_keep, f_keep = _sample(T, coact_tokens), _sample(T, flow_tokens)
+    f_keep = _sample(T, flow_tokens)
+    for l in range(1, L):
+        flow[l] = pair_counts(ids[l - 1, f_keep], ids[l, f_keep], E) * (T / len(f_keep) / ids.shape[2])
+    return trace.load(), coactivation(trace, coact_tokens), flow
+
+
+def coactivation(trace: Trace, tokens: int | None = None) -> np.ndarray:
+    """coact [L, E, E] float32 (see the module docstring), from an evenly spaced sample of at
+    most `tokens` tokens, rescaled to the whole trace."""
+    L, E, T = trace.num_layers, trace.num_experts, trace.num_tokens
+    keep = _sample(T, tokens)
+    scale = np.float32(T / len(keep) / max(trace.top_k - 1, 1))
+    coact = np.empty((L, E, E), dtype=np.float32)
+    dropped = bool((trace.expert_ids < 0).any())
+    F = E + dropped                                 # -1 -> an extra last row / column
     for l in range(L):
-        coact[l] = layer_graph(ids[l, c_keep], None, E)[1] * (T / len(c_keep))
-        if l:
-            flow[l] = pair_counts(ids[l - 1, f_keep], ids[l, f_keep], E) * (T / len(f_keep) / ids.shape[2])
-    return w, coact, flow
+        x = trace.expert_ids[l, keep].astype(np.int64)
+        if dropped:
+            x[x < 0] = E
+        counts = np.bincount((x[:, :, None] * F + x[:, None, :]).ravel(), minlength=F * F)
+        coact[l] = counts.reshape(F, F)[:E, :E]     # both orders of every pair of slots
+    diag = np.arange(E)
+    coact[:, diag, diag] = 0.0                      # (a slot paired with itself)
+    coact *= scale
+    return coact
+
+
+def token_parts(ids: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """ids [L, T, k] (-1 = dropped), member [L, E, P] (share of expert e in part p) -> [L, T, P]:
+    how much of each token's k choices each part holds. The flow edges in factored form: the
+    flow-weighted agreement of layers l-1 and l, member[l-1]^T X[l] member[l], is
+    U[l-1]^T U[l] / k, with no [E, E] matrix."""
+    L, E, P = member.shape
+    padded = np.concatenate([member, np.zeros((L, 1, P), member.dtype)], 1).astype(
+        np.float32, copy=False)                                             # -1 -> zero row
+    idx = np.where(ids < 0, E, ids)
+    return padded[np.arange(L)[:, None, None], idx].sum(2)
 
 
 def _sample(tokens: int, most: int | None) -> np.ndarray:
@@ -84,3 +114,15 @@ def expert_graph(trace: Trace, layers: list[int] | None = None, min_weight: floa
                                   {"weight": float(matrix[e, f]), "kind": kind})
                                  for e, f in zip(src.tolist(), dst.tolist()))
     return graph
+
+
+def token_counts(ids: np.ndarray, part_of: np.ndarray, parts: int) -> np.ndarray:
+    """ids [L, T, k] (-1 = dropped), part_of [L, E] one part per expert -> [L, T, parts] float32:
+    how many of each token's k choices each part holds (token_parts for one-copy experts)."""
+    L, T, k = ids.shape
+    E = part_of.shape[1]
+    part = np.concatenate([part_of, np.full((L, 1), parts)], 1)             # -1 -> a spare part
+    flat = np.where(ids < 0, E, ids).reshape(L, -1) + (np.arange(L) * (E + 1))[:, None]
+    idx = part.ravel()[flat] + (np.arange(L * T) * (parts + 1)).reshape(L, T, 1).repeat(k, 2).reshape(L, -1)
+    counts = np.bincount(idx.ravel(), minlength=L * T * (parts + 1))
+    return counts.reshape(L, T, parts + 1)[:, :, :parts].astype(np.float32)

@@ -4,10 +4,11 @@
               max_count [B, P], max_load [B, P], group [B, n] | None) -> part [B, n]  (-1: invalid)
 
 `affinity` may also be a function (b, i) -> the edge rows of items i of problems b ([..., n]), for
-graphs too large to materialize (graph_planner.copy_edges).
+graphs too large to materialize, or None (no edges: balanced packing).
 
-Each problem places n weighted items into P parts. Greedy, heaviest item first, all problems in
-lockstep (step s places every problem's s-th heaviest item): an item goes to the part with the most
+Each problem places n weighted items into P parts. Greedy, heaviest item first (or by `order_key`,
+e.g. cluster by cluster), all problems in lockstep (step s places every problem's s-th item): an
+item goes to the part with the most
 affinity among those with a free slot and load room, affinity being the anchor (a fixed pull
 towards a part) plus the edge weights to items already there, minus `spread` times what an item of
 its load would get at random (w_i * load_p / W, modularity's null model), so heavy items spread.
@@ -26,9 +27,16 @@ CANDIDATES = 16     # repair tries this many items of a part over its cap, sprea
 
 
 def partition(affinity, anchor, w, valid, max_count, max_load, group=None, spread=4.0,
-              final_load=None, repair_rounds=None):
-    """part [B, n] (see the module docstring); final_load [B, P] defaults to max_load."""
-    edges = affinity if callable(affinity) else (lambda b, i: affinity[b, i])
+              final_load=None, repair_rounds=None, order_key=None):
+    """part [B, n] (see the module docstring); final_load [B, P] defaults to max_load.
+
+    affinity: [B, n, n] edges, a function (b, i) -> their rows, or None (no edges: balanced
+    packing). order_key [B, n]: items are taken by ascending key, heaviest first among equal keys
+    (default: heaviest first)."""
+    if affinity is None:
+        edges = lambda b, i: np.zeros(np.broadcast(b, i).shape + (w.shape[1],))  # noqa: E731
+    else:
+        edges = affinity if callable(affinity) else (lambda b, i: affinity[b, i])
     B, n = w.shape
     P = max_count.shape[1]
     if (max_count.sum(1) < valid.sum(1)).any():
@@ -46,6 +54,10 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
     lightest = np.concatenate([np.zeros((B, 1)), np.cumsum(
         np.take_along_axis(ws, (n_valid[:, None] - 1 - np.arange(n)) % n, 1)
         * (np.arange(n) < n_valid[:, None]), 1)], 1)                        # [B, n + 1]
+    if order_key is not None:                               # by key, heaviest first within a key
+        key = np.take_along_axis(np.where(valid, order_key, np.inf), order, 1)
+        order = np.take_along_axis(order, np.argsort(key, axis=1, kind="stable"), 1)
+        ws = np.take_along_axis(w, order, 1)
     grp = np.broadcast_to(np.arange(n), (B, n)) if group is None else np.where(valid, group, 0)
     g_ord = np.take_along_axis(grp, order, 1)                               # [B, n]
     score = np.zeros((B, P, n)) if anchor is None else np.ascontiguousarray(
@@ -76,7 +88,8 @@ def partition(affinity, anchor, w, valid, max_count, max_load, group=None, sprea
         part[b, i] = p
         load[b, p] += wi[:, 0]
         count[b, p] += 1
-        score[b, p] += edges(b, i)
+        if affinity is not None:
+            score[b, p] += edges(b, i)
         if group is not None:
             taken[b, g, p] = True
     if group is None:                                       # each item its own group

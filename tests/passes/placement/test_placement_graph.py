@@ -3,8 +3,10 @@ import numpy as np
 
 from moecc.passes.placement.evaluate import evaluate
 from moecc.passes.placement.graph_planner import align, match
-from moecc.passes.placement.graphs import expert_graph, layer_graph
+from moecc.passes.placement.graphs import (coactivation, expert_graph, layer_graph, model_graph,
+                                           token_counts, token_parts)
 from moecc.passes.placement.partition import partition
+from moecc.passes.placement.refine import communities, refine
 from moecc.passes.placement.synthetic import synthetic_trace
 from moecc.passes.placement.topology import parse_topology
 from placement_helpers import trace_of
@@ -56,16 +58,64 @@ def test_partition_caps_and_groups():
 
 
 def test_align_follows_the_previous_layer():
-    # layer 1 is layer 0 with parts renamed 0 <-> 1; flow sends each expert's tokens to itself
+    # layer 1 is layer 0 with parts renamed 0 <-> 1; every token chooses the same expert in both
     member = np.eye(2)[[[0, 0, 1, 1], [1, 1, 0, 0]]]                        # [L=2, E=4, P=2]
-    flow = np.eye(4)[None].repeat(2, 0)
-    renamed, rename = align(member, flow, 1)
+    ids = np.tile(np.array([[0], [1], [2], [3], [-1]]), (2, 1, 1))          # [L, T=5, k=1]
+    renamed, rename = align(member, ids, 1)
     np.testing.assert_array_equal(rename, [[0, 1], [1, 0]])
     np.testing.assert_array_equal(renamed[1], member[0])
     np.testing.assert_array_equal(match(np.array([[1.0, 9.0], [8.0, 2.0]])), [1, 0])
     # devices (2 nodes x 2) are renamed only inside their node
     member = np.eye(4)[[[0, 1, 2, 3], [1, 0, 3, 2]]]
-    np.testing.assert_array_equal(align(member, flow, 2)[1][1], [1, 0, 3, 2])
+    np.testing.assert_array_equal(align(member, ids, 2)[1][1], [1, 0, 3, 2])
+
+
+def test_token_counts_are_the_factored_flow():
+    """U[l-1]^T U[l] / k equals member[l-1]^T flow[l] member[l] (the flow edges, factored)."""
+    t = synthetic_trace(layers=3, experts=12, top_k=3, tokens=80, windows=1, seed=4)
+    _, _, flow = model_graph(t)
+    part_of = np.random.default_rng(0).integers(0, 4, size=(3, 12))
+    member = np.eye(4)[part_of]
+    U = token_counts(t.expert_ids, part_of, 4)
+    np.testing.assert_allclose(U, token_parts(t.expert_ids, member))
+    for l in (1, 2):
+        np.testing.assert_allclose(U[l - 1].T @ U[l] / 3, member[l - 1].T @ flow[l] @ member[l],
+                                   rtol=1e-5)
+
+
+def test_coactivation_matches_the_layer_graph():
+    t = synthetic_trace(layers=2, experts=10, top_k=3, tokens=60, windows=1, seed=5)
+    ids = t.expert_ids.copy()
+    ids[0, :5, 2] = -1                                                      # dropped choices
+    t = trace_of(ids, 10)
+    coact = coactivation(t)
+    for l in range(2):
+        np.testing.assert_allclose(coact[l], layer_graph(ids[l], None, 10)[1], rtol=1e-6)
+
+
+def test_communities_find_planted_clusters():
+    # three 5-cliques with weak links between them: label propagation labels each clique alike
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(15)
+    A = np.full((15, 15), 0.1)
+    for q in range(3):
+        A[np.ix_(perm[5 * q:5 * q + 5], perm[5 * q:5 * q + 5])] = 10.0
+    np.fill_diagonal(A, 0)
+    label = communities(A[None].astype(np.float32), A.sum(1)[None], np.ones((1, 15), bool),
+                        neighbours=4, iters=16)[0]
+    assert [len(set(label[perm[5 * q:5 * q + 5]])) for q in range(3)] == [1, 1, 1]
+    assert len(set(label)) == 3
+
+
+def test_refine_swaps_keep_counts_and_caps():
+    # two parts, two cliques dealt out alternately: swaps reunite them, counts and loads kept
+    A = np.zeros((8, 8), np.float32)
+    A[:4, :4] = A[4:, 4:] = 1.0
+    np.fill_diagonal(A, 0)
+    part = np.array([[0, 1, 0, 1, 0, 1, 0, 1]])
+    out = refine(A[None], np.ones((1, 8)), part, np.ones((1, 8), bool), np.full((1, 2), 4.0))
+    assert len(set(out[0, :4])) == 1 and len(set(out[0, 4:])) == 1
+    assert np.bincount(out[0], minlength=2).tolist() == [4, 4]
 
 
 def test_fewer_cross_node_sends_than_eplb_on_structured_traces():
