@@ -10,9 +10,10 @@
     torch.grouped_gemm  ONE sort of the (token, slot) pairs by expert → per expert's contiguous
                         segment: its rows (gathered once for all if [N, H] fits in cache), GEMM →
                         activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill);
-                        when no expert has more than skinny.MAX_M rows (float32): ONE grouped skinny
-                        GEMM over all segments, one activation, one grouped GEMM, one index_add_
-                        (no per-expert Python: fine-grained experts at T = 1..64)
+                        when no expert has more than skinny.MAX_M rows (float32): the routed experts in
+                        ONE skinny.moe C call per thread (counting sort, gather, GEMM, activation, GEMM,
+                        weighted scatter, all in C; the shared expert in one more): route + 1-2 calls
+                        (no per-expert Python or torch ops: decode and fine-grained experts at T = 1..64)
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E·R, H]ᵀ → activation → per-expert bmm with the
@@ -108,47 +109,51 @@ def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
     return work(range(len(items))).reshape(shape)
 
 
-def _batched_segments(xs: Tensor, tok: Tensor, scale: Tensor, experts: Tensor, counts: list, w_in, w_out,
-                      b_in, b_out, spec: MoESpec, size: float) -> list:
-    """Every expert hit by ≤ skinny.MAX_M rows: work items over contiguous runs of segments (one run
-    per intra-op thread, balanced by cost), each: ONE skinny.grouped call for the w_in GEMMs of all
-    its experts, ONE activation, ONE grouped call for w_out, ONE weighted index_add_."""
-    segs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            segs.append((start, c, e))
-            start += c
-    cost = [size * max(c, 8) for _, c, _ in segs]
-    parts = max(1, min(torch.get_num_threads(), len(segs)))
-    bounds, acc, total = [0], 0.0, sum(cost)
-    for i, c in enumerate(cost[:-1]):
-        acc += c
-        if acc >= total * len(bounds) / parts and len(bounds) < parts:
-            bounds.append(i + 1)
-    bounds.append(len(segs))
-
-    def run(lo: int, hi: int):
-        r0, r1 = segs[lo][0], segs[hi - 1][0] + segs[hi - 1][1]
-        table = torch.tensor([(s - r0, c, e) for s, c, e in segs[lo:hi]], dtype=torch.int64)   # [G, 3]
-
-        def add(y: Tensor) -> None:
-            h = skinny.grouped(xs[r0:r1], w_in, table)                                       # [n, R]
-            if b_in is not None:
-                h.add_(b_in.index_select(0, experts[r0:r1]))
-            o = skinny.grouped(activate(h, spec).contiguous(), w_out, table)                 # [n, H]
-            if b_out is not None:
-                o.add_(b_out.index_select(0, experts[r0:r1]))
-            y.index_add_(0, tok[r0:r1], o.mul_(scale[r0:r1]))
-        return sum(cost[lo:hi]), add
-    return [run(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, w_out, b_in, b_out,
+           shared_w_in, shared_w_out, shared_gate, shape, spec: MoESpec) -> Tensor:
+    """Every expert hit by ≤ skinny.MAX_M rows (float32): the routed experts in ONE skinny.moe C call
+    per intra-op thread (a contiguous run of experts each, balanced by cost; no sort, gather, scatter
+    or activation as torch ops), the shared expert in one more (skinny.ffn_all) when ungated and
+    T ≤ MAX_M. Decode: route + 1-2 C calls."""
+    T, E = xt.shape[0], spec.num_experts
+    size = float(w_in[0].numel() + w_out[0].numel())
+    parts = torch.get_num_threads()
+    items = []
+    if parts > 1 and E > 1:
+        counts = counts if counts is not None else torch.bincount(ids.reshape(-1) + 1, minlength=E + 1).tolist()[1:]
+        cost = [size * max(c, 8) if c else 0.0 for c in counts]
+        bounds, acc, total = [0], 0.0, sum(cost)
+        for e in range(E - 1):
+            acc += cost[e]
+            if len(bounds) < parts and acc >= total * len(bounds) / parts:
+                bounds.append(e + 1)
+        bounds.append(E)
+        items = [(sum(cost[lo:hi]), (lo, hi)) for lo, hi in zip(bounds, bounds[1:]) if sum(cost[lo:hi]) > 0]
+    else:
+        items = [(1.0, (0, E))]
+    work = [(c, lambda y, r=r: skinny.moe(y, xt, ids, weights, w_in, w_out, b_in, b_out, spec, r)) for c, r in items]
+    if shared_w_in is not None:
+        if shared_gate is None and T <= skinny.MAX_M and skinny._f32(shared_w_in, shared_w_out) and spec.shared_ffn >= 8:
+            cost = float(shared_w_in.numel() + shared_w_out.numel()) * 8
+            work.append((cost, lambda y: skinny.ffn_all(y, xt, shared_w_in, shared_w_out, spec)))
+        else:
+            work.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
+    return _accumulate(xt, work, shape)
 
 
 def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
                  shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
     E, S = spec.num_experts, ids.shape[1]
+    fused = spec.ffn >= 8 and skinny.fits_moe(xt, w_in, w_out, b_in, b_out, spec)
+    if fused and xt.shape[0] <= skinny.MAX_M:                                # no expert can exceed MAX_M rows
+        return _fused(xt, weights, ids, None, w_in, w_out, b_in, b_out, shared_w_in, shared_w_out, shared_gate,
+                      x.shape, spec)
     flat = ids.reshape(-1)                                                   # [T*S]
     counts = torch.bincount(flat + 1, minlength=E + 1).tolist()             # [1 + E]; [0] = dropped
+    if fused and max(counts[1:]) <= skinny.MAX_M:
+        return _fused(xt, weights, ids, counts[1:], w_in, w_out, b_in, b_out, shared_w_in, shared_w_out,
+                      shared_gate, x.shape, spec)
     dropped, counts = counts[0], counts[1:]
     order = torch.argsort(flat, stable=True)[dropped:]                       # [N] pairs by expert
     tok = order // S                                                         # [N] token of each pair
@@ -163,14 +168,10 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
             y.index_add_(0, tok[seg], _expert(xe, e, w_in, w_out, b_in, b_out, spec).mul_(scale[seg]))
         return size * max(seg.stop - seg.start, 8), add
     items, start = [], 0
-    if (once and max(counts) <= skinny.MAX_M and spec.ffn >= 8 and w_out.dtype == torch.float32
-            and w_out.is_contiguous() and skinny.fits_grouped(xs, w_in)):       # few rows per expert
-        items = _batched_segments(xs, tok, scale, flat[order], counts, w_in, w_out, b_in, b_out, spec, size)
-    else:
-        for e, c in enumerate(counts):
-            if c:
-                items.append(segment(e, slice(start, start + c)))
-                start += c
+    for e, c in enumerate(counts):
+        if c:
+            items.append(segment(e, slice(start, start + c)))
+            start += c
     if shared_w_in is not None:
         items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return _accumulate(xt, items, x.shape)
@@ -279,7 +280,8 @@ def batched_expected(spec: MoESpec, tokens: int) -> bool:
 
 def _cost_grouped(spec: MoESpec, tokens: int) -> float:
     hit, m = expected_load(spec, tokens)
-    fixed, per_expert = (40, 1) if batched_expected(spec, tokens) else (30, 16)   # batched: experts loop in C
+    # batched: route + 1-2 C calls (skinny.moe), measured 11-28 op_times in all at H=16 (E=8..64, T=1..8)
+    fixed, per_expert = (2, 0.4) if batched_expected(spec, tokens) else (30, 16)
     return (_common_time(spec, tokens) + machine.op_time(fixed)
             + hit * (_expert_time(spec, m) + machine.op_time(per_expert))
             + machine.elementwise_time(16 * hit * m * spec.hidden))

@@ -2,6 +2,11 @@
 
     available() -> bool        compiled (gcc, once per machine, cached as a .so) and loadable here
     gemm(a, w) -> y            requires: float32, a rows contiguous (a.stride(1) == 1), w contiguous
+    moe(y, xt, ids, weights, w_in, w_out, b_in, b_out, spec, (lo, hi))   y += a layer's routed experts
+                               lo..hi-1 in ONE call (fits_moe): counting sort of the (token, slot)
+                               pairs by expert, per expert ≤ 32 rows at a time: gather, gemm, bias,
+                               activation (ACT, in C), gemm, bias, weighted scatter into y
+    ffn_all(y, xt, w_in, w_out, spec)                                    y += ffn(xt) (a shared expert)
 
 Why: an expert that m = 2..32 tokens hit reads its whole weight for 2·m·N·K FLOPs, so it should run
 at memory bandwidth (m ≲ 5 on this CPU) or near peak FLOP/s. BLAS does neither: MKL and oneDNN pack
@@ -17,7 +22,10 @@ MKL for m = 2..32.
 The C source is below; it is compiled with the system's `cc` on first use into
 `machine.cache_dir()/skinny-<hash>.so` (atomic rename: parallel test workers are safe). Without a
 compiler, on a CPU without AVX2/FMA, or on failure: available() is False and gemm.linear keeps BLAS.
-Numerics: float32 FMAs in K order, 8 partial sums per output: within float32 rounding of BLAS.
+Numerics: float32 FMAs in K order, 8 partial sums per output: within float32 rounding of BLAS;
+the activations use libm's expf/erff/tanhf (within float32 rounding of torch's).
+Why moe() is one C call: at decode the torch form (sort, gather, 2 grouped GEMMs, activation, scale,
+index_add_) was ~45 torch ops, 0.5-0.6 ms of a 4.5 ms DeepSeek-like layer (1 thread).
 """
 from __future__ import annotations
 
@@ -98,14 +106,91 @@ void skinny_gemm(const float *a, long lda, const float *w, long N, long K, float
     ROWS(1, 4)
 }
 
-/* segments of rows, each against its own expert's weight: for g < G, (r0, rows, e) = segs[3g..3g+2]:
-   y[r0 : r0 + rows] = a[r0 : r0 + rows] . w[e]^T, w [E, N, K] contiguous (wstride = N * K) */
-void skinny_grouped(const float *a, long lda, const float *w, long wstride, long N, long K, float *y, long ldy,
-                    const long *segs, long G) {
-    for (long g = 0; g < G; g++)
-        skinny_gemm(a + segs[3 * g] * lda, lda, w + segs[3 * g + 2] * wstride, N, K, y + segs[3 * g] * ldy, ldy,
-                    segs[3 * g + 1]);
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* the expert's activation in place of h [c, R] -> a [c, F] (ops.activate; act codes: ACT in skinny.py) */
+static void activate(const float *h, long R, float *a, long F, long c, int act, int il, float alpha, float limit) {
+    for (long i = 0; i < c; i++) {
+        const float *hi = h + i * R;
+        float *ai = a + i * F;
+        for (long j = 0; j < F; j++) {
+            float g = act >= 4 ? (il ? hi[2 * j] : hi[j]) : hi[j];
+            float u = act >= 4 ? (il ? hi[2 * j + 1] : hi[F + j]) : 1.0f, v;
+            switch (act) {
+            case 0: v = g > 0.0f ? g : 0.0f; break;                                          /* relu */
+            case 1: case 5: v = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); break;    /* gelu, geglu */
+            case 2: v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))); break;
+            case 6: g = g < limit ? g : limit; u = u < -limit ? -limit : (u > limit ? limit : u);   /* swiglu_oai */
+                    v = g / (1.0f + expf(-alpha * g)); u += 1.0f; break;
+            default: v = g / (1.0f + expf(-g));                                                /* silu, swiglu */
+            }
+            ai[j] = v * u;
+        }
+    }
 }
+
+/* rows tok[0..c) of x (row stride H) through one FFN (w_in [R, H], w_out [H, F], biases or NULL),
+   y[tok[i]] += scale[i] * ffn(x[tok[i]]), in chunks of <= 32 rows; buf: 32 * (2H + R + F) floats */
+static void expert_rows(const float *x, long H, const long *tok, const float *scale, long c,
+                        const float *w_in, long R, const float *w_out, long F, const float *b_in, const float *b_out,
+                        int act, int il, float alpha, float limit, float *y, float *buf) {
+    float *xa = buf, *h = xa + 32 * H, *a = h + 32 * R, *o = a + 32 * F;
+    for (long c0 = 0; c0 < c; c0 += 32) {
+        long m = c - c0 < 32 ? c - c0 : 32;
+        for (long i = 0; i < m; i++) memcpy(xa + i * H, x + tok[c0 + i] * H, H * sizeof(float));
+        skinny_gemm(xa, H, w_in, R, H, h, R, m);
+        if (b_in) for (long i = 0; i < m; i++) for (long j = 0; j < R; j++) h[i * R + j] += b_in[j];
+        activate(h, R, a, F, m, act, il, alpha, limit);
+        skinny_gemm(a, F, w_out, H, F, o, H, m);
+        for (long i = 0; i < m; i++) {
+            float s = scale[c0 + i], *yt = y + tok[c0 + i] * H;
+            const float *oi = o + i * H;
+            if (b_out) for (long j = 0; j < H; j++) yt[j] += s * (oi[j] + b_out[j]);
+            else for (long j = 0; j < H; j++) yt[j] += s * oi[j];
+        }
+    }
+}
+
+/* A whole routed MoE layer's experts e in [e_lo, e_hi) in ONE call: x [T, H], ids/wts [T, S] (id < 0:
+   dropped), w_in [E, R, H], w_out [E, H, F], b_in [E, R] / b_out [E, H] or NULL; y [T, H] += the
+   weighted expert outputs. Pairs are counting-sorted by expert (token order kept, as the reference's). */
+int skinny_moe(const float *x, long T, long H, const long *ids, const float *wts, long S, long E,
+               const float *w_in, long R, const float *w_out, long F, const float *b_in, const float *b_out,
+               int act, int il, float alpha, float limit, long e_lo, long e_hi, float *y) {
+    long n = T * S, *start = calloc(E + 1, sizeof(long)), *tok = malloc((n + 1) * sizeof(long));
+    float *scale = malloc((n + 1) * sizeof(float)), *buf = malloc(32 * (2 * H + R + F) * sizeof(float));
+    if (!start || !tok || !scale || !buf) { free(start); free(tok); free(scale); free(buf); return -1; }
+    for (long p = 0; p < n; p++) if (ids[p] >= e_lo && ids[p] < e_hi) start[ids[p] + 1]++;
+    for (long e = 0; e < E; e++) start[e + 1] += start[e];
+    long *fill = calloc(E, sizeof(long));
+    if (!fill) { free(start); free(tok); free(scale); free(buf); return -1; }
+    for (long p = 0; p < n; p++) {
+        long e = ids[p];
+        if (e >= e_lo && e < e_hi) { long q = start[e] + fill[e]++; tok[q] = p / S; scale[q] = wts[p]; }
+    }
+    for (long e = e_lo; e < e_hi; e++)
+        if (start[e + 1] > start[e])
+            expert_rows(x, H, tok + start[e], scale + start[e], start[e + 1] - start[e], w_in + e * R * H, R,
+                        w_out + e * H * F, F, b_in ? b_in + e * R : 0, b_out ? b_out + e * H : 0,
+                        act, il, alpha, limit, y, buf);
+    free(start); free(tok); free(scale); free(buf); free(fill);
+    return 0;
+}
+
+/* the shared expert on every row of x [T, H]: y += ffn(x) (scale 1; a gated one goes through torch) */
+int skinny_ffn_all(const float *x, long T, long H, const float *w_in, long R, const float *w_out, long F,
+                   int act, int il, float alpha, float limit, float *y) {
+    long *tok = malloc((T + 1) * sizeof(long));
+    float *scale = malloc((T + 1) * sizeof(float)), *buf = malloc(32 * (2 * H + R + F) * sizeof(float));
+    if (!tok || !scale || !buf) { free(tok); free(scale); free(buf); return -1; }
+    for (long t = 0; t < T; t++) { tok[t] = t; scale[t] = 1.0f; }
+    expert_rows(x, H, tok, scale, T, w_in, R, w_out, F, 0, 0, act, il, alpha, limit, y, buf);
+    free(tok); free(scale); free(buf);
+    return 0;
+}
+
 """
 
 
@@ -128,7 +213,7 @@ def _build(path) -> None:
         with open(src, "w") as f:
             f.write(SOURCE)
         out = path.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-o", str(out), src],
+        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-o", str(out), src, "-lm"],
                        check=True, capture_output=True, timeout=120)
         out.replace(path)
 
@@ -146,12 +231,14 @@ def _lib():
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    fn, grouped_fn = lib.skinny_gemm, lib.skinny_grouped
-    L, P = ctypes.c_long, ctypes.c_void_p
+    fn, moe_fn, ffn_fn = lib.skinny_gemm, lib.skinny_moe, lib.skinny_ffn_all
+    L, P, I, Fl = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     fn.argtypes = [P, L, P, L, L, P, L, L]
-    grouped_fn.argtypes = [P, L, P, L, L, L, P, L, P, L]
-    fn.restype = grouped_fn.restype = None
-    return fn, grouped_fn               # ctypes releases the GIL during the call (parallel.py threads)
+    moe_fn.argtypes = [P, L, L, P, P, L, L, P, L, P, L, P, P, I, I, Fl, Fl, L, L, P]
+    ffn_fn.argtypes = [P, L, L, P, L, P, L, I, I, Fl, Fl, P]
+    fn.restype = None
+    moe_fn.restype = ffn_fn.restype = ctypes.c_int
+    return fn, moe_fn, ffn_fn   # ctypes releases the GIL during the call (parallel.py threads)
 
 
 def available() -> bool:
@@ -174,19 +261,42 @@ def gemm(a: Tensor, w: Tensor) -> Tensor:
     return y
 
 
-def fits_grouped(a: Tensor, w: Tensor) -> bool:
-    """Whether grouped(a, w, segs) applies: float32, rows of a contiguous, w [E, N, K] contiguous."""
-    return (a.dtype == torch.float32 and w.dtype == torch.float32 and a.dim() == 2 and w.dim() == 3
-            and a.shape[1] == w.shape[2] >= 8 and a.stride(1) == 1 and w.is_contiguous()
-            and a.device.type == "cpu" and w.device.type == "cpu" and available())
+ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6}
 
 
-def grouped(a: Tensor, w: Tensor, segs: Tensor) -> Tensor:
-    """Rows of a [n, K] by segment, each times its expert's w[e]ᵀ ([E, N, K]) -> [n, N]; segs [G, 3]
-    int64 (first row, rows ≤ MAX_M, expert), covering every row of a (rows not covered stay garbage).
-    ONE call for all the small experts of a layer: no Python or dispatch cost per expert."""
-    (n, K), N = a.shape, w.shape[1]
-    y = torch.empty(n, N, dtype=torch.float32)
-    segs = segs.contiguous()
-    _lib()[1](a.data_ptr(), a.stride(0), w.data_ptr(), N * K, N, K, y.data_ptr(), N, segs.data_ptr(), segs.shape[0])
+def _f32(*ts) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu") for t in ts)
+
+
+def fits_moe(xt: Tensor, w_in: Tensor, w_out: Tensor, b_in, b_out, spec) -> bool:
+    """Whether moe(...) applies: float32 contiguous tensors, a known activation, C kernel loaded."""
+    return (spec.activation in ACT and _f32(xt, w_in, w_out, b_in, b_out) and w_in.dim() == 3
+            and xt.shape[1] == w_in.shape[2] >= 8 and w_out.shape[2] >= 8 and available())
+
+
+def _act(spec) -> tuple:
+    return ACT[spec.activation], int(bool(spec.interleaved)), float(spec.act_alpha), float(spec.act_limit)
+
+
+def moe(y: Tensor, xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, b_in, b_out, spec,
+        experts: tuple[int, int]) -> Tensor:
+    """y [T, H] += Σ over (token, slot) routed to an expert in [lo, hi) of weight · ffn_e(x[token]):
+    a layer's routed experts in ONE C call (counting sort by expert, gather, skinny GEMM, activation,
+    skinny GEMM, weighted scatter; ≤ 32 rows per step). Callers check `fits_moe`; y float32 contiguous."""
+    ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    (T, H), (E, R, _), Fw = xt.shape, w_in.shape, w_out.shape[2]
+    p = lambda t: None if t is None else t.data_ptr()      # noqa: E731
+    if _lib()[1](xt.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1] if ids.dim() == 2 else 1,
+                 E, w_in.data_ptr(), R, w_out.data_ptr(), Fw, p(b_in), p(b_out), *_act(spec), experts[0],
+                 experts[1], y.data_ptr()):
+        raise MemoryError("skinny.moe: out of memory")
+    return y
+
+
+def ffn_all(y: Tensor, xt: Tensor, w_in: Tensor, w_out: Tensor, spec) -> Tensor:
+    """y [T, H] += ffn(xt) (an ungated shared expert) in one C call; callers check `_f32` and shapes."""
+    (T, H), R, Fw = xt.shape, w_in.shape[0], w_out.shape[1]
+    if _lib()[2](xt.data_ptr(), T, H, w_in.data_ptr(), R, w_out.data_ptr(), Fw, *_act(spec), y.data_ptr()):
+        raise MemoryError("skinny.ffn_all: out of memory")
     return y
