@@ -7,12 +7,17 @@
     checker(spec, shapes) -> True | reason      shapes: {arg name: (shape with None for dynamic dims, dtype)}
     cost(spec, tokens) -> estimated µs on one CPU core (a rough model: compute + per-node overhead)
 
-Modes (`options["onnx_moe"]`): "portable" = cheapest portable kernel; "auto" = the fused op where
-its checker passes, else the cheapest portable one; "fused" = the fused op for every layer, an
-error naming the layer and the reason where it cannot. `options["onnx_kernel"]` forces one kernel.
-Note (measured, see below): on one core the fused op beats the portable kernels at small T but is
-2-4x slower than onnx.gather from a few hundred tokens on; "auto" still prefers it (exact + compact).
+Modes (`options["onnx_moe"]`): "portable" = cheapest portable kernel; "auto" = the cheapest kernel
+whose checker passes, the fused op included, at the token count planned for (`options["tokens"]`,
+default the export example's: the artifact's expected token bucket); "fused" = the fused op for every
+layer, an error naming the layer and the reason where it cannot. `options["onnx_kernel"]` forces one.
+Measured (1 thread, onnxruntime 1.32, CPU time, the bench's Mixtral-/DeepSeek-like layers; ms at
+T = 1 / 8 / 64 / 512): fused 7.6 / 60 / 116 / 430 vs onnx.gather 8.4 / 32 / 70 / 353 (Mixtral-like),
+3.8 / 28 / 84 / 240 vs 4.8 / 22 / 50 / 189 (DeepSeek-like): the fused op wins at decode only. At
+T = 8 it re-reads an expert's weights per routed token (memory time ~2x gather's), from tens of tokens
+its GEMMs run ~2x gather's compute time. The cost model below has both terms (compute, weight bytes).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -28,6 +33,7 @@ MODES = ("portable", "fused", "auto")
 # 57 / 122 / 453 / 3478 µs at T = 1 / 8 / 64 / 512; gather 81 / 106 / 197 / 931 µs (this model: 57 / 102 /
 # 469 / 3405 and 86 / 97 / 189 / 923). The fused op measured 26 / 73 / 236 / 2322 µs, 20 ms at T = 2048.
 FLOPS_PER_US = 6e4      # ~60 GFLOP/s: one core, fp32 GEMM
+BYTES_PER_US = 1.2e4    # ~12 GB/s: one core streaming expert weights from memory
 NODE_US = 2.0           # onnxruntime CPU per-node overhead
 
 
@@ -35,11 +41,23 @@ def _expert_flops(spec: MoESpec) -> float:
     return 2.0 * (spec.in_rows * spec.hidden + spec.hidden * spec.ffn)
 
 
+def _expert_bytes(spec: MoESpec) -> float:
+    return 4.0 * (spec.in_rows * spec.hidden + spec.hidden * spec.ffn)
+
+
 def _routed_per_token(spec: MoESpec) -> float:
     r = spec.router
     if r.kind == "expert_choice":
         return r.capacity_factor or float(spec.top_k)
     return float(spec.top_k)
+
+
+def _load(spec: MoESpec, tokens: int) -> tuple[float, float]:
+    """(experts hit, routed tokens per hit expert) for `tokens` tokens routed uniformly at random."""
+    E = spec.num_experts
+    k = min(_routed_per_token(spec), E)
+    hit = E if spec.router.kind == "expert_choice" else E * (1.0 - (1.0 - k / E) ** tokens)
+    return hit, tokens * k / hit if hit else 0.0
 
 
 def _always(spec: MoESpec, shapes: dict) -> bool | str:
@@ -54,16 +72,20 @@ def _fused_checker(spec: MoESpec, shapes: dict) -> bool | str:
 
 
 def _cost_dense(spec: MoESpec, tokens: int) -> float:
-    return tokens * spec.num_experts * _expert_flops(spec) / FLOPS_PER_US + 25 * NODE_US
+    return (max(tokens * spec.num_experts * _expert_flops(spec) / FLOPS_PER_US,
+                spec.num_experts * _expert_bytes(spec) / BYTES_PER_US) + 25 * NODE_US)
 
 
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
-    return (tokens * _routed_per_token(spec) * _expert_flops(spec) / FLOPS_PER_US
-            + (10 + 4 * spec.num_experts) * NODE_US)
+    hit, _ = _load(spec, tokens)
+    return (max(tokens * _routed_per_token(spec) * _expert_flops(spec) / FLOPS_PER_US,
+                hit * _expert_bytes(spec) / BYTES_PER_US) + (10 + 4 * spec.num_experts) * NODE_US)
 
 
 def _cost_fused(spec: MoESpec, tokens: int) -> float:
-    return 2 * tokens * spec.top_k * _expert_flops(spec) / FLOPS_PER_US + 5 * NODE_US
+    hit, m = _load(spec, tokens)
+    return (max(2 * tokens * spec.top_k * _expert_flops(spec) / FLOPS_PER_US,
+                hit * min(max(m, 1.0), 2.0) * _expert_bytes(spec) / BYTES_PER_US) + 5 * NODE_US)
 
 
 def _emit_portable(name: str) -> Callable:
@@ -107,18 +129,22 @@ def choose(spec: MoESpec, shapes: dict, mode: str = "auto", tokens: int = 64,
             raise MoeccError(f"MoE layer {layer}: kernel {force} cannot run it: {ok[force]}")
         return KernelChoice(layer, force, "forced by options['onnx_kernel']",
                             {n: rejected.get(n, "not forced") for n in KERNELS if n != force})
-    if mode != "portable" and ok["ort.moe_fused"] is True:
-        return KernelChoice(layer, "ort.moe_fused", "com.microsoft::MoE computes exactly this layer "
-                            f"({spec.router.kind}, {spec.activation}, k={spec.top_k})",
-                            {n: f"fused op preferred (--onnx-moe {mode})" for n in KERNELS if n != "ort.moe_fused"})
     if mode == "fused":
-        raise MoeccError(f"MoE layer {layer}: the fused com.microsoft::MoE cannot run it: "
-                         f"{ok['ort.moe_fused']}; use --onnx-moe auto (fused where exact, else portable)")
+        if ok["ort.moe_fused"] is not True:
+            raise MoeccError(f"MoE layer {layer}: the fused com.microsoft::MoE cannot run it: "
+                             f"{ok['ort.moe_fused']}; use --onnx-moe auto (fused where exact, else portable)")
+        return KernelChoice(layer, "ort.moe_fused", "com.microsoft::MoE computes exactly this layer "
+                            f"({spec.router.kind}, {spec.activation}, k={spec.top_k}; --onnx-moe fused)",
+                            {n: "fused op asked for (--onnx-moe fused)" for n in KERNELS if n != "ort.moe_fused"})
     if mode == "portable":
         rejected["ort.moe_fused"] = "not asked for (--onnx-moe portable)"
-    portable_ok = sorted((costs[n], n) for n in KERNELS if KERNELS[n]["portable"] and ok[n] is True)
-    best_cost, best = portable_ok[0]
-    for c, n in portable_ok[1:]:
+    candidates = sorted((costs[n], n) for n in KERNELS if ok[n] is True and (mode == "auto" or KERNELS[n]["portable"]))
+    best_cost, best = candidates[0]
+    for c, n in candidates[1:]:
         rejected[n] = f"costlier at {tokens} tokens: est {c:.0f} µs vs {best_cost:.0f} µs"
-    return KernelChoice(layer, best, f"cheapest portable kernel at {tokens} tokens (est {best_cost:.0f} µs)",
-                        rejected)
+    if best == "ort.moe_fused":
+        return KernelChoice(layer, best, "com.microsoft::MoE computes exactly this layer "
+                            f"({spec.router.kind}, {spec.activation}, k={spec.top_k}) and is the cheapest at "
+                            f"{tokens} tokens (est {best_cost:.0f} µs)", rejected)
+    kind = "kernel" if mode == "auto" else "portable kernel"
+    return KernelChoice(layer, best, f"cheapest {kind} at {tokens} tokens (est {best_cost:.0f} µs)", rejected)

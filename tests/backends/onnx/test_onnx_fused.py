@@ -186,3 +186,19 @@ def test_fact_cpu_swiglu_must_be_interleaved_no_geglu_no_fc3(tmp_path):
     f["w3"] = f["w1"]
     with pytest.raises(Exception, match="FC3 is not implemented"):
         _run_single(_single_node(("x", "r", "w1", "b1", "w2", "b2", "w3"), k=2, activation_type="silu"), f, tmp_path)
+
+
+def test_auto_selects_by_the_planned_token_count():
+    """--onnx-moe auto: the fused op where it is exact AND the cheapest at the planned T (decode), the
+    portable gather from a few tokens on (measured on the bench's shapes: the fused op re-reads an
+    expert's weights per token at T=8 and is 1.2-2x slower from T=8 to 512)."""
+    from moecc.backends.torch.bench import SHAPES
+    for s in SHAPES.values():
+        decode = kernels.choose(s, {}, "auto", tokens=1)
+        assert decode.kernel == "ort.moe_fused" and "cheapest at 1 tokens" in decode.reason
+        for T in (8, 64, 512, 2048):
+            prefill = kernels.choose(s, {}, "auto", tokens=T)
+            assert prefill.kernel == "onnx.gather", (s.name, T)
+            assert prefill.rejected["ort.moe_fused"].startswith(f"costlier at {T} tokens")
+        assert kernels.choose(s, {}, "fused", tokens=2048).kernel == "ort.moe_fused"      # asked for
+        assert kernels.choose(s, {}, "portable", tokens=1).kernel == "onnx.gather"
