@@ -62,7 +62,7 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
                refine_rounds: int = 1, neighbours: int = 8, lp_iters: int = 4,
                coact_tokens: int | None = 2048, flow_tokens: int | None = 1024,
                flow_weight: float | None = None, clusters: bool | None = None,
-               chain_pull: float = 0.5, chain_tokens: int = 256,
+               chain_pull: float = 0.5, chain_tokens: int = 256, align_tokens: int = 512,
                min_modularity: float = 0.1) -> np.ndarray:
     """share [L, E, D] for the trace (tol: allowed load above the mean of a node / of a device in
     its node while placing, final_tol: after exchanges; sweeps: node partition passes, default
@@ -71,7 +71,8 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     flow_tokens: estimate edges from at most that many tokens; flow_weight: weight of the pull
     of the neighbouring layers' nodes, default 1/k; clusters: find clusters, chain them and
     order the greedy by them, default when E >= 32; chain_pull: pull of a chain's node, times
-    the copy's load; chain_tokens: tokens to chain clusters by; min_modularity: below it a
+    the copy's load; chain_tokens / align_tokens: tokens to chain clusters / to align device labels
+    by; min_modularity: below it a
     layer is placed for balance only)."""
     L, E, T, k = trace.num_layers, trace.num_experts, trace.num_tokens, trace.top_k
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
@@ -112,7 +113,8 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
         _, rename = align(membership(copy_of, node, scale, E, N), ids, 1)
         node = np.where(valid, np.take_along_axis(rename, np.maximum(node, 0), 1), -1)
     share = place_devices(w, copy_of, node, scale, topology, tol, final_tol)
-    return even_out(align(share, ids, N)[0], w)
+    share = align(share, ids[:, _sample(ids.shape[1], align_tokens)], N)[0]
+    return even_out(share, w, rounds=16)
 
 
 def copy_graph(coact: np.ndarray, c: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -74,7 +74,7 @@ def modularity(A, label, w) -> np.ndarray:
     return inside / np.maximum(A.sum((1, 2)), 1e-12) - ((per / total[:, None]) ** 2).sum(1)
 
 
-def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int = 16) -> np.ndarray:
+def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int = 8) -> np.ndarray:
     """Kernighan-Lin-style swaps, batched: part [B, n] (from partition) -> part [B, n], every part
     keeping its item count (slots) and staying under max(max_load [B, P], its load now).
 
@@ -93,11 +93,13 @@ def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int =
     rows = np.arange(B)[:, None]
     K = min(n, top)
     for _ in range(rounds):
+        X = np.zeros((B, n, P), dtype=np.float32)
+        X[rows, np.arange(n), np.maximum(part, 0)] = valid
+        S = A @ X                                                           # [B, n, P] affinity
         for p in range(P):
             for q in range(p + 1, P):
                 at_p, at_q = valid & (part == p), valid & (part == q)
-                diff = (at_q.astype(np.float32) - at_p.astype(np.float32))[:, :, None]
-                g = (A @ diff)[:, :, 0]                                     # [B, n] p -> q gain
+                g = S[:, :, q] - S[:, :, p]                                 # [B, n] p -> q gain
                 if anchor is not None:
                     g = g + anchor[:, :, q] - anchor[:, :, p]
                 load_p, load_q = (w * at_p).sum(1), (w * at_q).sum(1)
@@ -116,9 +118,15 @@ def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int =
                         & (load_q[:, None] + shed <= cap_q[:, None] * (1 + 1e-12)))
                 best = np.where(fits, total, -np.inf)
                 last = np.where(best.max(1) > 1e-9, best.argmax(1), -1)      # [B] best prefix
-                b, r = np.nonzero(np.arange(K)[None, :] <= last[:, None])
+                take = np.arange(K)[None, :] <= last[:, None]              # [B, K]
+                b, r = np.nonzero(take)
                 part[b, oi[b, r]] = q
                 part[b, oj[b, r]] = p
+                if take.any():                  # S follows the swaps (A is symmetric: rows)
+                    moved = np.einsum("bk,bkn->bn", take.astype(np.float32),
+                                      A[rows, oi] - A[rows, oj])            # [B, n]
+                    S[:, :, q] += moved
+                    S[:, :, p] -= moved
     return part
 
 
@@ -128,17 +136,20 @@ def _pairs(A, pair, oi, oj):
     the pair of largest gain, the other candidates' gains updated as if it were swapped."""
     pair = pair.copy()
     B, K, _ = pair.shape
-    rows = np.arange(B)
+    rows, rows2 = np.arange(B), np.arange(B)[:, None]
+    a_ii = A[rows2[:, :, None], oi[:, :, None], oi[:, None, :]]            # [B, K, K] among p's
+    a_jj = A[rows2[:, :, None], oj[:, :, None], oj[:, None, :]]            # among q's
+    a_ij = A[rows2[:, :, None], oi[:, :, None], oj[:, None, :]]            # p's x q's
     out_i, out_j = np.empty((B, K), np.int64), np.empty((B, K), np.int64)
     gain = np.empty((B, K))
     for r in range(K):
         a, b = np.divmod(pair.reshape(B, -1).argmax(1), K)
         gain[:, r] = pair[rows, a, b]
-        i, j = oi[rows, a], oj[rows, b]
-        out_i[:, r], out_j[:, r] = i, j
-        # i went p -> q, j went q -> p: p's candidates gain 2 A[., i] - 2 A[., j] toward q
-        dp = 2 * (A[rows[:, None], oi, i[:, None]] - A[rows[:, None], oi, j[:, None]])
-        dq = 2 * (A[rows[:, None], oj, j[:, None]] - A[rows[:, None], oj, i[:, None]])
+        out_i[:, r], out_j[:, r] = oi[rows, a], oj[rows, b]
+        # oi[a] went p -> q, oj[b] went q -> p: p's candidates gain 2 A[., i] - 2 A[., j] toward
+        # q, q's candidates 2 A[., j] - 2 A[., i] toward p
+        dp = 2 * (a_ii[rows, :, a] - a_ij[rows, :, b])                      # [B, K]
+        dq = 2 * (a_jj[rows, :, b] - a_ij[rows, a, :])
         pair += dp[:, :, None] + dq[:, None, :]
         pair[rows, a, :] = -np.inf
         pair[rows, :, b] = -np.inf

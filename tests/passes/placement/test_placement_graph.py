@@ -6,7 +6,8 @@ from moecc.passes.placement.graph_planner import align, match
 from moecc.passes.placement.graphs import (coactivation, expert_graph, layer_graph, model_graph,
                                            token_counts, token_parts)
 from moecc.passes.placement.partition import partition
-from moecc.passes.placement.refine import communities, refine
+from moecc.passes.placement.chains import chain_nodes, cluster_graph
+from moecc.passes.placement.refine import communities, modularity, refine
 from moecc.passes.placement.synthetic import synthetic_trace
 from moecc.passes.placement.topology import parse_topology
 from placement_helpers import trace_of
@@ -150,3 +151,41 @@ def test_even_out_shifts_replica_shares_to_the_idle_device():
     np.testing.assert_allclose(load, [[7.0, 7.0]])                # 4 + 3 and 7
     np.testing.assert_allclose(out.sum(-1), 1.0)
     assert ((out > 0) == (share > 0)).all()                         # same copies, same slots
+
+
+def test_modularity_tells_clusters_from_noise():
+    rng = np.random.default_rng(0)
+    label = np.repeat(np.arange(4), 8)[None]                                # 4 clusters of 8
+    planted = np.where(label[0][:, None] == label[0][None, :], 5.0, 0.2)
+    np.fill_diagonal(planted, 0)
+    noise = rng.random((32, 32))
+    noise = noise + noise.T
+    np.fill_diagonal(noise, 0)
+    A = np.stack([planted, noise]).astype(np.float32)
+    q = modularity(A, label.repeat(2, 0), A.sum(2))
+    assert q[0] > 0.5 and abs(q[1]) < 0.05
+
+
+def test_chains_put_a_tokens_clusters_on_one_node():
+    # layer 0 clusters {0..3}, {4..7}; tokens of the first go on to {4..7} in layer 1, the others
+    # to {0..3}: each chain crosses the cluster ids, and each lands on one node
+    ids = np.array([[[0, 1]] * 20 + [[5, 6]] * 20, [[4, 7]] * 20 + [[2, 3]] * 20])   # [2, 40, 2]
+    label = np.array([[0] * 4 + [4] * 4, [0] * 4 + [4] * 4])
+    w = np.ones((2, 8))
+    graph, _ = cluster_graph(label, w, ids)
+    assert sorted(graph.edges) == [((0, 0), (1, 4)), ((0, 4), (1, 0))]
+    node = chain_nodes(label, w, ids, 2)
+    assert node[0, 0] == node[1, 4] != node[0, 4] == node[1, 0]
+
+
+def test_clustered_plan_keeps_hidden_states_on_their_node():
+    """Topics keep their clusters through the layers: chained clusters share a node, so few
+    tokens move between nodes from one layer to the next (a regression guard)."""
+    t = synthetic_trace(layers=6, experts=64, top_k=4, tokens=1500, windows=2, topics=8,
+                        affinity=6.0, seed=2)
+    topo = parse_topology("4x4:slots=5")
+    chained, unchained = (evaluate(t, topo, {"graph": "graph"}, replicas=16,
+                                   options={"graph": {"chain_pull": pull}})["graph"]
+                          for pull in (0.5, 0.0))
+    assert chained.node_moves < 0.5 * unchained.node_moves
+    assert chained.node_traffic < unchained.node_traffic

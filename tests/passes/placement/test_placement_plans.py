@@ -84,6 +84,9 @@ def test_invariants_on_random_traces(c):
             continue
         p = plan(trace, topo, method, r)
         check_invariants(p, topo, c["E"], r)
+        if method == "graph":       # the cluster path too (on by default from 32 experts)
+            check_invariants(plan(trace, topo, method, r, clusters=True, min_modularity=0.0),
+                             topo, c["E"], r)
         m = score(p, trace)
         assert 0.0 < m.balancedness <= 1.0 + 1e-9
         assert m.node_sends <= m.device_sends <= trace.num_tokens * trace.num_layers * trace.top_k
