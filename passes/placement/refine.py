@@ -74,7 +74,7 @@ def modularity(A, label, w) -> np.ndarray:
     return inside / np.maximum(A.sum((1, 2)), 1e-12) - ((per / total[:, None]) ** 2).sum(1)
 
 
-def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int = 8) -> np.ndarray:
+def refine(A, w, part, valid, max_load, rounds: int = 1, anchor=None, top: int = 16) -> np.ndarray:
     """Kernighan-Lin-style swaps, batched: part [B, n] (from partition) -> part [B, n], every part
     keeping its item count (slots) and staying under max(max_load [B, P], its load now).
 
