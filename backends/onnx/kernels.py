@@ -8,8 +8,11 @@
     cost(spec, tokens) -> estimated µs on one CPU core (a rough model: compute + per-node overhead)
 
 Modes (`options["onnx_moe"]`): "portable" = cheapest portable kernel; "auto" = the cheapest kernel
-whose checker passes, the fused op included, at the token count planned for (`options["tokens"]`,
-default the export example's: the artifact's expected token bucket); "fused" = the fused op for every
+whose checker passes, the fused op included, per token bucket: with no `options["tokens"]` given,
+where the cheapest differs between buckets (e.g. the fused op at decode, onnx.gather at prefill),
+each behind an ONNX If on the token count (kernel "onnx.by_tokens:ort.moe_fused@8:onnx.gather",
+dispatch.py: run-time selection by token bucket); with `options["tokens"]`, the single cheapest
+kernel at that count; "fused" = the fused op for every
 layer, an error naming the layer and the reason where it cannot. `options["onnx_kernel"]` forces one.
 Measured (1 thread, onnxruntime 1.32, CPU time, the bench's Mixtral-/DeepSeek-like layers; ms at
 T = 1 / 8 / 64 / 512): fused 7.6 / 60 / 116 / 430 vs onnx.gather 8.4 / 32 / 70 / 353 (Mixtral-like),
@@ -26,9 +29,11 @@ from moecc.errors import MoeccError
 from moecc.spec import MoESpec
 
 from ..base import KernelChoice
-from . import fused, portable
+from . import dispatch, fused, portable
 
 MODES = ("portable", "fused", "auto")
+BY_TOKENS = "onnx.by_tokens"        # "onnx.by_tokens:<k0>@<T1>:<k1>": k0 for T < T1, k1 from T1 on
+SCAN = tuple(2 ** i for i in range(17))
 # Calibrated on one CPU core, onnxruntime 1.32, E=8 H=64 F=128 swiglu k=2, T = 1 .. 2048: dense_masked
 # 57 / 122 / 453 / 3478 µs at T = 1 / 8 / 64 / 512; gather 81 / 106 / 197 / 931 µs (this model: 57 / 102 /
 # 469 / 3405 and 86 / 97 / 189 / 923). The fused op measured 26 / 73 / 236 / 2322 µs, 20 ms at T = 2048.
@@ -109,13 +114,41 @@ def cost(name: str, spec: MoESpec, tokens: int) -> float:
 
 
 def emit(name: str, *args, spec: MoESpec):
-    """Emit the layer's ONNX graph (inside a torch.onnx translation) with kernel `name`."""
+    """Emit the layer's ONNX graph (inside a torch.onnx translation) with kernel `name`
+    (BY_TOKENS: one If on the token count per bucket boundary, dispatch.py)."""
+    if name.startswith(BY_TOKENS + ":"):
+        return dispatch.by_tokens(args[0], spec.hidden, [(k, T, (lambda k=k: emit(k, *args, spec=spec)))
+                                                         for k, T in buckets_of(name)])
     return KERNELS[name]["emit"](*args, spec=spec)
 
 
+def buckets_of(name: str) -> list[tuple[str, int | None]]:
+    """"onnx.by_tokens:<k0>@<T1>:<k1>@<T2>:<k2>" -> [(k0, T1), (k1, T2), (k2, None)]: k_i below T_(i+1)."""
+    out = []
+    for part in name[len(BY_TOKENS) + 1:].split(":"):
+        k, _, T = part.partition("@")
+        out.append((k, int(T) if T else None))
+    return out
+
+
+def buckets(spec: MoESpec, names: list[str]) -> list[tuple[str, int | None]]:
+    """The cheapest of `names` per token bucket (powers of two up to 2^16), as [(kernel, below T), ...,
+    (kernel, None)]: consecutive buckets with the same kernel merged."""
+    out: list[tuple[str, int | None]] = []
+    for T in SCAN:
+        best = min((cost(n, spec, T), n) for n in names)[1]
+        if not out or out[-1][0] != best:
+            if out:
+                out[-1] = (out[-1][0], T)
+            out.append((best, None))
+    return out
+
+
 def choose(spec: MoESpec, shapes: dict, mode: str = "auto", tokens: int = 64,
-           force: str | None = None) -> KernelChoice:
-    """The kernel for one layer, with the reason and why each other candidate was not taken."""
+           force: str | None = None, dispatch_by_tokens: bool = False) -> KernelChoice:
+    """The kernel for one layer, with the reason and why each other candidate was not taken.
+    dispatch_by_tokens (mode auto, no token count planned for): where the cheapest exact kernel
+    differs between token buckets, each bucket's behind an If on T (BY_TOKENS)."""
     layer = spec.name or "?"
     if mode not in MODES:
         raise MoeccError(f"unknown --onnx-moe {mode!r}; choose one of {', '.join(MODES)}")
@@ -138,6 +171,16 @@ def choose(spec: MoESpec, shapes: dict, mode: str = "auto", tokens: int = 64,
                             {n: "fused op asked for (--onnx-moe fused)" for n in KERNELS if n != "ort.moe_fused"})
     if mode == "portable":
         rejected["ort.moe_fused"] = "not asked for (--onnx-moe portable)"
+    exact = [n for n in KERNELS if ok[n] is True]
+    plan = buckets(spec, exact) if mode == "auto" and dispatch_by_tokens else []
+    if len(plan) > 1:
+        name = BY_TOKENS + ":" + ":".join(k if T is None else f"{k}@{T}" for k, T in plan)
+        lo = [1] + [T for _, T in plan[:-1]]
+        where = ", ".join(f"{k} for {a} ≤ T < {T}" if T else f"{k} from T = {a} on" for (k, T), a in zip(plan, lo))
+        used = {k for k, _ in plan}
+        return KernelChoice(layer, name, f"run-time dispatch on the token count T (ONNX If; cheapest per "
+                            f"power-of-two bucket by the cost model): {where}",
+                            {**rejected, **{n: "costlier in every token bucket" for n in exact if n not in used}})
     candidates = sorted((costs[n], n) for n in KERNELS if ok[n] is True and (mode == "auto" or KERNELS[n]["portable"]))
     best_cost, best = candidates[0]
     for c, n in candidates[1:]:

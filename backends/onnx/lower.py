@@ -5,8 +5,9 @@
 
 `translate` receives each layer's tensors and its spec JSON, and emits the chosen kernel's graph
 (backends/onnx/kernels.py: portable standard ops, or onnxruntime's fused com.microsoft::MoE).
-Options: onnx_moe = portable | fused | auto (default auto), onnx_kernel or kernel (force one kernel),
-tokens (the token count the cost model plans for; default: the example's), opset.
+Options: onnx_moe = portable | fused | auto (default auto: run-time dispatch by token count where the
+fused op wins at decode only, kernels.py), onnx_kernel or kernel (force one kernel), tokens (plan one
+kernel for this token count instead; portable mode plans for the example's), opset.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def plan(program: torch.export.ExportedProgram, options: dict) -> list[tuple[str
         spec = spec if spec.name else spec.replace(name=node.name)
         tokens = int(options.get("tokens") or example_tokens(node))
         force = options.get("onnx_kernel") or options.get("kernel") or None
-        choice = kernels.choose(spec, layer_shapes(node), mode, tokens, force)
+        choice = kernels.choose(spec, layer_shapes(node), mode, tokens, force,
+                                dispatch_by_tokens=not options.get("tokens"))
         out.append((node.args[SPEC_ARG], choice))
     return out
 
@@ -103,7 +105,7 @@ def _io(values) -> list[dict]:
 def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
     out_dir = Path(out_dir)
     choices = plan(program, options)
-    if any(c.kernel == "ort.moe_fused" for _, c in choices):
+    if any("ort.moe_fused" in c.kernel for _, c in choices):
         fused.register_schema()
     kw = {"opset_version": int(options["opset"])} if options.get("opset") else {}
     try:

@@ -90,7 +90,9 @@ def test_chained_fused_layers_match_and_auto_mixes_kernels(tmp_path):
     specs = [spec("a", top_k=2), spec("b_exact_gelu", act="gelu", top_k=2), spec("c", act="swiglu", top_k=1)]
     model = Chain(specs).eval()
     low, path = lower(model, (torch.randn(2, 3, 8),), tmp_path, onnx_moe="auto")
-    assert [c.kernel for c in low.kernels] == ["ort.moe_fused", "onnx.dense_masked", "ort.moe_fused"]
+    kinds = [c.kernel for c in low.kernels]                       # fused at decode, by token bucket
+    assert kinds[0].startswith("onnx.by_tokens:ort.moe_fused@") and kinds[2].startswith("onnx.by_tokens:ort.moe_fused@")
+    assert "ort.moe_fused" not in kinds[1]
     assert "tanh approximation" in low.kernels[1].rejected["ort.moe_fused"]
     for threads in (1, 2):
         sess = session(path, threads)
@@ -202,3 +204,26 @@ def test_auto_selects_by_the_planned_token_count():
             assert prefill.rejected["ort.moe_fused"].startswith(f"costlier at {T} tokens")
         assert kernels.choose(s, {}, "fused", tokens=2048).kernel == "ort.moe_fused"      # asked for
         assert kernels.choose(s, {}, "portable", tokens=1).kernel == "onnx.gather"
+
+
+def test_auto_dispatches_by_token_count_at_run_time(tmp_path):
+    """--onnx-moe auto without a planned token count: ONE artifact whose If on T runs the fused op at
+    decode and the portable gather at prefill, matching the reference on both sides of the boundary;
+    options['tokens'] plans one kernel instead."""
+    from moecc.backends.torch.bench import SHAPES
+    for s in SHAPES.values():
+        c = kernels.choose(s, {}, "auto", 64, dispatch_by_tokens=True)
+        (small, T), (large, end) = kernels.buckets_of(c.kernel)
+        assert (small, large, end) == ("ort.moe_fused", "onnx.gather", None) and 2 <= T <= 8, c.kernel
+    s = spec("swiglu", act="swiglu", top_k=2, expert_bias=True)
+    model = Side([s, spec("exact_gelu", act="gelu")])
+    low, path = lower(model, inputs(2, 3), tmp_path / "auto", onnx_moe="auto")
+    plan = kernels.buckets_of(low.kernels[0].kernel)
+    assert plan[0][0] == "ort.moe_fused" and len(plan) >= 2 and "run-time dispatch" in low.kernels[0].reason
+    assert ("", "If") in op_types(path) and ("com.microsoft", "MoE") not in op_types(path)   # inside the If
+    for B, S in [(1, 1), (1, plan[0][1] - 1), (1, plan[0][1]), (3, 70)]:
+        args = inputs(B, S, seed=S)
+        for name, g, e in zip(("swiglu", "exact_gelu"), run(path, args), eager(model, args)):
+            assert_numerically_equal(g, e, atol=1e-5, what=f"{name} at {B}x{S}")
+    low, _ = lower(model, inputs(2, 3), tmp_path / "planned", onnx_moe="auto", tokens=1)
+    assert low.kernels[0].kernel == "ort.moe_fused"

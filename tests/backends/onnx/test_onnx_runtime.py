@@ -41,7 +41,7 @@ def artifact(tmp_path_factory):
 
 def test_a_process_with_only_onnxruntime_and_numpy_reproduces_the_model(artifact, tmp_path):
     model, low, path = artifact
-    assert [c.kernel for c in low.kernels][0] == "ort.moe_fused"
+    assert "ort.moe_fused" in low.kernels[0].kernel                 # alone, or its token bucket in a dispatch
     x, ids = inputs(3, 11, seed=5)
     np.savez(tmp_path / "in.npz", x=x.numpy(), ids=ids.numpy().astype(np.int32))   # int32 ids: cast by the runtime
     done = subprocess.run([sys.executable, "-c", STANDALONE, str(RUNTIME), str(tmp_path / "in.npz"), str(path),
