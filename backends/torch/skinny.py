@@ -14,7 +14,7 @@ the [N, K] weight into a panel on every call (write + re-read) and their small-m
 for m ≥ 64. Measured on this project's CPU (1 thread, CPU time, weights read from memory):
 MKL / oneDNN stream the weight at 5-9 GB/s for m = 2..8 (2-3x below `w.sum()` at 14-17 GB/s) and reach
 20-35 GFLOP/s at m = 16..32 (peak ~75). This kernel keeps w in its own layout: for a tile of R weight
-rows it streams each row once along K, with M ≤ 4 rows of `a` against it in 256-bit registers
+rows it streams each row once along K, with M ≤ 6 rows of `a` against it in 256-bit registers
 (M·R accumulators, a horizontal sum at the end), so the weight is read from memory exactly once and
 re-read from L1 for the next rows of `a` (rows of ≤ 512 floats: the next tile is prefetched): ~15 GB/s at m = 2 (the bandwidth), 1.3-2x faster than
 MKL for m = 2..32.
@@ -57,12 +57,12 @@ static inline float hsum(__m256 v) {
    pf: prefetch the next tile's R rows (contiguous after these) while streaming these */
 static inline __attribute__((always_inline)) void tile(const float *a, long lda, const float *w, long K,
                                                       float *y, long ldy, const int M, const int R, int pf) {
-    __m256 acc[4][6];
+    __m256 acc[6][6];
     for (int i = 0; i < M; i++)
         for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
     long k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 av[4];
+        __m256 av[6];
         for (int i = 0; i < M; i++) av[i] = _mm256_loadu_ps(a + i * lda + k);
         if (pf) {
             const float *p = w + R * K + R * k;
@@ -91,15 +91,21 @@ static inline __attribute__((always_inline)) void tile(const float *a, long lda,
         case 1: tile(a + i * lda, lda, wn, K, y + i * ldy + n, ldy, 1, R, pf && i == 0); break;                   \
         case 2: tile(a + i * lda, lda, wn, K, y + i * ldy + n, ldy, 2, R, pf && i == 0); break;                   \
         case 3: tile(a + i * lda, lda, wn, K, y + i * ldy + n, ldy, 3, R, pf && i == 0); break;                   \
+        case 4: tile(a + i * lda, lda, wn, K, y + i * ldy + n, ldy, 4, R, pf && i == 0); break;                   \
+        case 5: tile(a + i * lda, lda, wn, K, y + i * ldy + n, ldy, 5, R, pf && i == 0); break;                   \
         }                                                                                           \
     }
 
 /* y [m, N] (row stride ldy) = a [m, K] (row stride lda) . w [N, K]^T, w contiguous */
 void skinny_gemm(const float *a, long lda, const float *w, long N, long K, float *y, long ldy, long m) {
     long n = 0;
-    const int pf = K <= 512;    /* short rows: the hardware prefetcher alone leaves 30-40% idle */
+    int pf = K <= 512;          /* short rows: the hardware prefetcher alone leaves 30-40% idle */
     if (m <= 2) {
         ROWS(6, 2)          /* 6 weight rows in flight: bandwidth-bound, more streams */
+    } else if (m >= 5 && m <= 8 && K <= 1024) {
+        pf = 1;             /* 5-8 rows: ONE pass of 6 rows of a over each 2-row weight tile, the next
+                               tile prefetched: 1.1-1.3x the 3 x 4 tiles at K = 512..1024 (measured) */
+        ROWS(2, 6)
     } else {
         ROWS(4, 3)          /* 12 accumulators + 3 rows of a: FMA-bound */
     }
