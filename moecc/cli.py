@@ -54,7 +54,8 @@ def _add_compile(sub) -> None:
     g = p.add_argument_group("backend")
     g.add_argument("--to", dest="backend", default="torch", help="torch | onnx | tvm (default torch)")
     g.add_argument("--onnx-moe", default="auto", choices=["auto", "portable", "fused"],
-                   help="onnx: standard ops only, ORT's fused com.microsoft::MoE, or fused where exact")
+                   help="onnx: standard ops only, ORT's fused com.microsoft::MoE, or auto (default): the "
+                        "cheapest exact kernel per token-count bucket, switched at run time by an ONNX If")
     g.add_argument("--target", default="llvm", help="tvm target (default llvm)")
     g.add_argument("--kernel", help="force one MoE kernel for every layer (e.g. torch.grouped_gemm)")
     g.add_argument("--autotune", action="store_true", help="measure kernel candidates per token bucket")
