@@ -234,3 +234,24 @@ def test_topk_unit_router_weights_each_chosen_expert_one():
     spec = MoESpec(num_experts=4, hidden=8, ffn=4, router=RouterSpec("topk_unit", 2, renormalize=False))
     weights, ids = route(torch.tensor([[0.1, 3.0, -1.0, 2.0], [5.0, 0.0, 0.2, 0.1]]), spec)
     assert ids.tolist() == [[1, 3], [0, 2]] and torch.equal(weights, torch.ones(2, 2))
+
+
+def test_wide_ffn_refit_blockwise_comes_close_to_the_joint_solve(monkeypatch):
+    # F + E above MAX_FEATURES: experts are refit one block at a time (Gauss-Seidel sweeps)
+    g = torch.Generator().manual_seed(0)
+    T, H, F_, E, k = 1200, 12, 48, 6, 2
+    x = torch.randn(T, H, generator=g)
+    a = torch.relu(x @ torch.randn(H, F_, generator=g))
+    owner = torch.arange(F_) // (F_ // E)
+    logits = torch.randn(T, E, generator=g) + (a.reshape(T, E, -1).sum(-1))           # informative router
+    chosen = moefy_refit.chosen_mask(logits, 0, k)
+    w_out, b_out = torch.randn(H, F_, generator=g), torch.randn(H, generator=g)
+    fit, val = torch.arange(T) % 5 != 0, torch.arange(T) % 5 == 0
+    joint = moefy_refit.refit(a, chosen, owner, w_out, b_out, fit, val)[2]
+    monkeypatch.setattr(moefy_refit, "MAX_FEATURES", F_)
+    w_a, d, block = moefy_refit.refit(a, chosen, owner, w_out, b_out, fit, val)
+    assert block["val_error"] < 0.9 * block["val_error_bias_only"]
+    assert block["val_error"] < 1.15 * joint["val_error"]
+    y = a @ w_out.t() + b_out
+    err = moefy_refit.rel_error(moefy_refit.predict(a[val], chosen[val], owner, w_a, d), y[val])
+    assert err == pytest.approx(block["val_error"], rel=1e-5)
