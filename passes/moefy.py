@@ -120,21 +120,25 @@ def plan_layer(gm, m: FFNMatch, index: int, x: torch.Tensor, num_experts: int, m
 
 
 def layer_refit(p: LayerPlan, k: int, full: bool = True):
-    """(w_a [F, H], d [E, H], facts) for top-k, fitted on the plan's calibration tokens (cached)."""
+    """(w_a [F, H], d [E, H], facts) for top-k, fitted on the plan's calibration tokens (cached).
+    k = E: every expert on, the dense FFN's own weights (b_out on expert 0), nothing to fit."""
     key = (k, full)
     if key not in p.refits:
         w_in, b_in, w_out, b_out = p.weights
-        a = _hidden(p.x, w_in, b_in, p.activation)
-        chosen = moefy_refit.chosen_mask(moefy_router.predict(p.router, p.x).float(), p.shared, k)
-        owner = moefy_refit.expert_of(p.groups, w_out.shape[1])
-        p.refits[key] = moefy_refit.refit(a, chosen, owner, w_out, b_out, ~p.val, p.val, full=full)
+        if k >= len(p.groups):
+            d = torch.zeros(len(p.groups), w_out.shape[0])
+            d[0] = b_out
+            p.refits[key] = w_out.t().contiguous(), d, {"val_error": 0.0}
+        else:
+            a = _hidden(p.x, w_in, b_in, p.activation)
+            chosen = moefy_refit.chosen_mask(moefy_router.predict(p.router, p.x).float(), p.shared, k)
+            owner = moefy_refit.expert_of(p.groups, w_out.shape[1])
+            p.refits[key] = moefy_refit.refit(a, chosen, owner, w_out, b_out, ~p.val, p.val, full=full)
     return p.refits[key]
 
 
 def held_out_error(p: LayerPlan, k: int, refit: bool = True) -> float:
     """Mean relative error of the FFN output on held-out calibration tokens at top-k (k = E: 0, exact)."""
-    if k >= len(p.groups):
-        return 0.0
     return layer_refit(p, k, full=refit)[2]["val_error"]
 
 
@@ -237,12 +241,7 @@ def apply(gm: fx.GraphModule, plans: list[LayerPlan], top_k: int, refit: bool = 
         if m is None or m.name != p.name:
             raise MoeccError(f"moefy: FFN {p.index} of this graph is not {p.name}, which the plan was "
                              "made for: plan and apply on the same graph")
-        if top_k >= E:                      # every expert on: the dense FFN, nothing to fit
-            w_a, d = p.weights[2].t().contiguous(), torch.zeros(E, p.weights[2].shape[0])
-            d[0] = p.weights[3]
-            fit = {"val_error": 0.0}
-        else:
-            w_a, d, fit = layer_refit(p, top_k, full=refit)
+        w_a, d, fit = layer_refit(p, top_k, full=refit)
         t = _expert_tensors(gm, m, p, w_a, d)
         spec = MoESpec(num_experts=E, hidden=t["w_in"].shape[2], ffn=p.width, activation=m.activation,
                        router=RouterSpec("topk_unit", top_k, renormalize=False), expert_bias=True,

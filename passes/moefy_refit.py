@@ -23,6 +23,7 @@ import torch
 LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)   # relative to the mean diagonal of the activation block
 MAX_FEATURES = 6144                        # joint solve up to here; wider: blockwise sweeps
 SWEEPS = 3
+BLOCK_LAMBDA = LAMBDAS[2]                  # blockwise: one λ (no per-λ validation)
 
 
 def chosen_mask(pred: torch.Tensor, shared: int, k: int) -> torch.Tensor:
@@ -41,20 +42,25 @@ def expert_of(groups: list[torch.Tensor], F: int) -> torch.Tensor:
 
 def predict(a, chosen, owner, w_a, d) -> torch.Tensor:
     """The MoE's FFN output [T, H] with neuron output rows w_a [F, H] and expert biases d [E, H]."""
-    return (a * chosen[:, owner]) @ w_a + chosen @ d
+    return _output(a * chosen[:, owner], chosen, w_a, d)
+
+
+def _output(kept: torch.Tensor, chosen: torch.Tensor, w_a, d) -> torch.Tensor:
+    """predict() given kept = a ⊙ chosen[:, owner] [T, F] (the activations of the chosen experts)."""
+    return kept @ w_a + chosen @ d
 
 
 def rel_error(y_hat: torch.Tensor, y: torch.Tensor) -> float:
     return ((y_hat - y).norm(dim=1) / y.norm(dim=1).clamp(min=1e-12)).mean().item()
 
 
-def _biases_only(a, chosen, owner, w_a, y, fit) -> torch.Tensor:
+def _biases_only(kept, chosen, w_a, y, fit) -> torch.Tensor:
     """d [E, H] = least squares of the residual on the chosen-expert indicators."""
-    r = (y - (a * chosen[:, owner]) @ w_a)[fit].double()
+    r = (y - kept @ w_a)[fit].double()
     c = chosen[fit].double()
     g = c.t() @ c
     return torch.linalg.solve(g + 1e-9 * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype),
-                              c.t() @ r).to(a.dtype)
+                              c.t() @ r).to(kept.dtype)
 
 
 def refit(a, chosen, owner, w_out, b_out, fit, val, full: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -62,15 +68,22 @@ def refit(a, chosen, owner, w_out, b_out, fit, val, full: bool = True) -> tuple[
     λ chosen on tokens `val`. a [T, F], chosen [T, E], w_out [H, F], b_out [H]."""
     y = a @ w_out.t() + b_out                                               # [T, H]
     w0 = w_out.t().contiguous()                                             # [F, H]
-    before = _biases_only(a, chosen, owner, w0, y, fit)
-    facts = {"val_error_bias_only": rel_error(predict(a[val], chosen[val], owner, w0, before), y[val])}
+    kept = a * chosen[:, owner]                                             # [T, F]
+
+    def val_error(w_a, d) -> float:
+        return rel_error(_output(kept[val], chosen[val], w_a, d), y[val])
+
+    before = _biases_only(kept, chosen, w0, y, fit)
+    facts = {"val_error_bias_only": val_error(w0, before)}
     if not full:
         facts["val_error"] = facts["val_error_bias_only"]
         return w0, before, facts
     F_, E = a.shape[1], chosen.shape[1]
     if F_ + E > MAX_FEATURES:
-        return _blockwise(a, chosen, owner, w0, before, y, fit, val, facts)
-    phi = torch.cat([a * chosen[:, owner], chosen], 1)[fit].double()        # [N, F + E]
+        w, d = _blockwise(kept, chosen, owner, w0, before, y, fit)
+        facts.update(val_error=val_error(w, d), ridge=BLOCK_LAMBDA)
+        return w, d, facts
+    phi = torch.cat([kept, chosen], 1)[fit].double()                        # [N, F + E]
     gram, rhs = phi.t() @ phi, phi.t() @ y[fit].double()
     scale = gram.diagonal()[:F_].mean().clamp(min=1e-12)
     prior = torch.cat([w0.double(), torch.zeros(E, w0.shape[1], dtype=torch.float64)])
@@ -78,7 +91,7 @@ def refit(a, chosen, owner, w_out, b_out, fit, val, full: bool = True) -> tuple[
     for lam in LAMBDAS:
         pen = torch.cat([torch.full((F_,), lam * scale.item()), torch.full((E,), 1e-9 * scale.item())])
         w = torch.linalg.solve(gram + torch.diag(pen.double()), rhs + pen.double()[:, None] * prior).float()
-        err = rel_error(predict(a[val], chosen[val], owner, w[:F_], w[F_:]), y[val])
+        err = val_error(w[:F_], w[F_:])
         if best is None or err < best[0]:
             best = (err, lam, w)
     err, lam, w = best
@@ -86,22 +99,20 @@ def refit(a, chosen, owner, w_out, b_out, fit, val, full: bool = True) -> tuple[
     return w[:F_].contiguous(), w[F_:].contiguous(), facts
 
 
-def _blockwise(a, chosen, owner, w0, d, y, fit, val, facts):
+def _blockwise(kept, chosen, owner, w0, d, y, fit):
     """Wide FFNs: each expert's output rows by ridge on the residual of the others, SWEEPS times."""
     w = w0.clone()
-    lam = LAMBDAS[2]
     for _ in range(SWEEPS):
         for e in range(chosen.shape[1]):
             cols = torch.nonzero(owner == e).flatten()
             if cols.numel() == 0:
                 continue
             rows = fit & (chosen[:, e] > 0)
-            own = a[rows][:, cols].double()                                 # [N, m]
-            rest = predict(a[rows], chosen[rows], owner, w, d) - own.float() @ w[cols]
-            g = own.t() @ own
-            pen = lam * g.diagonal().mean().clamp(min=1e-12)
-            rhs = own.t() @ (y[rows] - rest).double() + pen * w0[cols].double()
+            own = kept[rows][:, cols]                                       # [N, m]
+            rest = _output(kept[rows], chosen[rows], w, d) - own @ w[cols]
+            g = own.double().t() @ own.double()
+            pen = BLOCK_LAMBDA * g.diagonal().mean().clamp(min=1e-12)
+            rhs = own.double().t() @ (y[rows] - rest).double() + pen * w0[cols].double()
             w[cols] = torch.linalg.solve(g + pen * torch.eye(len(g), dtype=g.dtype), rhs).float()
-        d = _biases_only(a, chosen, owner, w, y, fit)
-    facts.update(val_error=rel_error(predict(a[val], chosen[val], owner, w, d), y[val]), ridge=lam)
-    return w, d, facts
+        d = _biases_only(kept, chosen, w, y, fit)
+    return w, d
