@@ -67,7 +67,7 @@ def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w
         def add(y: Tensor) -> None:
             h = _expert(xt.index_select(0, tok), e, w_in, w_out, b_in, b_out, spec)   # [n, H]
             y.index_add_(0, tok, h.mul_(weights[tok, slot].unsqueeze(-1).to(h.dtype)))
-        return size * max(tok.numel(), 8), add
+        return _work(size, tok.numel()), add
     items = []
     for e in range(spec.num_experts):
         tok, slot = torch.where(ids == e)                                    # [n], [n]
@@ -76,6 +76,12 @@ def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w
     if shared_w_in is not None:
         items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return _accumulate(xt, items, x.shape)
+
+
+def _work(size: float, rows: int) -> float:
+    """Cost of one work item for balancing over threads: weight elements × rows (at least 8: below
+    that the weights' streaming, not the rows, sets the time)."""
+    return size * max(rows, 8)
 
 
 def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:
@@ -89,7 +95,7 @@ def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESp
     def add(y: Tensor) -> None:
         s = linear(activate(linear(xt, shared_w_in), spec), shared_w_out)      # [T, H]
         y.add_(s if shared_gate is None else s.mul_(torch.sigmoid(linear(xt, shared_gate))))
-    return float(shared_w_in.numel() + shared_w_out.numel()) * max(xt.shape[0], 8), add
+    return _work(float(shared_w_in.numel() + shared_w_out.numel()), xt.shape[0]), add
 
 
 def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
@@ -118,10 +124,9 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
     T, E = xt.shape[0], spec.num_experts
     size = float(w_in[0].numel() + w_out[0].numel())
     parts = torch.get_num_threads()
-    items = []
     if parts > 1 and E > 1:
         counts = counts if counts is not None else torch.bincount(ids.reshape(-1) + 1, minlength=E + 1).tolist()[1:]
-        cost = [size * max(c, 8) if c else 0.0 for c in counts]
+        cost = [_work(size, c) if c else 0.0 for c in counts]
         bounds, acc, total = [0], 0.0, sum(cost)
         for e in range(E - 1):
             acc += cost[e]
@@ -166,7 +171,7 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
         def add(y: Tensor) -> None:
             xe = xs[seg] if once else xt.index_select(0, tok[seg])           # [c, H]
             y.index_add_(0, tok[seg], _expert(xe, e, w_in, w_out, b_in, b_out, spec).mul_(scale[seg]))
-        return size * max(seg.stop - seg.start, 8), add
+        return _work(size, seg.stop - seg.start), add
     items, start = [], 0
     for e, c in enumerate(counts):
         if c:
@@ -181,15 +186,16 @@ def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared
            token_ids, *, spec: MoESpec) -> Tensor:
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
 
+    size = float(w_in[0].numel() + w_out[0].numel())
+
     def pair(t: int, e: int, w: float):
         def add(y: Tensor) -> None:     # the decode GEMM form: w · xᵀ streams the weight once
             y[t:t + 1].add_(_expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec), alpha=w)   # [1, H]
-        return 1.0, add
+        return _work(size, 1), add
     items = [pair(t, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
              for e, w in zip(row, wrow) if e >= 0]                           # one sync each
     if shared_w_in is not None:
-        cost, add = _shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec)
-        items.append((cost / (w_in[0].numel() + w_out[0].numel()) / 8, add))   # in units of one pair
+        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return _accumulate(xt, items, x.shape)
 
 
