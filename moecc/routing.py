@@ -239,6 +239,20 @@ def token_capacity(tokens: int, spec: MoESpec) -> int:
     return max(1, math.ceil(spec.router.capacity_factor * tokens * spec.top_k / spec.num_experts))
 
 
+def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:
+    """(experts hit, tokens per hit expert) for `tokens` tokens routed uniformly at random: the
+    expected load a kernel cost model (torch, onnx) prices, capacity limits included."""
+    E, r = spec.num_experts, spec.router
+    if r.kind == "expert_choice":
+        return float(E), float(expert_choice_capacity(tokens, spec))
+    k = min(r.top_k, E)
+    hit = E * (1.0 - (1.0 - k / E) ** tokens)
+    pairs = float(tokens * k)
+    if r.capacity_factor is not None or r.capacity:
+        pairs = min(pairs, E * token_capacity(tokens, spec))
+    return hit, pairs / hit if hit else 0.0
+
+
 def apply_capacity(weights: Tensor, ids: Tensor, spec: MoESpec, rows: int = 1) -> tuple[Tensor, Tensor]:
     """Drop assignments past each expert's capacity; priority: slot 0 of every token, then slot 1, ...
     capacity_per_row: each of the `rows` sequences (T/rows tokens each) has its own queues (Switch)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Callable
 
 from moecc.errors import MoeccError
+from moecc.routing import expected_load
 from moecc.spec import MoESpec
 
 from ..base import KernelChoice
@@ -57,14 +58,6 @@ def _routed_per_token(spec: MoESpec) -> float:
     return float(spec.top_k)
 
 
-def _load(spec: MoESpec, tokens: int) -> tuple[float, float]:
-    """(experts hit, routed tokens per hit expert) for `tokens` tokens routed uniformly at random."""
-    E = spec.num_experts
-    k = min(_routed_per_token(spec), E)
-    hit = E if spec.router.kind == "expert_choice" else E * (1.0 - (1.0 - k / E) ** tokens)
-    return hit, tokens * k / hit if hit else 0.0
-
-
 def _always(spec: MoESpec, shapes: dict) -> bool | str:
     return True
 
@@ -82,13 +75,13 @@ def _cost_dense(spec: MoESpec, tokens: int) -> float:
 
 
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
-    hit, _ = _load(spec, tokens)
+    hit, _ = expected_load(spec, tokens)
     return (max(tokens * _routed_per_token(spec) * _expert_flops(spec) / FLOPS_PER_US,
                 hit * _expert_bytes(spec) / BYTES_PER_US) + (10 + 4 * spec.num_experts) * NODE_US)
 
 
 def _cost_fused(spec: MoESpec, tokens: int) -> float:
-    hit, m = _load(spec, tokens)
+    hit, m = expected_load(spec, tokens)
     return (max(2 * tokens * spec.top_k * _expert_flops(spec) / FLOPS_PER_US,
                 hit * min(max(m, 1.0), 2.0) * _expert_bytes(spec) / BYTES_PER_US) + 5 * NODE_US)
 

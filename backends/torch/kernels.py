@@ -36,7 +36,7 @@ from torch import Tensor
 
 from moecc.errors import MoeccError
 from moecc.ops import activate, route_tokens
-from moecc.routing import expert_choice_capacity, token_capacity
+from moecc.routing import expected_load
 from moecc.spec import MoESpec
 
 from . import machine, skinny
@@ -241,19 +241,6 @@ def _check_dense(spec: MoESpec, tokens: int | None):
 # ---- costs: seconds, from the machine constants (machine.py) ---------------------------------
 # Op counts per kernel were calibrated on tiny shapes (H=16), where dispatch overhead is all there is,
 # in units of machine.op_time (a tiny add: typical ops of a kernel cost about twice as much).
-
-def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:
-    """(experts hit, tokens per hit expert) for `tokens` tokens routed uniformly at random."""
-    E, r = spec.num_experts, spec.router
-    if r.kind == "expert_choice":
-        return float(E), float(expert_choice_capacity(tokens, spec))
-    k = min(r.top_k, E)
-    hit = E * (1.0 - (1.0 - k / E) ** tokens)
-    pairs = float(tokens * k)
-    if r.capacity_factor is not None or r.capacity:
-        pairs = min(pairs, E * token_capacity(tokens, spec))
-    return hit, pairs / hit if hit else 0.0
-
 
 def _expert_time(spec: MoESpec, m: float) -> float:
     """One expert on m tokens: two GEMMs + the activation's traffic."""

@@ -23,10 +23,11 @@ import torch
 
 from moecc.backends.base import KernelChoice
 from moecc.errors import MoeccError
+from moecc.routing import expected_load
 from moecc.spec import MoESpec
 
 from . import machine
-from .kernels import AUTO, KERNELS, expected_load
+from .kernels import AUTO, KERNELS
 
 BUCKETS = (1, 8, 64, 512, None)            # upper bounds; None = no bound
 BUCKET_TOKENS = (1, 8, 64, 512, 2048)      # where each bucket is measured / costed
