@@ -23,6 +23,8 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
+from .graphs import pair_counts
+
 
 def cluster_graph(label: np.ndarray, w: np.ndarray, ids: np.ndarray,
                   min_share: float = 0.3) -> tuple[nx.Graph, np.ndarray]:
@@ -38,12 +40,9 @@ def cluster_graph(label: np.ndarray, w: np.ndarray, ids: np.ndarray,
     compact = [np.unique(row, return_inverse=True) for row in label]       # (labels, index)
     for l in range(1, L):
         (ua, ia), (ub, ib) = compact[l - 1], compact[l]
-        a = ia.reshape(-1)[np.maximum(ids[l - 1], 0)]                       # [T, k]
-        b = ib.reshape(-1)[np.maximum(ids[l], 0)]
-        pairs = (a[:, :, None] * len(ub) + b[:, None, :])
-        if (ids[l - 1] < 0).any() or (ids[l] < 0).any():
-            pairs = pairs[(ids[l - 1] >= 0)[:, :, None] & (ids[l] >= 0)[:, None, :]]
-        flow = np.bincount(pairs.ravel(), minlength=len(ua) * len(ub)).reshape(len(ua), len(ub)) / k
+        a = np.where(ids[l - 1] < 0, -1, ia.reshape(-1)[np.maximum(ids[l - 1], 0)])   # [T, k] clusters
+        b = np.where(ids[l] < 0, -1, ib.reshape(-1)[np.maximum(ids[l], 0)])
+        flow = pair_counts(a, b, max(len(ua), len(ub)))[:len(ua), :len(ub)] / k
         strong = (flow >= min_share * flow.sum(1, keepdims=True)) & (
             flow >= min_share * flow.sum(0, keepdims=True)) & (flow > 0)
         src, dst = np.nonzero(strong)
