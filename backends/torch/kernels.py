@@ -121,7 +121,7 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
     per intra-op thread (a contiguous run of experts each, balanced by cost; no sort, gather, scatter
     or activation as torch ops), the shared expert in one more (skinny.ffn_all) when ungated and
     T ≤ MAX_M. Decode: route + 1-2 C calls."""
-    T, E = xt.shape[0], spec.num_experts
+    E = spec.num_experts
     size = float(w_in[0].numel() + w_out[0].numel())
     parts = torch.get_num_threads()
     if parts > 1 and E > 1:
@@ -138,7 +138,7 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
         items = [(1.0, (0, E))]
     work = [(c, lambda y, r=r: skinny.moe(y, xt, ids, weights, w_in, w_out, b_in, b_out, spec, r)) for c, r in items]
     if shared_w_in is not None:
-        if shared_gate is None and T <= skinny.MAX_M and skinny._f32(shared_w_in, shared_w_out) and spec.shared_ffn >= 8:
+        if skinny.fits_ffn_all(xt, shared_w_in, shared_w_out, shared_gate, spec):
             cost = float(shared_w_in.numel() + shared_w_out.numel()) * 8
             work.append((cost, lambda y: skinny.ffn_all(y, xt, shared_w_in, shared_w_out, spec)))
         else:

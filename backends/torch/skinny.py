@@ -300,8 +300,14 @@ def moe(y: Tensor, xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out
     return y
 
 
+def fits_ffn_all(xt: Tensor, w_in: Tensor, w_out: Tensor, gate, spec) -> bool:
+    """Whether ffn_all(...) applies: an ungated shared expert, ≤ MAX_M tokens, float32 contiguous."""
+    return (gate is None and xt.shape[0] <= MAX_M and spec.shared_ffn >= 8 and _f32(w_in, w_out)
+            and available())
+
+
 def ffn_all(y: Tensor, xt: Tensor, w_in: Tensor, w_out: Tensor, spec) -> Tensor:
-    """y [T, H] += ffn(xt) (an ungated shared expert) in one C call; callers check `_f32` and shapes."""
+    """y [T, H] += ffn(xt) (an ungated shared expert) in one C call; callers check `fits_ffn_all`."""
     (T, H), R, Fw = xt.shape, w_in.shape[0], w_out.shape[1]
     if _lib()[2](xt.data_ptr(), T, H, w_in.data_ptr(), R, w_out.data_ptr(), Fw, *_act(spec), y.data_ptr()):
         raise MemoryError("skinny.ffn_all: out of memory")
