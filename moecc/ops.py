@@ -66,10 +66,29 @@ def activate(h: Tensor, spec: MoESpec) -> Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * spec.act_alpha))
 
 
+def linear(x: Tensor, w: Tensor, b: Tensor | None, spec: MoESpec) -> Tensor:
+    """x · wᵀ + b with the bias added where spec.bias_add says: in the GEMM (one rounding) or to its
+    result (x @ W, then + b: two roundings in half precision, as GPT-OSS)."""
+    if b is None or spec.bias_add == "in_gemm":
+        return F.linear(x, w, b)
+    return F.linear(x, w) + b
+
+
 def ffn(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b_out: Tensor | None,
         spec: MoESpec) -> Tensor:
     """One expert: [n, H] -> [n, H]."""
-    return F.linear(activate(F.linear(x, w_in, b_in), spec), w_out, b_out)
+    return linear(activate(linear(x, w_in, b_in, spec), spec), w_out, b_out, spec)
+
+
+def weigh(h: Tensor, w: Tensor, spec: MoESpec, inplace: bool = False) -> Tensor:
+    """h [n, H] (an expert's outputs) scaled by its routing weights w [n, 1], in h's dtype, as
+    spec.combine says (moecc.spec.COMBINES): "weight_in_act" rounds w to h's dtype first;
+    "weight_fp32" multiplies in float32 and rounds the product (only half types differ)."""
+    if spec.combine == "weight_fp32" and h.dtype in (torch.float16, torch.bfloat16):
+        p = h.float() * w.float()
+        return h.copy_(p) if inplace else p.to(h.dtype)
+    w = w.to(h.dtype)
+    return h.mul_(w) if inplace else h * w
 
 
 def shared_expert(x: Tensor, w_in: Tensor, w_out: Tensor, gate: Tensor | None, spec: MoESpec) -> Tensor:
@@ -91,7 +110,9 @@ def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpe
 
 def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
                   shared_gate, token_ids, spec: MoESpec) -> Tensor:
-    """Loop over experts; each takes the tokens routed to it. The definition every kernel must match."""
+    """Loop over experts; each takes the tokens routed to it. The definition every kernel must match:
+    each expert's output is weighed (`weigh`, spec.combine) and summed into zeros of x's dtype in
+    ascending expert order, the shared expert added last (as HF's eager experts loops do)."""
     shape = x.shape
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
     y = torch.zeros_like(xt)
@@ -101,7 +122,7 @@ def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
             continue
         h = ffn(xt[tok], w_in[e], None if b_in is None else b_in[e], w_out[e],
                 None if b_out is None else b_out[e], spec)                 # [n, H]
-        y = y.index_add(0, tok, h * weights[tok, slot].unsqueeze(-1).to(h.dtype))
+        y = y.index_add(0, tok, weigh(h, weights[tok, slot].unsqueeze(-1), spec))
     if shared_w_in is not None:
         y = y + shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec)
     return y.reshape(shape)

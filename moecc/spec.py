@@ -25,6 +25,22 @@ ROUTER_KINDS = {
     "topk_unit": "top-k of the raw logits, each chosen expert weighted 1 (MoEfication: experts are "
                  "disjoint slices of one dense FFN, so all experts on = the dense FFN)",
 }
+# How an expert's output o (activation dtype) is scaled by its routing weight w (the router's dtype,
+# float32 for an fp32 router); the scaled outputs are then summed into zeros of the activation dtype
+# in ascending expert order (index_add_), the shared expert added last. Same in float32; they differ
+# only when the activations are half/bfloat16 (by up to an ulp per expert).
+COMBINES = {
+    "weight_in_act": "w rounded to the activation dtype, o * w in that dtype (Qwen2/3-MoE, OLMoE, "
+                     "Switch, GPT-OSS)",
+    "weight_fp32": "o * w in float32 (w kept in float32), then rounded to the activation dtype "
+                   "(Mixtral, DeepSeek-V3)",
+}
+# Where an expert bias is added (expert_bias): inside the GEMM (F.linear: x·Wᵀ + b rounded once) or
+# to the GEMM's result already rounded to the activation dtype (x @ W, then + b: GPT-OSS).
+BIAS_ADDS = ("in_gemm", "after_gemm")
+# Fields added after artifacts were first written: left out of to_dict() at their default, so the
+# JSON (spec keys, autotune tables, manifests) of every spec that does not use them is unchanged.
+_OMIT_AT_DEFAULT = {"combine": "weight_in_act", "bias_add": "in_gemm"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class MoESpec:
     shared_ffn: int = 0             # width of the always-on shared expert (0 = none)
     shared_gated: bool = False      # shared expert output scaled by sigmoid(x @ shared_gate^T)
     name: str = ""                  # the layer's name in the source model (for messages, traces)
+    combine: str = "weight_in_act"  # how o · w is rounded in half precision: a COMBINES key
+    bias_add: str = "in_gemm"       # expert biases: added in the GEMM or after it (BIAS_ADDS)
 
     @property
     def top_k(self) -> int:
@@ -92,6 +110,10 @@ class MoESpec:
             raise MoeccError(f"{where}: top-k must be in 1..E={self.num_experts}, got k={r.top_k}")
         if self.activation not in ACTIVATIONS:
             raise MoeccError(f"{where}: unknown activation {self.activation!r}; one of {ACTIVATIONS}")
+        if self.combine not in COMBINES:
+            raise MoeccError(f"{where}: unknown combine {self.combine!r}; one of {sorted(COMBINES)}")
+        if self.bias_add not in BIAS_ADDS:
+            raise MoeccError(f"{where}: unknown bias_add {self.bias_add!r}; one of {BIAS_ADDS}")
         if r.capacity_factor is not None and r.capacity_factor <= 0:
             raise MoeccError(f"{where}: capacity factor must be > 0, got {r.capacity_factor}")
         if r.capacity < 0:
@@ -111,7 +133,11 @@ class MoESpec:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key, default in _OMIT_AT_DEFAULT.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

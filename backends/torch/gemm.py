@@ -44,7 +44,10 @@ def form(a: Tensor, w: Tensor) -> str:
     return "dnn" if dnn and m < DNN_MAX_M else "mkl"
 
 
-def linear(a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
+    """bias_after: b added to the GEMM's result (rounded to a's dtype first; MoESpec.bias_add)."""
+    if bias_after and b is not None:
+        return linear(a, w).add_(b)
     f = form(a, w)
     if f == "skinny":
         r = skinny.gemm(a, w)

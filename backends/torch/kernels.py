@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moecc.errors import MoeccError
-from moecc.ops import activate, route_tokens
+from moecc import ops
+from moecc.ops import activate, route_tokens, weigh
 from moecc.routing import expected_load
 from moecc.spec import MoESpec
 
@@ -47,6 +48,7 @@ AUTO = "torch.auto"
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
 DENSE_MAX_EXPERTS = 8          # dense_masked computes every expert on every token
 DENSE_MAX_ELEMENTS = 2 ** 26   # ... and holds [T, E, R] activations
+HALF = (torch.float16, torch.bfloat16)   # where rounding order shows: the kernels follow the reference's
 GATHER_ONCE_BYTES = 2 ** 22    # grouped_gemm: one [N, H] gather up to 4 MiB; larger buffers are fresh
                                # mmap'd pages (page faults) streamed through DRAM: gather per expert
 
@@ -66,7 +68,7 @@ def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w
     def expert(e: int, tok: Tensor, slot: Tensor):
         def add(y: Tensor) -> None:
             h = _expert(xt.index_select(0, tok), e, w_in, w_out, b_in, b_out, spec)   # [n, H]
-            y.index_add_(0, tok, h.mul_(weights[tok, slot].unsqueeze(-1).to(h.dtype)))
+            y.index_add_(0, tok, weigh(h, weights[tok, slot].unsqueeze(-1), spec, inplace=True))
         return _work(size, tok.numel()), add
     items = []
     for e in range(spec.num_experts):
@@ -86,8 +88,9 @@ def _work(size: float, rows: int) -> float:
 
 def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:
     """ops.ffn for expert e with gemm.linear's GEMM forms: [c, H] -> [c, H]."""
-    h = linear(x, w_in[e], None if b_in is None else b_in[e])                # [c, R]
-    return linear(activate(h, spec), w_out[e], None if b_out is None else b_out[e])
+    after = spec.bias_add == "after_gemm"
+    h = linear(x, w_in[e], None if b_in is None else b_in[e], after)          # [c, R]
+    return linear(activate(h, spec), w_out[e], None if b_out is None else b_out[e], after)
 
 
 def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec):
@@ -162,7 +165,7 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
     dropped, counts = counts[0], counts[1:]
     order = torch.argsort(flat, stable=True)[dropped:]                       # [N] pairs by expert
     tok = order // S                                                         # [N] token of each pair
-    scale = weights.reshape(-1)[order].unsqueeze(-1).to(xt.dtype)            # [N, 1]
+    scale = weights.reshape(-1)[order].unsqueeze(-1)                         # [N, 1]
     once = len(order) * xt.shape[1] * xt.element_size() <= GATHER_ONCE_BYTES
     xs = xt.index_select(0, tok) if once else None                           # [N, H] if it stays cached
     size = float(w_in[0].numel() + w_out[0].numel())
@@ -170,7 +173,8 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
     def segment(e: int, seg: slice):
         def add(y: Tensor) -> None:
             xe = xs[seg] if once else xt.index_select(0, tok[seg])           # [c, H]
-            y.index_add_(0, tok[seg], _expert(xe, e, w_in, w_out, b_in, b_out, spec).mul_(scale[seg]))
+            y.index_add_(0, tok[seg], weigh(_expert(xe, e, w_in, w_out, b_in, b_out, spec), scale[seg], spec,
+                                            inplace=True))
         return _work(size, seg.stop - seg.start), add
     items, start = [], 0
     for e, c in enumerate(counts):
@@ -188,12 +192,19 @@ def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared
 
     size = float(w_in[0].numel() + w_out[0].numel())
 
-    def pair(t: int, e: int, w: float):
+    half = xt.dtype in HALF
+
+    def pair(t: int, s: int, e: int, w: float):
         def add(y: Tensor) -> None:     # the decode GEMM form: w · xᵀ streams the weight once
-            y[t:t + 1].add_(_expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec), alpha=w)   # [1, H]
+            h = _expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec)                   # [1, H]
+            if half:                    # the reference's rounding: weigh (spec.combine), then add
+                y[t:t + 1].add_(weigh(h, weights[t:t + 1, s:s + 1], spec, inplace=True))
+            else:
+                y[t:t + 1].add_(h, alpha=w)
         return _work(size, 1), add
-    items = [pair(t, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
-             for e, w in zip(row, wrow) if e >= 0]                           # one sync each
+    items = [pair(t, s, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
+             for e, s, w in sorted((e, s, w) for s, (e, w) in enumerate(zip(row, wrow))) if e >= 0]
+    # one sync each; a token's experts in ascending order, as the reference sums them
     if shared_w_in is not None:
         items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return _accumulate(xt, items, x.shape)
@@ -204,8 +215,20 @@ def dense_masked(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
     xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
     (T, H), (E, R, _) = xt.shape, w_in.shape
     dense = weights.new_zeros(T, E).scatter_add_(1, ids.clamp(min=0), weights * (ids >= 0))  # [T, E]
-    h = F.linear(xt, w_in.reshape(E * R, H), None if b_in is None else b_in.reshape(E * R))  # [T, E*R]
+    after = spec.bias_add == "after_gemm"
+    h = ops.linear(xt, w_in.reshape(E * R, H), None if b_in is None else b_in.reshape(E * R), spec)  # [T, E*R]
     a = activate(h.view(T, E, R), spec)                                      # [T, E, F]
+    if xt.dtype in HALF:     # the reference's rounding: each expert's output weighed, summed in order
+        a, w_t = a.transpose(0, 1), w_out.transpose(1, 2)
+        if b_out is None or after:
+            o = torch.bmm(a, w_t)                                            # [E, T, H]
+            o = o if b_out is None else o.add_(b_out.unsqueeze(1))
+        else:
+            o = torch.baddbmm(b_out.unsqueeze(1), a, w_t)
+        y = torch.zeros_like(xt)
+        for e in range(E):
+            y.add_(weigh(o[e], dense[:, e:e + 1], spec, inplace=True))
+        return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
     a = a.mul_(dense.to(a.dtype).unsqueeze(-1)).transpose(0, 1)              # [E, T, F] weighted
     y = torch.bmm(a, w_out.transpose(1, 2)).sum(0)                           # [T, H]
     if b_out is not None:

@@ -5,6 +5,8 @@ renormalize if norm_topk_prob, × routed_scaling_factor; SwiGLU experts + ungate
     gate.weight [E, H] (x and weight upcast to fp32), gate.e_score_correction_bias [E],
     experts.gate_up_proj [E, 2F, H], shared_experts.{gate,up,down}_proj (width F · n_shared_experts)
     The first `first_k_dense_replace` layers are DeepseekV3MLP (dense) and stay as they are.
+    combine: the fp32 (scaled) routing weights multiply each expert's output in fp32, rounded to the
+    model dtype before the index_add_ (spec.combine = "weight_fp32"); the shared experts are added after.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def build(block: nn.Module, path: str) -> RecognizedMoE:
                         scaling=float(gate.routed_scaling_factor), n_groups=int(gate.num_group),
                         topk_groups=int(gate.topk_group), group_score="top2_sum", fp32=True)
     spec = MoESpec(num_experts=E, hidden=H, ffn=R // 2, activation=ex["activation"], router=router,
-                   shared_ffn=shared_ffn, name=path).validate()
+                   shared_ffn=shared_ffn, combine="weight_fp32", name=path).validate()
     return RecognizedMoE(spec, router_weight=gate.weight, w_in=ex["w_in"], w_out=ex["w_out"],
                          correction_bias=gate.e_score_correction_bias, shared_w_in=sw_in,
                          shared_w_out=sw_out, logits_fp32=True, recognizer="deepseek_v3")

@@ -4,6 +4,8 @@ experts x @ gate_up_proj + b, interleaved gate/up, clamped SwiGLU (up + 1) · g 
     router.weight [E, H], router.bias [E], experts.gate_up_proj [E, H, 2F] (transposed, interleaved),
     gate_up_proj_bias [E, 2F], down_proj [E, F, H], down_proj_bias [E, H]; alpha, limit
     returns (y, router_scores [T, k]) like GptOssMLP.
+    Numerics: `x @ gate_up_proj + bias` rounds the GEMM before the bias (spec.bias_add = "after_gemm");
+    the routing weights are softmaxed in the model dtype, so the combine is "weight_in_act".
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def build(block: nn.Module, path: str) -> RecognizedMoE:
         raise MoeccError(f"{path}: expected GPT-OSS experts with interleaved gate/up and biases")
     E, R, H = ex["w_in"].shape
     spec = MoESpec(num_experts=E, hidden=H, ffn=R // 2, activation="swiglu_oai", interleaved=True,
-                   expert_bias=True, act_alpha=float(experts.alpha), act_limit=float(experts.limit),
+                   expert_bias=True, bias_add="after_gemm", act_alpha=float(experts.alpha),
+                   act_limit=float(experts.limit),
                    router=RouterSpec("topk_softmax", top_k=int(r.top_k), renormalize=False, fp32=False),
                    name=path).validate()
     return RecognizedMoE(spec, router_weight=r.weight, router_bias=r.bias, w_in=ex["w_in"], w_out=ex["w_out"],

@@ -68,8 +68,11 @@ def gated_mlp(mlp: nn.Module | None) -> tuple[Tensor | None, Tensor | None, int]
 
 
 def softmax_topk_block(block: nn.Module, path: str, family: str, renormalize: bool,
-                       shared: nn.Module | None = None, shared_gate: nn.Linear | None = None) -> RecognizedMoE:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: logits in model dtype, softmax fp32, top-k."""
+                       shared: nn.Module | None = None, shared_gate: nn.Linear | None = None,
+                       combine: str = "weight_in_act") -> RecognizedMoE:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: logits in model dtype, softmax fp32, top-k.
+    combine: Mixtral's router returns its fp32 weights ("weight_fp32"); the Qwen-MoE and OLMoE routers
+    cast them to the logits' dtype first ("weight_in_act")."""
     ex = stacked_experts(block.experts, f"{path}.experts")
     E, R, H = ex["w_in"].shape
     sw_in, sw_out, shared_ffn = gated_mlp(shared)
@@ -77,7 +80,7 @@ def softmax_topk_block(block: nn.Module, path: str, family: str, renormalize: bo
                    activation=ex["activation"], interleaved=ex["interleaved"], expert_bias=ex["b_in"] is not None,
                    router=RouterSpec("softmax_topk", top_k=int(block.gate.top_k), renormalize=renormalize, fp32=True),
                    shared_ffn=shared_ffn, shared_gated=shared_ffn > 0 and shared_gate is not None,
-                   name=path).validate()
+                   combine=combine, name=path).validate()
     if shared_ffn and activation(shared.act_fn, f"{path}.shared_expert", gated=True) != spec.activation:
         raise MoeccError(f"{path}: shared expert activation differs from the routed experts'")
     return RecognizedMoE(spec, router_weight=block.gate.weight, w_in=ex["w_in"], w_out=ex["w_out"],
