@@ -90,3 +90,64 @@ def test_reference_loop_skips_unrouted_experts():
     w_in[1:] = float("nan")                                             # never read
     y = moe_reference(torch.randn(2, 2), logits, w_in, w_out, None, None, None, None, None, None, None, spec)
     assert torch.isfinite(y).all()
+
+
+def _hand_loop_bf16(x, logits, w_in, b_in, w_out, b_out, spec):
+    """Hand-written HF-style eager loop in bfloat16: top-k of the fp32 softmax (renormalized), each
+    expert's rows through x @ Wᵀ [+ b], the weight applied in fp32 ("weight_fp32", Mixtral) or
+    rounded to bf16 first ("weight_in_act", Qwen-MoE), index_add_ into bf16 zeros in expert order."""
+    probs = torch.softmax(logits.float(), -1)
+    top, ids = probs.topk(spec.top_k, -1)
+    top = top / top.sum(-1, keepdim=True)
+    if spec.combine == "weight_in_act":
+        top = top.to(x.dtype)
+    y = torch.zeros_like(x)
+    for e in range(spec.num_experts):
+        tok, slot = torch.where(ids == e)
+        h = x[tok] @ w_in[e].t()
+        h = h if b_in is None else (h + b_in[e] if spec.bias_add == "after_gemm" else torch.addmm(b_in[e], x[tok], w_in[e].t()))
+        a = torch.nn.functional.silu(h[:, :spec.ffn]) * h[:, spec.ffn:]
+        o = a @ w_out[e].t()
+        o = o if b_out is None else (o + b_out[e] if spec.bias_add == "after_gemm" else torch.addmm(b_out[e], a, w_out[e].t()))
+        y.index_add_(0, tok, (o * top[tok, slot, None]).to(x.dtype))
+    return y
+
+
+@pytest.mark.parametrize("combine", ["weight_in_act", "weight_fp32"])
+@pytest.mark.parametrize("bias_add", [None, "in_gemm", "after_gemm"])
+def test_reference_combine_and_bias_add_in_bf16_match_a_hand_loop(combine, bias_add):
+    """MoESpec.combine / bias_add: bit-exact against the loop they describe, and (for bf16 data where
+    they matter) not equal to the other choice — so each one is really exercised."""
+    torch.manual_seed(0)
+    E, H, Fw, T = 6, 32, 24, 40
+    spec = MoESpec(num_experts=E, hidden=H, ffn=Fw, activation="swiglu", router=RouterSpec(top_k=3),
+                   expert_bias=bias_add is not None, bias_add=bias_add or "in_gemm", combine=combine)
+    bf = torch.bfloat16
+    x, logits = torch.randn(T, H).to(bf), torch.randn(T, E).to(bf)
+    w_in, w_out = (torch.randn(E, 2 * Fw, H) * 0.3).to(bf), (torch.randn(E, H, Fw) * 0.3).to(bf)
+    b_in, b_out = ((torch.randn(E, 2 * Fw).to(bf), torch.randn(E, H).to(bf)) if bias_add else (None, None))
+    got = moe_reference(x, logits, w_in, w_out, b_in, b_out, None, None, None, None, None, spec)
+    assert got.dtype == bf
+    assert torch.equal(got, _hand_loop_bf16(x, logits, w_in, b_in, w_out, b_out, spec))
+    other = spec.replace(combine="weight_fp32" if combine == "weight_in_act" else "weight_in_act")
+    assert not torch.equal(got, moe_reference(x, logits, w_in, w_out, b_in, b_out, None, None, None, None, None, other))
+    if bias_add:
+        flip = spec.replace(bias_add="in_gemm" if bias_add == "after_gemm" else "after_gemm")
+        assert not torch.equal(got, moe_reference(x, logits, w_in, w_out, b_in, b_out, None, None, None, None, None, flip))
+    f32 = [t if t is None else t.float() for t in (x, logits, w_in, w_out, b_in, b_out)]
+    assert torch.equal(moe_reference(*f32, None, None, None, None, None, spec),     # float32: no difference
+                       moe_reference(*f32, None, None, None, None, None, other))
+
+
+def test_new_spec_fields_keep_old_json():
+    """combine / bias_add at their defaults are left out of the JSON (spec keys, manifests unchanged);
+    old JSON without them loads with the defaults; unknown values are refused."""
+    spec = MoESpec(num_experts=4, hidden=8, ffn=8)
+    assert "combine" not in spec.to_json() and "bias_add" not in spec.to_json()
+    assert MoESpec.from_json(spec.to_json()) == spec
+    changed = spec.replace(combine="weight_fp32", bias_add="after_gemm")
+    assert MoESpec.from_json(changed.to_json()) == changed
+    with pytest.raises(Exception, match="combine"):
+        spec.replace(combine="fp16").validate()
+    with pytest.raises(Exception, match="bias_add"):
+        spec.replace(bias_add="never").validate()

@@ -15,6 +15,8 @@ then enter in float16 (our routers are float32), so only float32 layers are exac
 other nodes (onnxruntime issue 33866) it gave the right values here (by hand: 1 and 2 threads, all
 three graph optimization levels; in the tests: default level, 1 and 2 threads). Anything else (sigmoid/grouped/hash/expert-choice routers, capacity,
 exact GELU, non-float32 models) is refused by `refusal()` with the reason, and the layer goes portable.
+MoESpec.combine and bias_add only change half-precision rounding: a float32 layer is exact under
+either, and a half-precision one is refused anyway (the fused op rounds as it likes).
 
 onnxscript only emits ops it has a schema for: `register_schema()` copies onnxruntime's own schema
 (`get_all_operator_schema()`) into onnx.defs once, on first use (no import-time side effects).

@@ -71,7 +71,9 @@ def _gelu(h, tanh: bool):
 
 
 def linear(x, w, b=None, stacked: bool = False):
-    """x [..., in] · w [out, in]^T (+ b), nn.Linear layout; stacked: w [E, out, in] batched over E."""
+    """x [..., in] · w [out, in]^T (+ b), nn.Linear layout; stacked: w [E, out, in] batched over E.
+    The bias is added to the MatMul's result (spec.bias_add "after_gemm"; "in_gemm" differs from it
+    only by half-precision rounding)."""
     y = op.MatMul(x, op.Transpose(w, perm=[0, 2, 1] if stacked else [1, 0]))
     return y if b is None else op.Add(y, b)
 
@@ -82,17 +84,26 @@ def ffn(x, w_in, b_in, w_out, b_out, spec: MoESpec, stacked: bool = False):
     return linear(h, w_out, b_out, stacked)
 
 
-def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec):
+def weigh(h, w, xt, spec: MoESpec, half: bool):
+    """moecc.ops.weigh: h (xt's dtype) · w (the routing weights' dtype) in xt's dtype, as spec.combine
+    says: "weight_fp32" multiplies in float32 and rounds the product (half-precision layers only)."""
+    if half and spec.combine == "weight_fp32":
+        return op.CastLike(op.Mul(op.Cast(h, to=ir.DataType.FLOAT), op.Cast(w, to=ir.DataType.FLOAT)), xt)
+    return op.Mul(h, op.CastLike(w, xt))
+
+
+def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec, half: bool = False):
     """xt [T, H], C [T, E] -> [T, H]: every expert on every token, weighted by C (0 = not routed)."""
     b_in, b_out = (None if b is None else op.Unsqueeze(b, ints(1)) for b in (b_in, b_out))   # [E, 1, R|H]
     out = ffn(op.Unsqueeze(xt, ints(0)), w_in, b_in, w_out, b_out, spec, stacked=True)     # [E, T, H]
-    wc = op.Unsqueeze(op.Transpose(op.CastLike(C, xt), perm=[1, 0]), ints(-1))  # [E, T, 1]
-    return op.ReduceSum(op.Mul(out, wc), ints(0), keepdims=0)
+    wc = op.Unsqueeze(op.Transpose(C, perm=[1, 0]), ints(-1))                   # [E, T, 1]
+    return op.ReduceSum(weigh(out, wc, xt, spec, half), ints(0), keepdims=0)
 
 
 def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec, wide: bool = False):
     """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it.
-    wide: accumulate in float32 (onnxruntime's CPU ScatterND has no float16 'add')."""
+    wide (half-precision layers): accumulate in float32 (onnxruntime's CPU ScatterND has no float16
+    'add'), each weighted output rounded to xt's dtype first as the reference does."""
     toks, parts = [], []
     for e in range(spec.num_experts):
         where = op.Transpose(op.NonZero(op.Equal(ids, ints(e))), perm=[1, 0])     # [n, 2] (token, slot)
@@ -100,9 +111,9 @@ def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec, wide: bool
         pick = lambda w: op.Gather(w, int0(e), axis=0)  # noqa: E731
         h = ffn(op.Gather(xt, tok, axis=0), pick(w_in), None if b_in is None else pick(b_in),
                 pick(w_out), None if b_out is None else pick(b_out), spec)          # [n, H]
-        w = op.CastLike(op.GatherND(weights, where), xt)                            # [n]
+        w = op.Unsqueeze(op.GatherND(weights, where), ints(-1))                    # [n, 1]
         toks.append(tok)
-        parts.append(op.Mul(h, op.Unsqueeze(w, ints(-1))))
+        parts.append(weigh(h, w, xt, spec, wide))
     part = op.Concat(*parts, axis=0)                                                # [Σn, H]
     part = op.Cast(part, to=ir.DataType.FLOAT) if wide else part
     y = op.ScatterND(op.Expand(scalar(0.0, part), op.Shape(xt)), op.Unsqueeze(op.Concat(*toks, axis=0), ints(-1)),
@@ -123,12 +134,12 @@ def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_
     L = logits.shape[-1] if logits.shape is not None else spec.num_experts
     lt = op.Reshape(logits, shape(T, L))                                   # [T, L]
     weights, ids, dense = route(lt, spec, T, rows, router_bias, token_ids, logits.dtype)
+    half = x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     if kernel == "onnx.gather":
-        wide = x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec, wide)
+        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec, wide=half)
     else:
         C = dense if dense is not None else dense_weights(weights, ids, spec.num_experts)
-        y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec)
+        y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec, half)
     if shared_w_in is not None:
         y = op.Add(y, shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec))
     return op.Reshape(y, op.Shape(x))

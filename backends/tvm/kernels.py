@@ -70,13 +70,22 @@ def bias_or_zeros(b, E: int, rows: int, dtype: str):
     return b if b is not None else relax.const(np.zeros((E, rows), dtype=dtype), dtype)
 
 
-def combine(bb, o, weights, ids):
+def weigh(o, w, spec: MoESpec):
+    """moecc.ops.weigh on TE scalars: o (activation dtype) · w (routing weight) in o's dtype, as
+    spec.combine says ("weight_fp32": the product in float32, then rounded; half types only).
+    spec.bias_add is not reproduced here: the TIR GEMMs add the bias in their float32 accumulator."""
+    if spec.combine == "weight_fp32" and o.dtype in ("float16", "bfloat16"):
+        return (o.astype("float32") * w.astype("float32")).astype(o.dtype)
+    return o * w.astype(o.dtype)
+
+
+def combine(bb, o, weights, ids, spec: MoESpec):
     """y[t, h] = Σ_s (ids[t, s] >= 0) · weights[t, s] · o[t·S + s, h]; unwritten rows never reach y."""
     def fn(o_t, w_t, ids_t):
         S = ids_t.shape[1]
         s = te.reduce_axis((0, S), name="s")
         return te.compute((ids_t.shape[0], o_t.shape[1]), lambda t, h: te.sum(tirx.Select(
-            ids_t[t, s] >= 0, o_t[t * S + s, h] * w_t[t, s].astype(o_t.dtype), tirx.const(0, o_t.dtype)),
+            ids_t[t, s] >= 0, weigh(o_t[t * S + s, h], w_t[t, s], spec), tirx.const(0, o_t.dtype)),
             axis=s), name="combine")
     return bb.emit_te(fn, o, weights, ids, primfunc_name_hint="moe_combine")
 
@@ -98,7 +107,7 @@ def emit_gather(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     a = activation(bb, h, spec)                                           # [N, F]
     o = call(bb, tir.gather_gemv(E, H, F, 1, dt, lanes), "moe_gather_out",
              [a, flat, p["w_out"], bias_or_zeros(p["b_out"], E, H, dt)], (T * S, H), dt)   # [N, H]
-    return combine(bb, o, weights, ids)
+    return combine(bb, o, weights, ids, spec)
 
 
 def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
@@ -118,7 +127,7 @@ def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     a = activation(bb, h, spec)                                           # [N, F] sorted rows
     o = call(bb, tir.segment_gemm(E, H, F, dt, lanes), "moe_segment_out",
              [a, rows, order, counts, ends, p["w_out"], bias_or_zeros(p["b_out"], E, H, dt)], (N, H), dt)
-    return combine(bb, o, weights, ids)                                   # o back in token order
+    return combine(bb, o, weights, ids, spec)                             # o back in token order
 
 
 def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int):
@@ -153,7 +162,7 @@ def emit_dense(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
             ids_t[t, s] == e, w_t[t, s], tirx.const(0, w_t.dtype)), axis=s), name="gate")
         k = te.reduce_axis((0, E), name="e")
         return te.compute((Tn, H), lambda t, h: te.sum(
-            o_t[k * Tn + t, h] * gate[t, k].astype(o_t.dtype), axis=k), name="dense_combine")
+            weigh(o_t[k * Tn + t, h], gate[t, k], spec), axis=k), name="dense_combine")
     return bb.emit_te(fn, o, weights, ids, primfunc_name_hint="moe_dense_combine")
 
 
