@@ -40,6 +40,10 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--method", default="graph", choices=list(METHODS), help="default graph")
     p.add_argument("--groups", type=int, default=1,
                    help="eplb: the model's expert groups (hierarchical policy if a multiple of nodes)")
+    p.add_argument("--local-replicas", type=int, default=0, metavar="R",
+                   help="graph: spend R of the replicas on node-local experts, a copy of the hottest "
+                        "on every node so tokens choosing them stay on their node (nodes - 1 replicas "
+                        "each; fewer cross-node sends, a little less balance; default 0)")
     p.add_argument("--window", type=int, help="plan on this window only (default: all tokens)")
     p.add_argument("--model", metavar="MODEL", help="check the trace against this model's MoE layers")
     p.add_argument("--out", type=Path, help="write placement.json here")
@@ -67,7 +71,7 @@ def cmd_plan(a) -> int:
         if len(experts) > 1:
             raise MoeccError(f"model {a.model} has MoE layers with different expert counts {sorted(experts)}")
         check_against_model(trace, len(specs), experts.pop())
-    options = {"eplb": {"groups": a.groups}}
+    options = {"eplb": {"groups": a.groups}, "graph": {"local_replicas": a.local_replicas}}
     if a.out:
         source = trace if a.window is None else trace.select(a.window)
         p = plan(source, topology, a.method, a.replicas, **options.get(a.method, {}))

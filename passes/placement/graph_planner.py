@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from moecc.errors import MoeccError
+
 from .chains import chain_nodes
-from .graphs import _sample, coactivation, token_counts, token_parts
+from .graphs import _sample, coactivation, token_counts, token_node, token_parts
 from .partition import partition
 from .refine import communities, community_order, modularity, refine
 from .shares import even_out
@@ -63,7 +65,8 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
                coact_tokens: int | None = 2048, flow_tokens: int | None = 1024,
                flow_weight: float | None = None, clusters: bool | None = None,
                chain_pull: float = 0.5, chain_tokens: int = 256, align_tokens: int = 512,
-               min_modularity: float = 0.1) -> np.ndarray:
+               min_modularity: float = 0.1, local_replicas: int = 0,
+               source_tokens: int | None = 2048):
     """share [L, E, D] for the trace (tol: allowed load above the mean of a node / of a device in
     its node while placing, final_tol: after exchanges; sweeps: node partition passes, default
     round(4 / k) but at least 1; spread: how hard heavy copies avoid loaded nodes; refine_rounds:
@@ -73,25 +76,36 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     order the greedy by them, default when E >= 32; chain_pull: pull of a chain's node, times
     the copy's load; chain_tokens / align_tokens: tokens to chain clusters / to align device labels
     by; min_modularity: below it a
-    layer is placed for balance only)."""
+    layer is placed for balance only; local_replicas: replicas spent on node-local experts, one copy
+    on every node (nodes - 1 replicas each; default 0); source_tokens: tokens to estimate which nodes
+    local experts' tokens come from) -> (share [L, E, D], local [L, E] bool)."""
     L, E, T, k = trace.num_layers, trace.num_experts, trace.num_tokens, trace.top_k
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
     check_fits(topology, E, replicas)
     w = trace.load()
     w = np.maximum(w, 1e-6 * max(w.max(), 1.0))               # unseen experts still weigh a little
-    count = replicate(w, replicas, topology.devices)                        # [L, E]
-    copy_of = copies(count)                                                 # [L, M] (-1: padding)
-    c, valid = np.maximum(copy_of, 0), copy_of >= 0
-    rows = np.arange(L)[:, None]
-    scale = np.where(valid, 1.0 / count[rows, c], 0.0)
-    cw = w[rows, c] * scale                                                 # [L, M] copy loads
+    if not 0 <= local_replicas <= replicas:
+        raise MoeccError(f"graph: local_replicas={local_replicas} must be between 0 and the "
+                         f"{replicas} replicas (each node-local expert takes {N - 1} of them)")
     coact = coactivation(trace, coact_tokens)                               # [L, E, E]
-    A = copy_graph(coact, c, scale)                                         # [L, M, M]
-    ids = trace.expert_ids[:, _sample(T, flow_tokens)]                      # [L, T', k]
-    order = chain = None
-    if E >= MIN_CLUSTER_EXPERTS if clusters is None else clusters:
+    rows = np.arange(L)[:, None]
+    flat = np.zeros(L, bool)
+    find = E >= MIN_CLUSTER_EXPERTS if clusters is None else clusters
+    if find:
         label = communities(coact, w, np.ones((L, E), bool), neighbours, lp_iters)   # [L, E]
         flat = modularity(coact, label, w) < min_modularity                # [L]
+    local = local_experts(w, local_replicas, N) & ~flat[:, None]           # none where flat
+    count = replicate(np.where(local, -1.0, w), replicas - local.sum(1) * (N - 1),
+                      topology.devices) * ~local                            # [L, E] (local: 0)
+    copy_of = copies(count)                                                 # [L, M] (-1: padding)
+    c, valid = np.maximum(copy_of, 0), copy_of >= 0
+    scale = np.where(valid, 1.0 / count[rows, c], 0.0)
+    cw = w[rows, c] * scale                                                 # [L, M] copy loads
+    A = copy_graph(coact, c, scale)                                         # [L, M, M]
+    sample = _sample(T, flow_tokens)
+    ids = trace.expert_ids[:, sample]                                       # [L, T', k]
+    order = chain = None
+    if find:
         A[flat] = 0.0
         order = np.where(flat[:, None], 0, community_order(label[rows, c], cw, valid))
         if chain_pull > 0 and N > 1 and L > 1 and not flat.all():
@@ -99,12 +113,19 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
                                N)[rows, c]                                  # [L, M], -1: none
             chain = np.where(((home[:, :, None] == np.arange(N)) & valid[:, :, None]
                               & ~flat[:, None, None]), chain_pull * cw[:, :, None], 0.0)
-    mean = (cw.sum(1, keepdims=True) / N).repeat(N, 1)                      # [L, N]
-    caps = dict(max_count=np.full((L, N), G * S), max_load=mean * (1 + tol),
-                final_load=mean * (1 + final_tol))
+    source = np.full((L, E, N), 1.0 / N)           # where local experts' tokens come from, by node
+    mean = ((cw.sum(1) + (w * local).sum(1)) / N)[:, None].repeat(N, 1)     # [L, N]
     node, anchor = None, chain
-    for _ in range(max(round(4 / k) if sweeps is None else sweeps, 1)):
-        if node is not None:
+    sweeps = max(round(4 / k) if sweeps is None else sweeps, 1)
+    for sweep in range(sweeps + local.any()):
+        if node is not None and local.any():
+            every = _sample(T, source_tokens)
+            source = local_sources(trace.expert_ids[:, every], every,
+                                   membership(copy_of, node, scale, E, N), local, topology)
+        fixed = np.einsum("le,len->ln", w * local, source)                  # [L, N]
+        caps = dict(max_count=(G * S - local.sum(1))[:, None].repeat(N, 1),
+                    max_load=mean * (1 + tol) - fixed, final_load=mean * (1 + final_tol) - fixed)
+        if node is not None and sweep < sweeps:
             pull = neighbour_pull(ids, membership(copy_of, node, scale, E, N), E) * (
                 T / ids.shape[1] / k * (1.0 / k if flow_weight is None else flow_weight))
             anchor = pull[rows, c] * scale[:, :, None] + (0.0 if chain is None else chain)
@@ -112,9 +133,46 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
         node = refine(A, cw, node, valid, caps["final_load"], refine_rounds, anchor)
         _, rename = align(membership(copy_of, node, scale, E, N), ids, 1)
         node = np.where(valid, np.take_along_axis(rename, np.maximum(node, 0), 1), -1)
+    if local.any():                                 # one copy of each local expert per node
+        held = copies(local.astype(np.int64) * N)                          # [L, n * N] (-1: pad)
+        at = np.where(held >= 0, np.arange(held.shape[1]) % N, -1)
+        copy_of = np.concatenate([copy_of, held], 1)
+        node = np.concatenate([node, at], 1)
+        part = np.maximum(source, 1e-3)                 # a copy with no tokens yet keeps its slot
+        part /= part.sum(2, keepdims=True)
+        scale = np.concatenate([scale, np.where(held >= 0, part[rows, np.maximum(held, 0),
+                                                                 np.maximum(at, 0)], 0.0)], 1)
     share = place_devices(w, copy_of, node, scale, topology, tol, final_tol)
     share = align(share, ids[:, _sample(ids.shape[1], align_tokens)], N)[0]
-    return even_out(share, w, rounds=16)
+    return even_out(share, w, rounds=16, fixed=local), local
+
+
+def local_sources(ids: np.ndarray, tokens: np.ndarray, member: np.ndarray, local: np.ndarray,
+                  topology: Topology) -> np.ndarray:
+    """[L, E, N]: for each local expert, the share of the tokens choosing it that come from each
+    node, following the sampled tokens ids [L, T', k] (their indices `tokens`) through the layers
+    as metrics.routes does: other experts on the node of their largest share (member [L, E, N])."""
+    L, E, N = member.shape
+    node = (tokens % topology.devices) // topology.devices_per_node         # home nodes
+    out = np.zeros((L, E, N))
+    for l in range(L):
+        e = np.maximum(ids[l], 0)
+        mine = local[l][e] & (ids[l] >= 0)                                  # [T', k]
+        np.add.at(out[l], (e[mine], np.broadcast_to(node[:, None], e.shape)[mine]), 1.0)
+        at = np.where(mine, node[:, None], member[l].argmax(1)[e])
+        node = token_node(np.where(ids[l] >= 0, at, -1), N, node)
+    total = out.sum(2, keepdims=True)
+    return np.where(total > 0, out / np.maximum(total, 1e-12), 1.0 / N)
+
+
+def local_experts(w: np.ndarray, replicas: int, nodes: int) -> np.ndarray:
+    """[L, E] bool: the experts that get a copy on every node, replicas // (nodes - 1) per layer,
+    hottest first: a token's choice of one stays on its node."""
+    L, E = w.shape
+    n = min(replicas // (nodes - 1), E) if nodes > 1 else 0
+    local = np.zeros((L, E), bool)
+    np.put_along_axis(local, np.argsort(-w, axis=1, kind="stable")[:, :n], True, axis=1)
+    return local
 
 
 def copy_graph(coact: np.ndarray, c: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -130,15 +188,16 @@ def copy_graph(coact: np.ndarray, c: np.ndarray, scale: np.ndarray) -> np.ndarra
     return A
 
 
-def replicate(w: np.ndarray, replicas: int, max_copies: int) -> np.ndarray:
+def replicate(w: np.ndarray, replicas, max_copies: int) -> np.ndarray:
     """Copies per expert [L, E]: each extra copy to the expert with the largest load per copy
-    (EPLB's replicate_experts), at most max_copies each."""
+    (EPLB's replicate_experts), at most max_copies each; replicas: one budget, or one per layer."""
     L, E = w.shape
     rows = np.arange(L)
+    budget = np.broadcast_to(np.minimum(replicas, E * (max_copies - 1)), (L,))
     count = np.ones((L, E), dtype=np.int64)
-    for _ in range(min(replicas, E * (max_copies - 1))):
+    for i in range(int(budget.max(initial=0))):
         hot = np.argmax(np.where(count < max_copies, w / count, -1.0), 1)
-        count[rows, hot] += 1
+        count[rows, hot] += i < budget
     return count
 
 

@@ -126,3 +126,15 @@ def token_counts(ids: np.ndarray, part_of: np.ndarray, parts: int) -> np.ndarray
     idx = part.ravel()[flat] + (np.arange(L * T) * (parts + 1)).reshape(L, T, 1).repeat(k, 2).reshape(L, -1)
     counts = np.bincount(idx.ravel(), minlength=L * T * (parts + 1))
     return counts.reshape(L, T, parts + 1)[:, :, :parts].astype(np.float32)
+
+
+def token_node(nodes: np.ndarray, N: int, before: np.ndarray) -> np.ndarray:
+    """nodes [T, k] of a token's choices in rank order (-1: dropped) -> [T] the node holding most
+    of them (ties: the best-ranked choice's), `before` where all were dropped."""
+    T, k = nodes.shape
+    rows = np.arange(T)
+    kept = nodes >= 0
+    best = nodes[rows, np.argmax(kept, axis=1)]                             # best-ranked kept
+    votes = 2 * np.bincount((rows[:, None] * N + nodes)[kept], minlength=T * N).reshape(T, N)
+    votes[rows, np.maximum(best, 0)] += best >= 0
+    return np.where(kept.any(1), votes.argmax(1), before)

@@ -2,7 +2,10 @@
 
 Dispatch: token t's choice of expert e goes to the copy picked by a per-token hash u_t in [0, 1)
 against the cumulative shares of e's copies (u_t = frac((t + 1) * golden ratio)), so copies take
-their planned shares and one token's choices of co-located copies agree.
+their planned shares and one token's choices of co-located copies agree. A node-local expert
+(plan.local) sends a token to its copies on the token's own node (their shares renormalized), if
+that node holds one; the token's node before layer l is its home device's node in layer 0, later
+the node of most of its kept layer-(l-1) choices (ties: the best-ranked choice's node).
 
     device[l, t, j]   device computing slot j of token t in layer l (-1: dropped)          [L, T, k]
     balancedness      sum_l mean_d load[l, d] / sum_l max_d load[l, d]; load = (token, expert) pairs
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .graphs import token_node
 from .plan import Plan
 from .trace import Trace, check_against_model
 
@@ -57,20 +61,39 @@ class Metrics:
         return dict(asdict(self), device_traffic=self.device_traffic, node_traffic=self.node_traffic)
 
 
-def dispatch(share: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """share [E, D], ids [T, k] -> device [T, k] computing each (token, expert) pair (-1: dropped)."""
+def dispatch(share: np.ndarray, ids: np.ndarray, local: np.ndarray | None = None,
+             node: np.ndarray | None = None, per_node: int = 1) -> np.ndarray:
+    """share [E, D], ids [T, k] -> device [T, k] computing each (token, expert) pair (-1: dropped).
+    local [E] bool: experts whose tokens stay on their node [T] (devices per_node to a node) where
+    it holds a copy."""
     T = ids.shape[0]
     u = np.modf((np.arange(1, T + 1) * PHI))[0]                             # [T]
-    cum = np.cumsum(share, axis=-1)
-    cum /= cum[:, -1:]                                                      # [E, D], last = 1.0
-    return np.where(ids >= 0, (cum[ids] <= u[:, None, None]).sum(-1), -1)   # [T, k]
+    rows = share[np.maximum(ids, 0)]                                        # [T, k, D]
+    if local is not None and local.any():
+        mine = (np.arange(share.shape[1]) // per_node) == node[:, None, None]   # [T, 1, D]
+        here = rows * mine
+        stay = local[np.maximum(ids, 0)] & (here.sum(-1) > 0)               # [T, k]
+        rows = np.where(stay[:, :, None], here, rows)
+    cum = np.cumsum(rows, axis=-1)
+    cum /= cum[..., -1:]                                                    # [T, k, D], last = 1.0
+    return np.where(ids >= 0, (cum <= u[:, None, None]).sum(-1), -1)       # [T, k]
+
+
+def routes(p: Plan, trace: Trace):
+    """Per layer, in order: device [T, k] computing each (token, expert) pair (-1: dropped)."""
+    D, G, N = p.topology.devices, p.topology.devices_per_node, p.topology.nodes
+    node = (np.arange(trace.num_tokens) % D) // G                           # home nodes
+    for l in range(trace.num_layers):
+        raw = dispatch(p.share[l], trace.expert_ids[l], p.local[l], node, G)
+        yield raw
+        if p.local.any():
+            node = token_node(np.where(raw >= 0, raw // G, -1), N, node)
 
 
 def device_loads(p: Plan, trace: Trace) -> np.ndarray:
     """[L, D] (token, expert) pairs each device computes."""
     D = p.topology.devices
-    return np.stack([np.bincount(d[d >= 0], minlength=D) for d in
-                     (dispatch(p.share[l], trace.expert_ids[l]) for l in range(trace.num_layers))]
+    return np.stack([np.bincount(d[d >= 0], minlength=D) for d in routes(p, trace)]
                     ).astype(np.float64)
 
 
@@ -91,8 +114,7 @@ def score(p: Plan, trace: Trace, token_bytes: int = 8192) -> Metrics:
     mean_load = max_load = a2a_s = 0.0
     source = rows % D                                                       # home devices
     prev = None
-    for l in range(trace.num_layers):
-        raw = dispatch(p.share[l], trace.expert_ids[l])                     # [T, k] slot order
+    for raw in routes(p, trace):                                            # [T, k] slot order
         dev = np.sort(raw, axis=1)
         node = np.where(dev >= 0, dev // G, -1)
         load = np.bincount(dev[dev >= 0], minlength=D)

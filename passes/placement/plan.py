@@ -4,7 +4,8 @@
     save_plan(plan, "placement.json") / load_plan(path)    (format in README.md)
 
 A Plan is frozen and checked on construction: every expert of every layer is placed, its shares sum
-to 1, no device holds more experts than it has slots.
+to 1, no device holds more experts than it has slots. `local` marks node-local experts: a token's
+choice of one goes to its copies on the token's own node where there are any (metrics.dispatch).
 """
 from __future__ import annotations
 
@@ -38,12 +39,19 @@ class Plan:
     layers: tuple[str, ...]
     planning_s: float = 0.0
     options: dict = field(default_factory=dict)
+    local: np.ndarray | None = None  # [L, E] bool: node-local experts (default: none)
 
     def __post_init__(self):
         share = np.asarray(self.share, dtype=np.float64)
         if share.ndim != 3 or share.shape[0] != len(self.layers):
             raise MoeccError(f"plan: share must be [layers={len(self.layers)}, experts, devices], "
                              f"got shape {share.shape}")
+        local = np.zeros(share.shape[:2], bool) if self.local is None else np.asarray(self.local, bool)
+        if local.shape != share.shape[:2]:
+            raise MoeccError(f"plan: local must be [layers, experts] = {share.shape[:2]}, got "
+                             f"{local.shape}")
+        local.flags.writeable = False
+        object.__setattr__(self, "local", local)
         if share.shape[2] != self.topology.devices:
             raise MoeccError(f"plan: share covers {share.shape[2]} devices but topology "
                              f"{self.topology} has {self.topology.devices}")
@@ -102,15 +110,18 @@ def plan(trace: Trace, topology: Topology, method: str = "graph", replicas: int 
     start = time.perf_counter()
     share = METHODS[method](trace, topology, replicas, **options)
     elapsed = time.perf_counter() - start
-    return Plan(method, topology, share, trace.layers, elapsed, dict(options, replicas=replicas))
+    share, local = share if isinstance(share, tuple) else (share, None)
+    return Plan(method, topology, share, trace.layers, elapsed, dict(options, replicas=replicas),
+                local)
 
 
 def to_json(p: Plan) -> dict:
     return {
         "format": FORMAT, "method": p.method, "topology": p.topology.to_dict(),
         "num_experts": p.num_experts, "planning_s": round(p.planning_s, 6), "options": p.options,
-        "layers": [{"name": name, "devices": p.device_experts(i),
-                    "experts": [[[d, round(s, 9)] for d, s in row] for row in p.expert_devices(i)]}
+        "layers": [dict({"name": name, "devices": p.device_experts(i),
+                         "experts": [[[d, round(s, 9)] for d, s in row] for row in p.expert_devices(i)]},
+                        **({"local": np.flatnonzero(p.local[i]).tolist()} if p.local[i].any() else {}))
                    for i, name in enumerate(p.layers)],
     }
 
@@ -121,7 +132,12 @@ def from_json(doc: dict) -> Plan:
     topology = Topology(**doc["topology"])
     E, layers = int(doc["num_experts"]), doc["layers"]
     share = np.zeros((len(layers), E, topology.devices))
+    local = np.zeros((len(layers), E), bool)
     for i, layer in enumerate(layers):
+        ids = layer.get("local", [])
+        if any(not 0 <= e < E for e in ids):
+            raise MoeccError(f"plan: layer {layer['name']}: 'local' lists experts outside 0..{E - 1}")
+        local[i, ids] = True
         if len(layer["experts"]) != E:
             raise MoeccError(f"plan: layer {layer['name']} lists {len(layer['experts'])} experts, "
                              f"num_experts is {E}")
@@ -135,7 +151,7 @@ def from_json(doc: dict) -> Plan:
         if held != [np.flatnonzero(col).tolist() for col in share[i].T > 0]:
             raise MoeccError(f"plan: layer {layer['name']}: 'devices' and 'experts' disagree")
     return Plan(doc["method"], topology, share, tuple(x["name"] for x in layers),
-                float(doc.get("planning_s", 0.0)), dict(doc.get("options", {})))
+                float(doc.get("planning_s", 0.0)), dict(doc.get("options", {})), local)
 
 
 def save_plan(p: Plan, path: str | Path) -> None:

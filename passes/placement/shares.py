@@ -35,16 +35,17 @@ def from_physical(expert_of: np.ndarray, device_of: np.ndarray, num_experts: int
     return share
 
 
-def even_out(share: np.ndarray, w: np.ndarray, rounds: int = 64, floor: float = 0.05) -> np.ndarray:
+def even_out(share: np.ndarray, w: np.ndarray, rounds: int = 64, floor: float = 0.05,
+             fixed: np.ndarray | None = None) -> np.ndarray:
     """Shift token shares between the copies of replicated experts towards the least loaded device.
 
     share [L, E, D], w [L, E] expert loads -> share [L, E, D]. Per round and layer: the busiest
     device hands part of one of its replicated experts to the least loaded other device holding a
     copy of it (up to halving their difference); every copy keeps at least `floor` of an even
-    split. Copies and slots do not change."""
+    split. Copies and slots do not change; experts marked `fixed` [L, E] keep their shares."""
     share = share.copy()
     L, E, D = share.shape
-    count = (share > 0).sum(2)                                              # [L, E]
+    count = (share > 0).sum(2) * (True if fixed is None else ~fixed)        # [L, E]
     R = int((count > 1).sum(1).max(initial=0))
     if R == 0:
         return share
