@@ -31,6 +31,11 @@ token went through in turn. All layers are planned at once, each step batched ov
                   follow layer l-1;
     5. shares:    the copies of replicated experts take unequal shares where that evens out the
                   devices' loads (shares.even_out; it matters for few experts, e.g. E = 8).
+    local:        with local_replicas, the hottest experts of clustered layers get one copy per
+                  node and keep their tokens on the token's node (metrics.dispatch); which node's
+                  tokens they take is found by following the tokens through the layers
+                  (local_sources), and those loads go into the node caps (a further node sweep)
+                  and the device packing.
 
 The flow edges are used factored (graphs.token_counts / token_parts: per token, its choices in
 each part), which gives the same sums as the [E, E] flow matrices without building them.
