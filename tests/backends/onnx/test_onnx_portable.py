@@ -140,10 +140,13 @@ def test_hash_routing_without_token_ids_is_one_clear_line(tmp_path):
         lower(NoIds(), (torch.randn(2, 3, 8),), tmp_path)
 
 
+@pytest.mark.parametrize("combine", ["weight_in_act", "weight_fp32"])
 @pytest.mark.parametrize("kernel", ["onnx.dense_masked", "onnx.gather"])
-def test_float16_model(tmp_path, kernel):
-    """fp16 experts with an fp32 router: within a few fp16 ulps of the fp16 reference."""
-    m = Side([NAMED[n] for n in ("softmax_renorm", "sigmoid_groups", "capacity_softmax", "swiglu")]).half()
+def test_float16_model(tmp_path, kernel, combine):
+    """fp16 experts with an fp32 router: within a few fp16 ulps of the fp16 reference, for either
+    MoESpec.combine (the weight rounded to fp16 first, or the product taken in fp32)."""
+    names = ("softmax_renorm", "sigmoid_groups", "capacity_softmax", "swiglu")
+    m = Side([NAMED[n].replace(combine=combine) for n in names]).half()
     x, ids = inputs(2, 3)
     _, path = lower(m, (x.half(), ids), tmp_path, onnx_moe="portable", onnx_kernel=kernel)
     x, ids = inputs(3, 5, seed=2)

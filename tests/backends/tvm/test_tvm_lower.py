@@ -139,12 +139,14 @@ def test_importer_gaps_on_dynamic_shapes_are_closed(tmp_path):
     assert_numerically_equal(runtime.load(tmp_path)([x.numpy()])[0], want, atol=1e-5, what="mask-like")
 
 
+@pytest.mark.parametrize("combine", ["weight_in_act", "weight_fp32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models(tmp_path, dtype):
+def test_half_precision_models(tmp_path, dtype, combine):
     """Weights saved and fed back in the model's dtype (bfloat16 via ml_dtypes); experts accumulate
-    in float32, so the result is the reference's within its own rounding (2 ulp)."""
+    in float32, so the result is the reference's within its own rounding (2 ulp), for either
+    MoESpec.combine."""
     import ml_dtypes
-    model = MoE(spec("half", top_k=2, act="swiglu"), init_std=0.25).eval().to(dtype)
+    model = MoE(spec("half", top_k=2, act="swiglu").replace(combine=combine), init_std=0.25).eval().to(dtype)
     lower.lower(export(model, torch.randn(2, 5, H, dtype=dtype)), tmp_path, {"kernel": "tvm.grouped_gemm"})
     x = torch.randn(3, 7, H, dtype=dtype)
     feed = x.numpy() if dtype == torch.float16 else x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
