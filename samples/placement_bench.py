@@ -48,7 +48,8 @@ METHODS = ["contiguous", "round_robin", "eplb", "graph"]
 
 def local_budget(topology, replicas: int) -> int:
     """Half the replicas, rounded down to whole node-local experts (nodes - 1 replicas each)."""
-    return replicas // 2 // max(topology.nodes - 1, 1) * (topology.nodes - 1) if topology.nodes > 1 else 0
+    n = topology.nodes - 1
+    return replicas // 2 // n * n if n else 0
 
 
 def run_scenario(trace, topology, replicas, extra_eplb=None, hidden=7168) -> dict:

@@ -123,15 +123,15 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     node, anchor = None, chain
     sweeps = max(round(4 / k) if sweeps is None else sweeps, 1)
     for sweep in range(sweeps + local.any()):
-        if node is not None and local.any():
+        member = None if node is None else membership(copy_of, node, scale, E, N)   # [L, E, N]
+        if member is not None and local.any():
             every = _sample(T, source_tokens)
-            source = local_sources(trace.expert_ids[:, every], every,
-                                   membership(copy_of, node, scale, E, N), local, topology)
+            source = local_sources(trace.expert_ids[:, every], every, member, local, topology)
         fixed = np.einsum("le,len->ln", w * local, source)                  # [L, N]
         caps = dict(max_count=(G * S - local.sum(1))[:, None].repeat(N, 1),
                     max_load=mean * (1 + tol) - fixed, final_load=mean * (1 + final_tol) - fixed)
-        if node is not None and sweep < sweeps:
-            pull = neighbour_pull(ids, membership(copy_of, node, scale, E, N), E) * (
+        if member is not None and sweep < sweeps:
+            pull = neighbour_pull(ids, member, E) * (
                 T / ids.shape[1] / k * (1.0 / k if flow_weight is None else flow_weight))
             anchor = pull[rows, c] * scale[:, :, None] + (0.0 if chain is None else chain)
         node = partition(A, anchor, cw, valid, spread=spread, order_key=order, **caps)
