@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .routing import route
+from .routing import HALF, route
 from .spec import MoESpec
 
 OP_ARGS = ("x", "logits", "w_in", "w_out", "b_in", "b_out", "router_bias",
@@ -84,7 +84,7 @@ def weigh(h: Tensor, w: Tensor, spec: MoESpec, inplace: bool = False) -> Tensor:
     """h [n, H] (an expert's outputs) scaled by its routing weights w [n, 1], in h's dtype, as
     spec.combine says (moecc.spec.COMBINES): "weight_in_act" rounds w to h's dtype first;
     "weight_fp32" multiplies in float32 and rounds the product (only half types differ)."""
-    if spec.combine == "weight_fp32" and h.dtype in (torch.float16, torch.bfloat16):
+    if spec.combine == "weight_fp32" and h.dtype in HALF:
         p = h.float() * w.float()
         return h.copy_(p) if inplace else p.to(h.dtype)
     w = w.to(h.dtype)

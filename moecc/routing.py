@@ -86,9 +86,12 @@ def logits_width(spec: MoESpec) -> int:
     return spec.num_experts + (spec.router.n_groups if spec.router.kind == "hierarchical" else 0)
 
 
+HALF = (torch.float16, torch.bfloat16)     # the dtypes whose rounding order shows (fp32 routers, combine)
+
+
 def _router_float(logits: Tensor, spec: MoESpec) -> Tensor:
     """fp32 router = at least fp32 (float64 stays float64, for gradcheck)."""
-    if spec.router.fp32 and logits.dtype in (torch.float16, torch.bfloat16):
+    if spec.router.fp32 and logits.dtype in HALF:
         return logits.float()
     return logits
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from moecc.errors import MoeccError
 from moecc import ops
 from moecc.ops import activate, route_tokens, weigh
-from moecc.routing import expected_load
+from moecc.routing import HALF, expected_load   # HALF: where the kernels follow the reference's rounding
 from moecc.spec import MoESpec
 
 from . import machine, skinny
@@ -48,7 +48,6 @@ AUTO = "torch.auto"
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
 DENSE_MAX_EXPERTS = 8          # dense_masked computes every expert on every token
 DENSE_MAX_ELEMENTS = 2 ** 26   # ... and holds [T, E, R] activations
-HALF = (torch.float16, torch.bfloat16)   # where rounding order shows: the kernels follow the reference's
 GATHER_ONCE_BYTES = 2 ** 22    # grouped_gemm: one [N, H] gather up to 4 MiB; larger buffers are fresh
                                # mmap'd pages (page faults) streamed through DRAM: gather per expert
 
