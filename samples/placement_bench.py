@@ -97,8 +97,14 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-topology", action="append", default=[],
                     help="TOPOLOGY/REPLICAS for the real traces, e.g. 2x4:slots=3/8 (repeatable)")
     ap.add_argument("--hidden", type=int, default=7168, help="hidden size for a2a time (bf16)")
+    ap.add_argument("--tokens", type=int, help="tokens per window of the synthetic traces "
+                    f"(default {FULL['tokens']}, quick {QUICK['tokens']})")
+    ap.add_argument("--scenario", action="append", choices=list(SCENARIOS),
+                    help="run only these scenarios (repeatable; default all)")
+    ap.add_argument("--no-synthetic", action="store_true", help="score only the --trace files")
     a = ap.parse_args(argv)
-    cfg = QUICK if a.quick else FULL
+    cfg = dict(QUICK if a.quick else FULL)
+    cfg["tokens"] = a.tokens or cfg["tokens"]
     topology = parse_topology(cfg["topology"])
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"config": cfg, "scenarios": {}, "planning": None}
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
           f"{cfg['windows']} windows (planned on i, scored on i+1)", ""]
     heat_trace = None
     for name, options in SCENARIOS.items():
+        if a.no_synthetic or (a.scenario and name not in a.scenario):
+            continue
         per_seed = []
         for seed in range(a.seeds):
             trace = synthetic_trace(layers=cfg["layers"], experts=cfg["experts"], top_k=cfg["top_k"],

@@ -163,7 +163,7 @@ def local_sources(ids: np.ndarray, tokens: np.ndarray, member: np.ndarray, local
     for l in range(L):
         e = np.maximum(ids[l], 0)
         mine = local[l][e] & (ids[l] >= 0)                                  # [T', k]
-        np.add.at(out[l], (e[mine], np.broadcast_to(node[:, None], e.shape)[mine]), 1.0)
+        out[l] = np.bincount((e * N + node[:, None])[mine], minlength=E * N).reshape(E, N)
         at = np.where(mine, node[:, None], member[l].argmax(1)[e])
         node = token_node(np.where(ids[l] >= 0, at, -1), N, node)
     total = out.sum(2, keepdims=True)
