@@ -19,7 +19,8 @@ the node of most of its kept layer-(l-1) choices (ties: the best-ranked choice's
                       on a node that layer l uses, else its top-1 (first kept) device of layer l-1
     inter_node_sends  (token, node) sends to nodes other than the source device's node
     a2a_ms            predicted all-to-all time, node-aware as in DeepEP: a token crosses to each
-                      other node once and is forwarded inside it; per layer the busiest device's
+                      other node once, to the device of its source's local rank there (rail-
+                      aligned), and is forwarded inside the node; per layer the busiest device's
                       time (token_bytes per send at inter / intra bandwidth), twice (dispatch +
                       combine), summed over layers
 """
@@ -145,21 +146,21 @@ def _a2a(source, dev, node, first, topo, token_bytes) -> tuple[int, float]:
     (node [T, k] their nodes, first [T, k] marks distinct ones), node by node -> (inter-node
     sends, seconds).
 
-    One inter-node send per (token, other node) reaches the first of its devices there (the
-    receiver), which forwards it inside the node; devices on the source node get it from the
+    Rail-aligned, as DeepEP's internode dispatch: one inter-node send per (token, other node) goes
+    to the device of the source's local rank on that node (the receiver), which forwards it over
+    the intra-node links to the token's devices there; devices on the source node get it from the
     source. Each device's time: its larger of sent/received bytes over each link, the two added.
     """
-    D, G, k = topo.devices, topo.devices_per_node, dev.shape[1]
+    D, G = topo.devices, topo.devices_per_node
     src_node = source // G
-    first_in_node = _distinct(node)                                         # [T, k] sorted by device
-    at = np.maximum.accumulate(np.where(first_in_node, np.arange(k), 0), axis=1)
-    receiver = np.take_along_axis(dev, at, 1)                               # [T, k]
+    receiver = node * G + (source % G)[:, None]                             # [T, k] same rank
     src = np.broadcast_to(source[:, None], dev.shape)
-    cross = first_in_node & (node != src_node[:, None])
+    cross = _distinct(node) & (node != src_node[:, None])                   # one per other node
     hub = np.where(node == src_node[:, None], src, receiver)
     inside = first & (dev != hub)
     busy = np.zeros(D)
-    for mask, frm, bw in ((cross, src, topo.inter_gbps), (inside, hub, topo.intra_gbps)):
+    for mask, frm, to, bw in ((cross, src, receiver, topo.inter_gbps),
+                              (inside, hub, dev, topo.intra_gbps)):
         sec = token_bytes / (bw * 1e9)
-        busy += sec * np.maximum(np.bincount(frm[mask], minlength=D), np.bincount(dev[mask], minlength=D))
+        busy += sec * np.maximum(np.bincount(frm[mask], minlength=D), np.bincount(to[mask], minlength=D))
     return int(cross.sum()), 2.0 * float(busy.max(initial=0.0))

@@ -28,9 +28,12 @@ def test_hand_checked_counts():
     # layer 1: t0 from device 0 -> node 1, t1 from device 0 (kept) -> node 1, t2 from 2 -> node 0
     assert m.inter_node_sends == 1 + 3
     b, inter, intra = 8192, 25e9, 300e9
-    # busiest device per layer: layer 0 device 1 (1 inter send, 1 intra send + 1 received);
-    # layer 1 device 0 (2 inter sends, 1 intra forward) -- dispatch and combine
-    assert m.a2a_ms == pytest.approx(1e3 * 2 * ((b / inter + b / intra) + (2 * b / inter + b / intra)))
+    # rail-aligned: a send to node n lands on the device of the source's local rank there.
+    # layer 0: t1 (device 1) -> device 3, which forwards to 2; busiest device 1 or 3 (1 inter,
+    # 1 intra each way). layer 1: t0 and t1 (source 0) -> device 2, which forwards both to 3, and
+    # t2 (source 2) -> device 0 (forwards to 1); busiest device 2: 2 inter received + 1 sent,
+    # 2 intra sent -- dispatch and combine
+    assert m.a2a_ms == pytest.approx(1e3 * 2 * ((b / inter + b / intra) + (2 * b / inter + 2 * b / intra)))
 
 
 def test_dropped_choices_are_not_sent():
