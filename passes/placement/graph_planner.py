@@ -53,7 +53,7 @@ import numpy as np
 from moecc.errors import MoeccError
 
 from .chains import chain_nodes
-from .graphs import _sample, coactivation, token_counts, token_node, token_parts
+from .graphs import _sample, coactivation, token_counts, token_hash, token_node, token_parts
 from .partition import partition
 from .refine import communities, community_order, modularity, refine
 from .shares import even_out
@@ -156,15 +156,20 @@ def local_sources(ids: np.ndarray, tokens: np.ndarray, member: np.ndarray, local
                   topology: Topology) -> np.ndarray:
     """[L, E, N]: for each local expert, the share of the tokens choosing it that come from each
     node, following the sampled tokens ids [L, T', k] (their indices `tokens`) through the layers
-    as metrics.routes does: other experts on the node of their largest share (member [L, E, N])."""
+    as metrics.routes does: other experts on the node their token's hash picks from their node
+    shares (member [L, E, N]); devices are numbered node by node, so that is the node of the
+    device metrics.dispatch picks."""
     L, E, N = member.shape
     node = (tokens % topology.devices) // topology.devices_per_node         # home nodes
+    u = token_hash(tokens)[:, None, None]                                   # [T', 1, 1]
     out = np.zeros((L, E, N))
     for l in range(L):
         e = np.maximum(ids[l], 0)
         mine = local[l][e] & (ids[l] >= 0)                                  # [T', k]
         out[l] = np.bincount((e * N + node[:, None])[mine], minlength=E * N).reshape(E, N)
-        at = np.where(mine, node[:, None], member[l].argmax(1)[e])
+        cum = np.cumsum(member[l][e], -1)                                   # [T', k, N]
+        hashed = np.minimum((cum <= u * cum[..., -1:]).sum(-1), N - 1)
+        at = np.where(mine, node[:, None], hashed)
         node = token_node(np.where(ids[l] >= 0, at, -1), N, node)
     total = out.sum(2, keepdims=True)
     return np.where(total > 0, out / np.maximum(total, 1e-12), 1.0 / N)

@@ -128,6 +128,15 @@ def token_counts(ids: np.ndarray, part_of: np.ndarray, parts: int) -> np.ndarray
     return counts.reshape(L, T, parts + 1)[:, :, :parts].astype(np.float32)
 
 
+PHI = (5 ** 0.5 - 1) / 2
+
+
+def token_hash(tokens: np.ndarray) -> np.ndarray:
+    """[T] token indices -> [T] u_t = frac((t + 1) * golden ratio) in [0, 1): where each token
+    falls in the cumulative shares of an expert's copies (metrics.dispatch)."""
+    return np.modf((tokens + 1) * PHI)[0]
+
+
 def token_node(nodes: np.ndarray, N: int, before: np.ndarray) -> np.ndarray:
     """nodes [T, k] of a token's choices in rank order (-1: dropped) -> [T] the node holding most
     of them (ties: the best-ranked choice's), `before` where all were dropped."""

@@ -30,11 +30,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .graphs import token_node
+from .graphs import token_hash, token_node
 from .plan import Plan
 from .trace import Trace, check_against_model
 
-PHI = (5 ** 0.5 - 1) / 2
 COUNTS = ("device_sends", "node_sends", "device_moves", "node_moves", "inter_node_sends")
 
 
@@ -68,7 +67,7 @@ def dispatch(share: np.ndarray, ids: np.ndarray, local: np.ndarray | None = None
     local [E] bool: experts whose tokens stay on their node [T] (devices per_node to a node) where
     it holds a copy."""
     T = ids.shape[0]
-    u = np.modf((np.arange(1, T + 1) * PHI))[0]                             # [T]
+    u = token_hash(np.arange(T))                                            # [T]
     rows = share[np.maximum(ids, 0)]                                        # [T, k, D]
     if local is not None and local.any():
         mine = (np.arange(share.shape[1]) // per_node) == node[:, None, None]   # [T, 1, D]
