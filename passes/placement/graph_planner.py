@@ -161,15 +161,18 @@ def local_sources(ids: np.ndarray, tokens: np.ndarray, member: np.ndarray, local
     device metrics.dispatch picks."""
     L, E, N = member.shape
     node = (tokens % topology.devices) // topology.devices_per_node         # home nodes
-    u = token_hash(tokens)[:, None, None]                                   # [T', 1, 1]
+    u = token_hash(tokens)[:, None]                                         # [T', 1]
     out = np.zeros((L, E, N))
     for l in range(L):
         e = np.maximum(ids[l], 0)
         mine = local[l][e] & (ids[l] >= 0)                                  # [T', k]
         out[l] = np.bincount((e * N + node[:, None])[mine], minlength=E * N).reshape(E, N)
-        cum = np.cumsum(member[l][e], -1)                                   # [T', k, N]
-        hashed = np.minimum((cum <= u * cum[..., -1:]).sum(-1), N - 1)
-        at = np.where(mine, node[:, None], hashed)
+        at = np.where(mine, node[:, None], member[l].argmax(1)[e])          # one node: its own
+        split = (member[l].max(1) < 1 - 1e-9)[e] & ~mine                    # copies on several
+        if split.any():
+            cum = np.cumsum(member[l][e[split]], -1)                        # [pairs, N]
+            t = np.broadcast_to(u, e.shape)[split][:, None]
+            at[split] = np.minimum((cum <= t * cum[:, -1:]).sum(-1), N - 1)
         node = token_node(np.where(ids[l] >= 0, at, -1), N, node)
     total = out.sum(2, keepdims=True)
     return np.where(total > 0, out / np.maximum(total, 1e-12), 1.0 / N)
