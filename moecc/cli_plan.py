@@ -43,7 +43,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--local-replicas", type=int, default=0, metavar="R",
                    help="graph: spend R of the replicas on node-local experts, a copy of the hottest "
                         "on every node so tokens choosing them stay on their node (nodes - 1 replicas "
-                        "each; fewer cross-node sends, a little less balance; default 0)")
+                        "each, more for an expert too hot for one device per node; fewer cross-node "
+                        "sends on clustered traces, a little less balance; default 0)")
     p.add_argument("--window", type=int, help="plan on this window only (default: all tokens)")
     p.add_argument("--model", metavar="MODEL", help="check the trace against this model's MoE layers")
     p.add_argument("--out", type=Path, help="write placement.json here")

@@ -31,8 +31,9 @@ token went through in turn. All layers are planned at once, each step batched ov
                   follow layer l-1;
     5. shares:    the copies of replicated experts take unequal shares where that evens out the
                   devices' loads (shares.even_out; it matters for few experts, e.g. E = 8).
-    local:        with local_replicas, the hottest experts of clustered layers get one copy per
-                  node and keep their tokens on the token's node (metrics.dispatch); which node's
+    local:        with local_replicas, the hottest experts of clustered layers get copies on every
+                  node (one per node, or as many as keep a copy within a device's mean load) and
+                  keep their tokens on the token's node (metrics.dispatch); which node's
                   tokens they take is found by following the tokens through the layers
                   (local_sources), and those loads go into the node caps (a further node sweep)
                   and the device packing.
@@ -81,8 +82,8 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     order the greedy by them, default when E >= 32; chain_pull: pull of a chain's node, times
     the copy's load; chain_tokens / align_tokens: tokens to chain clusters / to align device labels
     by; min_modularity: below it a
-    layer is placed for balance only; local_replicas: replicas spent on node-local experts, one copy
-    on every node (nodes - 1 replicas each; default 0); source_tokens: tokens to estimate which nodes
+    layer is placed for balance only; local_replicas: replicas spent on node-local experts, copies
+    on every node (local_experts; default 0); source_tokens: tokens to estimate which nodes
     local experts' tokens come from) -> (share [L, E, D], local [L, E] bool)."""
     L, E, T, k = trace.num_layers, trace.num_experts, trace.num_tokens, trace.top_k
     N, G, S = topology.nodes, topology.devices_per_node, topology.slots
@@ -91,7 +92,7 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     w = np.maximum(w, 1e-6 * max(w.max(), 1.0))               # unseen experts still weigh a little
     if not 0 <= local_replicas <= replicas:
         raise MoeccError(f"graph: local_replicas={local_replicas} must be between 0 and the "
-                         f"{replicas} replicas (each node-local expert takes {N - 1} of them)")
+                         f"{replicas} replicas (each node-local expert takes at least {N - 1} of them)")
     coact = coactivation(trace, coact_tokens)                               # [L, E, E]
     rows = np.arange(L)[:, None]
     flat = np.zeros(L, bool)
@@ -99,12 +100,13 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     if find:
         label = communities(coact, w, np.ones((L, E), bool), neighbours, lp_iters)   # [L, E]
         flat = modularity(coact, label, w) < min_modularity                # [L]
-    local = local_experts(w, local_replicas, N) & ~flat[:, None]           # none where flat
-    count = replicate(np.where(local, -1.0, w), replicas - local.sum(1) * (N - 1),
+    per = local_experts(w, local_replicas, N, G) * ~flat[:, None]          # [L, E] none where flat
+    local = per > 0
+    count = replicate(np.where(local, -1.0, w), replicas - ((per * N - 1) * local).sum(1),
                       topology.devices) * ~local                            # [L, E] (local: 0)
     copy_of = copies(count)                                                 # [L, M] (-1: padding)
     c, valid = np.maximum(copy_of, 0), copy_of >= 0
-    scale = np.where(valid, 1.0 / count[rows, c], 0.0)
+    scale = np.where(valid, 1.0 / np.maximum(count[rows, c], 1), 0.0)
     cw = w[rows, c] * scale                                                 # [L, M] copy loads
     A = copy_graph(coact, c, scale)                                         # [L, M, M]
     sample = _sample(T, flow_tokens)
@@ -128,7 +130,7 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
             every = _sample(T, source_tokens)
             source = local_sources(trace.expert_ids[:, every], every, member, local, topology)
         fixed = np.einsum("le,len->ln", w * local, source)                  # [L, N]
-        caps = dict(max_count=(G * S - local.sum(1))[:, None].repeat(N, 1),
+        caps = dict(max_count=(G * S - per.sum(1))[:, None].repeat(N, 1),
                     max_load=mean * (1 + tol) - fixed, final_load=mean * (1 + final_tol) - fixed)
         if member is not None and sweep < sweeps:
             pull = neighbour_pull(ids, member, E) * (
@@ -138,15 +140,16 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
         node = refine(A, cw, node, valid, caps["final_load"], refine_rounds, anchor)
         _, rename = align(membership(copy_of, node, scale, E, N), ids, 1)
         node = np.where(valid, np.take_along_axis(rename, np.maximum(node, 0), 1), -1)
-    if local.any():                                 # one copy of each local expert per node
-        held = copies(local.astype(np.int64) * N)                          # [L, n * N] (-1: pad)
+    if local.any():                                 # per[l, e] copies of a local expert per node
+        held = copies(per * N)                                              # [L, n] (-1: pad)
         at = np.where(held >= 0, np.arange(held.shape[1]) % N, -1)
         copy_of = np.concatenate([copy_of, held], 1)
         node = np.concatenate([node, at], 1)
         part = np.maximum(source, 1e-3)                 # a copy with no tokens yet keeps its slot
         part /= part.sum(2, keepdims=True)
-        scale = np.concatenate([scale, np.where(held >= 0, part[rows, np.maximum(held, 0),
-                                                                 np.maximum(at, 0)], 0.0)], 1)
+        h = np.maximum(held, 0)
+        scale = np.concatenate([scale, np.where(held >= 0, part[rows, h, np.maximum(at, 0)]
+                                                / np.maximum(per[rows, h], 1), 0.0)], 1)
     share = place_devices(w, copy_of, node, scale, topology, tol, final_tol)
     share = align(share, ids[:, _sample(ids.shape[1], align_tokens)], N)[0]
     return even_out(share, w, rounds=16, fixed=local), local
@@ -178,14 +181,25 @@ def local_sources(ids: np.ndarray, tokens: np.ndarray, member: np.ndarray, local
     return np.where(total > 0, out / np.maximum(total, 1e-12), 1.0 / N)
 
 
-def local_experts(w: np.ndarray, replicas: int, nodes: int) -> np.ndarray:
-    """[L, E] bool: the experts that get a copy on every node, replicas // (nodes - 1) per layer,
-    hottest first: a token's choice of one stays on its node."""
+def local_experts(w: np.ndarray, replicas: int, nodes: int, per_node: int) -> np.ndarray:
+    """[L, E] copies per node of each node-local expert (0: not local), hottest first while the
+    `replicas` last: an expert gets as many copies on every node as keep one copy's expected load
+    (its load / nodes / copies) within a device's mean share (at most per_node, the devices of a
+    node), at nodes * copies - 1 replicas. A token's choice of one stays on its node."""
     L, E = w.shape
-    n = min(replicas // (nodes - 1), E) if nodes > 1 else 0
-    local = np.zeros((L, E), bool)
-    np.put_along_axis(local, np.argsort(-w, axis=1, kind="stable")[:, :n], True, axis=1)
-    return local
+    per = np.zeros((L, E), dtype=np.int64)
+    if nodes < 2:
+        return per
+    share = w / np.maximum(w.sum(1, keepdims=True), 1e-12)                 # [L, E]
+    need = np.clip(np.ceil(share * per_node - 1e-9), 1, per_node).astype(np.int64)
+    for l in range(L):
+        left = replicas
+        for e in np.argsort(-w[l], kind="stable"):
+            if nodes * need[l, e] - 1 > left:
+                break
+            per[l, e] = need[l, e]
+            left -= nodes * need[l, e] - 1
+    return per
 
 
 def copy_graph(coact: np.ndarray, c: np.ndarray, scale: np.ndarray) -> np.ndarray:

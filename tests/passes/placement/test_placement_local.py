@@ -114,3 +114,21 @@ def test_planned_sources_of_local_experts_are_where_their_tokens_come_from():
     local = evaluate(window, topo, {"l": "graph"}, 8, options={"l": {"local_replicas": 4}},
                      in_sample=True)["l"]
     assert local.balancedness > static.balancedness - 0.01
+
+
+def test_an_expert_too_hot_for_one_device_per_node_gets_more_copies():
+    from moecc.passes.placement.graph_planner import local_experts
+    w = np.array([[50.0, 10, 10, 10, 5, 5, 5, 5]])             # expert 0: half the load
+    per = local_experts(w, replicas=4, nodes=2, per_node=4)     # one device's mean share: 1/8
+    np.testing.assert_array_equal(per, [[2, 1, 0, 0, 0, 0, 0, 0]])   # 2 x 2 - 1 = 3, then 1
+    np.testing.assert_array_equal(local_experts(w, 2, 2, 4), [[0] * 8])   # 3 do not fit in 2
+    np.testing.assert_array_equal(local_experts(w, 6, 4, 2), [[1, 1, 0, 0, 0, 0, 0, 0]])
+    # on the MoEfied MiniLM (E = 8, top-2) expert 2 of layer 0 takes half of all tokens: with one
+    # copy per node that copy alone was twice a device's mean (in-sample balancedness 0.55)
+    from pathlib import Path
+
+    from moecc.passes.placement.trace import load_trace
+    trace = load_trace(Path(__file__).parents[3] / "passes/placement/bench/minilm_trace.npz").select(0)
+    r = evaluate(trace, parse_topology("2x4:slots=3"), {"g": "graph", "l": "graph"}, 8,
+                 options={"l": {"local_replicas": 4}}, in_sample=True)
+    assert r["l"].balancedness > r["g"].balancedness - 0.05
