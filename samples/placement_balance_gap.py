@@ -41,10 +41,11 @@ def gaps(trace, topology, replicas: int, sigma: float, draws: int, rng) -> np.nd
     for past, future in zip(windows[:-1], windows[1:]):
         w = past.load()
         drift = np.exp(rng.normal(0.0, sigma, size=(draws,) + w.shape))    # [draws, L, E]
+        ahead = future.load()
         row = []
         for method in ("graph", "eplb"):
             p = plan(past, topology, method, replicas)
-            frac = np.einsum("le,led->ld", future.load(), p.share)
+            frac = np.einsum("le,led->ld", ahead, p.share)
             nodes = frac.reshape(len(frac), -1, G).sum(-1)
             mc = np.einsum("rle,led->rld", w[None] * drift, p.share)
             row.append([balancedness(device_loads(p, future)), balancedness(frac),

@@ -109,8 +109,7 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     scale = np.where(valid, 1.0 / np.maximum(count[rows, c], 1), 0.0)
     cw = w[rows, c] * scale                                                 # [L, M] copy loads
     A = copy_graph(coact, c, scale)                                         # [L, M, M]
-    sample = _sample(T, flow_tokens)
-    ids = trace.expert_ids[:, sample]                                       # [L, T', k]
+    ids = trace.expert_ids[:, _sample(T, flow_tokens)]                      # [L, T', k]
     order = chain = None
     if find:
         A[flat] = 0.0

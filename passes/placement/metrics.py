@@ -66,17 +66,23 @@ def dispatch(share: np.ndarray, ids: np.ndarray, local: np.ndarray | None = None
     """share [E, D], ids [T, k] -> device [T, k] computing each (token, expert) pair (-1: dropped).
     local [E] bool: experts whose tokens stay on their node [T] (devices per_node to a node) where
     it holds a copy."""
-    T = ids.shape[0]
-    u = token_hash(np.arange(T))                                            # [T]
-    rows = share[np.maximum(ids, 0)]                                        # [T, k, D]
-    if local is not None and local.any():
+    u = token_hash(np.arange(ids.shape[0]))                                 # [T]
+    e = np.maximum(ids, 0)
+    if local is not None and local.any():           # per token: local experts' rows differ
+        rows = share[e]                                                     # [T, k, D]
         mine = (np.arange(share.shape[1]) // per_node) == node[:, None, None]   # [T, 1, D]
         here = rows * mine
-        stay = local[np.maximum(ids, 0)] & (here.sum(-1) > 0)               # [T, k]
-        rows = np.where(stay[:, :, None], here, rows)
-    cum = np.cumsum(rows, axis=-1)
-    cum /= cum[..., -1:]                                                    # [T, k, D], last = 1.0
+        stay = local[e] & (here.sum(-1) > 0)                                # [T, k]
+        cum = _cumulative(np.where(stay[:, :, None], here, rows))
+    else:                                           # one row per expert, gathered per token
+        cum = _cumulative(share)[e]
     return np.where(ids >= 0, (cum <= u[:, None, None]).sum(-1), -1)       # [T, k]
+
+
+def _cumulative(rows: np.ndarray) -> np.ndarray:
+    """[..., D] shares -> their cumulative sums over D, normalized so the last is 1.0."""
+    cum = np.cumsum(rows, axis=-1)
+    return cum / cum[..., -1:]
 
 
 def routes(p: Plan, trace: Trace):
