@@ -108,21 +108,32 @@ def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpe
     return xt, weights, ids
 
 
-def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
-                  shared_gate, token_ids, spec: MoESpec) -> Tensor:
-    """Loop over experts; each takes the tokens routed to it. The definition every kernel must match:
-    each expert's output is weighed (`weigh`, spec.combine) and summed into zeros of x's dtype in
-    ascending expert order, the shared expert added last (as HF's eager experts loops do)."""
-    shape = x.shape
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
+def experts_reference(xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor,
+                      b_in: Tensor | None, b_out: Tensor | None, spec: MoESpec) -> Tensor:
+    """The experts level: xt [T, H], ids [T, S] (int64, -1 = no expert), weights [T, S] -> y [T, H].
+
+    Loop over the experts w_in/w_out hold (E' = w_in.shape[0]: all of a layer's, or one rank's local
+    experts with ids renumbered); each takes the rows routed to it. The definition every experts
+    kernel must match: each expert's output is weighed (`weigh`, spec.combine) and summed into zeros
+    of xt's dtype in ascending expert order, token order within an expert (index_add_)."""
     y = torch.zeros_like(xt)
-    for e in range(spec.num_experts):
+    for e in range(w_in.shape[0]):
         tok, slot = torch.where(ids == e)                                  # tokens routed to e
         if tok.numel() == 0:
             continue
         h = ffn(xt[tok], w_in[e], None if b_in is None else b_in[e], w_out[e],
                 None if b_out is None else b_out[e], spec)                 # [n, H]
         y = y.index_add(0, tok, weigh(h, weights[tok, slot].unsqueeze(-1), spec))
+    return y
+
+
+def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+                  shared_gate, token_ids, spec: MoESpec) -> Tensor:
+    """Route, then the experts (`experts_reference`), the shared expert added last (as HF's eager
+    experts loops do). The definition every moe kernel must match."""
+    shape = x.shape
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
+    y = experts_reference(xt, ids, weights, w_in, w_out, b_in, b_out, spec)
     if shared_w_in is not None:
         y = y + shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec)
     return y.reshape(shape)
@@ -197,3 +208,57 @@ def call_moe(x: Tensor, logits: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESp
     """Keyword-friendly front door to `torch.ops.moecc.moe`."""
     return torch.ops.moecc.moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
                                shared_w_out, shared_gate, token_ids, spec.to_json(), kernel)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experts level (below routing): `torch.ops.moecc.experts`, the kernels' unit and the place an
+# expert-parallel split puts its all-to-all (dispatch → experts on local weights → combine).
+#
+#     experts(x [T, H], ids [T, S] int64, weights [T, S], w_in [E', R, H], w_out [E', H, F],
+#             b_in [E', R]?, b_out [E', H]?, spec, kernel) -> y [T, H]
+#
+# ids == -1 marks an empty slot (dropped by capacity / not chosen): it contributes nothing.
+
+EXPERTS_ARGS = ("x", "ids", "weights", "w_in", "w_out", "b_in", "b_out", "spec", "kernel")
+_EXPERTS_DIFF = ("x", "weights", "w_in", "w_out", "b_in", "b_out")
+
+
+def run_experts_kernel(kernel: str, x, ids, weights, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:
+    if kernel in ("", "reference", "torch.reference"):
+        return experts_reference(x, ids, weights, w_in, w_out, b_in, b_out, spec)
+    kernels = importlib.import_module("moecc.backends.torch.kernels")
+    return kernels.run_experts(kernel, x, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+
+
+@torch.library.custom_op("moecc::experts", mutates_args=())
+def experts(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor,
+            b_in: Optional[Tensor], b_out: Optional[Tensor], spec: str, kernel: str) -> Tensor:
+    return run_experts_kernel(kernel, x, ids, weights, w_in, w_out, b_in, b_out,
+                              parse_spec(spec)).contiguous()
+
+
+@experts.register_fake
+def _experts_fake(x, ids, weights, w_in, w_out, b_in, b_out, spec, kernel):
+    return torch.empty_like(x)
+
+
+def _experts_backward(ctx, grad):
+    *tensors, spec, _kernel = ctx.inputs
+    names = EXPERTS_ARGS[:-2]
+    wanted = [n for i, n in enumerate(names) if n in _EXPERTS_DIFF and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_(True) for n, t in zip(names, tensors) if n in wanted}
+        args = [leaves.get(n, t) for n, t in zip(names, tensors)]
+        y = experts_reference(*args, parse_spec(spec))
+        grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad, allow_unused=True)
+    by_name = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(wanted, grads)}
+    return (*[by_name.get(n) for n in names], None, None)
+
+
+experts.register_autograd(_experts_backward, setup_context=_setup_context)
+
+
+def call_experts(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec,
+                 *, b_in=None, b_out=None, kernel: str = "reference") -> Tensor:
+    """Keyword-friendly front door to `torch.ops.moecc.experts`."""
+    return torch.ops.moecc.experts(x, ids, weights, w_in, w_out, b_in, b_out, spec.to_json(), kernel)
