@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +47,9 @@ def export(module: torch.nn.Module, example_inputs: tuple, dyn, source: str) -> 
                          f"{_first_line(e)}") from e
 
 
-def _recognize(model: torch.nn.Module, recognizers) -> tuple[torch.nn.Module, dict]:
+def _recognize(model: torch.nn.Module, recognizers, defer) -> tuple[torch.nn.Module, dict]:
     from .recognize import recognize
-    model, report = recognize(model, recognizers)
+    model, report = recognize(model, recognizers, defer=defer)
     return model, report.to_dict()
 
 
@@ -61,10 +62,12 @@ def _drop_guards(gm: fx.GraphModule) -> None:
 
 
 def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source: str = "model",
-            recognize: bool = True, recognizers=None) -> Captured:
+            recognize: bool = True, recognizers=None, experts_interface: bool = True) -> Captured:
     """Export `model` on `example_inputs` with dynamic token dims; MoE blocks it recognizes become
     one moecc::moe node each (`recognizers`: a moecc.recognize Registry of the user's own, or None
-    for the built-in families)."""
+    for the built-in families). The recognizers win where they match (their node carries the router,
+    which passes may change); every other transformers 5.x experts module is captured through the
+    ExpertsInterface (`experts_interface`) as one moecc::experts node behind the family's own router."""
     if not isinstance(model, torch.nn.Module):
         raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
@@ -72,10 +75,31 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
     example_inputs = tuple(example_inputs)
     model.eval()
     recognized = {}
+    interface = recognize and experts_interface
     if recognize:
-        model, recognized = _recognize(model, recognizers)
+        model, recognized = _recognize(model, recognizers, defer=_interface_defers if interface else None)
     dyn = dynamic_shapes(example_inputs, dynamic)
-    program = export(model, example_inputs, dyn, source)
+    with _experts_interface(model, interface) as report:
+        program = export(model, example_inputs, dyn, source)
+    if report is not None and (report.captured or report.refused):
+        recognized["experts_interface"] = report.to_dict()
     gm = program.module()
     _drop_guards(gm)
-    return Captured(annotate(gm), example_inputs, dyn, describe_inputs(program), source, recognized)
+    from .recognize.experts_interface import annotate_experts
+    return Captured(annotate_experts(annotate(gm)), example_inputs, dyn, describe_inputs(program), source,
+                    recognized)
+
+
+def _interface_defers(module: torch.nn.Module) -> bool:
+    from .recognize.experts_interface import contains_hf_experts
+    return contains_hf_experts(module)
+
+
+@contextlib.contextmanager
+def _experts_interface(model: torch.nn.Module, enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from .recognize.experts_interface import capturing
+    with capturing(model) as report:
+        yield report

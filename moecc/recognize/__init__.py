@@ -15,7 +15,7 @@ Built-in families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, s
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 from torch import nn
 
@@ -40,13 +40,16 @@ def default_registry() -> Registry:
 
 
 def recognize(model: nn.Module, recognizers: Registry | Iterable[Recognizer | MoEMapping] | None = None, *,
-              on_unrecognized: str = "warn", verify: bool = True) -> tuple[nn.Module, Report]:
+              on_unrecognized: str = "warn", verify: bool = True,
+              defer: Callable[[nn.Module], bool] | None = None) -> tuple[nn.Module, Report]:
     """Replace every recognized MoE block of `model` in place; returns (model, report).
 
     recognizers: None = the built-ins; a Registry = exactly those; an iterable of Recognizer/MoEMapping =
     the built-ins plus these (yours win). on_unrecognized: "warn" (default), "error" (MoeccError with
     advice), "ignore" — for blocks that look like an MoE but are not captured. verify: check each
-    replacement against its block on a probe input. The model itself may be a block: use the returned one.
+    replacement against its block on a probe input. defer(module) -> True: an unmatched block another
+    capture path handles (transformers' experts interface, which reports its own refusals): not
+    reported as unrecognized. The model itself may be a block: use the returned one.
     """
     if on_unrecognized not in ON_UNRECOGNIZED:
         raise MoeccError(f"on_unrecognized must be one of {ON_UNRECOGNIZED}, got {on_unrecognized!r}")
@@ -62,6 +65,8 @@ def recognize(model: nn.Module, recognizers: Registry | Iterable[Recognizer | Mo
         if rec is not None:
             model = _replace(model, path, module, rec, report, verify)
             done.append(path)
+        elif defer is not None and defer(module):
+            continue
         elif (why := looks_like_moe(module)) is not None:
             report.unrecognized.append((path, f"{type(module).__name__} looks like an MoE ({why}) but "
                                               f"no recognizer matches it"))
