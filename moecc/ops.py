@@ -35,7 +35,8 @@ def parse_spec(spec: str) -> MoESpec:
 @contextlib.contextmanager
 def record_routing():
     """Collect one record per executed MoE layer (forward only): {layer, expert_ids [T, S],
-    weights [T, S], spec}."""
+    weights [T, S], spec}, from a moe node (its routing) or an experts node (the ids and weights
+    it is given: a decomposed layer)."""
     records: list = []
     _observers.append(records)
     try:
@@ -98,12 +99,18 @@ def shared_expert(x: Tensor, w_in: Tensor, w_out: Tensor, gate: Tensor | None, s
     return y
 
 
-def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpec):
-    """x [..., H] -> (xt [T, H], weights [T, S], ids [T, S]), recorded for record_routing().
-    Shared by the reference and every torch kernel, so they route identically."""
+def routed(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpec):
+    """x [..., H] -> (xt [T, H], weights [T, S], ids [T, S]): the tokens flattened and routed.
+    Shared by the reference, every torch kernel and moecc.decompose, so they route identically."""
     xt = x.reshape(-1, x.shape[-1])                                        # [T, H]
     rows = math.prod(x.shape[:-2]) if x.dim() > 2 else 1                   # sequences (per-row capacity)
     weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
+    return xt, weights, ids
+
+
+def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpec):
+    """`routed`, recorded for record_routing() (the moe op's own routing)."""
+    xt, weights, ids = routed(x, logits, router_bias, token_ids, spec)
     _notify(spec, ids, weights)
     return xt, weights, ids
 
@@ -233,8 +240,9 @@ def run_experts_kernel(kernel: str, x, ids, weights, w_in, w_out, b_in, b_out, s
 @torch.library.custom_op("moecc::experts", mutates_args=())
 def experts(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor,
             b_in: Optional[Tensor], b_out: Optional[Tensor], spec: str, kernel: str) -> Tensor:
-    return run_experts_kernel(kernel, x, ids, weights, w_in, w_out, b_in, b_out,
-                              parse_spec(spec)).contiguous()
+    s = parse_spec(spec)
+    _notify(s, ids, weights)        # a decomposed layer's routing, recorded where it is consumed
+    return run_experts_kernel(kernel, x, ids, weights, w_in, w_out, b_in, b_out, s).contiguous()
 
 
 @experts.register_fake

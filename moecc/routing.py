@@ -140,7 +140,7 @@ def group_limit(choice: Tensor, spec: MoESpec, group_scores: Tensor | None = Non
     elif group_scores is None:
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
     group_ids = torch.topk(group_scores, r.topk_groups, dim=-1)[1]        # [T, g]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, group_ids, True)
     keep = keep.unsqueeze(-1).expand_as(grouped).reshape(-1, E)           # [T, E]
     return choice.masked_fill(~keep, float("-inf"))
 
@@ -187,9 +187,10 @@ def hierarchical_probs(logits: Tensor, spec: MoESpec) -> Tensor:
 
 
 def expert_choice_capacity(tokens: int, spec: MoESpec) -> int:
-    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T."""
+    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T.
+    sym_min/sym_max: a symbolic T (torch.export.Dim) stays symbolic, no guard on its value."""
     cf = spec.router.capacity_factor or float(spec.top_k)
-    return max(1, min(tokens, math.ceil(cf * tokens / spec.num_experts)))
+    return torch.sym_max(1, torch.sym_min(tokens, math.ceil(cf * tokens / spec.num_experts)))
 
 
 def _expert_choice(logits: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
@@ -197,7 +198,7 @@ def _expert_choice(logits: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
     probs = torch.softmax(logits, dim=-1)                                 # [T, E]
     cap = expert_choice_capacity(T, spec)
     tok = torch.topk(probs.detach().t(), cap, dim=-1)[1]                  # [E, C]
-    picked = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, tok.t(), True)  # [T, E]
+    picked = torch.zeros_like(probs, dtype=torch.bool).scatter(0, tok.t(), True)  # [T, E]
     weights = probs * picked * spec.router.scaling
     ids = torch.arange(E, device=logits.device).expand(T, E)
     return weights, torch.where(picked, ids, -1)
@@ -239,7 +240,7 @@ def token_capacity(tokens: int, spec: MoESpec) -> int:
     """Slots per expert: the fixed `capacity`, else ceil(capacity_factor * T * k / E)."""
     if spec.router.capacity:
         return spec.router.capacity
-    return max(1, math.ceil(spec.router.capacity_factor * tokens * spec.top_k / spec.num_experts))
+    return torch.sym_max(1, math.ceil(spec.router.capacity_factor * tokens * spec.top_k / spec.num_experts))
 
 
 def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:
