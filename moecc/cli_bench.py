@@ -52,7 +52,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecc.backends.torch import bench, bench_report
+    from moecc.bench import grid as bench, report as bench_report
     shapes = bench.SHAPES
     if args.shapes:
         wanted = args.shapes.split(",")

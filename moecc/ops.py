@@ -104,7 +104,7 @@ def routed(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpec):
     Shared by the reference, every torch kernel and moecc.decompose, so they route identically."""
     xt = x.reshape(-1, x.shape[-1])                                        # [T, H]
     rows = math.prod(x.shape[:-2]) if x.dim() > 2 else 1                   # sequences (per-row capacity)
-    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
+    weights, ids = route(logits.reshape(xt.shape[0], logits.shape[-1]), spec, router_bias, token_ids, rows)
     return xt, weights, ids
 
 
@@ -167,8 +167,7 @@ def run_kernel(kernel: str, *tensors, spec: MoESpec) -> Tensor:
     if kernel in ("", "reference", "torch.reference"):
         return moe_reference(*tensors, spec)
     # Kernels are named by string in the IR and resolved lazily: the IR never imports a backend.
-    kernels = importlib.import_module("moecc.backends.torch.kernels")
-    return kernels.run(kernel, *tensors, spec=spec)
+    return importlib.import_module("moecc.backends.torch.select").run(kernel, *tensors, spec=spec)
 
 
 @torch.library.custom_op("moecc::moe", mutates_args=())
@@ -233,8 +232,8 @@ _EXPERTS_DIFF = ("x", "weights", "w_in", "w_out", "b_in", "b_out")
 def run_experts_kernel(kernel: str, x, ids, weights, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:
     if kernel in ("", "reference", "torch.reference"):
         return experts_reference(x, ids, weights, w_in, w_out, b_in, b_out, spec)
-    kernels = importlib.import_module("moecc.backends.torch.kernels")
-    return kernels.run_experts(kernel, x, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+    select = importlib.import_module("moecc.backends.torch.select")
+    return select.run_experts(kernel, x, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
 
 
 @torch.library.custom_op("moecc::experts", mutates_args=())

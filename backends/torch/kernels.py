@@ -1,28 +1,29 @@
-"""PyTorch MoE kernels: four ways to compute `moecc.ops.moe_reference`, each with a checker and a cost.
+"""PyTorch experts kernels: four ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
 
-    run(kernel, x [..., H], logits [..., L], w_in [E, R, H], w_out [E, H, F], b_in?, b_out?,
-        router_bias?, shared_w_in?, shared_w_out?, shared_gate?, token_ids?, spec=MoESpec) -> y [..., H]
+    fn(xt [T, H], ids [T, S] int64 (-1 = empty slot), weights [T, S], w_in [E', R, H], w_out [E', H, F],
+       b_in?, b_out?, spec=MoESpec) -> y [T, H]
 
-    torch.loop          for e in E: tokens of e → index_select → ffn → index_add_          (baseline)
+    torch.loop          for e in E': tokens of e → index_select → ffn → index_add_          (baseline)
                         (loop, grouped_gemm and gather run an expert's GEMMs through gemm.linear, the
                         same GEMM forms, and split whole experts over intra-op threads (parallel.py):
-                        they differ in routing, gathering and scattering only)
+                        they differ in gathering and scattering only)
     torch.grouped_gemm  ONE sort of the (token, slot) pairs by expert → per expert's contiguous
                         segment: its rows (gathered once for all if [N, H] fits in cache), GEMM →
                         activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill);
                         when no expert has more than skinny.MAX_M rows (float32): the routed experts in
                         ONE skinny.moe C call per thread (counting sort, gather, GEMM, activation, GEMM,
-                        weighted scatter, all in C; the shared expert in one more): route + 1-2 calls
-                        (no per-expert Python or torch ops: decode and fine-grained experts at T = 1..64)
+                        weighted scatter, all in C; no per-expert Python or torch ops: decode and
+                        fine-grained experts at T = 1..64)
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
-    torch.dense_masked  ONE GEMM x [T, H] · w_in[E·R, H]ᵀ → activation → per-expert bmm with the
+    torch.dense_masked  ONE GEMM x [T, H] · w_in[E'·R, H]ᵀ → activation → per-expert bmm with the
                         routing weights folded in → sum over experts                        (tiny E)
-    torch.auto          one of the above per call, by token-count bucket (`select.dispatch`)
 
-Routing is `moecc.ops.route_tokens`, the reference's own (never re-implemented); dropped or
-unpicked slots (id -1) are skipped.
-Kernels are inference-only: the op's autograd recomputes `moe_reference` in backward.
+Routing happens before: ATen ops in a decomposed program (moecc.decompose), or `moecc.ops.route_tokens`
+for a moe node (select.run); dropped or unpicked slots (id -1) are skipped. `shared(y, xt, ...)`
+adds a moe node's shared expert with the same GEMM forms. This module is the registry, a leaf:
+choosing among the kernels and "torch.auto" (per-call dispatch by token count) live in select.py.
+Kernels are inference-only: the ops' autograd recomputes the reference in backward.
 `KERNELS[name] = Kernel(fn, checker(spec, tokens) -> True | reason, cost(spec, tokens) -> seconds)`.
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moecc.errors import MoeccError
 from moecc import ops
 from moecc.ops import activate, route_tokens, weigh
 from moecc.routing import HALF, expected_load   # HALF: where the kernels follow the reference's rounding
@@ -44,7 +44,6 @@ from . import machine, skinny
 from .gemm import linear
 from .parallel import balance, run_groups
 
-AUTO = "torch.auto"
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
 DENSE_MAX_EXPERTS = 8          # dense_masked computes every expert on every token
 DENSE_MAX_ELEMENTS = 2 ** 26   # ... and holds [T, E, R] activations
@@ -52,16 +51,16 @@ GATHER_ONCE_BYTES = 2 ** 22    # grouped_gemm: one [N, H] gather up to 4 MiB; la
                                # mmap'd pages (page faults) streamed through DRAM: gather per expert
 
 
-def _finish(y: Tensor, xt: Tensor, shape, shared_w_in, shared_w_out, shared_gate, spec) -> Tensor:
-    """y + ops.shared_expert(xt), with gemm.linear's GEMM forms (decode: [1, F] rows stream 1.5x faster)."""
-    if shared_w_in is not None:
-        _shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec)[1](y)
-    return y.reshape(shape)
+def shared(y: Tensor, xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec) -> Tensor:
+    """y [T, H] += ops.shared_expert(xt) (a moe node's shared expert), with gemm.linear's GEMM forms
+    (decode: [1, F] rows stream 1.5x faster) or, ungated with T ≤ skinny.MAX_M, one skinny.ffn_all call."""
+    if skinny.fits_ffn_all(xt, shared_w_in, shared_w_out, shared_gate, spec) and y.is_contiguous():
+        return skinny.ffn_all(y, xt, shared_w_in, shared_w_out, spec)
+    _shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec)[1](y)
+    return y
 
 
-def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
-         token_ids, *, spec: MoESpec) -> Tensor:
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+def loop(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
     size = float(w_in[0].numel() + w_out[0].numel())
 
     def expert(e: int, tok: Tensor, slot: Tensor):
@@ -70,13 +69,11 @@ def loop(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w
             y.index_add_(0, tok, weigh(h, weights[tok, slot].unsqueeze(-1), spec, inplace=True))
         return _work(size, tok.numel()), add
     items = []
-    for e in range(spec.num_experts):
+    for e in range(w_in.shape[0]):
         tok, slot = torch.where(ids == e)                                    # [n], [n]
         if tok.numel():
             items.append(expert(e, tok, slot))
-    if shared_w_in is not None:
-        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return _accumulate(xt, items, x.shape)
+    return _accumulate(xt, items)
 
 
 def _work(size: float, rows: int) -> float:
@@ -93,14 +90,14 @@ def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tenso
 
 
 def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec):
-    """The shared expert as one more work item: (cost, add-to-y)."""
+    """The shared expert as a work item: (cost, add-to-y)."""
     def add(y: Tensor) -> None:
         s = linear(activate(linear(xt, shared_w_in), spec), shared_w_out)      # [T, H]
         y.add_(s if shared_gate is None else s.mul_(torch.sigmoid(linear(xt, shared_gate))))
     return _work(float(shared_w_in.numel() + shared_w_out.numel()), xt.shape[0]), add
 
 
-def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
+def _accumulate(xt: Tensor, items: list) -> Tensor:
     """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads the items run
     split over threads, one intra-op thread each (parallel.py); partial sums are added at the end."""
     def work(group) -> Tensor:
@@ -113,17 +110,16 @@ def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
         parts = run_groups(work, balance([c for c, _ in items], threads))
         for p in parts[1:]:
             parts[0].add_(p)
-        return parts[0].reshape(shape)
-    return work(range(len(items))).reshape(shape)
+        return parts[0]
+    return work(range(len(items)))
 
 
 def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, w_out, b_in, b_out,
-           shared_w_in, shared_w_out, shared_gate, shape, spec: MoESpec) -> Tensor:
+           spec: MoESpec) -> Tensor:
     """Every expert hit by ≤ skinny.MAX_M rows (float32): the routed experts in ONE skinny.moe C call
     per intra-op thread (a contiguous run of experts each, balanced by cost; no sort, gather, scatter
-    or activation as torch ops), the shared expert in one more (skinny.ffn_all) when ungated and
-    T ≤ MAX_M. Decode: route + 1-2 C calls."""
-    E = spec.num_experts
+    or activation as torch ops). Decode: 1 C call."""
+    E = w_in.shape[0]
     size = float(w_in[0].numel() + w_out[0].numel())
     parts = torch.get_num_threads()
     if parts > 1 and E > 1:
@@ -139,28 +135,18 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
     else:
         items = [(1.0, (0, E))]
     work = [(c, lambda y, r=r: skinny.moe(y, xt, ids, weights, w_in, w_out, b_in, b_out, spec, r)) for c, r in items]
-    if shared_w_in is not None:
-        if skinny.fits_ffn_all(xt, shared_w_in, shared_w_out, shared_gate, spec):
-            cost = float(shared_w_in.numel() + shared_w_out.numel()) * 8
-            work.append((cost, lambda y: skinny.ffn_all(y, xt, shared_w_in, shared_w_out, spec)))
-        else:
-            work.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return _accumulate(xt, work, shape)
+    return _accumulate(xt, work)
 
 
-def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
-                 shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
-    E, S = spec.num_experts, ids.shape[1]
+def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+    E, S = w_in.shape[0], ids.shape[1]
     fused = spec.ffn >= 8 and skinny.fits_moe(xt, w_in, w_out, b_in, b_out, spec)
     if fused and xt.shape[0] <= skinny.MAX_M:                                # no expert can exceed MAX_M rows
-        return _fused(xt, weights, ids, None, w_in, w_out, b_in, b_out, shared_w_in, shared_w_out, shared_gate,
-                      x.shape, spec)
+        return _fused(xt, weights, ids, None, w_in, w_out, b_in, b_out, spec)
     flat = ids.reshape(-1)                                                   # [T*S]
     counts = torch.bincount(flat + 1, minlength=E + 1).tolist()             # [1 + E]; [0] = dropped
     if fused and max(counts[1:]) <= skinny.MAX_M:
-        return _fused(xt, weights, ids, counts[1:], w_in, w_out, b_in, b_out, shared_w_in, shared_w_out,
-                      shared_gate, x.shape, spec)
+        return _fused(xt, weights, ids, counts[1:], w_in, w_out, b_in, b_out, spec)
     dropped, counts = counts[0], counts[1:]
     order = torch.argsort(flat, stable=True)[dropped:]                       # [N] pairs by expert
     tok = order // S                                                         # [N] token of each pair
@@ -180,17 +166,11 @@ def grouped_gemm(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
         if c:
             items.append(segment(e, slice(start, start + c)))
             start += c
-    if shared_w_in is not None:
-        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return _accumulate(xt, items, x.shape)
+    return _accumulate(xt, items)
 
 
-def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
-           token_ids, *, spec: MoESpec) -> Tensor:
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
-
+def gather(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
     size = float(w_in[0].numel() + w_out[0].numel())
-
     half = xt.dtype in HALF
 
     def pair(t: int, s: int, e: int, w: float):
@@ -204,14 +184,10 @@ def gather(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared
     items = [pair(t, s, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
              for e, s, w in sorted((e, s, w) for s, (e, w) in enumerate(zip(row, wrow))) if e >= 0]
     # one sync each; a token's experts in ascending order, as the reference sums them
-    if shared_w_in is not None:
-        items.append(_shared_item(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return _accumulate(xt, items, x.shape)
+    return _accumulate(xt, items)
 
 
-def dense_masked(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
-                 shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)
+def dense_masked(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
     (T, H), (E, R, _) = xt.shape, w_in.shape
     dense = weights.new_zeros(T, E).scatter_add_(1, ids.clamp(min=0), weights * (ids >= 0))  # [T, E]
     after = spec.bias_add == "after_gemm"
@@ -227,12 +203,12 @@ def dense_masked(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, 
         y = torch.zeros_like(xt)
         for e in range(E):
             y.add_(weigh(o[e], dense[:, e:e + 1], spec, inplace=True))
-        return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+        return y
     a = a.mul_(dense.to(a.dtype).unsqueeze(-1)).transpose(0, 1)              # [E, T, F] weighted
     y = torch.bmm(a, w_out.transpose(1, 2)).sum(0)                           # [T, H]
     if b_out is not None:
         y = y.add_(dense.to(y.dtype) @ b_out)
-    return _finish(y, xt, x.shape, shared_w_in, shared_w_out, shared_gate, spec)
+    return y
 
 
 # ---- checkers: True, or the reason the kernel does not fit -----------------------------------
@@ -330,18 +306,3 @@ KERNELS: dict[str, Kernel] = {
     "torch.gather": Kernel(gather, _check_gather, _cost_gather, "per (token, slot) on weight views (decode)"),
     "torch.dense_masked": Kernel(dense_masked, _check_dense, _cost_dense, "all experts on all tokens (tiny E)"),
 }
-
-
-def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
-        shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
-    """What `moecc.ops.run_kernel` calls for a non-reference kernel name."""
-    if kernel == AUTO:
-        from . import select          # select imports this module: resolved at call time
-        kernel = select.dispatch(spec, x.numel() // x.shape[-1] if x.shape[-1] else 0)
-    if kernel not in KERNELS:
-        raise MoeccError(f"MoE layer {spec.name or '?'}: unknown torch kernel {kernel!r}; choose one of "
-                         f"{', '.join([*KERNELS, AUTO])} or 'reference'")
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    return KERNELS[kernel].fn(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
-                              shared_w_out, shared_gate, token_ids, spec=spec)

@@ -1,6 +1,7 @@
-"""Torch backend: the exported program with a kernel chosen per MoE layer, saved with torch.export.save.
+"""Torch backend: the decomposed program with a kernel chosen per experts node, saved with torch.export.save.
 
-    ExportedProgram  ⇒  moe nodes' `kernel` argument set  ⇒  model.pt2 (+ kernels.json when autotuned)
+    ExportedProgram (moe nodes)  ⇒  moecc.decompose: routing as ATen ops + one experts node per layer
+                                 ⇒  experts nodes' `kernel` argument set  ⇒  model.pt2 (+ kernels.json)
 
 The token count varies at run time, so a layer's kernel is "torch.auto": it dispatches per call by
 token-count bucket (decode … prefill), from the cost model or, with `--autotune`, from measurements
@@ -13,14 +14,11 @@ from pathlib import Path
 
 import torch
 
-from moecc.ops import OP_ARGS, parse_spec
-from moecc.pipeline import MOE_OP
+from moecc.decompose import decompose, experts_nodes, set_experts_kernel
 
 from ..base import KernelChoice, Lowered
 from . import select
 
-KERNEL_ARG = OP_ARGS.index("kernel")
-SPEC_ARG = OP_ARGS.index("spec")
 TABLES = "kernels.json"
 
 
@@ -32,16 +30,15 @@ def choose_kernel(spec, options: dict, table: dict | None) -> KernelChoice:
 
 
 def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
+    program = decompose(program)
     choices, tables = [], {}
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target is MOE_OP:
-            spec = parse_spec(node.args[SPEC_ARG])
-            key = select.spec_key(spec)
-            if options.get("autotune") and not options.get("kernel") and key not in tables:
-                tables[key] = select.autotune(spec)
-            choice = choose_kernel(spec, options, tables.get(key))
-            node.args = tuple(choice.kernel if i == KERNEL_ARG else a for i, a in enumerate(node.args))
-            choices.append(choice)
+    for node, spec in experts_nodes(program.graph_module):
+        key = select.spec_key(spec)
+        if options.get("autotune") and not options.get("kernel") and key not in tables:
+            tables[key] = select.autotune(spec)
+        choice = choose_kernel(spec, options, tables.get(key))
+        set_experts_kernel(node, choice.kernel)
+        choices.append(choice)
     program.graph_module.recompile()
     files = ["model.pt2"]
     torch.export.save(program, Path(out_dir) / "model.pt2")
@@ -49,5 +46,6 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         select.save(tables, Path(out_dir) / TABLES)
         select.install(tables)             # verification in this process uses them too
         files.append(TABLES)
-    return Lowered(files=files, kernels=choices, notes={"format": "torch.export (.pt2)",
+    return Lowered(files=files, kernels=choices, notes={"format": "torch.export (.pt2), decomposed: "
+                                                        "routing as ATen ops, one moecc::experts node per layer",
                                                         "autotuned": bool(tables)})

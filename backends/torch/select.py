@@ -3,6 +3,10 @@
     choose(spec, tokens, candidates) -> KernelChoice      checker → cost model (or a tuned table)
     autotune(spec, candidates) -> layer table             measure each candidate once per bucket
     install(tables) / install_file(path) ; dispatch(spec, tokens) -> kernel   what "torch.auto" runs
+    run_experts(kernel, xt, ids, weights, w_in, w_out, b_in, b_out, spec)    an experts node's kernel
+    run(kernel, x, logits, ..., token_ids, spec)         a moe node: route, run_experts, shared expert
+
+`moecc.ops` calls run_experts / run for a kernel named by string (the IR never imports a backend).
 
 An artifact wires it as: lower → `save({spec_key(s): autotune(s)}, dir / "kernels.json")` and the
 layers' kernel "torch.auto" (`choose(spec, 0)`); runtime → `install_file(dir / "kernels.json")`.
@@ -23,12 +27,14 @@ import torch
 
 from moecc.backends.base import KernelChoice
 from moecc.errors import MoeccError
-from moecc.routing import expected_load
+from moecc.ops import route_tokens
+from moecc.routing import expected_load, logits_width, route
 from moecc.spec import MoESpec
 
 from . import machine
-from .kernels import AUTO, KERNELS
+from .kernels import KERNELS, shared
 
+AUTO = "torch.auto"                        # per call: the kernel chosen for the token-count bucket
 BUCKETS = (1, 8, 64, 512, None)            # upper bounds; None = no bound
 BUCKET_TOKENS = (1, 8, 64, 512, 2048)      # where each bucket is measured / costed
 _installed: dict[str, dict] = {}           # spec_key -> layer table (torch.auto reads these)
@@ -110,20 +116,18 @@ def _table_entry(table: dict | None, tokens: int) -> dict | None:
 # ---- autotuning ------------------------------------------------------------------------------
 
 def _random_inputs(spec: MoESpec, tokens: int, gen: torch.Generator) -> list:
+    """A layer's experts-level inputs (xt, ids, weights, w_in, w_out, b_in, b_out), routed by its router."""
     E, H, R, Fw = spec.num_experts, spec.hidden, spec.in_rows, spec.ffn
-    L = E + (spec.router.n_groups if spec.router.kind == "hierarchical" else 0)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
 
-    sh_rows = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
-    return [rnd(tokens, H), rnd(tokens, L), rnd(E, R, H, scale=H ** -0.5), rnd(E, H, Fw, scale=Fw ** -0.5),
-            rnd(E, R) if spec.expert_bias else None, rnd(E, H) if spec.expert_bias else None,
-            rnd(E, scale=0.1) if spec.router.kind == "sigmoid_topk" else None,
-            rnd(sh_rows, H, scale=H ** -0.5) if spec.shared_ffn else None,
-            rnd(H, spec.shared_ffn, scale=spec.shared_ffn ** -0.5) if spec.shared_ffn else None,
-            rnd(1, H) if spec.shared_ffn and spec.shared_gated else None,
-            torch.randint(0, 50000, (tokens,), generator=gen) if spec.router.kind == "hash" else None]
+    logits = rnd(tokens, logits_width(spec))
+    bias = rnd(E, scale=0.1) if spec.router.kind == "sigmoid_topk" else None
+    token_ids = torch.randint(0, 50000, (tokens,), generator=gen) if spec.router.kind == "hash" else None
+    weights, ids = route(logits, spec, bias, token_ids)
+    return [rnd(tokens, H), ids, weights, rnd(E, R, H, scale=H ** -0.5), rnd(E, H, Fw, scale=Fw ** -0.5),
+            rnd(E, R) if spec.expert_bias else None, rnd(E, H) if spec.expert_bias else None]
 
 
 def measure_kernel(name: str, spec: MoESpec, inputs: list, repeats: int = 3) -> float:
@@ -215,3 +219,31 @@ def dispatch(spec: MoESpec, tokens: int) -> str:
     kernel whose checker refuses this exact count falls back to torch.grouped_gemm."""
     kernel = _bucket_choice(spec, bucket_of(tokens))
     return kernel if KERNELS[kernel].checker(spec, tokens) is True else "torch.grouped_gemm"
+
+
+def _known(kernel: str, spec: MoESpec) -> str:
+    if kernel != AUTO and kernel not in KERNELS:
+        raise MoeccError(f"MoE layer {spec.name or '?'}: unknown torch kernel {kernel!r}; choose one of "
+                         f"{', '.join([*KERNELS, AUTO])} or 'reference'")
+    return kernel
+
+
+def run_experts(kernel: str, xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> torch.Tensor:
+    """What `moecc.ops.run_experts_kernel` calls for a torch kernel name (AUTO: by token-count bucket)."""
+    kernel = dispatch(spec, xt.shape[0]) if _known(kernel, spec) == AUTO else kernel
+    if xt.numel() == 0:
+        return torch.zeros_like(xt)
+    return KERNELS[kernel].fn(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+
+
+def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
+        shared_gate, token_ids, *, spec: MoESpec) -> torch.Tensor:
+    """A moe node with a torch kernel (what `moecc.ops.run_kernel` calls): route (recorded), the
+    experts kernel, the shared expert added last; [..., H] -> [..., H]."""
+    if _known(kernel, spec) and x.numel() == 0:
+        return torch.zeros_like(x)
+    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
+    y = run_experts(kernel, xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+    if shared_w_in is not None and xt.numel():
+        shared(y, xt, shared_w_in, shared_w_out, shared_gate, spec)
+    return y.reshape(x.shape)

@@ -194,7 +194,7 @@ def test_auto_selects_by_the_planned_token_count():
     """--onnx-moe auto: the fused op where it is exact AND the cheapest at the planned T (decode), the
     portable gather from a few tokens on (measured on the bench's shapes: the fused op re-reads an
     expert's weights per token at T=8 and is 1.2-2x slower from T=8 to 512)."""
-    from moecc.backends.torch.bench import SHAPES
+    from moecc.bench.grid import SHAPES
     for s in SHAPES.values():
         decode = kernels.choose(s, {}, "auto", tokens=1)
         assert decode.kernel == "ort.moe_fused" and "cheapest at 1 tokens" in decode.reason
@@ -210,7 +210,7 @@ def test_auto_dispatches_by_token_count_at_run_time(tmp_path):
     """--onnx-moe auto without a planned token count: ONE artifact whose If on T runs the fused op at
     decode and the portable gather at prefill, matching the reference on both sides of the boundary;
     options['tokens'] plans one kernel instead."""
-    from moecc.backends.torch.bench import SHAPES
+    from moecc.bench.grid import SHAPES
     for s in SHAPES.values():
         c = kernels.choose(s, {}, "auto", 64, dispatch_by_tokens=True)
         (small, T), (large, end) = kernels.buckets_of(c.kernel)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from numerics import assert_numerically_equal
 
-from moecc.backends.torch import kernels
+from moecc.backends.torch import kernels, select
 from moecc.errors import MoeccError
 from moecc.ops import call_moe, moe_reference, record_routing
 from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
@@ -73,12 +73,12 @@ def test_every_kernel_matches_reference(case):
     inputs = make_inputs(spec, T, seed, rows=rows)
     expected = moe_reference(*inputs, spec)
     for name in NAMES:
-        got = kernels.run(name, *inputs, spec=spec)
+        got = select.run(name, *inputs, spec=spec)
         assert got.shape == expected.shape
         assert_numerically_equal(got, expected, atol=1e-9, rtol=1e-9, what=f"{name} on {spec}")
 
 
-@pytest.mark.parametrize("name", NAMES + [kernels.AUTO])
+@pytest.mark.parametrize("name", NAMES + [select.AUTO])
 def test_through_the_op_forward_and_backward(name):
     """call_moe with a torch kernel: same output; backward recomputes the reference's gradients."""
     spec = MoESpec(4, 6, 5, "swiglu", RouterSpec(top_k=2), expert_bias=True, shared_ffn=3, name="l0")
@@ -97,14 +97,14 @@ def test_through_the_op_forward_and_backward(name):
         assert_numerically_equal(g, r, atol=1e-9, rtol=1e-9, what=f"{name} grad")
 
 
-@pytest.mark.parametrize("name", NAMES + [kernels.AUTO])
+@pytest.mark.parametrize("name", NAMES + [select.AUTO])
 def test_no_tokens(name):
     """An empty batch (T = 0, e.g. a dropped micro-batch) gives an empty output, not an error."""
     spec = MoESpec(4, 6, 5, "gelu", RouterSpec(top_k=2), shared_ffn=2)
     for shape in ((0, 6), (2, 0, 6)):
         inputs = make_inputs(spec, 0)
         inputs[0], inputs[1] = inputs[0].reshape(shape), inputs[1].reshape(*shape[:-1], 4)
-        assert kernels.run(name, *inputs, spec=spec).shape == shape
+        assert select.run(name, *inputs, spec=spec).shape == shape
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,7 +113,7 @@ def test_float32_and_routing_records(name):
     spec = MoESpec(8, 16, 12, "swiglu", RouterSpec(top_k=2, capacity_factor=0.5), name="layer3")
     inputs = make_inputs(spec, 9, seed=5, dtype=torch.float32)
     with record_routing() as records:
-        got = kernels.run(name, *inputs, spec=spec)
+        got = select.run(name, *inputs, spec=spec)
         expected = moe_reference(*inputs, spec)
     assert_numerically_equal(got, expected, atol=1e-5, rtol=1e-5, what=name)
     assert [r["layer"] for r in records] == ["layer3", "layer3"]
@@ -128,7 +128,7 @@ def test_float32_gemm_variants(tokens):
     inputs = make_inputs(spec, tokens, seed=tokens, dtype=torch.float32)
     inputs[2] = inputs[2] * 0.3
     for name in NAMES:
-        got = kernels.run(name, *inputs, spec=spec)
+        got = select.run(name, *inputs, spec=spec)
         assert_numerically_equal(got, moe_reference(*inputs, spec), atol=1e-3, rtol=1e-4, what=name)
 
 
@@ -137,14 +137,14 @@ def test_grouped_gemm_gathers_per_expert_when_rows_do_not_fit(monkeypatch):
     spec = MoESpec(4, 6, 5, "geglu", RouterSpec(top_k=2, capacity_factor=0.75), expert_bias=True, shared_ffn=2)
     inputs = make_inputs(spec, 11, seed=2)
     monkeypatch.setattr(kernels, "GATHER_ONCE_BYTES", 0)
-    assert_numerically_equal(kernels.run("torch.grouped_gemm", *inputs, spec=spec), moe_reference(*inputs, spec),
+    assert_numerically_equal(select.run("torch.grouped_gemm", *inputs, spec=spec), moe_reference(*inputs, spec),
                              atol=1e-10, rtol=1e-10)
 
 
 def test_unknown_kernel_is_a_clear_error():
     spec = MoESpec(4, 6, 5, name="blocks.2.moe")
     with pytest.raises(MoeccError, match="blocks.2.moe.*unknown torch kernel 'torch.fast'"):
-        kernels.run("torch.fast", *make_inputs(spec, 2), spec=spec)
+        select.run("torch.fast", *make_inputs(spec, 2), spec=spec)
 
 
 def test_checkers_refuse_with_reasons():
@@ -183,9 +183,9 @@ def test_experts_split_over_threads_match_reference(two_threads, name):
                                  MoESpec(4, 6, 5, "gelu", RouterSpec(top_k=2, capacity_factor=0.5))]):
         inputs = make_inputs(spec, 5, seed=seed)
         expected = moe_reference(*inputs, spec)
-        assert_numerically_equal(kernels.run(name, *inputs, spec=spec), expected, atol=1e-10, rtol=1e-10, what=name)
+        assert_numerically_equal(select.run(name, *inputs, spec=spec), expected, atol=1e-10, rtol=1e-10, what=name)
         with torch.inference_mode():
-            got = kernels.run(name, *inputs, spec=spec)
+            got = select.run(name, *inputs, spec=spec)
         assert_numerically_equal(got, expected, atol=1e-10, rtol=1e-10, what=f"{name} inference mode")
         leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
         y = call_moe(*leaves, spec, kernel=name, b_in=inputs[4], b_out=inputs[5], shared_w_in=inputs[7],
@@ -254,10 +254,43 @@ def test_grouped_gemm_batched_skinny_path(monkeypatch, threads):
                 (MoESpec(32, 16, 8, "swiglu", RouterSpec(top_k=2)), 40)]):
             inputs = make_inputs(spec, T, seed=seed, dtype=torch.float32)
             calls.clear()
-            got = kernels.run("torch.grouped_gemm", *inputs, spec=spec)
+            got = select.run("torch.grouped_gemm", *inputs, spec=spec)
             assert_numerically_equal(got, moe_reference(*inputs, spec), atol=1e-5, rtol=1e-5, what=str(spec))
             assert 1 <= len(calls) <= threads                # one run of experts per thread
             assert sorted(e for lo, hi in calls for e in range(lo, hi)) == sorted(
                 set(e for lo, hi in calls for e in range(lo, hi)))   # disjoint runs
     finally:
         torch.set_num_threads(before)
+
+
+@st.composite
+def experts_cases(draw):
+    """Experts-level inputs: ids anywhere in [-1, E') (empty slots, repeats across tokens), E' may be
+    a rank's local experts (fewer than the spec's), any weights."""
+    E = draw(st.integers(1, 8))
+    activation = draw(st.sampled_from(ACTIVATIONS))
+    spec = MoESpec(max(E, 2), draw(st.integers(2, 12)), draw(st.integers(1, 8)), activation,
+                   RouterSpec(top_k=1), expert_bias=draw(st.booleans()),
+                   interleaved=activation in ("swiglu", "geglu", "swiglu_oai") and draw(st.booleans()))
+    return spec, E, draw(st.integers(0, 9)), draw(st.integers(1, 4)), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(experts_cases())
+def test_every_experts_kernel_matches_experts_reference(case):
+    from moecc.ops import experts_reference
+    spec, E, T, S, seed = case
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)   # noqa: E731
+    xt, weights = rnd(T, spec.hidden), rnd(T, S)
+    ids = torch.randint(-1, E, (T, S), generator=g)
+    w_in, w_out = rnd(E, spec.in_rows, spec.hidden), rnd(E, spec.hidden, spec.ffn)
+    b_in, b_out = (rnd(E, spec.in_rows), rnd(E, spec.hidden)) if spec.expert_bias else (None, None)
+    expected = experts_reference(xt, ids, weights, w_in, w_out, b_in, b_out, spec)
+    for name in NAMES + [select.AUTO]:
+        if name in kernels.KERNELS and kernels.KERNELS[name].checker(spec, T) is not True:
+            continue
+        got = select.run_experts(name, xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+        assert_numerically_equal(got, expected, atol=1e-9, rtol=1e-9, what=f"{name} on {spec}, E'={E}")
+        via_op = torch.ops.moecc.experts(xt, ids, weights, w_in, w_out, b_in, b_out, spec.to_json(), name)
+        assert_numerically_equal(via_op, expected, atol=1e-9, rtol=1e-9, what=f"{name} through the op")

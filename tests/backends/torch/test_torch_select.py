@@ -71,7 +71,7 @@ def test_candidates_restrict_and_unknowns_fail():
 
 def test_unknown_token_count_chooses_auto_with_a_bucket_plan():
     choice = select.choose(DEEPSEEK, 0)
-    assert choice.kernel == kernels.AUTO
+    assert choice.kernel == select.AUTO
     assert "T<=1: torch.gather" in choice.reason and "T<=inf: torch.grouped_gemm" in choice.reason
 
 
@@ -113,7 +113,7 @@ def test_auto_dispatch_runs_the_installed_kernel_per_bucket():
                                                               "torch.grouped_gemm"]
     for T in (1, 3, 40):
         inputs = make_inputs(TINY, T, seed=T)
-        y = call_moe(*inputs[:4], TINY, kernel=kernels.AUTO)
+        y = call_moe(*inputs[:4], TINY, kernel=select.AUTO)
         assert_numerically_equal(y, moe_reference(*inputs, TINY), atol=1e-10, rtol=1e-10, what=f"auto T={T}")
 
 
@@ -166,7 +166,7 @@ def test_exported_program_with_auto_serves_tuned_buckets(tmp_path):
     from moecc.nn import MoE
     torch.manual_seed(0)
     model = MoE(TINY, kernel=select.choose(TINY, 0).kernel).eval()
-    assert model.kernel == kernels.AUTO
+    assert model.kernel == select.AUTO
     x = torch.randn(2, 5, TINY.hidden)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))
     torch.export.save(program, tmp_path / "model.pt2")

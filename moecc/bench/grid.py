@@ -1,7 +1,9 @@
 """`moecc bench`: every torch kernel against the hardware limit and the alternatives, in ONE run.
 
     shapes (Mixtral-, DeepSeek-, Switch-like) × T (1, 8, 64, 512, 2048) ×
-      moecc:<kernel> (each whose checker accepts T) + moecc:auto (run-time dispatch)
+      moecc:<kernel> (each whose checker accepts T) + moecc:auto (run-time dispatch): what a torch
+                      artifact runs per layer: router Linear, routing (ATen, moecc.routing.route),
+                      the experts kernel, the shared expert (ATen, moecc.ops.shared_expert)
       ref:dense_gemm  a dense GEMM doing the same active FLOPs (the prefill roofline, measured)
       ref:stream      reading the bytes of the experts the tokens hit, once (the decode roofline)
       ort:fused       onnxruntime's com.microsoft::MoE on the same weights
@@ -10,7 +12,7 @@
     → limit = max(active FLOPs / square-matmul FLOP/s, ref:stream) per point; median of repeats;
       rounds interleave the implementations so machine contention hits all of them alike.
 
-`run_bench(...)` returns the results dict; `bench_report` writes the table, JSON and PNG.
+`run_bench(...)` returns the results dict; `report.write` writes the table, JSON and PNG.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moecc import ops
+from moecc.backends.torch import kernels, machine, select
 from moecc.ops import moe_reference
 from moecc.routing import route
 from moecc.spec import MoESpec, RouterSpec
 
-from . import bench_alts, kernels, machine, select
+from . import alternatives as bench_alts
 
 SHAPES = {
     "mixtral-like": MoESpec(8, 1024, 3584, "swiglu", RouterSpec(top_k=2), name="mixtral-like"),
@@ -74,20 +78,24 @@ def square_gemm_flops(n: int = 2048, repeats: int = 3, clock=time.perf_counter) 
 def _implementations(spec: MoESpec, w: dict, x: torch.Tensor, alts: dict) -> tuple[dict, list, dict]:
     """name -> zero-argument callable computing the layer (router Linear included) on x."""
     T = x.shape[0]
-    args = lambda logits: (x, logits, w["w_in"], w["w_out"], None, None, None,   # noqa: E731
-                           w.get("shared_w_in"), w.get("shared_w_out"), None, None)
+    sw_in, sw_out = w.get("shared_w_in"), w.get("shared_w_out")
+
+    def layer(kernel: str):
+        def run():                     # what a decomposed torch artifact runs for the layer
+            xt, weights, ids = ops.routed(x, F.linear(x, w["router"]), None, None, spec)   # [T, H], [T, k]
+            y = select.run_experts(kernel, xt, ids, weights, w["w_in"], w["w_out"], None, None, spec=spec)
+            return y if sw_in is None else y + ops.shared_expert(xt, sw_in, sw_out, None, spec)
+        return run
     impls, skipped = {}, []
     for name, k in kernels.KERNELS.items():
         verdict = k.checker(spec, T)
         if verdict is True:
-            impls[f"moecc:{name}"] = lambda fn=k.fn: fn(*args(F.linear(x, w["router"])), spec=spec)
+            impls[f"moecc:{name}"] = layer(name)
         else:
             skipped.append(f"moecc:{name}: {verdict}")
-    impls["moecc:auto"] = lambda: kernels.run(kernels.AUTO, *args(F.linear(x, w["router"])), spec=spec)
+    impls["moecc:auto"] = layer(select.AUTO)
     xr = x.repeat_interleave(spec.top_k, 0)                                  # [T*k, H]
     w1, w2 = w["w_in"][0], w["w_out"][0]
-
-    sw_in, sw_out = w.get("shared_w_in"), w.get("shared_w_out")
 
     def dense_gemm():                  # the same GEMM FLOPs on one expert's weights (no routing)
         y = F.linear(F.linear(xr, w1)[:, : spec.ffn], w2)

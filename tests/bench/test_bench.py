@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moecc import cli_bench
-from moecc.backends.torch import bench, bench_alts, bench_report, machine
+from moecc.backends.torch import machine
+from moecc.bench import alternatives as bench_alts, grid as bench, report as bench_report
 from moecc.spec import MoESpec, RouterSpec
 
 # transformers' grouped_mm needs 16-byte strides: H, F multiples of 4
