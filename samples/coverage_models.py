@@ -1,0 +1,125 @@
+"""Every MoE model family of the installed transformers, as a tiny random model (offline).
+
+    families() -> [Family(name, model_type, text)]      (scan of transformers/models/*/modeling_*.py)
+    build(model_type, seed=0) -> (model, example_inputs)  fp32, eval, eager attention, eager experts loop
+
+A family is MoE when its modeling file decorates an experts class with `use_experts_implementation` or
+defines a sparse-MoE / experts module. It is a *text* family when one of its model types has a causal
+LM (AutoModelForCausalLM); the others (vision-language, speech, encoder-only) are listed, not built.
+Configs are shrunk generically: the family's defaults with small sizes written over the fields it has
+(hidden 64, 2-4 layers, 8 experts top-2, vocab 128), per-layer lists cut to the new depth, and the
+first layers made sparse when the default would leave no MoE layer. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+INIT = 0.1
+_MOE_CLASS = re.compile(r"^@use_experts_implementation|^class \w*(SparseMoe|SparseMoE|MoE|Moe|Experts)\w*\(",
+                        re.M)
+SMALL = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, ffn_hidden_size=96,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+    max_position_embeddings=256, max_window_layers=2,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
+    moe_k=2, moe_topk=2, top_k=2, n_shared_experts=1, shared_expert_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32, n_group=2, topk_group=1, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    qk_head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=4, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+    sliding_window=4, expert_capacity=8, use_cache=False, initializer_range=INIT, tie_word_embeddings=False,
+    pad_token_id=0, eos_token_id=1, bos_token_id=1, rope_scaling=None,
+)
+# layer-type / sparsity lists cut or rewritten to the new depth
+_SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
+                 "moe_layer_start_index", "moe_layer_end_index", "expert_layer_period", "expert_layer_offset")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str            # the transformers.models subpackage, e.g. "qwen3_moe"
+    model_type: str      # its config's model_type (the one with a causal LM when there is one)
+    text: bool
+
+
+def families() -> list[Family]:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    root = Path(transformers.__file__).parent / "models"
+    moe = {d.name for d in sorted(root.iterdir())
+           if any(_MOE_CLASS.search(f.read_text(errors="ignore")) for f in d.glob("modeling_*.py"))}
+    out: dict[str, Family] = {}
+    for mt in CONFIG_MAPPING_NAMES:
+        name = model_type_to_module_name(mt)
+        if name not in moe:
+            continue
+        text = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not _multimodal(CONFIG_MAPPING_NAMES[mt])
+        if name not in out or (text and not out[name].text):
+            out[name] = Family(name, mt, text)
+    for name in moe - set(out):
+        out[name] = Family(name, name, False)
+    return sorted(out.values(), key=lambda f: f.name)
+
+
+def _multimodal(config_class: str) -> bool:
+    import transformers
+    cfg = getattr(transformers, config_class, None)
+    return bool(getattr(cfg, "sub_configs", None)) and "text_config" in cfg.sub_configs
+
+
+def config(model_type: str, **overrides):
+    from transformers import AutoConfig
+    base = AutoConfig.for_model(model_type)
+    layers0 = getattr(base, "num_hidden_layers", None)
+    kw = {k: v for k, v in SMALL.items() if hasattr(base, k)}
+    layers = kw.get("num_hidden_layers", 2)
+    for k, v in vars(base).items():                       # per-layer lists (layer_types, ...) cut to depth
+        if isinstance(v, list) and layers0 and len(v) == layers0 and k not in kw:
+            kw[k] = v[:layers]
+    if getattr(base, "mlp_only_layers", None):
+        kw["mlp_only_layers"] = []
+    if hasattr(base, "decoder_sparse_step"):
+        kw["decoder_sparse_step"] = 1
+    if hasattr(base, "moe_layer_freq") and isinstance(base.moe_layer_freq, int):
+        kw["moe_layer_freq"] = 1
+    if hasattr(base, "moe_layer_freq") and isinstance(base.moe_layer_freq, list):
+        kw["moe_layer_freq"] = [1] * layers
+    if getattr(base, "n_group", None) and "n_routed_experts" not in kw and "num_experts" not in kw:
+        kw.pop("n_group", None)
+        kw.pop("topk_group", None)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build(model_type: str, seed: int = 0, batch: int = 2, seq: int = 8, **overrides):
+    """(model, (input_ids,)) for a tiny random `model_type` causal LM, HF eager everywhere."""
+    from transformers import AutoModelForCausalLM
+    cfg = config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager",
+                                             dtype=torch.float32).eval()
+    _perturb(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return model, (torch.randint(2, VOCAB, (batch, seq), generator=gen),)
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Give zero-initialised biases and correction biases random values (zeros would hide bugs), and
+    every tensor left at zero or uninitialised a finite value."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+            elif name.endswith(("_bias", ".bias")) and t.dim() >= 1 and torch.count_nonzero(t) == 0:
+                t.copy_(torch.randn(t.shape, generator=gen) * INIT)
+            elif not torch.isfinite(t).all():
+                t.copy_(torch.randn(t.shape, generator=gen) * INIT)
