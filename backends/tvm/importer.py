@@ -8,14 +8,26 @@ apache-tvm 0.27's translations on dynamic shapes are closed (hit by transformers
                      fails in DispatchSortScan  ->  dtype int64, shape made symbolic by match_cast
       slice          a negative dim reaches strided_slice as is (fails in legalization)  ->  dim + rank
       empty          symbolic sizes reach ShapeExpr as Python objects  ->  PrimExprs
+      clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
+      masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
       any op         a result shape lost or left as T.min/T.max of symbols  ->  torch's shape (match_cast)
+      any op         a symbolic scalar (SymInt/SymFloat: a PrimExpr) beside a tensor -> a 0-d tensor
+      topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k
+    and generic ATen / symbolic-size translations it lacks (EXTRA): amax, t, where with a scalar,
+    math.ceil / sym_float / truediv / sym_max / sym_min / sym_numel on symbolic sizes.
+
+bounded_takes(mod): every `take` (embedding, index_select, index) gathers in "clip" mode: TVM's
+default "fast" mode reads out of bounds for an index outside the table (a token id ≥ vocab, < 0).
 """
 from __future__ import annotations
 
+import math
+import operator
 import types
 
 import torch
-from tvm import relax, tirx
+import tvm
+from tvm import relax, te, tirx
 
 from moecc.errors import MoeccError
 
@@ -26,7 +38,7 @@ def guarded(custom: dict) -> dict:
     """A custom_convert_map covering every op the importer knows (wrapped) plus `custom` (named)."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
     table = {name: wrap(name) for name in ExportedProgramImporter().convert_map if isinstance(name, str)}
-    table.update({name: named(fn) for name, fn in custom.items()})
+    table.update({name: named(fn) for name, fn in {**EXTRA, **custom}.items()})
     return table
 
 
@@ -41,9 +53,20 @@ def wrap(name: str):
     def convert(node, importer):
         original = originals(importer)[name]
         fix = FIXES.get(getattr(original, "__name__", ""))
+        node = with_scalar_tensors(node, importer)
         out = named(lambda n, imp: fix(n, imp, original) if fix else original(n))(node, importer)
-        return repair_shape(node, importer, out)
+        return repair_dtype(node, importer, repair_shape(node, importer, out))
     return convert
+
+
+def repair_dtype(node, importer, out):
+    """A tensor result of another dtype than torch's (zeros_like(x, dtype=bool) made float) -> astype."""
+    val = node.meta.get("val")
+    ty = getattr(out, "ty", None)
+    if not isinstance(val, torch.Tensor) or not isinstance(ty, relax.TensorType):
+        return out
+    want = str(val.dtype).removeprefix("torch.")
+    return out if str(ty.dtype) == want else importer.block_builder.emit(relax.op.astype(out, want))
 
 
 def repair_shape(node, importer, out):
@@ -76,7 +99,7 @@ def symbolic(size, symbols: dict):
         if isinstance(e, sympy.Symbol):
             return symbols.get(str(e))
         parts = [convert(a) for a in e.args]
-        if None in parts or not isinstance(e, (sympy.Add, sympy.Mul)):
+        if any(p is None for p in parts) or not isinstance(e, (sympy.Add, sympy.Mul)):
             return None
         acc = parts[0]
         for p in parts[1:]:
@@ -160,4 +183,190 @@ def _with_args(node, args):
                                  meta=node.meta, op=node.op)
 
 
-FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty}
+def topk(node, importer, original):
+    """aten.topk with a symbolic k (a PrimExpr): descending argsort along dim, its first k."""
+    args = importer.retrieve_args(node)
+    k = args[1] if len(args) > 1 else node.kwargs.get("k", 1)
+    if isinstance(k, (int, tirx.IntImm)):
+        return original(node)
+    x, bb = args[0], importer.block_builder
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)
+    largest = args[3] if len(args) > 3 else node.kwargs.get("largest", True)
+    dim = dim + x.ty.ndim if dim < 0 else dim
+    order = bb.emit(relax.op.argsort(x, axis=dim, descending=largest, dtype="int64"))
+    ids = bb.emit(relax.op.strided_slice(order, [dim], [0], [scalar(importer, k)]))
+    values = bb.emit(relax.op.gather_elements(x, ids, axis=dim))
+    return bb.emit(relax.Tuple([values, ids]))
+
+
+def clamp(node, importer, original):
+    """aten.clamp with scalar bounds: max/min with constants of x's dtype (TVM's clip takes ±inf for a
+    missing bound, which an integer tensor cannot hold)."""
+    args = importer.retrieve_args(node)
+    lo = args[1] if len(args) > 1 else node.kwargs.get("min")
+    hi = args[2] if len(args) > 2 else node.kwargs.get("max")
+    if any(isinstance(b, relax.Expr) for b in (lo, hi)):
+        return original(node)
+    x, bb = args[0], importer.block_builder
+    if lo is not None:
+        x = bb.emit(relax.op.maximum(x, relax.const(lo, str(x.ty.dtype))))
+    if hi is not None:
+        x = bb.emit(relax.op.minimum(x, relax.const(hi, str(x.ty.dtype))))
+    return x
+
+
+def masked_fill(node, importer, original):
+    """aten.masked_fill with a scalar: where(mask, constant, x) (TVM 0.27's full_like fails to legalize)."""
+    args = importer.retrieve_args(node)
+    x, mask, value = args[:3]
+    if not isinstance(value, (int, float, bool)):
+        return original(node)
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.") if "val" in node.meta else str(x.ty.dtype)
+    x = x if str(x.ty.dtype) == dtype else importer.block_builder.emit(relax.op.astype(x, dtype))
+    return importer.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
+
+
+def full_like(node, importer, original):
+    """aten.full_like with a scalar: the constant broadcast to x's shape (full_like fails to legalize)."""
+    args = importer.retrieve_args(node)
+    x, value = args[:2]
+    if not isinstance(value, (int, float, bool)) or "val" not in node.meta:
+        return original(node)
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+    return importer.block_builder.emit(relax.op.broadcast_to(relax.const(value, dtype), x.ty.shape))
+
+
+FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
+         "_clamp": clamp, "_masked_fill": masked_fill, "_full_like": full_like}
+
+
+# ---------------------------------------------------------------- symbolic scalars
+
+
+def scalar(importer, value):
+    """An fx arg's value as a Python number or a PrimExpr (a static size may be a 0-d relax constant)."""
+    value = importer.env[value] if isinstance(value, torch.fx.Node) else value
+    if isinstance(value, tvm.ir.GenericConst) and not value.ty.ndim:     # relax.const
+        return value.data.numpy().item()
+    if isinstance(value, (tirx.IntImm, tirx.FloatImm)):
+        return value.value
+    return value
+
+
+def is_symbolic(value) -> bool:
+    """A PrimExpr (a tirx Var or an expression of them), not a constant."""
+    return isinstance(getattr(value, "ty", None), tvm.ir.PrimType) and \
+        not isinstance(value, (tirx.IntImm, tirx.FloatImm))
+
+
+def with_scalar_tensors(node, importer):
+    """A symbolic scalar argument of a tensor op (position < capacity) as a 0-d tensor of the dtype
+    torch gives it beside the op's tensors (a scalar does not promote a tensor of its own kind)."""
+    env = importer.env
+    values = [env.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args]
+    tensors = [v for v in values if isinstance(getattr(v, "ty", None), relax.TensorType)]
+    if not tensors or not any(is_symbolic(v) for v in values):
+        return node
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node
+    kinds = [str(a.type) for a in schema.arguments]
+    other = str(tensors[0].ty.dtype)
+    args = list(node.args)
+    for i, v in enumerate(values):
+        if is_symbolic(v) and i < len(kinds) and ("Scalar" in kinds[i] or "Tensor" in kinds[i]):
+            floaty = other.startswith(("float", "bfloat"))
+            dtype = other if floaty or "int" in str(v.ty.dtype) else "float32"
+            args[i] = importer.block_builder.emit_te(
+                lambda: te.compute((), lambda: tirx.Cast(dtype, v), name="scalar"),
+                primfunc_name_hint="symbolic_scalar")
+    return _with_args(node, args)
+
+
+def _sym(fn):
+    """A translation of a Python/torch function on symbolic sizes: PrimExprs in, a PrimExpr out."""
+    def convert(node, importer):
+        return fn(*[scalar(importer, a) for a in node.args])
+    return convert
+
+
+def _ceil(v):
+    if not is_symbolic(v):
+        return math.ceil(v)
+    return tirx.Cast("int64", tirx.ceil(v if "float" in str(v.ty.dtype) else tirx.Cast("float64", v)))
+
+
+def _float(v):
+    return tirx.Cast("float64", v) if is_symbolic(v) else float(v)
+
+
+def _truediv(a, b):
+    return a / b if not (is_symbolic(a) or is_symbolic(b)) else _float(a) / _float(b)
+
+
+def _minmax(name):
+    def fn(a, b):
+        if not (is_symbolic(a) or is_symbolic(b)):
+            return min(a, b) if name == "min" else max(a, b)
+        as_expr = [x if is_symbolic(x) else tirx.IntImm("int64", x) if isinstance(x, int) else
+                   tirx.FloatImm("float64", x) for x in (a, b)]
+        return (tirx.min if name == "min" else tirx.max)(*as_expr)
+    return fn
+
+
+def _numel(node, importer):
+    x = importer.env[node.args[0]]
+    return math.prod(x.ty.shape.values) if x.ty.ndim else tirx.IntImm("int64", 1)
+
+
+def _amax(node, importer):
+    """aten.amax(x, dim=(), keepdim=False): the max over dim (all dims when empty)."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    axis = None if dim in ((), [], None) else ([dim] if isinstance(dim, int) else list(dim))
+    return importer.block_builder.emit(relax.op.max(x, axis=axis, keepdims=keep))
+
+
+def _t(node, importer):
+    """aten.t: transpose a 2-D tensor (0-D and 1-D as they are)."""
+    x = importer.env[node.args[0]]
+    return x if x.ty.ndim < 2 else importer.block_builder.emit(relax.op.permute_dims(x, [1, 0]))
+
+
+def _where_scalar(node, importer):
+    """aten.where.ScalarOther/ScalarSelf/Scalar: a scalar branch is a constant of the other's dtype."""
+    cond, a, b = (importer.env[v] if isinstance(v, torch.fx.Node) else v for v in node.args[:3])
+    tensor = a if isinstance(a, relax.Expr) else b if isinstance(b, relax.Expr) else None
+    dtype = str(tensor.ty.dtype) if tensor is not None else str(node.meta["val"].dtype).removeprefix("torch.")
+    a, b = (v if isinstance(v, relax.Expr) else relax.const(v, dtype) for v in (a, b))
+    return importer.block_builder.emit(relax.op.where(cond, a, b))
+
+
+EXTRA = {
+    "amax.default": _amax, "t.default": _t,
+    "where.ScalarOther": _where_scalar, "where.ScalarSelf": _where_scalar, "where.Scalar": _where_scalar,
+    "ceil": _sym(_ceil), "sym_float": _sym(_float), "truediv": _sym(_truediv),
+    "sym_max": _sym(_minmax("max")), "sym_min": _sym(_minmax("min")), "sym_numel.default": _numel,
+}
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def bounded_takes(mod):
+    """Every relax `take` in "fast" mode (reads out of bounds on a bad index) -> "clip" mode."""
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class Clip(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.same_as(take) and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = Clip().visit_expr(func)
+    return mod

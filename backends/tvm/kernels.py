@@ -27,7 +27,6 @@ from moecc.errors import MoeccError
 from moecc.spec import MoESpec
 
 from . import tir
-from .routing import dims, dtype_of, prim
 
 op = relax.op
 DTYPES = ("float32", "float16", "bfloat16")
@@ -35,6 +34,21 @@ DENSE_MAX_EXPERTS = 64
 
 
 # ---------------------------------------------------------------- shared pieces
+
+
+def dims(expr: relax.Expr) -> list:
+    """The (possibly symbolic) shape of a Relax tensor, as PrimExprs."""
+    return list(expr.ty.shape.values)
+
+
+def dtype_of(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def prim(value, dtype: str) -> relax.PrimValue:
+    """A scalar for ops that take PrimValues (one_hot's on/off values)."""
+    imm = tirx.IntImm(dtype, value) if dtype.startswith(("int", "uint")) else tirx.FloatImm(dtype, value)
+    return relax.prim_value(imm)
 
 
 def activation(bb: relax.BlockBuilder, h, spec: MoESpec):
@@ -100,7 +114,7 @@ def call(bb, func, name: str, args: list, shape, dtype: str):
 
 def emit_gather(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     T, S = dims(ids)
-    E, H, F, R, dt = spec.num_experts, spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)
+    E, H, F, R, dt = int(dims(p["w_in"])[0]), spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)   # E' experts held
     flat = bb.emit(op.reshape(ids, (T * S,)))                             # [N]
     h = call(bb, tir.gather_gemv(E, R, H, int(S), dt, lanes), "moe_gather_in",
              [x, flat, p["w_in"], bias_or_zeros(p["b_in"], E, R, dt)], (T * S, R), dt)     # [N, R]
@@ -113,7 +127,7 @@ def emit_gather(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
 def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     T, S = dims(ids)
     N = T * S
-    E, H, F, R, dt = spec.num_experts, spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)
+    E, H, F, R, dt = int(dims(p["w_in"])[0]), spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)   # E' experts held
     flat = bb.emit(op.reshape(ids, (N,)))                                 # [N]
     key = bb.emit(op.where(op.less(flat, relax.const(0, "int64")), relax.const(E, "int64"), flat))
     order = bb.emit(op.argsort(key, dtype="int64"))                       # [N] rows by expert, dropped last
@@ -153,7 +167,7 @@ def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int):
 
 def emit_dense(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     o = dense_ffn(bb, x, p["w_in"], p["w_out"], p["b_in"], p["b_out"], spec, lanes)   # [E*T, H]
-    E, H = spec.num_experts, spec.hidden
+    E, H = int(dims(p["w_in"])[0]), spec.hidden
 
     def fn(o_t, w_t, ids_t):                                              # y = Σ_e gate[t, e] · o[e·T + t]
         Tn, Sn = ids_t.shape
@@ -164,17 +178,6 @@ def emit_dense(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
         return te.compute((Tn, H), lambda t, h: te.sum(
             weigh(o_t[k * Tn + t, h], gate[t, k], spec), axis=k), name="dense_combine")
     return bb.emit_te(fn, o, weights, ids, primfunc_name_hint="moe_dense_combine")
-
-
-def shared_expert(bb, x, p: dict, spec: MoESpec, lanes: int):
-    """The always-on shared expert (one dense FFN, E = 1), optionally scaled by σ(x · gateᵀ)."""
-    w_in = bb.emit(op.expand_dims(p["shared_w_in"], 0))                   # [1, Rs, H]
-    w_out = bb.emit(op.expand_dims(p["shared_w_out"], 0))                 # [1, H, Fs]
-    y = dense_ffn(bb, x, w_in, w_out, None, None, spec, lanes)                   # [T, H]
-    if p["shared_gate"] is None:
-        return y
-    gate = bb.emit(op.sigmoid(op.matmul(x, op.permute_dims(p["shared_gate"], [1, 0]))))   # [T, 1]
-    return bb.emit(op.multiply(gate, y))
 
 
 # ---------------------------------------------------------------- checkers and costs

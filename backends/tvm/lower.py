@@ -1,11 +1,15 @@
 """TVM backend: an exported MoE program → Relax → one compiled library, weights beside it.
 
-    ExportedProgram  ⇒  from_exported_program(custom_convert_map={"moe.default": moe lowering})
+    ExportedProgram  ⇒  moecc.decompose: each moe node ⇒ routing (ATen ops traced from moecc.routing)
+                                          + one experts node (+ the shared expert, ATen ops)
+                     ⇒  from_exported_program(custom_convert_map={"experts.default": experts lowering})
                      ⇒  tvm.compile(mod, target)  ⇒  DIR/model.so + DIR/params.npz + DIR/tvm_meta.json
 
-The dense parts go through TVM's own PyTorch importer; each `moecc::moe` node is lowered here:
-router math (routing.py) → the kernel chosen by cost for the layer (kernels.py) → shared expert.
-Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence.
+Everything but the experts goes through TVM's own PyTorch importer, routing included (this backend
+defines no router: importer.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
+Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py).
+Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence;
+token-count dependent capacities stay symbolic expressions of them.
 
 The program is imported as exported when TVM's importer knows every op (fast); otherwise it is
 decomposed to core ATen first (slow: torch re-traces it). importer.py names the node of any failed
@@ -18,7 +22,7 @@ not depend on weight size, and the runtime (runtime.py) loads the weights once.
 
 Options: target ("llvm" default: generic x86-64; "host": this CPU; a JSON dict), kernel (force one
 "tvm.*" kernel on every layer), kernels ({layer: kernel}), tokens (the token count the cost model
-plans for; default the example's), decompose (always decompose first).
+plans for; default the example's), decompose (always decompose to core ATen first).
 """
 from __future__ import annotations
 
@@ -32,17 +36,18 @@ import torch
 import tvm
 from tvm import relax
 
+from moecc.decompose import decompose
 from moecc.errors import MoeccError
-from moecc.ops import OP_ARGS
+from moecc.ops import EXPERTS_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
 from . import importer, kernels, tir
 from .importer import message
-from .routing import dims, route
+from .kernels import dims
 from .runtime import FORMAT, META, sha256
 
-MOE_KEY = "moe.default"            # TVM keys its convert map by the target's __name__ (no namespace)
+EXPERTS_KEY = "experts.default"    # TVM keys its convert map by the target's __name__ (no namespace)
 LIBRARY, PARAMS = "model.so", "params.npz"
 
 
@@ -54,19 +59,21 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         raise MoeccError(f"TVM backend: expected a torch.export.ExportedProgram, got {type(program).__name__}")
     target = resolve_target(options.get("target") or "llvm")
     t0 = time.perf_counter()
+    program = decompose(program)                        # moe nodes ⇒ routing (ATen) + experts
     if options.get("decompose") or unsupported(program):       # the importer takes most ATen ops as
         program = program.run_decompositions()                  # they are; decomposing (slow) is the
         check_supported(program)                                # fallback for the ones it lacks
     choices: list = []
-    convert = moe_converter(options, choices, tir.lanes_of(target))
+    convert = experts_converter(options, choices, tir.lanes_of(target))
     try:
         mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
-                                    custom_convert_map=importer.guarded({MOE_KEY: convert}))
+                                    custom_convert_map=importer.guarded({EXPERTS_KEY: convert}))
     except MoeccError:
         raise
     except Exception as e:
         raise MoeccError(f"TVM backend: TVM {tvm.__version__}'s PyTorch importer failed: "
                          f"{type(e).__name__}: {message(e)}") from e
+    mod = importer.bounded_takes(mod)                   # no gather reads out of bounds (issue 18)
     t1 = time.perf_counter()
     names, params = parameters(program, mod)
     try:
@@ -91,10 +98,10 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     return Lowered(files=[LIBRARY, PARAMS, META], kernels=choices, notes=notes)
 
 
-# ---------------------------------------------------------------- the moe op
+# ---------------------------------------------------------------- the experts op
 
 
-def moe_converter(options: dict, choices: list, lanes: int):
+def experts_converter(options: dict, choices: list, lanes: int):
     """fn(node, importer) -> relax var, for the importer's custom_convert_map."""
     forced = options.get("kernel") or None
     if forced and not str(forced).startswith("tvm."):
@@ -104,33 +111,24 @@ def moe_converter(options: dict, choices: list, lanes: int):
         a = op_args(node)
         spec = MoESpec.from_json(a["spec"])
         spec = spec if spec.name else spec.replace(name=node.name)
-        env = {k: (None if a[k] is None else imp.env[a[k]]) for k in OP_ARGS[:-2]}
+        env = {k: (None if a[k] is None else imp.env[a[k]]) for k in EXPERTS_ARGS[:-2]}
         tokens = int(options.get("tokens") or example_tokens(node))
         choice = kernels.select(spec, {"tokens": tokens, "dtype": str(env["x"].ty.dtype)},
                                 (options.get("kernels") or {}).get(spec.name, forced))
         choices.append(choice)
-        return emit_moe(imp.block_builder, env, spec, choice.kernel, lanes)
+        return emit_experts(imp.block_builder, env, spec, choice.kernel, lanes)
     return convert
 
 
-def emit_moe(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4):
-    """moe(x [..., H], logits [..., L], ...) -> y [..., H], T = Π leading dims (symbolic)."""
-    shape = dims(t["x"])
-    T = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    rows = (math.prod(shape[:-2]), shape[-2]) if len(shape) > 2 else (1, T)   # per-row capacity
-    x = bb.emit(relax.op.reshape(t["x"], (T, spec.hidden)))              # [T, H]
-    logits = bb.emit(relax.op.reshape(t["logits"], (T, dims(t["logits"])[-1])))   # [T, L]
-    weights, ids = route(bb, logits, spec, t["router_bias"], t["token_ids"], rows)  # [T, S]
-    y = kernels.KERNELS[kernel].emit(bb, x, weights, ids, t, spec, lanes)  # [T, H]
-    if t["shared_w_in"] is not None:
-        y = bb.emit(relax.op.add(y, kernels.shared_expert(bb, x, t, spec, lanes)))
-    return bb.emit(relax.op.reshape(y, t["x"].ty.shape))
+def emit_experts(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4):
+    """experts(x [T, H], ids [T, S], weights [T, S], w_in, w_out, b_in?, b_out?) -> y [T, H]."""
+    return kernels.KERNELS[kernel].emit(bb, t["x"], t["weights"], t["ids"], t, spec, lanes)
 
 
 def op_args(node) -> dict:
-    args = dict(zip(OP_ARGS, node.args))
-    args.update({k: v for k, v in node.kwargs.items() if k in OP_ARGS})
-    return {k: args.get(k) for k in OP_ARGS}
+    args = dict(zip(EXPERTS_ARGS, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in EXPERTS_ARGS})
+    return {k: args.get(k) for k in EXPERTS_ARGS}
 
 
 def example_tokens(node) -> int:
@@ -148,7 +146,7 @@ def example_tokens(node) -> int:
 def unsupported(program: torch.export.ExportedProgram) -> list:
     """The call nodes whose op TVM's PyTorch importer has no translation for."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-    known = set(ExportedProgramImporter().convert_map) | {MOE_KEY}
+    known = set(ExportedProgramImporter().convert_map) | set(importer.EXTRA) | {EXPERTS_KEY}
     return [n for n in program.graph.nodes
             if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known]
 

@@ -1,17 +1,20 @@
-"""The Relax router math (backends/tvm/routing.py) against moecc.routing.route, every router family,
-at several token counts, from ONE compiled module (a function per router configuration)."""
+"""Routing through TVM is moecc.routing itself: routers written only in moecc/routing.py, exported as
+ATen ops and imported by TVM's own PyTorch importer (backends/tvm/importer.py adds generic ATen
+translations only), match moecc.routing.route for every router family, from ONE compiled library,
+at token counts other than the example's (T = 1 included); and whole MoE layers of each family (routing
+→ the experts kernel chosen by cost) match moe_reference."""
 import numpy as np
 import pytest
 import torch
-import tvm
-from tvm import relax, tirx
+from torch import nn
 
-from moecc.backends.tvm.routing import route
-from moecc.routing import logits_width
-from moecc.routing import route as reference_route
+from moecc.backends.tvm import lower, runtime
+from moecc.nn import MoE
+from moecc.routing import logits_width, route
 from moecc.spec import MoESpec, RouterSpec
+from numerics import assert_numerically_equal
 
-E = 8
+E, H = 8, 16
 CASES = {
     "softmax_topk": RouterSpec("softmax_topk", top_k=2),
     "softmax_topk_raw_scaled": RouterSpec("softmax_topk", top_k=3, renormalize=False, scaling=2.5),
@@ -28,67 +31,102 @@ CASES = {
     "capacity_per_row": RouterSpec("softmax_topk", top_k=2, capacity_factor=1.0, capacity_per_row=True),
     "topk_unit": RouterSpec("topk_unit", top_k=3, renormalize=False),
 }
-ROWS = 2          # capacity_per_row functions take logits [ROWS, S, L]
 
 
 def spec(name: str) -> MoESpec:
-    return MoESpec(E, 16, 16, "gelu", CASES[name], name=name)
+    return MoESpec(E, H, 16, "gelu", CASES[name], name=name)
 
 
-def build(bb: relax.BlockBuilder, name: str) -> None:
-    s = spec(name)
-    T, S = tirx.Var("t", "int64"), tirx.Var("s", "int64")
-    L = logits_width(s)
-    per_row = s.router.capacity_per_row
-    logits = relax.Var("logits", relax.TensorType((ROWS, S, L) if per_row else (T, L), "float32"))
-    bias = relax.Var("bias", relax.TensorType((E,), "float32"))
-    tokens = relax.Var("tokens", relax.TensorType((T,), "int64"))
-    params = [logits] + ([bias] if s.router.kind == "sigmoid_topk" else []) + \
-        ([tokens] if s.router.kind == "hash" else [])
-    with bb.function(name, params):
-        with bb.dataflow():
-            flat = bb.emit(relax.op.reshape(logits, (ROWS * S, L))) if per_row else logits
-            w, ids = route(bb, flat, s, bias if s.router.kind == "sigmoid_topk" else None,
-                           tokens if s.router.kind == "hash" else None, (ROWS, S) if per_row else (1, T))
-            out = bb.emit_output(relax.Tuple([w, ids]))
-        bb.emit_func_output(out)
+class Routers(nn.Module):
+    """x [B, S, H], token ids [B, S] -> (weights, ids) of every router in CASES, each with its own
+    router Linear: routing only, as moecc.decompose leaves it in a graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gates = nn.ModuleDict({n: nn.Linear(H, logits_width(spec(n)), bias=False) for n in CASES})
+        self.bias = nn.Parameter(torch.randn(E) * 0.3)
+
+    def logits(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.gates[name](x.reshape(-1, H)) * 4                   # [T, L], wide enough to matter
+
+    def forward(self, x, token_ids):
+        outs = []
+        for name in CASES:
+            s = spec(name)
+            bias = self.bias if s.router.kind == "sigmoid_topk" else None
+            outs += route(self.logits(name, x), s, bias, token_ids.reshape(-1), x.shape[0])
+        return tuple(outs)
 
 
 @pytest.fixture(scope="module")
-def vm():
-    bb = relax.BlockBuilder()
-    for name in CASES:
-        build(bb, name)
-    return relax.VirtualMachine(tvm.compile(bb.get(), "llvm"), tvm.cpu())
+def routers(tmp_path_factory):
+    model = Routers().eval()
+    out = tmp_path_factory.mktemp("tvm_routers")
+    dims = {0: torch.export.Dim("b", max=64), 1: torch.export.Dim("s", max=4096)}
+    ep = torch.export.export(model, (torch.randn(2, 6, H), torch.randint(0, 100, (2, 6))),
+                             dynamic_shapes=(dims, dims))
+    lower.lower(ep, out, {})
+    return model, runtime.load(out, {})
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("tokens", [1, 6, 24])
-def test_route_matches_reference(vm, name, tokens):
-    s = spec(name)
-    g = torch.Generator().manual_seed(tokens)
-    logits = torch.randn(tokens, logits_width(s), generator=g) * 2
-    bias = torch.randn(E, generator=g) * 0.3
-    token_ids = torch.randint(0, 50000, (tokens,), generator=g)
-    args, rows = [logits.numpy()], 1
-    if s.router.capacity_per_row:
-        if tokens % ROWS:
-            pytest.skip("per-row capacity: rows of equal length")
-        args, rows = [logits.reshape(ROWS, tokens // ROWS, -1).numpy()], ROWS
-    if s.router.kind == "sigmoid_topk":
-        args.append(bias.numpy())
-    if s.router.kind == "hash":
-        args.append(token_ids.numpy())
-    w_ref, ids_ref = reference_route(logits, s, bias if s.router.kind == "sigmoid_topk" else None,
-                                     token_ids, rows)
-    w, ids = (o.numpy() for o in vm[name](*[tvm.runtime.tensor(a) for a in args]))
-    np.testing.assert_array_equal(ids, ids_ref.numpy(), err_msg=f"{name}: expert ids differ")
-    np.testing.assert_allclose(w, w_ref.numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{name}: weights differ")
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (2, 12)])
+def test_every_router_matches_moecc_routing(routers, shape):
+    model, run = routers
+    g = torch.Generator().manual_seed(sum(shape))
+    x, tok = torch.randn(*shape, H, generator=g), torch.randint(0, 50000, shape, generator=g)
+    got = run([x.numpy(), tok.numpy()])
+    with torch.no_grad():
+        want = model(x, tok)
+    assert len(got) == len(want) == 2 * len(CASES)
+    for i, name in enumerate(CASES):
+        (w, ids), (w_ref, ids_ref) = got[2 * i:2 * i + 2], want[2 * i:2 * i + 2]
+        np.testing.assert_array_equal(ids, ids_ref.numpy(), err_msg=f"{name}: expert ids differ")
+        np.testing.assert_allclose(w, w_ref.numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{name}: weights differ")
 
 
-def test_capacity_cases_drop_something(vm):
-    """The capacity functions are exercised where they matter: some slots are dropped (id -1)."""
-    logits = torch.randn(24, E, generator=torch.Generator().manual_seed(0)) * 2
-    for name in ("capacity_factor", "capacity_fixed", "expert_choice"):
-        ids = vm[name](tvm.runtime.tensor(logits.numpy()))[1].numpy()
+def test_capacity_cases_drop_something(routers):
+    """The capacity routers are exercised where they matter: some slots are dropped (id -1)."""
+    _, run = routers
+    x = torch.randn(2, 12, H, generator=torch.Generator().manual_seed(0))
+    got = run([x.numpy(), np.zeros((2, 12), dtype=np.int64)])
+    for name in ("capacity_factor", "capacity_fixed", "capacity_per_row", "expert_choice"):
+        ids = got[2 * list(CASES).index(name) + 1]
         assert (ids < 0).any() and (ids >= 0).any(), name
+
+
+LAYERS = ("softmax_topk_groups_max", "sigmoid_groups", "hierarchical", "expert_choice_cf", "capacity_factor",
+          "capacity_per_row", "topk_unit")
+
+
+class Stack(nn.Module):
+    """MoE layers of several router families in a row (the residual keeps each visible)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.layers = nn.ModuleList(MoE(spec(n), init_std=H ** -0.5) for n in LAYERS)
+        with torch.no_grad():
+            for m in self.layers:
+                if m.correction_bias is not None:
+                    m.correction_bias.copy_(torch.randn(E) * 0.1)
+        self.eval()
+
+    def forward(self, x):
+        for m in self.layers:
+            x = x + m(x)
+        return x
+
+
+def test_moe_layers_of_every_family_match_the_reference(tmp_path):
+    model = Stack()
+    dims = {0: torch.export.Dim("b", max=64), 1: torch.export.Dim("s", max=4096)}
+    ep = torch.export.export(model, (torch.randn(2, 6, H),), dynamic_shapes=(dims,))
+    low = lower.lower(ep, tmp_path, {})
+    assert [k.layer for k in low.kernels] == list(LAYERS)
+    run = runtime.load(tmp_path, {})
+    for shape in [(1, 1), (3, 10)]:
+        x = torch.randn(*shape, H, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert_numerically_equal(run([x.numpy()])[0], want, atol=1e-5, rtol=1e-5, what=f"x {shape}")
