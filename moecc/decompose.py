@@ -99,7 +99,10 @@ def decompose(program: torch.export.ExportedProgram,
     A program without moe nodes is returned as is."""
     if not any(n.op == "call_function" and n.target is MOE_OP for n in program.graph.nodes):
         return program
-    out = program.run_decompositions({MOE_OP: _decomposition(keep)})
+    # torch.cond traces its branches with dynamo: a layer's spec ints (top_k, ...) that differ from
+    # the previous layer's must stay constants, not become dynamic graph inputs on recompile
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        out = program.run_decompositions({MOE_OP: _decomposition(keep)})
     kernel_arg = ops.OP_ARGS.index("kernel")
     for gm in _modules(out.graph_module):
         for node in gm.graph.nodes:

@@ -134,3 +134,23 @@ def test_program_without_moe_is_returned_as_is():
     lin = torch.nn.Linear(4, 4)
     program = torch.export.export(lin, (torch.randn(2, 4),))
     assert decompose(program) is program
+
+
+class Two(torch.nn.Module):
+    """Two layers whose specs differ in their ints (top_k): each cond branch keeps its own constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _model(RouterSpec(top_k=2)).moe
+        self.b = _model(RouterSpec(top_k=1)).moe
+
+    def forward(self, x, ids):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_keep_below_with_layers_of_different_top_k():
+    model = Two().eval()
+    program = decompose(_export(model), keep=lambda spec: 4)
+    conds = [n for n in program.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 2 and all(len(n.args[3]) == 4 for n in conds)     # x, logits, w_in, w_out only
+    _check_tokens(model, program.module())

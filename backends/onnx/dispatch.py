@@ -17,7 +17,7 @@ from onnxscript import evaluator
 from onnxscript import opset18 as op
 
 from .portable import flat_tokens
-from .routing import ints
+from .consts import ints
 
 
 _count = itertools.count()

@@ -31,7 +31,7 @@ from onnxscript import values
 from moecc.spec import MoESpec
 
 from . import portable
-from .routing import ints, scalar, shape
+from .consts import ints, scalar, shape
 
 DOMAIN = "com.microsoft"
 ACTIVATION = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu", "swiglu": "swiglu", "swiglu_oai": "swiglu"}

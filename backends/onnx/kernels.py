@@ -1,8 +1,9 @@
-"""The ONNX backend's kernels for `moecc::moe`, each a checker, a cost and an emitter; `choose` picks.
+"""The ONNX backend's kernels for an MoE layer, each a checker, a cost and an emitter; `choose` picks.
 
-    onnx.dense_masked   every expert on every token, combined by a dense [T, E] weight matrix
-    onnx.gather         per expert: Gather its routed tokens, MatMul, ScatterND(add) (the reference loop)
-    ort.moe_fused       onnxruntime's com.microsoft::MoE, only where it computes exactly the same
+    onnx.dense_masked   experts node: every expert on every token, combined by a dense [T, E] weight matrix
+    onnx.gather         experts node: per expert: Gather its routed tokens, MatMul, ScatterND(add)
+    ort.moe_fused       the layer's moe node kept whole: onnxruntime's com.microsoft::MoE routes and
+                        computes the experts, only where it computes exactly what moe_reference does
 
     checker(spec, shapes) -> True | reason      shapes: {arg name: (shape with None for dynamic dims, dtype)}
     cost(spec, tokens) -> estimated µs on one CPU core (a rough model: compute + per-node overhead)
@@ -10,8 +11,10 @@
 Modes (`options["onnx_moe"]`): "portable" = cheapest portable kernel; "auto" = the cheapest kernel
 whose checker passes, the fused op included, per token bucket: with no `options["tokens"]` given,
 where the cheapest differs between buckets (e.g. the fused op at decode, onnx.gather at prefill),
-each behind an ONNX If on the token count (kernel "onnx.by_tokens:ort.moe_fused@8:onnx.gather",
-dispatch.py: run-time selection by token bucket); with `options["tokens"]`, the single cheapest
+each behind an ONNX If on the token count (kernel "onnx.by_tokens:ort.moe_fused@8:onnx.gather": the
+fused op only ever for the smallest counts, as `torch.cond(T < 8, moe, route + experts)` in the
+decomposed program (moecc.decompose), which torch.onnx exports as an If; between portable kernels,
+dispatch.py's If inside the experts node); with `options["tokens"]`, the single cheapest
 kernel at that count; "fused" = the fused op for every
 layer, an error naming the layer and the reason where it cannot. `options["onnx_kernel"]` forces one.
 Measured (1 thread, onnxruntime 1.32, CPU time, the bench's Mixtral-/DeepSeek-like layers; ms at
@@ -22,8 +25,6 @@ its GEMMs run ~2x gather's compute time. The cost model below has both terms (co
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 from moecc.errors import MoeccError
 from moecc.routing import expected_load
@@ -86,15 +87,11 @@ def _cost_fused(spec: MoESpec, tokens: int) -> float:
                 hit * min(max(m, 1.0), 2.0) * _expert_bytes(spec) / BYTES_PER_US) + 5 * NODE_US)
 
 
-def _emit_portable(name: str) -> Callable:
-    return lambda *args, spec: portable.moe(*args, spec=spec, kernel=name)
-
-
+FUSED = "ort.moe_fused"
 KERNELS: dict[str, dict] = {
-    "onnx.dense_masked": dict(checker=_always, cost=_cost_dense, emit=_emit_portable("onnx.dense_masked"),
-                              portable=True),
-    "onnx.gather": dict(checker=_always, cost=_cost_gather, emit=_emit_portable("onnx.gather"), portable=True),
-    "ort.moe_fused": dict(checker=_fused_checker, cost=_cost_fused, emit=fused.moe, portable=False),
+    "onnx.dense_masked": dict(checker=_always, cost=_cost_dense, portable=True),
+    "onnx.gather": dict(checker=_always, cost=_cost_gather, portable=True),
+    FUSED: dict(checker=_fused_checker, cost=_cost_fused, portable=False),
 }
 
 
@@ -106,13 +103,30 @@ def cost(name: str, spec: MoESpec, tokens: int) -> float:
     return KERNELS[name]["cost"](spec, tokens)
 
 
-def emit(name: str, *args, spec: MoESpec):
-    """Emit the layer's ONNX graph (inside a torch.onnx translation) with kernel `name`
+def emit_experts(name: str, xt, ids, weights, w_in, w_out, b_in, b_out, spec: MoESpec):
+    """An experts node's ONNX graph (inside a torch.onnx translation) with portable kernel `name`
     (BY_TOKENS: one If on the token count per bucket boundary, dispatch.py)."""
     if name.startswith(BY_TOKENS + ":"):
-        return dispatch.by_tokens(args[0], spec.hidden, [(k, T, (lambda k=k: emit(k, *args, spec=spec)))
-                                                         for k, T in buckets_of(name)])
-    return KERNELS[name]["emit"](*args, spec=spec)
+        return dispatch.by_tokens(xt, spec.hidden, [
+            (k, T, (lambda k=k: portable.experts(xt, ids, weights, w_in, w_out, b_in, b_out, spec, k)))
+            for k, T in buckets_of(name)])
+    return portable.experts(xt, ids, weights, w_in, w_out, b_in, b_out, spec, name)
+
+
+def split(name: str) -> tuple[int | None, str | None]:
+    """A layer's kernel -> (fused below T: None = never, 0 = always; the portable kernel for the
+    rest, None if none): "onnx.by_tokens:ort.moe_fused@8:onnx.gather" -> (8, "onnx.gather")."""
+    if name == FUSED:
+        return 0, None
+    if not name.startswith(BY_TOKENS + ":"):
+        return None, name
+    plan = buckets_of(name)
+    if plan[0][0] != FUSED:
+        return None, name
+    rest = plan[1:]
+    if len(rest) == 1:
+        return plan[0][1], rest[0][0]
+    return plan[0][1], BY_TOKENS + ":" + ":".join(k if T is None else f"{k}@{T}" for k, T in rest)
 
 
 def buckets_of(name: str) -> list[tuple[str, int | None]]:
@@ -126,9 +140,11 @@ def buckets_of(name: str) -> list[tuple[str, int | None]]:
 
 def buckets(spec: MoESpec, names: list[str]) -> list[tuple[str, int | None]]:
     """The cheapest of `names` per token bucket (powers of two up to 2^16), as [(kernel, below T), ...,
-    (kernel, None)]: consecutive buckets with the same kernel merged."""
+    (kernel, None)]: consecutive buckets with the same kernel merged; the fused op, if at all, first."""
     out: list[tuple[str, int | None]] = []
     for T in SCAN:
+        if out and out[-1][0] != FUSED:              # the fused op only for the smallest counts
+            names = [n for n in names if n != FUSED]
         best = min((cost(n, spec, T), n) for n in names)[1]
         if not out or out[-1][0] != best:
             if out:

@@ -1,9 +1,9 @@
-"""Standard-ONNX translation of `moecc::moe` (opset 18 ops only: runs on any ONNX runtime).
+"""Standard-ONNX translation of `moecc::experts` (opset 18 ops only: runs on any ONNX runtime).
 
-    x [..., H], logits [..., L]  ⇒  route  ⇒  (weights [T, S], ids [T, S])  ⇒  experts  ⇒  y [..., H]
+    experts(xt [T, H], ids [T, S] (-1 = empty slot), weights [T, S], w_in, w_out, b_in?, b_out?)  ⇒  y [T, H]
 
-Routing is backends/onnx/routing.py (moecc/routing.py op for op, so every RouterSpec kind, capacity
-included, reproduces `moe_reference`). Two expert formulations (the kernels of backends/onnx/kernels.py):
+Routing is not here: a decomposed program routes with ATen ops traced from moecc/routing.py, which
+torch.onnx translates like any other op. Two expert formulations (the kernels of backends/onnx/kernels.py):
 
     dense_masked:  every expert on every token, y = Σ_e C[:, e] · expert_e(x)  with C [T, E] dense
     gather:        per expert e: Gather its routed tokens, two MatMuls, then one ScatterND(add)
@@ -21,7 +21,7 @@ from onnxscript import opset18 as op
 
 from moecc.spec import MoESpec
 
-from .routing import dense_weights, int0, ints, route, scalar, shape
+from .consts import arange, int0, ints, scalar, shape
 
 
 def flat_tokens(x, width: int):
@@ -100,12 +100,12 @@ def dense_masked(xt, C, w_in, w_out, b_in, b_out, spec: MoESpec, half: bool = Fa
     return op.ReduceSum(weigh(out, wc, xt, spec, half), ints(0), keepdims=0)
 
 
-def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec, wide: bool = False):
+def gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec: MoESpec, wide: bool = False, E: int | None = None):
     """xt [T, H] -> [T, H]: the reference's loop; expert e runs only on the rows routed to it.
     wide (half-precision layers): accumulate in float32 (onnxruntime's CPU ScatterND has no float16
     'add'), each weighted output rounded to xt's dtype first as the reference does."""
     toks, parts = [], []
-    for e in range(spec.num_experts):
+    for e in range(spec.num_experts if E is None else E):
         where = op.Transpose(op.NonZero(op.Equal(ids, ints(e))), perm=[1, 0])     # [n, 2] (token, slot)
         tok = op.Gather(where, int0(0), axis=1)                                  # [n]
         pick = lambda w: op.Gather(w, int0(e), axis=0)  # noqa: E731
@@ -127,19 +127,17 @@ def shared_expert(xt, w_in, w_out, gate, spec: MoESpec):
     return y if gate is None else op.Mul(op.Sigmoid(linear(xt, gate)), y)
 
 
-def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out, shared_gate,
-        token_ids, spec: MoESpec, kernel: str):
-    """The whole layer: [..., H] -> [..., H] with `kernel` in onnx.dense_masked | onnx.gather."""
-    xt, T, rows = flat_tokens(x, spec.hidden)                              # [T, H]
-    L = logits.shape[-1] if logits.shape is not None else spec.num_experts
-    lt = op.Reshape(logits, shape(T, L))                                   # [T, L]
-    weights, ids, dense = route(lt, spec, T, rows, router_bias, token_ids, logits.dtype)
-    half = x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+def dense_weights(weights, ids, E: int):
+    """(weights [T, S], ids [T, S]) -> C [T, E]; empty slots (id -1) match no expert."""
+    hit = op.CastLike(op.Equal(op.Unsqueeze(ids, ints(-1)), arange(E)), weights)        # [T, S, E]
+    return op.ReduceSum(op.Mul(op.Unsqueeze(weights, ints(-1)), hit), ints(1), keepdims=0)
+
+
+def experts(xt, ids, weights, w_in, w_out, b_in, b_out, spec: MoESpec, kernel: str):
+    """The experts node: xt [T, H] -> [T, H] with `kernel` in onnx.dense_masked | onnx.gather.
+    E' = the experts w_in holds (all of the layer's, or a rank's local ones)."""
+    half = xt.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    E = w_in.shape[0] if w_in.shape is not None and isinstance(w_in.shape[0], int) else spec.num_experts
     if kernel == "onnx.gather":
-        y = gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec, wide=half)
-    else:
-        C = dense if dense is not None else dense_weights(weights, ids, spec.num_experts)
-        y = dense_masked(xt, C, w_in, w_out, b_in, b_out, spec, half)
-    if shared_w_in is not None:
-        y = op.Add(y, shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return op.Reshape(y, op.Shape(x))
+        return gather(xt, weights, ids, w_in, w_out, b_in, b_out, spec, wide=half, E=E)
+    return dense_masked(xt, dense_weights(weights, ids, E), w_in, w_out, b_in, b_out, spec, half)
