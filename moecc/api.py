@@ -82,8 +82,6 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
     pm = transform(captured, list(passes))
     steps.next("lower")
     program = captured.export()
-    options.setdefault("tokens", int(np.prod(captured.example_inputs[0].shape[:2]))
-                       if captured.example_inputs and isinstance(captured.example_inputs[0], torch.Tensor) else 0)
     with artifact.atomic_dir(out, force) as tmp:
         lowered, check = _lower_and_verify(captured, program, backend, options, tmp, verify, tolerance, steps)
         if check.get("ok") is False and backend == "onnx" and options.get("onnx_moe", "auto") != "portable":

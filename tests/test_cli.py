@@ -153,3 +153,27 @@ def test_moefy_bad_calibration_writes_nothing(cal, msg, tmp_path, capsys):
     _fails(["compile", BERT, "--moefy", "4", "--calibration", str(tmp_path / cal), "--out",
             str(tmp_path / "X")], msg, capsys)
     assert not (tmp_path / "X").exists()
+
+
+def test_onnx_artifact_dispatches_by_token_count_at_run_time(tmp_path):
+    """No --tokens: each layer carries one kernel per token bucket behind ONNX Ifs (the fused op at
+    decode), named in the manifest; the artifact matches the dense model in every bucket."""
+    import torch
+
+    from moecc.backends.onnx.runtime import load
+    from tiny_gpt import build
+    out = tmp_path / "art"
+    assert main(["compile", GPT, "--upcycle", "4", "--top-k", "2", "--to", "onnx", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert "tokens" not in m["backend"]["options"]
+    kernels = [k["kernel"] for k in m["backend"]["kernels"]]
+    assert len(kernels) == 4 and all(k.startswith("onnx.by_tokens:ort.moe_fused@") for k in kernels)
+    buckets = kernels[0].split(":")[1:]                        # ['ort.moe_fused@8', ..., 'onnx.gather']
+    assert len(buckets) >= 2 and "@" not in buckets[-1]
+    run = load(out, m)
+    model, _ = build()
+    for S in (1, 12, 40):                                      # below, between and above the bounds
+        tokens = torch.randint(0, 256, (1, S))
+        with torch.no_grad():
+            want = model(tokens).numpy()
+        assert float(np.abs(run([tokens.numpy()])[0] - want).max()) < 1e-4
