@@ -12,7 +12,8 @@ apache-tvm 0.27's translations on dynamic shapes are closed (hit by transformers
       masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
       any op         a result shape lost or left as T.min/T.max of symbols  ->  torch's shape (match_cast)
       any op         a symbolic scalar (SymInt/SymFloat: a PrimExpr) beside a tensor -> a 0-d tensor
-      topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k
+      topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k;
+                     bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact)
     and generic ATen / symbolic-size translations it lacks (EXTRA): amax, t, where with a scalar,
     math.ceil / sym_float / truediv / sym_max / sym_min / sym_numel on symbolic sizes.
 
@@ -184,18 +185,27 @@ def _with_args(node, args):
 
 
 def topk(node, importer, original):
-    """aten.topk with a symbolic k (a PrimExpr): descending argsort along dim, its first k."""
+    """aten.topk, (1) with a symbolic k (expert choice's capacity): descending argsort along dim, its
+    first k; (2) on bfloat16, in float32 (exact): TVM 0.27's topk orders bfloat16 values wrongly."""
     args = importer.retrieve_args(node)
-    k = args[1] if len(args) > 1 else node.kwargs.get("k", 1)
-    if isinstance(k, (int, tirx.IntImm)):
+    x, k = args[0], args[1] if len(args) > 1 else node.kwargs.get("k", 1)
+    bf16 = str(x.ty.dtype) == "bfloat16"
+    if isinstance(k, (int, tirx.IntImm)) and not bf16:
         return original(node)
-    x, bb = args[0], importer.block_builder
+    bb = importer.block_builder
     dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)
     largest = args[3] if len(args) > 3 else node.kwargs.get("largest", True)
     dim = dim + x.ty.ndim if dim < 0 else dim
-    order = bb.emit(relax.op.argsort(x, axis=dim, descending=largest, dtype="int64"))
-    ids = bb.emit(relax.op.strided_slice(order, [dim], [0], [scalar(importer, k)]))
-    values = bb.emit(relax.op.gather_elements(x, ids, axis=dim))
+    data = bb.emit(relax.op.astype(x, "float32")) if bf16 else x
+    if isinstance(k, (int, tirx.IntImm)):
+        both = bb.emit(relax.op.topk(data, k, axis=dim, largest=largest, ret_type="both", dtype="int64"))
+        values, ids = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+    else:
+        order = bb.emit(relax.op.argsort(data, axis=dim, descending=largest, dtype="int64"))
+        ids = bb.emit(relax.op.strided_slice(order, [dim], [0], [scalar(importer, k)]))
+        values = bb.emit(relax.op.gather_elements(data, ids, axis=dim))
+    if bf16:
+        values = bb.emit(relax.op.astype(values, "bfloat16"))
     return bb.emit(relax.Tuple([values, ids]))
 
 
