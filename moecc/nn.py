@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from .errors import MoeccError
 from .ops import OP_ARGS, call_moe
+from .pipeline import attr
 from .routing import check, expert_load, logits_width, route
 from .spec import MoESpec
 
@@ -47,8 +48,7 @@ class MoE(nn.Module):
         self.correction_bias = (nn.Parameter(torch.zeros(E), requires_grad=False)
                                 if spec.router.kind == "sigmoid_topk" else None)
         if spec.shared_ffn:
-            Rs = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
-            self.shared_w_in = nn.Parameter(torch.randn(Rs, H) * init_std)
+            self.shared_w_in = nn.Parameter(torch.randn(spec.shared_in_rows, H) * init_std)
             self.shared_w_out = nn.Parameter(torch.randn(H, spec.shared_ffn) * init_std)
             self.shared_gate = nn.Parameter(torch.randn(1, H) * init_std) if spec.shared_gated else None
         else:
@@ -147,10 +147,7 @@ def _tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
         return None
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         raise MoeccError(f"node {getattr(node, 'name', node)}: expected a parameter (get_attr)")
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach().clone()
+    return attr(gm, node.target).detach().clone()
 
 
 def _router_weights(gm: fx.GraphModule, logits: fx.Node, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -58,6 +58,22 @@ def set_spec(node: fx.Node, spec: MoESpec) -> None:
     node.meta[SPEC_KEY] = spec
 
 
+def attr(gm: fx.GraphModule, target: str):
+    """The object behind a get_attr target ("layers.0.w_in"): the dotted path walked from gm."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def delete_attr(gm: fx.GraphModule, target: str) -> None:
+    """Remove a get_attr target's tensor from its owner module (if it is still there)."""
+    *path, leaf = target.split(".")
+    owner = attr(gm, ".".join(path)) if path else gm
+    if hasattr(owner, leaf):
+        delattr(owner, leaf)
+
+
 def annotate(gm: fx.GraphModule) -> fx.GraphModule:
     """Fill node.meta["moecc.spec"] on captured MoE nodes (from their argument)."""
     for node, spec in moe_nodes(gm):

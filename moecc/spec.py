@@ -99,6 +99,13 @@ class MoESpec:
     def in_rows(self) -> int:
         return 2 * self.ffn if self.gated else self.ffn
 
+    @property
+    def shared_in_rows(self) -> int:
+        """Rows of the shared expert's w_in [R_s, H]: 2·shared_ffn for a gated activation (its own
+        [gate; up], as the routed experts'), else shared_ffn. shared_gated (a sigmoid scale on the
+        output, weight [1, H]) does not change it."""
+        return 2 * self.shared_ffn if self.gated else self.shared_ffn
+
     def validate(self) -> "MoESpec":
         where = f"MoE layer {self.name or '?'}"
         r = self.router
@@ -160,8 +167,7 @@ class MoESpec:
         return p
 
     def shared_params(self) -> int:
-        rows = 2 * self.shared_ffn if self.shared_gated or self.gated else self.shared_ffn
-        return rows * self.hidden + self.hidden * self.shared_ffn + (self.hidden if self.shared_gated else 0)
+        return self.shared_in_rows * self.hidden + self.hidden * self.shared_ffn + (self.hidden if self.shared_gated else 0)
 
     def params(self) -> tuple[int, int]:
         """(total, active per token) parameters, router included."""

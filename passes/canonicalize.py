@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from moecc.pipeline import PassResult
+from moecc.pipeline import PassResult, attr
 
 aten = torch.ops.aten
 TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
@@ -34,10 +34,7 @@ def _param(node) -> bool:
 
 
 def _attr_rank(gm: fx.GraphModule, node: fx.Node) -> int:
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj.dim()
+    return attr(gm, node.target).dim()
 
 
 def _rewrite_matmul(gm: fx.GraphModule, node: fx.Node) -> bool:

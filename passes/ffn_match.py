@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from moecc.pipeline import attr
+
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 MUL = aten.mul.Tensor
@@ -79,10 +81,7 @@ def _common_name(a: fx.Node, b: fx.Node) -> str:
 def _param_shape(gm: fx.GraphModule, node) -> tuple[int, ...] | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return tuple(obj.shape)
+    return tuple(attr(gm, node.target).shape)
 
 
 def _linear_parts(node: fx.Node):

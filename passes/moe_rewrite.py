@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from moecc.errors import MoeccError
-from moecc.pipeline import MOE_OP, SPEC_KEY, set_spec
+from moecc.pipeline import MOE_OP, SPEC_KEY, attr, delete_attr, set_spec
 from moecc.spec import MoESpec
 
 from .ffn_match import FFNMatch
@@ -45,10 +45,7 @@ def param(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
     """The tensor behind a get_attr node (detached), or None."""
     if node is None:
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()
+    return attr(gm, node.target).detach()
 
 
 def _fake_val(x: fx.Node, fn, *tensors):
@@ -97,15 +94,6 @@ def replace_ffn(gm: fx.GraphModule, match: FFNMatch, index: int, spec: MoESpec,
             target = node.target
             graph.erase_node(node)
             if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
-                _delete_attr(gm, target)
+                delete_attr(gm, target)
     assert moe.meta[SPEC_KEY] == spec
     return moe
-
-
-def _delete_attr(gm: fx.GraphModule, target: str) -> None:
-    *path, leaf = target.split(".")
-    owner = gm
-    for p in path:
-        owner = getattr(owner, p)
-    if hasattr(owner, leaf):
-        delattr(owner, leaf)

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from moecc.errors import MoeccError
 from moecc.ops import OP_ARGS
-from moecc.pipeline import PassResult, moe_nodes, set_spec
+from moecc.pipeline import PassResult, attr, delete_attr, moe_nodes, set_spec
 from moecc.routing import ROUTER_HELP, check, kind_of, logits_width
 from moecc.spec import MoESpec
 
@@ -141,10 +141,7 @@ def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()
+    return attr(gm, node.target).detach()
 
 
 def _expert_logits(gm: fx.GraphModule, node: fx.Node, old: MoESpec) -> fx.Node:
@@ -202,10 +199,7 @@ def _drop_unused_tensors(gm: fx.GraphModule, used_before: set[str]) -> int:
     now = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     gone = (used_before | _holder_tensors(gm)) - now
     for target in gone:
-        *path, leaf = target.split(".")
-        owner = gm.get_submodule(".".join(path)) if path else gm
-        if hasattr(owner, leaf):
-            delattr(owner, leaf)
+        delete_attr(gm, target)
     return len(gone)
 
 

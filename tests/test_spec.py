@@ -29,3 +29,16 @@ def test_params_total_and_active():
     s = MoESpec(num_experts=4, hidden=2, ffn=3, router=RouterSpec(top_k=1))
     per_expert = 3 * 2 + 2 * 3
     assert s.params() == (4 * per_expert + 4 * 2, per_expert + 4 * 2)
+
+
+@pytest.mark.parametrize("activation,shared_gated", [("gelu", True), ("gelu", False), ("swiglu", True),
+                                                     ("swiglu", False)])
+def test_shared_expert_rows_and_params_match_a_real_layer(activation, shared_gated):
+    """shared_in_rows (2·shared_ffn only for a gated activation; the sigmoid gate does not double it)
+    and shared_params count exactly the shared tensors an nn.MoE layer holds."""
+    from moecc.nn import MoE
+    s = MoESpec(4, 6, 5, activation, RouterSpec(top_k=1), shared_ffn=3, shared_gated=shared_gated)
+    m = MoE(s)
+    assert m.shared_w_in.shape == (s.shared_in_rows, 6) == ((6 if s.gated else 3), 6)
+    held = sum(p.numel() for n, p in m.named_parameters() if n.startswith("shared_"))
+    assert s.shared_params() == held

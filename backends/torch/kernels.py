@@ -251,8 +251,7 @@ def _common_time(spec: MoESpec, tokens: int) -> float:
     """Routing and the shared expert: the same for every kernel."""
     t = machine.op_time(13)
     if spec.shared_ffn:
-        rows = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
-        t += machine.gemm_time(tokens, spec.hidden, rows) + machine.gemm_time(tokens, spec.shared_ffn, spec.hidden)
+        t += machine.gemm_time(tokens, spec.hidden, spec.shared_in_rows) + machine.gemm_time(tokens, spec.shared_ffn, spec.hidden)
     return t
 
 

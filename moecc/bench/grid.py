@@ -51,7 +51,7 @@ def make_weights(spec: MoESpec, seed: int = 0) -> dict:
     rnd = lambda *s: torch.randn(*s, generator=g) * s[-1] ** -0.5   # noqa: E731
     w = {"router": rnd(E, H), "w_in": rnd(E, R, H), "w_out": rnd(E, H, Fw)}
     if spec.shared_ffn:
-        w["shared_w_in"] = rnd(2 * spec.shared_ffn if spec.gated else spec.shared_ffn, H)
+        w["shared_w_in"] = rnd(spec.shared_in_rows, H)
         w["shared_w_out"] = rnd(H, spec.shared_ffn)
     return w
 
@@ -60,7 +60,7 @@ def active_flops(spec: MoESpec, tokens: int) -> float:
     H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
     per_token = spec.top_k * 2 * (H * R + Fw * H) + 2 * spec.num_experts * H
     if spec.shared_ffn:
-        per_token += 2 * (H * (2 * spec.shared_ffn if spec.gated else spec.shared_ffn) + spec.shared_ffn * H)
+        per_token += 2 * (H * spec.shared_in_rows + spec.shared_ffn * H)
     return float(tokens * per_token)
 
 

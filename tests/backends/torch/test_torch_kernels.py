@@ -22,7 +22,7 @@ def make_inputs(spec: MoESpec, T: int, seed: int = 0, dtype=torch.float64, rows:
     E, H, R, Fw = spec.num_experts, spec.hidden, spec.in_rows, spec.ffn
     L = E + (spec.router.n_groups if spec.router.kind == "hierarchical" else 0)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)   # noqa: E731
-    sh_rows = 2 * spec.shared_ffn if spec.gated else spec.shared_ffn
+    sh_rows = spec.shared_in_rows
     x, logits = rnd(T, H), rnd(T, L)
     ids = torch.randint(0, 1000, (T,), generator=g) if spec.router.kind == "hash" else None
     if rows:
