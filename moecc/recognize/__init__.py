@@ -11,6 +11,11 @@ no recognizer are reported too (`detect.py`): never silently wrong.
 
 Built-in families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, switch
 (transformers 5.x). Extension point: `base.py` (Registry, Recognizer, MoEMapping).
+
+Every other transformers 5.x family whose experts class uses `use_experts_implementation` is captured
+by `experts_interface.py` during export (its router stays ordinary ops, the experts call becomes one
+moecc::experts node). The recognizers win where they match: their moe node carries the router, so
+passes (route, capacity) can still change it, and their bf16 numerics are pinned by tests.
 """
 from __future__ import annotations
 
