@@ -32,3 +32,9 @@ bench: setup
 
 clean:
 	rm -rf out .pytest_cache
+
+# every transformers MoE family through moecc (torch, onnx, tvm) and transformers' own ONNX exporter:
+# samples/results/coverage.md + coverage.json (long: about 2-4 min per family on 2 cores)
+.PHONY: coverage
+coverage: setup
+	OMP_NUM_THREADS=1 $(BIN)/python samples/coverage.py --jobs 2

@@ -129,25 +129,31 @@ def _child(args) -> None:
     print("ROW " + json.dumps(row))
 
 
-def sweep(fams, backends: list[str], hf_onnx: bool, timeout: int, progress: bool = True) -> list[dict]:
-    rows = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(fams), unit="family", file=sys.stderr)
-    for f in fams:
-        if bar is not None:
-            bar.set_description(f.name)
+def sweep(fams, backends: list[str], hf_onnx: bool, timeout: int, jobs: int = 1, done: dict | None = None,
+          on_row=None) -> list[dict]:
+    """One row per family (child processes, `jobs` at a time); `done`: rows kept from an earlier run
+    (not run again); on_row(rows) after each family (the results are written as they come)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+    rows = {f.name: done[f.name] for f in fams if done and f.name in done}
+    todo = [f for f in fams if f.name not in rows]
+    for f in todo:
         if not f.text:
-            rows.append({"family": f.name, "model_type": f.model_type, "text": False,
-                         "build_error": "not a text family (no causal LM of its own); not built"})
-        else:
-            rows.append(dict(_spawn(f, backends, hf_onnx, timeout), family=f.name, text=True))
-        if bar is not None:
+            rows[f.name] = {"family": f.name, "model_type": f.model_type, "text": False,
+                            "build_error": "not a text family (no causal LM of its own); not built"}
+    todo = [f for f in todo if f.text]
+    ordered = lambda: [rows[f.name] for f in fams if f.name in rows]            # noqa: E731
+    with tqdm(total=len(todo), unit="family", file=sys.stderr) as bar, ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(_spawn, f, backends, hf_onnx, timeout): f for f in todo}
+        for fut in as_completed(futures):
+            f = futures[fut]
+            rows[f.name] = dict(fut.result(), family=f.name, text=True)
+            bar.set_description(f.name)
             bar.update(1)
-    if bar is not None:
-        bar.close()
-    return rows
+            if on_row is not None:
+                on_row(ordered())
+    return ordered()
 
 
 def _spawn(f, backends, hf_onnx, timeout) -> dict:
@@ -230,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf-onnx", action="store_true", help="skip transformers' own ONNX exporter")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per family")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for coverage.md / coverage.json")
+    ap.add_argument("--jobs", type=int, default=1, help="families run at the same time")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out/coverage.json "
+                    "(with --families: run those again, keep the others)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -247,17 +256,26 @@ def main(argv=None) -> int:
             print(f"error: not MoE families of transformers {transformers.__version__}: {sorted(unknown)}",
                   file=sys.stderr)
             return 2
-        fams = [f for f in fams if f.name in wanted]
     backends = args.backends.split(",")
-    rows = sweep(fams, backends, not args.no_hf_onnx, args.timeout)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = None
+    if args.resume and (out / "coverage.json").exists():     # keep the other rows; run `wanted` again
+        done = {r["family"]: r for r in json.loads((out / "coverage.json").read_text())["rows"]
+                if not wanted or r["family"] not in wanted}
+    if wanted:
+        fams = [f for f in fams if f.name in wanted or (done and f.name in done)]
     meta = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "tolerance": TOL, "check_input": CHECK,
             "backends": backends}
-    meta["summary"] = summary(rows, backends)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "coverage.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (out / "coverage.md").write_text(markdown(rows, backends, meta))
+
+    def write(rows):
+        meta["summary"] = summary(rows, backends)
+        (out / "coverage.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        (out / "coverage.md").write_text(markdown(rows, backends, meta))
+
+    rows = sweep(fams, backends, not args.no_hf_onnx, args.timeout, args.jobs, done, on_row=write)
+    write(rows)
     print(json.dumps(meta["summary"]))
     return 0
 
