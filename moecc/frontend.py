@@ -70,7 +70,10 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:          # an ExportedProgram's .module() (already a graph) has no eval()
+        pass
     recognized = {}
     if recognize:
         model, recognized = _recognize(model, recognizers)

@@ -23,7 +23,7 @@ def test_compile_torch_and_reload(model, tmp_path, capsys):
     out = tmp_path / "art"
     assert main(["compile", model, "--upcycle", "4", "--top-k", "2", "--to", "torch", "--out", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["verification"]["ok"] and [c["label"] for c in m["verification"]["checks"]] == ["example", "fresh"]
+    assert m["verification"]["ok"] and [c["label"] for c in m["verification"]["checks"]] == ["example", "fresh", "perturbed"]
     assert m["verification"]["checks"][0]["shapes"] != m["verification"]["checks"][1]["shapes"]
     assert m["passes"][-1]["name"] == "upcycle" and m["passes"][-1]["stats"]["ffn_rewritten"] >= 3
     assert all(layer["num_experts"] == 4 for layer in m["layers"])
