@@ -19,12 +19,16 @@ def load_program(artifact_dir):
 
 
 def load(artifact_dir, manifest: dict | None = None):
+    """`run(inputs)`; inputs outside the manifest's bounds are refused before torch runs."""
     import torch
     from torch.utils._pytree import tree_leaves
 
+    from ..input_check import check
     module = load_program(artifact_dir).module()
+    specs = (manifest or {}).get("inputs")
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        check(inputs, specs)
         with torch.no_grad():
             out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
         return [t.detach().numpy() for t in tree_leaves(out)]
