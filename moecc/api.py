@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from .progress import Steps
 from .verify import summary, verify
 
 DEFAULT_TOLERANCE = 1e-4
+log = logging.getLogger("moecc.compile")
 
 
 def transform(captured: Captured, passes: list[tuple[str, dict]]) -> PassManager:
@@ -58,6 +60,7 @@ def _lower_and_verify(captured, program, backend: str, options: dict, tmp: Path,
     run = backends.runtime(backend).load(tmp, {"backend": {"name": backend}})
     checks = verify(run, _torch_runner(captured.gm), sets, tol)
     if routing_blind(captured.gm):
+        log.info("identical experts or a zero router: also verifying a twin with perturbed experts")
         checks.append(_verify_perturbed(captured, backend, options, tmp, sets[-1][1], tol))
     return lowered.to_dict(), {"tolerance": tol, "checks": [c.to_dict() for c in checks],
                                "ok": all(c.ok for c in checks), "text": summary(checks)}
@@ -122,9 +125,13 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
                                                tolerance, steps)
             check["fallback"] = (f"the fused ONNX Runtime MoE op did not match the PyTorch reference "
                                  f"({first}); fell back to the portable lowering")
+            log.warning("%s", check["fallback"])
         if check.get("ok") is False:
             raise MoeccError(f"{source}: {backend} output differs from the PyTorch reference beyond "
                              f"tolerance {tolerance}: {check['text']}; nothing written (--no-verify to skip)")
+        for k in lowered.get("kernels", []):
+            log.info("layer %s: kernel %s (%s)", k.get("layer"), k.get("kernel"), k.get("reason", ""))
+        log.info("verification: %s", check.get("text", "skipped"))
         steps.next("write")
         manifest = {
             "moecc_version": __version__,
@@ -138,8 +145,9 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "verification": check,
             "recognized": captured.recognized,
         }
-        artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
+        manifest[artifact.FILES] = artifact.file_hashes(tmp)
+        artifact.write_json(tmp / artifact.MANIFEST, manifest)
     return out
 
 

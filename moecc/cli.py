@@ -151,34 +151,35 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="log moecc's choices (-v: kernels, fallbacks; -vv: details)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
+                   help="errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecc", description="A compiler for Mixture-of-Experts models.")
     parser.add_argument("--version", action="version", version=f"moecc {__import__('moecc').__version__}")
+    _add_verbosity(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_inspect(sub)
     _add_run(sub)
     for module, fn in EXTRA_COMMANDS:
         getattr(importlib.import_module(module), fn)(sub)
+    for p in sub.choices.values():               # `moecc compile ... -v` as well as `moecc -v compile`
+        _add_verbosity(p, argparse.SUPPRESS)
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (torch.onnx registration notes, deprecations) is not moecc's output."""
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    from .log import cli_logging
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with cli_logging(args.verbose or 0, bool(args.quiet)):
+            return args.func(args)
     except MoeccError as e:
         print(f"moecc: error: {e}", file=sys.stderr)
         return 2
