@@ -58,6 +58,9 @@ def load_model(ref: str, with_tokenizer: bool = False):
     model, inputs = result
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        raise MoeccError(f"factory {ref} must return (model, example_inputs) with example_inputs a tensor or a "
+                         f"non-empty tuple of tensors, got {type(inputs).__name__}")
     if with_tokenizer:
         return model, tuple(inputs), tokenizer_of(factory)
     return model, tuple(inputs)
