@@ -102,14 +102,16 @@ def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESp
 
 def _accumulate(xt: Tensor, items: list, shape) -> Tensor:
     """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads the items run
-    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end."""
+    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end.
+    Half precision (bf16/fp16) keeps the reference's order, one item after another: partial sums
+    rounded per thread would differ from moe_reference in ~1/3 of the outputs."""
     def work(group) -> Tensor:
         y = torch.zeros_like(xt)                                             # [T, H]
         for i in group:
             items[i][1](y)
         return y
     threads = torch.get_num_threads()
-    if threads > 1 and len(items) > 1:
+    if threads > 1 and len(items) > 1 and xt.dtype not in HALF:    # half: the reference's summation order
         parts = run_groups(work, balance([c for c, _ in items], threads))
         for p in parts[1:]:
             parts[0].add_(p)
@@ -335,9 +337,9 @@ KERNELS: dict[str, Kernel] = {
 def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
         shared_gate, token_ids, *, spec: MoESpec) -> Tensor:
     """What `moecc.ops.run_kernel` calls for a non-reference kernel name."""
-    if kernel == AUTO:
+    if kernel.startswith(AUTO):       # "torch.auto" or "torch.auto@<table_id>" (an artifact's own table)
         from . import select          # select imports this module: resolved at call time
-        kernel = select.dispatch(spec, x.numel() // x.shape[-1] if x.shape[-1] else 0)
+        kernel = select.dispatch(spec, x.numel() // x.shape[-1] if x.shape[-1] else 0, kernel)
     if kernel not in KERNELS:
         raise MoeccError(f"MoE layer {spec.name or '?'}: unknown torch kernel {kernel!r}; choose one of "
                          f"{', '.join([*KERNELS, AUTO])} or 'reference'")

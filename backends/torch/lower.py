@@ -9,6 +9,7 @@ Loading needs `import moecc.ops` before `torch.export.load`: `moecc.load(dir)` d
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -40,14 +41,15 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
             if options.get("autotune") and not options.get("kernel") and key not in tables:
                 tables[key] = select.autotune(spec)
             choice = choose_kernel(spec, options, tables.get(key))
+            if key in tables and choice.kernel == select.AUTO:      # this artifact's own table
+                choice = dataclasses.replace(choice, kernel=select.install_layer(tables[key]))
             node.args = tuple(choice.kernel if i == KERNEL_ARG else a for i, a in enumerate(node.args))
             choices.append(choice)
     program.graph_module.recompile()
     files = ["model.pt2"]
     torch.export.save(program, Path(out_dir) / "model.pt2")
     if tables:
-        select.save(tables, Path(out_dir) / TABLES)
-        select.install(tables)             # verification in this process uses them too
+        select.save({select.table_id(t): t for t in tables.values()}, Path(out_dir) / TABLES)
         files.append(TABLES)
     return Lowered(files=files, kernels=choices, notes={"format": "torch.export (.pt2)",
                                                         "autotuned": bool(tables)})

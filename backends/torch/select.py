@@ -184,10 +184,24 @@ def load(path) -> dict:
 
 # ---- run-time dispatch ("torch.auto") --------------------------------------------------------
 
+def table_id(table: dict) -> str:
+    """Content address of a layer table: two artifacts' tables never share a key unless equal."""
+    return hashlib.sha1(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def install(tables: dict) -> None:
-    """Make torch.auto use these tuned tables ({spec_key: layer table}), e.g. an artifact's file."""
+    """Make torch.auto use these tuned tables, e.g. an artifact's file: {table_id: table}, read by
+    the kernel "torch.auto@<table_id>" (per artifact), or legacy {spec_key: table}, read by plain
+    "torch.auto" (process-wide, by shape)."""
     _installed.update(tables)
     _bucket_choice.cache_clear()
+
+
+def install_layer(table: dict) -> str:
+    """Install one layer table under its content address; the kernel name that dispatches with it."""
+    key = table_id(table)
+    install({key: table})
+    return f"{AUTO}@{key}"
 
 
 def install_file(path) -> bool:
@@ -204,14 +218,15 @@ def uninstall() -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _bucket_choice(spec: MoESpec, bucket: int) -> str:
+def _bucket_choice(spec: MoESpec, bucket: int, table: str) -> str:
     """Keyed by the (frozen, hashable) spec itself: hashing it costs ~1 µs, spec.to_json() ~45 µs."""
-    return choose(spec, BUCKET_TOKENS[bucket], table=_installed.get(spec_key(spec))).kernel
+    return choose(spec, BUCKET_TOKENS[bucket], table=_installed.get(table or spec_key(spec))).kernel
 
 
-def dispatch(spec: MoESpec, tokens: int) -> str:
-    """The kernel torch.auto runs for this call: the installed table's choice for the token-count
-    bucket, else the cost model's at the bucket's token count (cached per spec and bucket); a
-    kernel whose checker refuses this exact count falls back to torch.grouped_gemm."""
-    kernel = _bucket_choice(spec, bucket_of(tokens))
+def dispatch(spec: MoESpec, tokens: int, kernel: str = AUTO) -> str:
+    """The kernel `kernel` ("torch.auto" or "torch.auto@<table_id>") runs for this call: the
+    table's choice for the token-count bucket, else the cost model's at the bucket's token count
+    (cached per spec, bucket and table); a kernel whose checker refuses this exact count falls back
+    to torch.grouped_gemm."""
+    kernel = _bucket_choice(spec, bucket_of(tokens), kernel.partition("@")[2])
     return kernel if KERNELS[kernel].checker(spec, tokens) is True else "torch.grouped_gemm"
