@@ -11,11 +11,18 @@ def load_program(artifact_dir):
     import torch
 
     import moecc.ops  # noqa: F401  (registers torch.ops.moecc.* before load)
-    from . import select
+    from . import select, skinny
     tables = Path(artifact_dir) / "kernels.json"
     if tables.exists():
         select.install(select.load(tables))
-    return torch.export.load(Path(artifact_dir) / "model.pt2")
+    program = torch.export.load(Path(artifact_dir) / "model.pt2")
+    skinny.available()                   # build/load the C kernel now, not inside the first forward
+    for node in program.graph.nodes:     # ... and resolve torch.auto's choices (no measuring in a forward)
+        if node.op == "call_function" and node.target is torch.ops.moecc.moe.default:
+            kernel = node.args[-1]
+            if isinstance(kernel, str) and kernel.startswith(select.AUTO):
+                select.warm(moecc.ops.parse_spec(node.args[moecc.ops.OP_ARGS.index("spec")]), kernel)
+    return program
 
 
 def load(artifact_dir, manifest: dict | None = None):

@@ -100,6 +100,25 @@ def _choose_auto(spec: MoESpec, candidates, table: dict | None) -> KernelChoice:
                         {})
 
 
+def cost_table(spec: MoESpec, candidates=None) -> dict:
+    """The cost model's layer table (as autotune's, with modelled times): carried in an artifact, so
+    the run time dispatches without measuring this machine inside a forward."""
+    names = _candidates(candidates)
+    buckets = []
+    for t in BUCKET_TOKENS:
+        times = {n: round(KERNELS[n].cost(spec, t) * 1e3, 6) for n in names if KERNELS[n].checker(spec, t) is True}
+        buckets.append({"bucket": bucket_of(t), "max_tokens": BUCKETS[bucket_of(t)], "tokens": t,
+                        "kernel": min(times, key=times.get), "times_ms": times})
+    return {"spec": spec.to_dict(), "machine": machine.machine_key(), "candidates": names,
+            "source": "cost model", "buckets": buckets}
+
+
+def warm(spec: MoESpec, kernel: str = AUTO) -> None:
+    """Resolve every bucket's choice now (at load time) rather than inside the first forward."""
+    for b in range(len(BUCKETS)):
+        _bucket_choice(spec, b, kernel.partition("@")[2])
+
+
 def _table_entry(table: dict | None, tokens: int) -> dict | None:
     if not table:
         return None
