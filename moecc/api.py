@@ -6,21 +6,24 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from . import __version__, artifact
-from .frontend import Captured, capture
+from . import __version__, artifact, input_bounds
+from .frontend import Captured, capture, export
 from .errors import MoeccError
-from .inputs import fresh_inputs
+from .inputs import dim_names, fresh_inputs
+from .perturb import perturb_experts, routing_blind
 from .pipeline import PassManager, moe_nodes
 from .progress import Steps
 from .verify import summary, verify
 
 DEFAULT_TOLERANCE = 1e-4
+log = logging.getLogger("moecc.compile")
 
 
 def transform(captured: Captured, passes: list[tuple[str, dict]]) -> PassManager:
@@ -56,8 +59,31 @@ def _lower_and_verify(captured, program, backend: str, options: dict, tmp: Path,
             ("fresh", _numpy(fresh_inputs(captured.example_inputs, captured.inputs)))]
     run = backends.runtime(backend).load(tmp, {"backend": {"name": backend}})
     checks = verify(run, _torch_runner(captured.gm), sets, tol)
+    if routing_blind(captured.gm):
+        log.info("identical experts or a zero router: also verifying a twin with perturbed experts")
+        checks.append(_verify_perturbed(captured, backend, options, tmp, sets[-1][1], tol))
     return lowered.to_dict(), {"tolerance": tol, "checks": [c.to_dict() for c in checks],
                                "ok": all(c.ok for c in checks), "text": summary(checks)}
+
+
+def _verify_perturbed(captured, backend: str, options: dict, tmp: Path, inputs, tol: float):
+    """The graph's outputs cannot depend on routing (identical experts or a zero router): lower a twin
+    whose experts differ and whose router decides (moecc.perturb) and check it too, so a backend that
+    routes or combines wrongly cannot pass. The twin's files go to a scratch dir, then away."""
+    import shutil
+    import tempfile
+
+    from . import backends
+    twin = perturb_experts(captured.gm)
+    program = export(twin, captured.example_inputs, captured.dynamic_shapes, captured.source)
+    scratch = Path(tempfile.mkdtemp(prefix=".perturbed.", dir=tmp.parent))
+    try:
+        backends.get(backend).lower(program, scratch, dict(options))
+        run = backends.runtime(backend).load(scratch, {"backend": {"name": backend}})
+        (check,) = verify(run, _torch_runner(twin), [("perturbed", inputs)], tol)
+        return check
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, dict]] = (),
@@ -65,6 +91,10 @@ def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, d
             force: bool = False, tolerance: float = DEFAULT_TOLERANCE, source: str = "model",
             progress: bool = True) -> Path:
     """Capture, transform, lower and verify `model`; write the artifact directory `out` atomically."""
+    from . import passes as registry
+    passes = registry.check(passes)       # names and options, before the model is captured
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise MoeccError(f"tolerance must be a number > 0, got {tolerance!r}")
     options = dict(options or {})
     out = Path(out)
     artifact.check_out_dir(out, force)
@@ -93,15 +123,19 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
                                                tolerance, steps)
             check["fallback"] = (f"the fused ONNX Runtime MoE op did not match the PyTorch reference "
                                  f"({first}); fell back to the portable lowering")
+            log.warning("%s", check["fallback"])
         if check.get("ok") is False:
             raise MoeccError(f"{source}: {backend} output differs from the PyTorch reference beyond "
                              f"tolerance {tolerance}: {check['text']}; nothing written (--no-verify to skip)")
+        for k in lowered.get("kernels", []):
+            log.info("layer %s: kernel %s (%s)", k.get("layer"), k.get("kernel"), k.get("reason", ""))
+        log.info("verification: %s", check.get("text", "skipped"))
         steps.next("write")
         manifest = {
             "moecc_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": source,
-            "inputs": [i.to_dict() for i in captured.inputs],
+            "inputs": input_bounds.find(captured.gm, captured.inputs),
             "outputs": _outputs(program),
             "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in moe_nodes(captured.gm)],
             "passes": [r.to_dict() for r in pm.records],
@@ -109,8 +143,9 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "verification": check,
             "recognized": captured.recognized,
         }
-        artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
+        manifest[artifact.FILES] = artifact.file_hashes(tmp)
+        artifact.write_json(tmp / artifact.MANIFEST, manifest)
     return out
 
 
@@ -125,12 +160,13 @@ def _jsonable(v) -> bool:
 
 def _outputs(program: torch.export.ExportedProgram) -> list[dict]:
     out_node = next(n for n in program.graph.nodes if n.op == "output")
+    names = dim_names(program)
     outs = []
     for i, val in enumerate(tree_leaves([a.meta.get("val") if hasattr(a, "meta") else None
                                          for a in tree_leaves(out_node.args)])):
         if isinstance(val, torch.Tensor):
             outs.append({"index": i, "dtype": str(val.dtype).replace("torch.", ""),
-                         "shape": [d if isinstance(d, int) else str(d) for d in val.shape]})
+                         "shape": [d if isinstance(d, int) else names.get(str(d), str(d)) for d in val.shape]})
     return outs
 
 

@@ -68,22 +68,24 @@ def _add_compile(sub) -> None:
 
 
 def _passes_from(a) -> list[tuple[str, dict]]:
-    common = {"num_experts": a.upcycle or a.moefy, "top_k": 2 if a.top_k is None else a.top_k, "layers": a.layers,
+    common = {"num_experts": a.upcycle if a.upcycle is not None else a.moefy, "top_k": 2 if a.top_k is None else a.top_k, "layers": a.layers,
               "router_init": a.router_init, "seed": a.seed, "calibration": a.calibration,
               "method": a.method, "shared": a.shared, "moefy_router": a.moefy_router, "refit": a.refit}
     route = {k: v for k, v in {"router": a.router, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()
              if v is not None}
+    from .passes import accepted_options
+
+    def only(name: str, options: dict) -> tuple[str, dict]:       # the options this pass reads
+        return name, {k: v for k, v in options.items() if k in accepted_options(name)}
     if a.passes:
-        return [(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
-    if a.upcycle and a.moefy:
-        raise MoeccError("choose one of --upcycle and --moefy")
+        return [only(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
     passes = []
     if a.upcycle is not None:
-        passes.append(("upcycle", common))
+        passes.append(only("upcycle", common))
     if a.moefy is not None:
-        passes.append(("moefy", common))
+        passes.append(only("moefy", common))
     if a.router or a.capacity_factor is not None or a.n_groups:
         passes.append(("route", route))
     return passes
@@ -91,16 +93,10 @@ def _passes_from(a) -> list[tuple[str, dict]]:
 
 def cmd_compile(a) -> int:
     from . import api
-    from .backends import NAMES
+    from .cli_checks import check_compile
     from .loader import load_model
-    if a.backend not in NAMES:
-        raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
+    check_compile(a)                      # every flag, before the model is loaded or captured
     passes = _passes_from(a)
-    if a.upcycle is not None or a.moefy is not None:
-        from .passes.upcycle import check_experts
-        check_experts(a.upcycle or a.moefy, 2 if a.top_k is None else a.top_k)
-    from .artifact import check_out_dir
-    check_out_dir(a.out, a.force)
     model, inputs, tokenize = load_model(a.model, with_tokenizer=True)
     for _, opts in passes:
         opts.setdefault("tokenize", tokenize)
@@ -135,50 +131,63 @@ def cmd_inspect(a) -> int:
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz file (no torch for onnx/tvm)",
-                       epilog="example:\n  moecc run out/tiny_gpt_moe --input tokens.npz --output logits.npz",
+                       epilog="examples:\n  moecc run out/tiny_gpt_moe --example-input tokens.npz   # writes a valid "
+                              "input file\n  moecc run out/tiny_gpt_moe --input tokens.npz --output logits.npz\n"
+                              "inputs, their dims (batch, seq) and token-id ranges: the artifact's manifest.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path)
-    p.add_argument("--input", required=True, type=Path, help=".npz with one array per model input (by name or order)")
+    p.add_argument("--input", type=Path, help=".npz with one array per model input (by name or order)")
+    p.add_argument("--example-input", type=Path, metavar="NPZ",
+                   help="write random inputs the artifact accepts (batch 2, seq 16) to NPZ and stop")
+    p.add_argument("--force", action="store_true", help="replace an existing --example-input file")
     p.add_argument("--output", type=Path, help="write outputs to this .npz")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(a) -> int:
-    from .run_artifact import run_artifact
+    from .run_artifact import run_artifact, write_example_input
+    if a.example_input is not None:
+        arrays = write_example_input(a.artifact, a.example_input, a.force)
+        shapes = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in arrays.items())
+        print(f"wrote {a.example_input} ({shapes}); run it: moecc run {a.artifact} --input {a.example_input}")
+        return 0
+    if a.input is None:
+        raise MoeccError("run needs --input FILE.npz (or --example-input FILE.npz to write one)")
     outputs = run_artifact(a.artifact, a.input, a.output)
     for i, o in enumerate(outputs):
         print(f"output {i}: shape {list(o.shape)} dtype {o.dtype} mean {float(o.mean()):.6g}")
     return 0
 
 
+def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="log moecc's choices (-v: kernels, fallbacks; -vv: details)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
+                   help="errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecc", description="A compiler for Mixture-of-Experts models.")
     parser.add_argument("--version", action="version", version=f"moecc {__import__('moecc').__version__}")
+    _add_verbosity(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_inspect(sub)
     _add_run(sub)
     for module, fn in EXTRA_COMMANDS:
         getattr(importlib.import_module(module), fn)(sub)
+    for p in sub.choices.values():               # `moecc compile ... -v` as well as `moecc -v compile`
+        _add_verbosity(p, argparse.SUPPRESS)
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (torch.onnx registration notes, deprecations) is not moecc's output."""
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    from .log import cli_logging
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with cli_logging(args.verbose or 0, bool(args.quiet)):
+            return args.func(args)
     except MoeccError as e:
         print(f"moecc: error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (a minute or two)")
     p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
+    p.add_argument("--force", action="store_true", help="replace the bench.* files of an earlier run in --out")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch/ORT threads (default: torch's)")
     p.add_argument("--shapes", default=None, help="comma list of shapes (mixtral-like, deepseek-like, switch-like)")
     p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
@@ -51,7 +52,31 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+OUTPUTS = ("bench.md", "bench.json", "bench.png")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything judged before the (minutes long) run: numbers, and an --out that can be written
+    and holds no earlier results unless --force."""
+    from pathlib import Path
+
+    from moecc.cli_checks import check_writable
+    if args.repeats is not None and args.repeats < 1:
+        raise MoeccError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise MoeccError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeccError(f"--out {out} is a file, not a directory; choose another --out")
+    earlier = [n for n in OUTPUTS if (out / n).exists()]
+    if earlier and not args.force:
+        raise MoeccError(f"--out {out} already holds {', '.join(earlier)} from an earlier run; pass --force "
+                         "to replace them or choose another --out")
+    check_writable(out / OUTPUTS[0], "--out")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     from moecc.bench import grid as bench, report as bench_report
     shapes = bench.SHAPES
     if args.shapes:
@@ -62,11 +87,12 @@ def run(args: argparse.Namespace) -> int:
         shapes = {s: bench.SHAPES[s] for s in wanted}
     tokens = _ints(args.tokens, "tokens") if args.tokens else (bench.QUICK["tokens"] if args.quick else bench.TOKENS)
     repeats = args.repeats or (bench.QUICK["repeats"] if args.quick else bench.FULL_REPEATS)
-    if args.threads is not None and args.threads < 1:
-        raise MoeccError(f"--threads must be >= 1, got {args.threads}")
     results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives,
                               clock=args.clock, tvm=(not args.quick) if args.tvm is None else args.tvm)
-    paths = bench_report.write(results, args.out)
+    try:
+        paths = bench_report.write(results, args.out)
+    except OSError as e:
+        raise MoeccError(f"cannot write the results to {args.out}: {e.strerror or e}") from None
     print(paths["md"].read_text())
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     return 0

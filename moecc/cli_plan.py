@@ -48,6 +48,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--window", type=int, help="plan on this window only (default: all tokens)")
     p.add_argument("--model", metavar="MODEL", help="check the trace against this model's MoE layers")
     p.add_argument("--out", type=Path, help="write placement.json here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out / --plot file")
     p.add_argument("--compare", action="store_true", help="evaluate every method, print a table")
     p.add_argument("--plot", type=Path, help="with --compare: heatmap PNG of per-device load")
     p.add_argument("--hidden", type=int, default=4096,
@@ -64,6 +65,7 @@ def cmd_plan(a) -> int:
         raise MoeccError("plan: say --out placement.json, --compare, or both")
     if a.plot and not a.compare:
         raise MoeccError("plan: --plot needs --compare")
+    _check_plan_args(a)
     trace = load_trace(a.trace)
     topology = parse_topology(a.topology)
     if a.model:
@@ -100,6 +102,22 @@ def cmd_plan(a) -> int:
     return 0
 
 
+def _check_plan_args(a) -> None:
+    from moecc.cli_checks import check_out_file
+    for flag, value, low in (("--hidden", a.hidden, 1), ("--replicas", a.replicas, 0), ("--groups", a.groups, 1),
+                             ("--local-replicas", a.local_replicas, 0)):
+        if value < low:
+            raise MoeccError(f"plan: {flag} must be >= {low}, got {value}")
+    if a.window is not None and a.window < 0:
+        raise MoeccError(f"plan: --window must be >= 0, got {a.window}")
+    if not a.trace.is_file():
+        raise MoeccError(f"plan: --trace {a.trace}: no such file")
+    if a.out:
+        check_out_file(a.out, a.force, "--out")
+    if a.plot:
+        check_out_file(a.plot, a.force, "--plot")
+
+
 def _fits_unreplicated(trace, topology) -> bool:
     return -(-trace.num_experts // topology.devices) <= topology.slots
 
@@ -118,6 +136,7 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--windows", type=int, default=2,
                    help="split the tokens into this many consecutive windows (default 2)")
     p.add_argument("--out", required=True, type=Path, help="trace.npz or trace.json")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_trace)
 
 
@@ -128,8 +147,14 @@ def cmd_trace(a) -> int:
     from moecc.loader import tokenizer_for
     from moecc.ops import record_routing
     from moecc.passes.placement.trace import from_records, save_trace
+    from moecc.cli_checks import check_out_file
     if a.out.suffix not in (".npz", ".json"):
         raise MoeccError(f"trace: --out must end in .npz or .json, got {a.out.name}")
+    if a.windows < 1:
+        raise MoeccError(f"trace: --windows must be >= 1, got {a.windows}")
+    check_out_file(a.out, a.force, "--out")
+    if not a.calibration.startswith("corpus:") and not Path(a.calibration).is_file():
+        raise MoeccError(f"trace: --calibration {a.calibration}: no such file")
     run, specs, source = _runnable(a.model)
     experts = {s.num_experts for s in specs}
     if len(experts) > 1:
@@ -144,7 +169,11 @@ def cmd_trace(a) -> int:
     records = []
     for batch in cal.batches:
         with record_routing() as seen, torch.no_grad():
-            run(*batch)
+            try:
+                run(*batch)
+            except Exception as e:
+                raise MoeccError(f"trace: the model does not run on the calibration data {a.calibration} "
+                                 f"({type(e).__name__}: {_first_line(e)}); give inputs the model takes") from None
         if len(seen) != len(specs):
             raise MoeccError(f"trace: a forward pass ran {len(seen)} MoE layer calls, the model has "
                              f"{len(specs)} MoE layers")
@@ -184,6 +213,11 @@ def _runnable(ref: str):
 def model_moe_layers(ref: str) -> list:
     """The MoESpec of every MoE layer of MODEL (factory or torch artifact), in graph order."""
     return _runnable(ref)[1]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _layer_names(specs) -> list[str]:

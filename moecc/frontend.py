@@ -72,8 +72,14 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
         raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise MoeccError(f"{source}: example inputs must be a tensor or a non-empty tuple of tensors, got "
+                         f"{type(example_inputs).__name__} (a factory returns (model, (tokens,)))")
     example_inputs = tuple(example_inputs)
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:          # an ExportedProgram's .module() (already a graph) has no eval()
+        pass
     recognized = {}
     interface = recognize and experts_interface
     if recognize:

@@ -11,7 +11,7 @@ from torch.export import Dim
 class InputSpec:
     name: str
     dtype: str
-    shape: list           # ints; dynamic dims as their symbol name ("s0")
+    shape: list           # ints; dynamic dims by name ("batch", "seq"; one name per symbol)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,16 +33,36 @@ def dynamic_shapes(example_inputs: tuple, dynamic: bool = True):
     return tuple(spec)
 
 
-def describe_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
-    specs = []
+DIM_NAMES = ("batch", "seq")
+
+
+def _user_values(program: torch.export.ExportedProgram) -> list[tuple[str, torch.Tensor]]:
     user = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name in user:
-        val = nodes[name].meta.get("val")
-        if isinstance(val, torch.Tensor):
-            shape = [d if isinstance(d, int) else str(d) for d in val.shape]
-            specs.append(InputSpec(name, str(val.dtype).replace("torch.", ""), shape))
-    return specs
+    return [(name, nodes[name].meta.get("val")) for name in user
+            if isinstance(nodes[name].meta.get("val"), torch.Tensor)]
+
+
+def dim_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Export symbol ("s52") -> a name by its first position in the user inputs: dim 0 "batch",
+    dim 1 "seq", then "dim<i>" (a suffix when another symbol took the name)."""
+    names: dict[str, str] = {}
+    for _, val in _user_values(program):
+        for i, d in enumerate(val.shape):
+            if not isinstance(d, int) and str(d) not in names:
+                base = DIM_NAMES[i] if i < len(DIM_NAMES) else f"dim{i}"
+                taken = set(names.values())
+                names[str(d)] = next(n for n in [base] + [f"{base}{k}" for k in range(2, 99)] + [str(d)]
+                                     if n not in taken)
+    return names
+
+
+def describe_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+    """The user inputs, dynamic dims by name (`dim_names`): inputs sharing a symbol share the name."""
+    names = dim_names(program)
+    return [InputSpec(name, str(val.dtype).replace("torch.", ""),
+                      [d if isinstance(d, int) else names.get(str(d), str(d)) for d in val.shape])
+            for name, val in _user_values(program)]
 
 
 def fresh_inputs(example_inputs: tuple, specs: list[InputSpec], grow: int = 3, seed: int = 1) -> tuple:

@@ -10,6 +10,7 @@ The `spec` argument is `MoESpec.to_json()`; `kernel` names the implementation th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import math
@@ -24,7 +25,7 @@ from .spec import MoESpec
 
 OP_ARGS = ("x", "logits", "w_in", "w_out", "b_in", "b_out", "router_bias",
            "shared_w_in", "shared_w_out", "shared_gate", "token_ids", "spec", "kernel")
-_observers: list[list] = []
+_observers: contextvars.ContextVar[tuple] = contextvars.ContextVar("moecc_routing_observers", default=())
 
 
 @functools.lru_cache(maxsize=256)
@@ -38,11 +39,11 @@ def record_routing():
     weights [T, S], spec}, from a moe node (its routing) or an experts node (the ids and weights
     it is given: a decomposed layer)."""
     records: list = []
-    _observers.append(records)
+    token = _observers.set(_observers.get() + (records,))     # context-local: this thread/task only
     try:
         yield records
     finally:
-        _observers.remove(records)
+        _observers.reset(token)
 
 
 def activate(h: Tensor, spec: MoESpec) -> Tensor:
@@ -147,7 +148,7 @@ def moe_reference(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in,
 
 
 def _notify(spec: MoESpec, ids: Tensor, weights: Tensor) -> None:
-    for records in _observers:
+    for records in _observers.get():
         records.append({"layer": spec.name, "expert_ids": ids.detach(), "weights": weights.detach(),
                         "spec": spec})
 
@@ -155,12 +156,11 @@ def _notify(spec: MoESpec, ids: Tensor, weights: Tensor) -> None:
 @contextlib.contextmanager
 def _muted():
     """The backward pass recomputes the forward: it must not be recorded a second time."""
-    saved = _observers[:]
-    _observers.clear()
+    token = _observers.set(())
     try:
         yield
     finally:
-        _observers.extend(saved)
+        _observers.reset(token)
 
 
 def run_kernel(kernel: str, *tensors, spec: MoESpec) -> Tensor:

@@ -8,6 +8,7 @@ one `MoeccError` naming the pass and, where known, the node.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,6 +19,8 @@ from torch import fx
 from . import ops
 from .errors import MoeccError
 from .spec import MoESpec
+
+log = logging.getLogger("moecc.passes")
 
 MOE_OP = torch.ops.moecc.moe.default
 SPEC_KEY = "moecc.spec"
@@ -125,4 +128,5 @@ class PassManager:
                 raise MoeccError(f"pass '{name}' failed with {type(e).__name__}: {e}") from e
             self.records.append(PassRecord(name, result.modified, dict(result.stats),
                                            time.perf_counter() - t0))
+            log.info("pass %s: %s (%.2f s)", name, dict(result.stats), self.records[-1].seconds)
         return gm

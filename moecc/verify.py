@@ -1,4 +1,8 @@
-"""Numerical verification: a backend's outputs against the PyTorch reference, on several input sets."""
+"""Numerical verification: a backend's outputs against the PyTorch reference, on several input sets.
+
+NaN/Inf-safe: an output that is not finite where the reference is (or differs from the reference's own
+non-finite value) is a failure with max abs error = inf; it can never read as "max abs 0".
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,7 +12,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Check:
-    label: str                 # "example" or "fresh"
+    label: str                 # "example", "fresh" or "perturbed"
     shapes: list               # input shapes
     max_abs: float
     max_rel: float             # max_abs / max |reference|
@@ -18,6 +22,19 @@ class Check:
         return asdict(self)
 
 
+def _error(r64: np.ndarray, g64: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max |finite reference|); a non-finite mismatch is an infinite error."""
+    same = (r64 == g64) | (np.isnan(r64) & np.isnan(g64))            # equal, incl. equal inf / both nan
+    finite = np.isfinite(r64) & np.isfinite(g64)
+    if not np.all(same | finite):
+        err = float("inf")
+    else:
+        diff = np.where(finite, np.abs(r64 - g64), 0.0)
+        err = float(np.max(diff, initial=0.0))
+    scale = float(np.max(np.abs(np.where(np.isfinite(r64), r64, 0.0)), initial=0.0))
+    return err, scale
+
+
 def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: float) -> tuple[float, float, bool]:
     if len(reference) != len(got):
         return float("inf"), float("inf"), False
@@ -25,11 +42,10 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: float) -> t
     for r, g in zip(reference, got):
         if r.shape != g.shape:
             return float("inf"), float("inf"), False
-        r64, g64 = r.astype(np.float64), g.astype(np.float64)
-        max_abs = max(max_abs, float(np.max(np.abs(r64 - g64), initial=0.0)))
-        scale = max(scale, float(np.max(np.abs(r64), initial=0.0)))
+        err, s = _error(np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64))
+        max_abs, scale = max(max_abs, err), max(scale, s)
     rel = max_abs / max(scale, 1e-30)
-    return max_abs, rel, max_abs <= tol * max(1.0, scale)
+    return max_abs, rel, bool(max_abs <= tol * max(1.0, scale))
 
 
 def verify(run, reference, input_sets: list[tuple[str, list[np.ndarray]]], tol: float) -> list[Check]:

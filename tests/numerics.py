@@ -1,4 +1,8 @@
-"""One shared numerical check for every test layer (eager vs transformed vs backend)."""
+"""One shared numerical check for every test layer (eager vs transformed vs backend).
+
+NaN/Inf-safe: `not (err <= tol)` is the failure test, so a NaN error fails; a non-finite value passes
+only where the expected value is the same non-finite value.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +10,10 @@ import torch
 
 
 def _np(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
 
 
 def assert_numerically_equal(actual, expected, atol: float = 1e-5, rtol: float = 1e-5, what: str = ""):
@@ -18,7 +25,10 @@ def assert_numerically_equal(actual, expected, atol: float = 1e-5, rtol: float =
         return
     a, e = _np(actual).astype(np.float64), _np(expected).astype(np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
-    err = np.abs(a - e)
-    bad = err > atol + rtol * np.abs(e)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements differ; "
-                           f"max abs err {err.max():.3e} (atol {atol}, rtol {rtol})")
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - e)
+        same = (a == e) | (np.isnan(a) & np.isnan(e))
+        bad = ~(same | (err <= atol + rtol * np.abs(e)))
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements differ "
+                           f"({int((~np.isfinite(a) & bad).sum())} not finite); max abs err "
+                           f"{np.nanmax(np.where(bad, err, 0.0)) if bad.any() else 0:.3e} (atol {atol}, rtol {rtol})")

@@ -23,7 +23,7 @@ def test_compile_torch_and_reload(model, tmp_path, capsys):
     out = tmp_path / "art"
     assert main(["compile", model, "--upcycle", "4", "--top-k", "2", "--to", "torch", "--out", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["verification"]["ok"] and [c["label"] for c in m["verification"]["checks"]] == ["example", "fresh"]
+    assert m["verification"]["ok"] and [c["label"] for c in m["verification"]["checks"]] == ["example", "fresh", "perturbed"]
     assert m["verification"]["checks"][0]["shapes"] != m["verification"]["checks"][1]["shapes"]
     assert m["passes"][-1]["name"] == "upcycle" and m["passes"][-1]["stats"]["ffn_rewritten"] >= 3
     assert all(layer["num_experts"] == 4 for layer in m["layers"])
@@ -124,9 +124,10 @@ def test_autotuned_torch_artifact_carries_its_table(tmp_path, monkeypatch):
     assert main(["compile", GPT, "--upcycle", "4", "--top-k", "2", "--autotune", "--out", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert "kernels.json" in m["backend"]["files"] and (out / "kernels.json").exists()
-    assert all(k["kernel"] == "torch.auto" and "bucket" in k["reason"] for k in m["backend"]["kernels"])
     tables = select.load(out / "kernels.json")
     assert len(tables) == 1 and all(b["kernel"] in b["times_ms"] for b in next(iter(tables.values()))["buckets"])
+    assert all(k["kernel"] == f"torch.auto@{next(iter(tables))}" and "bucket" in k["reason"]   # its own table
+               for k in m["backend"]["kernels"])
 
 
 @pytest.mark.parametrize("flags,router,refit", [(["--to", "onnx"], "linear", "outputs"),

@@ -8,6 +8,7 @@ Inputs are matched to the model's inputs by position and cast to the dtype each 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,10 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 try:
-    from moecc.errors import MoeccError
-except ImportError:   # copied next to an artifact, without moecc installed
-    class MoeccError(Exception):
-        """One clear line, non-zero exit."""
+    from moecc.backends.input_check import MoeccError, check
+except ImportError:   # copied next to an artifact (with input_check.py), without moecc installed
+    from input_check import MoeccError, check
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -36,11 +36,13 @@ def session(model_path, threads: int | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 
-def runner(sess: ort.InferenceSession):
+def runner(sess: ort.InferenceSession, specs: list[dict] | None = None):
+    """`run(inputs)`; `specs` (the manifest's inputs) bound ids and dims before onnxruntime sees them."""
     wanted = sess.get_inputs()
     names = [o.name for o in sess.get_outputs()]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        check(inputs, specs)
         if len(inputs) != len(wanted):
             raise MoeccError(f"the model takes {len(wanted)} inputs ({', '.join(i.name for i in wanted)}), "
                              f"got {len(inputs)}")
@@ -59,11 +61,19 @@ def run_onnx(model_path, inputs: list[np.ndarray], threads: int | None = None) -
 
 
 def load(artifact_dir, manifest: dict | None = None, threads: int | None = None):
-    """`run(inputs) -> outputs` for the artifact's model.onnx (the file named in the manifest, if any)."""
-    manifest = manifest or {}
+    """`run(inputs) -> outputs` for the artifact's model.onnx (the file named in the manifest, if any);
+    inputs outside the bounds in the manifest (given, else DIR/manifest.json) are refused."""
+    manifest = manifest or _manifest(Path(artifact_dir))
     files = (manifest.get("backend") or {}).get("files") or manifest.get("files") or []
     name = next((f for f in files if str(f).endswith(".onnx")), "model.onnx")
     path = Path(artifact_dir) / name
     if not path.exists():
         raise MoeccError(f"{artifact_dir}: no {name}; is this an ONNX artifact (moecc compile --to onnx)?")
-    return runner(session(path, threads))
+    return runner(session(path, threads), manifest.get("inputs"))
+
+
+def _manifest(artifact: Path) -> dict:
+    try:
+        return json.loads((artifact / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}

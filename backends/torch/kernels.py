@@ -99,14 +99,16 @@ def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESp
 
 def _accumulate(xt: Tensor, items: list) -> Tensor:
     """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads the items run
-    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end."""
+    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end.
+    Half precision (bf16/fp16) keeps the reference's order, one item after another: partial sums
+    rounded per thread would differ from moe_reference in ~1/3 of the outputs."""
     def work(group) -> Tensor:
         y = torch.zeros_like(xt)                                             # [T, H]
         for i in group:
             items[i][1](y)
         return y
     threads = torch.get_num_threads()
-    if threads > 1 and len(items) > 1:
+    if threads > 1 and len(items) > 1 and xt.dtype not in HALF:    # half: the reference's summation order
         parts = run_groups(work, balance([c for c, _ in items], threads))
         for p in parts[1:]:
             parts[0].add_(p)

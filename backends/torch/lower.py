@@ -3,13 +3,15 @@
     ExportedProgram (moe nodes)  ⇒  moecc.decompose: routing as ATen ops + one experts node per layer
                                  ⇒  experts nodes' `kernel` argument set  ⇒  model.pt2 (+ kernels.json)
 
-The token count varies at run time, so a layer's kernel is "torch.auto": it dispatches per call by
-token-count bucket (decode … prefill), from the cost model or, with `--autotune`, from measurements
-made here and carried in the artifact's kernels.json. `--kernel NAME` forces one kernel everywhere.
+The token count varies at run time, so a layer's kernel is "torch.auto@<table>": it dispatches per call
+by token-count bucket (decode … prefill) from its own table in the artifact's kernels.json: the cost
+model's choices, or with `--autotune` measurements made here (nothing is measured at run time, and two
+artifacts never share a table). `--kernel NAME` forces one kernel everywhere.
 Loading needs `import moecc.ops` before `torch.export.load`: `moecc.load(dir)` does it.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -34,18 +36,19 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     choices, tables = [], {}
     for node, spec in experts_nodes(program.graph_module):
         key = select.spec_key(spec)
-        if options.get("autotune") and not options.get("kernel") and key not in tables:
-            tables[key] = select.autotune(spec)
+        if not options.get("kernel") and key not in tables:          # carried: no measuring at run time
+            tables[key] = select.autotune(spec) if options.get("autotune") else select.cost_table(spec)
         choice = choose_kernel(spec, options, tables.get(key))
+        if key in tables and choice.kernel == select.AUTO:           # this artifact's own table
+            choice = dataclasses.replace(choice, kernel=select.install_layer(tables[key]))
         set_experts_kernel(node, choice.kernel)
         choices.append(choice)
     program.graph_module.recompile()
     files = ["model.pt2"]
     torch.export.save(program, Path(out_dir) / "model.pt2")
     if tables:
-        select.save(tables, Path(out_dir) / TABLES)
-        select.install(tables)             # verification in this process uses them too
+        select.save({select.table_id(t): t for t in tables.values()}, Path(out_dir) / TABLES)
         files.append(TABLES)
     return Lowered(files=files, kernels=choices, notes={"format": "torch.export (.pt2), decomposed: "
                                                         "routing as ATen ops, one moecc::experts node per layer",
-                                                        "autotuned": bool(tables)})
+                                                        "autotuned": bool(options.get("autotune") and tables)})

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import skinny
+from . import cache, skinny
 from .gemm import linear
 
 VERSION = 6               # bump when what is measured changes: old cache entries are measured again
@@ -38,7 +38,7 @@ _override: dict | None = None
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("MOECC_CACHE_DIR") or pathlib.Path.home() / ".cache" / "moecc")
+    return cache.cache_dir()
 
 
 def machine_key() -> str:

@@ -23,6 +23,8 @@ import torch
 _lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_workers = 0
+_sections = 0                  # callers inside run_groups now (any thread)
+_base_threads = 0              # the process's intra-op thread count when the first of them entered
 
 
 def _worker_init() -> None:
@@ -30,14 +32,33 @@ def _worker_init() -> None:
 
 
 def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool with at least `workers` threads. A smaller one is replaced but never shut down under a
+    caller still using it (its threads end when the last reference to it goes)."""
     global _pool, _pool_workers
     with _lock:
         if _pool is None or _pool_workers < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
             _pool = concurrent.futures.ThreadPoolExecutor(workers, "moecc-experts", initializer=_worker_init)
             _pool_workers = workers
         return _pool
+
+
+def _enter() -> int:
+    """The process's intra-op thread count, as it was before any caller lowered it to 1."""
+    global _sections, _base_threads
+    with _lock:
+        if _sections == 0:
+            _base_threads = torch.get_num_threads()
+        _sections += 1
+        return _base_threads
+
+
+def _leave(threads: int) -> None:
+    """Every caller restores the count it found before any section (never a lowered one), so two
+    callers interleaving cannot leave the process at 1 thread."""
+    global _sections
+    with _lock:
+        _sections -= 1
+        torch.set_num_threads(threads)
 
 
 def balance(costs: list[float], parts: int) -> list[list[int]]:
@@ -53,20 +74,23 @@ def balance(costs: list[float], parts: int) -> list[list[int]]:
 
 def run_groups(fn, groups: list) -> list:
     """fn(group) for every group concurrently (the caller's thread takes the first), each with
-    one intra-op thread; the caller's thread count is restored afterwards."""
+    one intra-op thread; the caller's thread count is restored afterwards. Every future is awaited
+    before an exception (the first one) propagates."""
     if len(groups) <= 1:
         return [fn(g) for g in groups]
-    threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
 
     def job(group):
         with torch.inference_mode() if inference else torch.no_grad():
             return fn(group)
-    pool = _executor(len(groups) - 1)
-    torch.set_num_threads(1)
+    threads = _enter()
     try:
-        futures = [pool.submit(job, g) for g in groups[1:]]
-        first = fn(groups[0])
+        torch.set_num_threads(1)
+        futures = [_executor(len(groups) - 1).submit(job, g) for g in groups[1:]]
+        try:
+            first = fn(groups[0])
+        finally:
+            concurrent.futures.wait(futures)
         return [first] + [f.result() for f in futures]
     finally:
-        torch.set_num_threads(threads)
+        _leave(threads)

@@ -106,6 +106,25 @@ def _choose_auto(spec: MoESpec, candidates, table: dict | None) -> KernelChoice:
                         {})
 
 
+def cost_table(spec: MoESpec, candidates=None) -> dict:
+    """The cost model's layer table (as autotune's, with modelled times): carried in an artifact, so
+    the run time dispatches without measuring this machine inside a forward."""
+    names = _candidates(candidates)
+    buckets = []
+    for t in BUCKET_TOKENS:
+        times = {n: round(KERNELS[n].cost(spec, t) * 1e3, 6) for n in names if KERNELS[n].checker(spec, t) is True}
+        buckets.append({"bucket": bucket_of(t), "max_tokens": BUCKETS[bucket_of(t)], "tokens": t,
+                        "kernel": min(times, key=times.get), "times_ms": times})
+    return {"spec": spec.to_dict(), "machine": machine.machine_key(), "candidates": names,
+            "source": "cost model", "buckets": buckets}
+
+
+def warm(spec: MoESpec, kernel: str = AUTO) -> None:
+    """Resolve every bucket's choice now (at load time) rather than inside the first forward."""
+    for b in range(len(BUCKETS)):
+        _bucket_choice(spec, b, kernel.partition("@")[2])
+
+
 def _table_entry(table: dict | None, tokens: int) -> dict | None:
     if not table:
         return None
@@ -188,10 +207,24 @@ def load(path) -> dict:
 
 # ---- run-time dispatch ("torch.auto") --------------------------------------------------------
 
+def table_id(table: dict) -> str:
+    """Content address of a layer table: two artifacts' tables never share a key unless equal."""
+    return hashlib.sha1(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def install(tables: dict) -> None:
-    """Make torch.auto use these tuned tables ({spec_key: layer table}), e.g. an artifact's file."""
+    """Make torch.auto use these tuned tables, e.g. an artifact's file: {table_id: table}, read by
+    the kernel "torch.auto@<table_id>" (per artifact), or legacy {spec_key: table}, read by plain
+    "torch.auto" (process-wide, by shape)."""
     _installed.update(tables)
     _bucket_choice.cache_clear()
+
+
+def install_layer(table: dict) -> str:
+    """Install one layer table under its content address; the kernel name that dispatches with it."""
+    key = table_id(table)
+    install({key: table})
+    return f"{AUTO}@{key}"
 
 
 def install_file(path) -> bool:
@@ -208,21 +241,22 @@ def uninstall() -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _bucket_choice(spec: MoESpec, bucket: int) -> str:
+def _bucket_choice(spec: MoESpec, bucket: int, table: str) -> str:
     """Keyed by the (frozen, hashable) spec itself: hashing it costs ~1 µs, spec.to_json() ~45 µs."""
-    return choose(spec, BUCKET_TOKENS[bucket], table=_installed.get(spec_key(spec))).kernel
+    return choose(spec, BUCKET_TOKENS[bucket], table=_installed.get(table or spec_key(spec))).kernel
 
 
-def dispatch(spec: MoESpec, tokens: int) -> str:
-    """The kernel torch.auto runs for this call: the installed table's choice for the token-count
-    bucket, else the cost model's at the bucket's token count (cached per spec and bucket); a
-    kernel whose checker refuses this exact count falls back to torch.grouped_gemm."""
-    kernel = _bucket_choice(spec, bucket_of(tokens))
+def dispatch(spec: MoESpec, tokens: int, kernel: str = AUTO) -> str:
+    """The kernel `kernel` ("torch.auto" or "torch.auto@<table_id>") runs for this call: the
+    table's choice for the token-count bucket, else the cost model's at the bucket's token count
+    (cached per spec, bucket and table); a kernel whose checker refuses this exact count falls back
+    to torch.grouped_gemm."""
+    kernel = _bucket_choice(spec, bucket_of(tokens), kernel.partition("@")[2])
     return kernel if KERNELS[kernel].checker(spec, tokens) is True else "torch.grouped_gemm"
 
 
 def _known(kernel: str, spec: MoESpec) -> str:
-    if kernel != AUTO and kernel not in KERNELS:
+    if not kernel.startswith(AUTO) and kernel not in KERNELS:
         raise MoeccError(f"MoE layer {spec.name or '?'}: unknown torch kernel {kernel!r}; choose one of "
                          f"{', '.join([*KERNELS, AUTO])} or 'reference'")
     return kernel
@@ -230,7 +264,8 @@ def _known(kernel: str, spec: MoESpec) -> str:
 
 def run_experts(kernel: str, xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> torch.Tensor:
     """What `moecc.ops.run_experts_kernel` calls for a torch kernel name (AUTO: by token-count bucket)."""
-    kernel = dispatch(spec, xt.shape[0]) if _known(kernel, spec) == AUTO else kernel
+    if _known(kernel, spec).startswith(AUTO):          # "torch.auto" or "torch.auto@<table_id>"
+        kernel = dispatch(spec, xt.shape[0], kernel)
     if xt.numel() == 0:
         return torch.zeros_like(xt)
     return KERNELS[kernel].fn(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)

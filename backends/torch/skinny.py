@@ -19,9 +19,13 @@ rows it streams each row once along K, with M ≤ 6 rows of `a` against it in 25
 re-read from L1 for the next rows of `a` (rows of ≤ 512 floats: the next tile is prefetched): ~15 GB/s at m = 2 (the bandwidth), 1.3-2x faster than
 MKL for m = 2..32.
 
-The C source is below; it is compiled with the system's `cc` on first use into
-`machine.cache_dir()/skinny-<hash>.so` (atomic rename: parallel test workers are safe). Without a
-compiler, on a CPU without AVX2/FMA, or on failure: available() is False and gemm.linear keeps BLAS.
+The C source is below; it is compiled with the system's `cc` once per machine into a private cache
+(`cache.private_dir("kernels")`: 0700, owner-checked) as `skinny-<sha256 of source, compiler, version,
+flags>-<digest>.so`, under a file lock (one builder across threads and processes), its digest recorded and
+checked before every load; a library that fails to load or lacks a symbol is rebuilt; a failing
+compiler is remembered (`.failed`) and not retried. The torch backend builds it at compile time and
+when an artifact is loaded, never inside a forward. Without a compiler, on a CPU without AVX2/FMA,
+or on failure: available() is False, one warning is logged, and gemm.linear keeps BLAS.
 Numerics: float32 FMAs in K order, 8 partial sums per output: within float32 rounding of BLAS;
 the activations use libm's expf/erff/tanhf (within float32 rounding of torch's).
 Why moe() is one C call: at decode the torch form (sort, gather, 2 grouped GEMMs, activation, scale,
@@ -30,16 +34,20 @@ index_add_) was ~45 torch ops, 0.5-0.6 ms of a 4.5 ms DeepSeek-like layer (1 thr
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
+import logging
 import os
+import pathlib
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import torch
 from torch import Tensor
+
+from .cache import check_private, locked, private_dir
 
 MAX_M = 32             # above this MKL's packed kernels win (measured: m = 32 still 1.3x for this)
 
@@ -209,42 +217,135 @@ def _cpu_ok() -> bool:
         return False
 
 
-def _build(path) -> None:
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+SYMBOLS = ("skinny_gemm", "skinny_moe", "skinny_ffn_all")
+log = logging.getLogger("moecc.kernels")
+_lock = threading.Lock()
+
+
+def _compiler() -> tuple[str, str] | None:
+    """(path, version line) of the C compiler ($CC, cc or gcc), or None."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
-        raise OSError("no C compiler")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+        return None
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cc, (out.splitlines() or [""])[0]
+
+
+def build_key(cc: str, version: str) -> str:
+    """Content address of the library: the source, the compiler (path and version) and the flags."""
+    return hashlib.sha256("\0".join([SOURCE, cc, version, *FLAGS]).encode()).hexdigest()[:20]
+
+
+def _build(cc: str, pointer: pathlib.Path) -> None:
+    """Compile into the pointer's directory as <stem>-<digest>.so (a new name per content, so a
+    process that loaded a bad library still loads the rebuilt one) and record its digest in `pointer`."""
+    with tempfile.TemporaryDirectory(dir=pointer.parent) as tmp:
         src = os.path.join(tmp, "skinny.c")
         with open(src, "w") as f:
             f.write(SOURCE)
-        out = path.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-o", str(out), src, "-lm"],
-                       check=True, capture_output=True, timeout=120)
-        out.replace(path)
+        out = os.path.join(tmp, "skinny.so")
+        r = subprocess.run([cc, *FLAGS, "-o", out, src, "-lm"], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise RuntimeError(f"{os.path.basename(cc)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.chmod(out, 0o700)
+        digest = _sha256(out)
+        os.replace(out, _library(pointer, digest))
+        tmp_pointer = pointer.with_suffix(".tmp")
+        tmp_pointer.write_text(digest)
+        os.replace(tmp_pointer, pointer)
 
 
-@functools.lru_cache(maxsize=1)
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _library(pointer: pathlib.Path, digest: str) -> pathlib.Path:
+    return pointer.with_name(f"{pointer.stem}-{digest[:16]}.so")
+
+
+def _open(pointer: pathlib.Path):
+    """Load the library the pointer names if it is ours, private and has the recorded digest."""
+    check_private(pointer)
+    digest = pointer.read_text().strip()
+    path = _library(pointer, digest)
+    check_private(path)
+    if _sha256(path) != digest:
+        raise OSError(f"{path.name}: its checksum does not match the one recorded at build time")
+    lib = ctypes.CDLL(str(path))
+    for name in SYMBOLS:
+        getattr(lib, name)                              # AttributeError: a symbol is missing
+    return lib
+
+
+def _load_or_build():
+    """The library: loaded from the private cache, else (re)built there once under a lock. Raises
+    with the reason; a compiler failure is remembered (`.failed`) so other processes do not retry."""
+    found = _compiler()
+    if found is None:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    directory = private_dir("kernels")
+    pointer = directory / f"skinny-{build_key(*found)}.sha256"
+    failed = pointer.with_suffix(".failed")
+    with locked(directory / "build.lock"):
+        if failed.exists():
+            raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()}); delete {failed} to retry")
+        if pointer.exists():
+            try:
+                return _open(pointer)
+            except (OSError, AttributeError) as e:
+                log.warning("cached C kernel did not load (%s): rebuilding it", e)
+                pointer.unlink(missing_ok=True)
+        try:
+            _build(found[0], pointer)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            failed.write_text(str(e))
+            raise RuntimeError(str(e)) from None
+        log.info("built C kernel %s", pointer.with_suffix(".so"))
+        return _open(pointer)
+
+
 def _lib():
-    """The loaded kernel, or None (see module doc)."""
-    if os.environ.get("MOECC_NO_SKINNY") or not _cpu_ok():
-        return None
-    from .machine import cache_dir
-    path = cache_dir() / f"skinny-{hashlib.sha1(SOURCE.encode()).hexdigest()[:12]}.so"
-    try:
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fn, moe_fn, ffn_fn = lib.skinny_gemm, lib.skinny_moe, lib.skinny_ffn_all
-    L, P, I, Fl = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [P, L, P, L, L, P, L, L]
-    moe_fn.argtypes = [P, L, L, P, P, L, L, P, L, P, L, P, P, I, I, Fl, Fl, L, L, P]
-    ffn_fn.argtypes = [P, L, L, P, L, P, L, I, I, Fl, Fl, P]
-    fn.restype = None
-    moe_fn.restype = ffn_fn.restype = ctypes.c_int
-    return fn, moe_fn, ffn_fn   # ctypes releases the GIL during the call (parallel.py threads)
+    """The loaded kernel, or None (see module doc); built or loaded once per process (thread-safe),
+    and one logged warning when it is unavailable and BLAS is used instead."""
+    global _loaded
+    if _loaded is not False:
+        return _loaded
+    with _lock:
+        if _loaded is not False:
+            return _loaded
+        if os.environ.get("MOECC_NO_SKINNY") or not _cpu_ok():
+            _loaded = None
+            return None
+        try:
+            lib = _load_or_build()
+        except (OSError, RuntimeError, AttributeError) as e:
+            log.warning("the C skinny-GEMM kernel is unavailable (%s); using BLAS (slower for few tokens)", e)
+            _loaded = None
+            return None
+        fn, moe_fn, ffn_fn = lib.skinny_gemm, lib.skinny_moe, lib.skinny_ffn_all
+        L, P, I, Fl = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        fn.argtypes = [P, L, P, L, L, P, L, L]
+        moe_fn.argtypes = [P, L, L, P, P, L, L, P, L, P, L, P, P, I, I, Fl, Fl, L, L, P]
+        ffn_fn.argtypes = [P, L, L, P, L, P, L, I, I, Fl, Fl, P]
+        fn.restype = None
+        moe_fn.restype = ffn_fn.restype = ctypes.c_int
+        _loaded = (fn, moe_fn, ffn_fn)   # ctypes releases the GIL during the call (parallel.py threads)
+        return _loaded
+
+
+def reset() -> None:
+    """Forget the loaded kernel (tests; the next call loads or builds again)."""
+    global _loaded
+    with _lock:
+        _loaded = False
+
+
+_loaded = False        # False: not tried yet; None: unavailable; else the three functions
 
 
 def available() -> bool:

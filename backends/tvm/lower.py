@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -76,14 +78,15 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     mod = importer.bounded_takes(mod)                   # no gather reads out of bounds (issue 18)
     t1 = time.perf_counter()
     names, params = parameters(program, mod)
-    try:
-        with target:
-            executable = tvm.compile(mod, target)
-    except Exception as e:
-        raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
-                         f"{type(e).__name__}: {message(e)}") from e
-    t2 = time.perf_counter()
-    executable.export_library(str(out_dir / LIBRARY))
+    with interrupts_noted():           # Ctrl-C during TVM's C++ work is an interrupt, not a TVM failure
+        try:
+            with target:
+                executable = tvm.compile(mod, target)
+        except Exception as e:
+            raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
+                             f"{type(e).__name__}: {message(e)}") from e
+        t2 = time.perf_counter()
+        executable.export_library(str(out_dir / LIBRARY))
     np.savez(out_dir / PARAMS, **dict(zip(names, params)))
     meta = {
         "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
@@ -96,6 +99,28 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     notes = {"target": str(target), "tvm": tvm.__version__, "import_s": round(t1 - t0, 3),
              "compile_s": round(t2 - t1, 3), "weights": f"{PARAMS} (main's inputs after the user inputs)"}
     return Lowered(files=[LIBRARY, PARAMS, META], kernels=choices, notes=notes)
+
+
+class interrupts_noted:
+    """SIGINT inside TVM's C++ code (or in the compiler it spawns) is not a KeyboardInterrupt: TVM runs
+    on, or fails with its own error once its child dies. Note the signal, let TVM return, and raise
+    KeyboardInterrupt then, whatever TVM made of it (main thread only; elsewhere a no-op)."""
+
+    def __enter__(self):
+        self.hit, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, *_):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit:
+            raise KeyboardInterrupt from None
+        return False
 
 
 # ---------------------------------------------------------------- the experts op

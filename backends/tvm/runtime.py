@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from moecc.errors import MoeccError
-except ImportError:   # copied next to an artifact, without moecc installed
-    class MoeccError(Exception):
-        """One clear line, non-zero exit."""
+    from moecc.backends.input_check import MoeccError, check
+except ImportError:   # copied next to an artifact (with input_check.py), without moecc installed
+    from input_check import MoeccError, check
 
 META = "tvm_meta.json"
 FORMAT = "moecc.tvm/1"
@@ -61,8 +60,11 @@ def read_meta(artifact: Path) -> dict:
 
 
 def load(artifact_dir, manifest: dict | None = None):
+    """`run(inputs)`; inputs outside the bounds in the manifest (given, else DIR/manifest.json) are
+    refused before TVM runs: its compiled gathers do not check indices."""
     artifact = Path(artifact_dir)
     meta = read_meta(artifact)
+    specs = (manifest or _manifest(artifact)).get("inputs")
     tvm = import_tvm()
     if meta["device"] != "cpu":
         raise MoeccError(f"TVM artifact {artifact} targets {meta['device']}; this runtime runs CPU artifacts")
@@ -81,10 +83,18 @@ def load(artifact_dir, manifest: dict | None = None):
         params = [tvm.runtime.tensor(as_dtype(data[n], d), dev) for n, d in zip(meta["param_names"], dtypes)]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        check(inputs, specs)
         arrays = check_inputs(inputs, meta["inputs"])
         out = main(*[tvm.runtime.tensor(a, dev) for a in arrays], *params)
         return [np.asarray(o.numpy()) for o in flatten(out)]
     return run
+
+
+def _manifest(artifact: Path) -> dict:
+    try:
+        return json.loads((artifact / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def check_inputs(inputs: list, specs: list[dict]) -> list[np.ndarray]:
