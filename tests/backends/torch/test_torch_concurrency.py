@@ -82,7 +82,7 @@ def test_concurrent_kernels_stay_exact(two_threads):
 
     def caller(i):
         for _ in range(50):
-            assert_numerically_equal(kernels.run("torch.loop", *args, spec=spec), want, atol=1e-5, rtol=1e-5)
+            assert_numerically_equal(select.run("torch.loop", *args, spec=spec), want, atol=1e-5, rtol=1e-5)
     _concurrently(caller, 2)
 
 
@@ -133,7 +133,7 @@ def test_two_artifacts_with_the_same_shapes_keep_their_own_tables():
     try:
         kernel_a = select.install_layer(fast_loop)
         kernel_b = select.install_layer(fast_dense)
-        assert kernel_a != kernel_b and kernel_a.startswith(kernels.AUTO)
+        assert kernel_a != kernel_b and kernel_a.startswith(select.AUTO)
         assert select.dispatch(spec, 64, kernel_a) == "torch.loop"
         assert select.dispatch(spec, 64, kernel_b) == "torch.dense_masked"
     finally:
@@ -145,5 +145,5 @@ def test_bf16_with_two_threads_keeps_the_reference_order(two_threads):
     args = _args(spec, w, T=64, dtype=torch.bfloat16)
     want = moe_reference(*args, spec=spec)
     for name in ("torch.loop", "torch.grouped_gemm"):
-        got = kernels.run(name, *args, spec=spec)
+        got = select.run(name, *args, spec=spec)
         assert torch.equal(got, want), f"{name}: {(got != want).sum()} of {got.numel()} differ"
