@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from moecc.backends.torch import kernels, parallel, select
+from moecc.backends.torch import parallel, select
 from moecc.ops import call_moe, moe_reference, record_routing
 from moecc.spec import MoESpec, RouterSpec
 from numerics import assert_numerically_equal
