@@ -1,4 +1,4 @@
-"""The `moecc` command line: compile, inspect, run (+ bench, plan, trace from their own modules).
+"""The `moecc` command line: compile, inspect, run (+ bench, plan, trace, simulate from their own modules).
 
 Every user mistake ends as one line `moecc: error: ...` and exit code 2; nothing half-written.
 """
@@ -19,7 +19,7 @@ COMPILE_EXAMPLES = """examples:
 """
 
 EXTRA_COMMANDS = [("moecc.cli_bench", "add_bench_parser"), ("moecc.cli_plan", "add_plan_parser"),
-                  ("moecc.cli_plan", "add_trace_parser")]
+                  ("moecc.cli_plan", "add_trace_parser"), ("moecc.cli_simulate", "add_simulate_parser")]
 
 
 def _add_compile(sub) -> None:
