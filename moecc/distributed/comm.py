@@ -1,0 +1,129 @@
+"""Collectives of the expert-parallel runtime, each bounded by the process group's timeout and turned
+into one error naming the rank and the layer.
+
+    init(backend, timeout_s, ...)            init_process_group with a timeout (gloo on CPU, nccl on GPU)
+    all_to_all(t, send, recv, group, where)  autograd all-to-all (backward: the reverse all-to-all)
+    all_to_all_async(...) -> Pending         the same, in flight until .wait() (functional collectives)
+    agree(vec, group, where) -> [W, n]       every rank's vector, gathered: the numbers that shape
+                                             the next collectives, seen identically by all ranks
+
+A collective that fails (a peer died: connection closed; a peer stalls: gloo's timeout) raises
+`EPError("rank R: layer L: <phase>: <cause>")`; the launcher prints that line and exits non-zero at
+once (no teardown collective that could wait on the dead peer).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moecc.errors import MoeccError
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class EPError(MoeccError):
+    """An expert-parallel collective failed or the ranks disagree; names the rank and the layer."""
+
+
+def rank_of(group=None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def fail(where: str, message: str, group=None) -> EPError:
+    return EPError(f"rank {rank_of(group)}: {where}: {message}")
+
+
+def _run(where: str, group, fn):
+    try:
+        return fn()
+    except EPError:
+        raise
+    except (RuntimeError, dist.DistError) as e:   # DistBackendError, gloo timeouts, closed sockets
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise fail(where, f"collective failed ({cause[:300]})", group) from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, rank: int | None = None,
+         world_size: int | None = None, init_method: str | None = None) -> None:
+    """init_process_group with `timeout_s` on every collective. rank / world size / address default
+    to torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    try:
+        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
+                                world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, dist.DistError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EPError(f"rank {rank}: process group of {world_size} ranks did not form within "
+                      f"{timeout_s:g} s ({cause[:200]}); check that every rank was started with "
+                      "the same world size") from None
+
+
+def agree(vec: Tensor, group, where: str) -> Tensor:
+    """vec [n] int64 -> [W, n]: every rank's vector (all_gather), identical on all ranks."""
+    W = dist.get_world_size(group)
+    out = [torch.empty_like(vec) for _ in range(W)]
+    _run(where, group, lambda: dist.all_gather(out, vec.contiguous(), group=group))
+    return torch.stack(out)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, send, recv, group, where):
+        ctx.send, ctx.recv, ctx.group, ctx.where = send, recv, group, where
+        return _exchange(t, send, recv, group, where)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (_exchange(g, ctx.recv, ctx.send, ctx.group, ctx.where + " (backward)"),
+                None, None, None, None)
+
+
+def _exchange(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Tensor:
+    out = t.new_empty((sum(recv), *t.shape[1:]))
+    _run(where, group, lambda: dist.all_to_all_single(out, t.contiguous(), recv, send, group=group))
+    return out
+
+
+def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Tensor:
+    """t [sum(send), ...] -> [sum(recv), ...]: rows send[j] go to rank j, rows recv[j] come from
+    rank j, in rank order. Differentiable (backward: the reverse all-to-all)."""
+    if t.requires_grad:
+        return _AllToAll.apply(t, send, recv, group, where)
+    return _exchange(t, send, recv, group, where)
+
+
+class Pending:
+    """An all-to-all in flight; wait() -> the received tensor (errors name rank and layer)."""
+
+    def __init__(self, tensor, group, where: str):
+        self._t, self._group, self.where = tensor, group, where
+
+    def wait(self) -> Tensor:
+        t = self._t
+        if hasattr(t, "trigger_wait"):
+            t = _run(self.where, self._group, t.trigger_wait)
+        return t
+
+
+def all_to_all_async(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Pending:
+    """all_to_all issued now, waited for at Pending.wait() (torch's functional collectives: autograd
+    included, the backward all-to-all issued by the autograd engine)."""
+    import torch.distributed._functional_collectives as fc
+
+    fn = fc.all_to_all_single_autograd if t.requires_grad else fc.all_to_all_single
+    out = _run(where, group, lambda: fn(t.contiguous(), list(recv), list(send), group))
+    return Pending(out, group, where)

@@ -1,0 +1,103 @@
+"""Expert-parallel test problems: one global batch, split over ranks, and its single-process reference.
+
+A case is a JSON-able dict: world, tokens per rank, E, k, H, F, dtype, routing scenario, placement
+("contiguous" or a share matrix [E, W] with replicas), seed. `problem(case)` builds the same tensors in
+every process; `reference(case)` runs torch.ops.moecc.experts on the concatenated batch (rank-major)
+over the physical copies (one per expert without replicas: the plain op on the layer's weights).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moecc.distributed.layout import LayerPlacement
+from moecc.ops import call_experts
+from moecc.passes.placement.metrics import dispatch
+from moecc.spec import MoESpec, RouterSpec
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def placement(case) -> LayerPlacement:
+    if case.get("share") is None:
+        return LayerPlacement.contiguous(f"layer{case['layer']}", case["E"], case["world"])
+    return LayerPlacement(f"layer{case['layer']}", np.asarray(case["share"], float),
+                          np.asarray(case.get("local", [False] * case["E"]), bool),
+                          case.get("per_node", 1))
+
+
+def spec(case) -> MoESpec:
+    return MoESpec(num_experts=case["E"], hidden=case["H"], ffn=case["F"],
+                   activation=case.get("act", "swiglu"), expert_bias=case.get("bias", False),
+                   router=RouterSpec(top_k=case["k"]), name=f"layer{case['layer']}")
+
+
+def _ids(case, T, g) -> torch.Tensor:
+    E, k, kind = case["E"], case["k"], case["routing"]
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.zeros(0, k, dtype=torch.int64)
+    if kind == "one_expert":                      # every token's only choice: expert 0
+        ids[:, 0] = case.get("hot", 0)
+        ids[:, 1:] = -1
+    elif kind == "skip_experts":                  # experts >= E/2 get nothing
+        half = max(E // 2, k)
+        ids = torch.stack([torch.randperm(half, generator=g)[:k] for _ in range(T)]) if T else ids
+    elif kind == "drops":                         # random empty slots (capacity drops)
+        ids[torch.rand(ids.shape, generator=g) < 0.3] = -1
+    return ids
+
+
+def problem(case):
+    """-> dict of global tensors: x [T, H], ids [T, k], weights [T, k], w_in, w_out, b_in, b_out,
+    grad [T, H] (the upstream gradient), counts [W] tokens per rank."""
+    g = torch.Generator().manual_seed(case["seed"])
+    dt = DTYPES[case["dtype"]]
+    T, E, H, F = sum(case["tokens"]), case["E"], case["H"], case["F"]
+    R = 2 * F if spec(case).activation in ("swiglu", "geglu") else F
+    p = {"x": torch.randn(T, H, generator=g, dtype=dt), "ids": _ids(case, T, g),
+         "w_in": torch.randn(E, R, H, generator=g, dtype=dt) / H ** 0.5,
+         "w_out": torch.randn(E, H, F, generator=g, dtype=dt) / F ** 0.5,
+         "grad": torch.randn(T, H, generator=g, dtype=dt)}
+    p["weights"] = torch.rand(p["ids"].shape, generator=g, dtype=dt) * (p["ids"] >= 0)
+    if case.get("bias"):
+        p["b_in"] = torch.randn(E, R, generator=g, dtype=dt)
+        p["b_out"] = torch.randn(E, H, generator=g, dtype=dt)
+    return p
+
+
+def devices(case, ids: torch.Tensor) -> np.ndarray:
+    """[T, k] rank computing each pair of the global batch (the runtime's rule: placement.metrics
+    dispatch with rank-major token numbers; a token's node = its rank's node)."""
+    pl = placement(case)
+    owner = np.repeat(np.arange(case["world"]), case["tokens"])
+    return dispatch(pl.share, ids.numpy(), pl.local, owner // pl.devices_per_node,
+                    pl.devices_per_node, np.arange(ids.shape[0]))
+
+
+def copies(case) -> list[tuple[int, int]]:
+    """Physical copies (expert, rank), sorted by expert then rank."""
+    share = placement(case).share
+    return [(int(e), int(r)) for e, r in zip(*np.nonzero(share > 0))]
+
+
+def reference(case) -> dict:
+    """Single process, the same order: y and the gradients of x, weights and every physical copy's
+    weights ([P, ...], copies() order) through torch.ops.moecc.experts."""
+    p = problem(case)
+    cps = copies(case)
+    phys = {c: i for i, c in enumerate(cps)}
+    dev = devices(case, p["ids"])
+    ids = p["ids"].clone()
+    for t, s in zip(*np.nonzero(dev >= 0)):
+        ids[t, s] = phys[(int(p["ids"][t, s]), int(dev[t, s]))]
+    experts = [e for e, _ in cps]
+    leaves = {n: p[n].clone().requires_grad_(True) for n in ("x", "weights")}
+    for n in ("w_in", "w_out", "b_in", "b_out"):
+        if n in p:
+            leaves[n] = p[n][experts].clone().requires_grad_(True)
+    y = call_experts(leaves["x"], ids, leaves["weights"], leaves["w_in"], leaves["w_out"],
+                     spec(case), b_in=leaves.get("b_in"), b_out=leaves.get("b_out"))
+    names = list(leaves)
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], p["grad"], allow_unused=True)
+    out = {"y": y.detach(), **{f"grad_{n}": gr for n, gr in zip(names, grads)}}
+    return out
