@@ -2,8 +2,7 @@
 into one error naming the rank and the layer.
 
     init(backend, timeout_s, ...)            init_process_group with a timeout (gloo on CPU, nccl on GPU)
-    all_to_all(t, send, recv, group, where)  autograd all-to-all (backward: the reverse all-to-all)
-    all_to_all_async(...) -> Pending         the same, in flight until .wait() (functional collectives)
+    all_to_all(t, send, recv, group, where, async_op) -> Pending   .wait() -> the received rows
     agree(vec, group, where) -> [W, n]       every rank's vector, gathered: the numbers that shape
                                              the next collectives, seen identically by all ranks
 
@@ -80,50 +79,26 @@ def agree(vec: Tensor, group, where: str) -> Tensor:
     return torch.stack(out)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, send, recv, group, where):
-        ctx.send, ctx.recv, ctx.group, ctx.where = send, recv, group, where
-        return _exchange(t, send, recv, group, where)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (_exchange(g, ctx.recv, ctx.send, ctx.group, ctx.where + " (backward)"),
-                None, None, None, None)
-
-
-def _exchange(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Tensor:
-    out = t.new_empty((sum(recv), *t.shape[1:]))
-    _run(where, group, lambda: dist.all_to_all_single(out, t.contiguous(), recv, send, group=group))
-    return out
-
-
-def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Tensor:
-    """t [sum(send), ...] -> [sum(recv), ...]: rows send[j] go to rank j, rows recv[j] come from
-    rank j, in rank order. Differentiable (backward: the reverse all-to-all)."""
-    if t.requires_grad:
-        return _AllToAll.apply(t, send, recv, group, where)
-    return _exchange(t, send, recv, group, where)
-
-
 class Pending:
-    """An all-to-all in flight; wait() -> the received tensor (errors name rank and layer)."""
+    """An all-to-all in flight: wait() -> the received tensor (errors name rank and layer)."""
 
-    def __init__(self, tensor, group, where: str):
-        self._t, self._group, self.where = tensor, group, where
+    def __init__(self, out: Tensor, work, group, where: str):
+        self.out, self._work, self._group, self.where = out, work, group, where
 
     def wait(self) -> Tensor:
-        t = self._t
-        if hasattr(t, "trigger_wait"):
-            t = _run(self.where, self._group, t.trigger_wait)
-        return t
+        if self._work is not None:
+            work, self._work = self._work, None
+            _run(self.where, self._group, work.wait)
+        return self.out
 
 
-def all_to_all_async(t: Tensor, send: list[int], recv: list[int], group, where: str) -> Pending:
-    """all_to_all issued now, waited for at Pending.wait() (torch's functional collectives: autograd
-    included, the backward all-to-all issued by the autograd engine)."""
-    import torch.distributed._functional_collectives as fc
-
-    fn = fc.all_to_all_single_autograd if t.requires_grad else fc.all_to_all_single
-    out = _run(where, group, lambda: fn(t.contiguous(), list(recv), list(send), group))
-    return Pending(out, group, where)
+def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str,
+               async_op: bool = False) -> Pending:
+    """t [sum(send), ...] -> [sum(recv), ...] (not differentiable: ep.py's autograd Functions wrap
+    it): rows send[j] go to rank j, rows recv[j] come from rank j, in rank order. async_op: in
+    flight until Pending.wait()."""
+    t = t.detach().contiguous()
+    out = t.new_empty((sum(recv), *t.shape[1:]))
+    work = _run(where, group, lambda: dist.all_to_all_single(out, t, list(recv), list(send),
+                                                            group=group, async_op=async_op))
+    return Pending(out, work if async_op else None, group, where)

@@ -9,10 +9,13 @@ rule placement.json documents: hash u_t of the token's global number t against t
 shares of the expert's copies; node-local experts to a copy on the token's node), so the traffic
 `moecc plan` scores is the traffic that runs.
 
-Row order (fixed, documented): a rank sends its rows grouped by destination rank, inside a group in
-(token, slot) order; a rank receives in source-rank order. So the rows of each local expert reach it
-in (source rank, token, slot) order: with tokens numbered rank-major, exactly the order in which
-`experts_reference` on the concatenated batch takes them (torch.where, row-major).
+What travels (fixed, documented order): a token's hidden state once per (token, destination rank)
+(the `device_sends` of placement metrics: a token whose experts share a rank is sent there once),
+grouped by destination rank, tokens ascending inside a group; per (token, slot) pair its routing
+weight, its expert's local id and the index of its hidden row, grouped by destination, in (token,
+slot) order inside a group. A rank receives in source-rank order, so the pairs of each local expert
+reach it in (source rank, token, slot) order: with tokens numbered rank-major, exactly the order in
+which `experts_reference` on the concatenated batch takes them (torch.where, row-major).
 """
 from __future__ import annotations
 
@@ -72,11 +75,14 @@ class LayerPlacement:
 
 @dataclass(frozen=True, eq=False)
 class Layout:
-    """The rows one rank sends for one layer call, in send order."""
-    token: Tensor                      # [N] token (row of x) of each sent row
+    """What one rank sends for one layer call, in send order."""
+    token: Tensor                      # [N] token (row of x) of each sent (token, slot) pair
     slot: Tensor                       # [N] its slot in ids
     local_id: Tensor                   # [N] the expert's local id on the destination rank
-    send: list[int]                    # [W] rows to each rank
+    pair_row: Tensor                   # [N] index of its hidden row among the rows sent to that rank
+    send: list[int]                    # [W] pairs to each rank
+    row_token: Tensor                  # [M] token of each sent hidden row (distinct (token, rank))
+    row_send: list[int]                # [W] hidden rows to each rank
     device: np.ndarray                 # [T, S] rank computing each (token, slot); -1 = empty
 
     def node(self, before: np.ndarray, placement: LayerPlacement) -> np.ndarray:
@@ -107,6 +113,11 @@ def layout(ids: Tensor, placement: LayerPlacement, rank: int, tokens: np.ndarray
         held = placement.held(r)
         local_of[r, held] = np.arange(len(held))
     local_id = local_of[dest, ids_np[tok, slot]]
-    return Layout(torch.as_tensor(tok, device=ids.device), torch.as_tensor(slot, device=ids.device),
-                  torch.as_tensor(local_id, device=ids.device),
-                  np.bincount(dest, minlength=W).tolist(), device)
+    T = ids_np.shape[0]
+    key, pair_row = np.unique(dest * T + tok, return_inverse=True)         # rows: (rank, token)
+    row_send = np.bincount(key // max(T, 1), minlength=W) if T else np.zeros(W, np.int64)
+    start = np.concatenate([[0], np.cumsum(row_send)[:-1]])
+    as_t = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=ids.device)   # noqa: E731
+    return Layout(as_t(tok), as_t(slot), as_t(local_id), as_t(pair_row.reshape(-1) - start[dest]),
+                  np.bincount(dest, minlength=W).tolist(), as_t(key % max(T, 1)),
+                  row_send.tolist(), device)
