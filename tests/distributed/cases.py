@@ -32,8 +32,24 @@ def spec(case) -> MoESpec:
                    router=RouterSpec(top_k=case["k"]), name=f"layer{case['layer']}")
 
 
+def order(case) -> np.ndarray:
+    """Global token numbers in rank-major order: rank r's tokens are order[start_r : start_r + T_r].
+    Contiguous by default; "round_robin": token t on rank t mod W (as placement metrics' home device)."""
+    T = sum(case["tokens"])
+    if case.get("round_robin"):
+        return np.concatenate([np.arange(r, T, case["world"]) for r in range(case["world"])])
+    return np.arange(T)
+
+
+def rank_tokens(case, rank) -> np.ndarray:
+    start = sum(case["tokens"][:rank])
+    return order(case)[start:start + case["tokens"][rank]]
+
+
 def _ids(case, T, g) -> torch.Tensor:
     E, k, kind = case["E"], case["k"], case["routing"]
+    if kind == "given":
+        return torch.tensor(case["ids"], dtype=torch.int64).reshape(T, k)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
         torch.zeros(0, k, dtype=torch.int64)
     if kind == "one_expert":                      # every token's only choice: expert 0
@@ -66,12 +82,12 @@ def problem(case):
 
 
 def devices(case, ids: torch.Tensor) -> np.ndarray:
-    """[T, k] rank computing each pair of the global batch (the runtime's rule: placement.metrics
-    dispatch with rank-major token numbers; a token's node = its rank's node)."""
+    """ids [T, k] in rank-major order -> [T, k] rank computing each pair (the runtime's rule:
+    placement.metrics dispatch with the tokens' numbers; a token's node = its rank's node)."""
     pl = placement(case)
     owner = np.repeat(np.arange(case["world"]), case["tokens"])
     return dispatch(pl.share, ids.numpy(), pl.local, owner // pl.devices_per_node,
-                    pl.devices_per_node, np.arange(ids.shape[0]))
+                    pl.devices_per_node, order(case))
 
 
 def copies(case) -> list[tuple[int, int]]:
@@ -81,9 +97,11 @@ def copies(case) -> list[tuple[int, int]]:
 
 
 def reference(case) -> dict:
-    """Single process, the same order: y and the gradients of x, weights and every physical copy's
+    """Single process on the rank-major concatenated batch, the same order: y and the gradients of x, weights and every physical copy's
     weights ([P, ...], copies() order) through torch.ops.moecc.experts."""
     p = problem(case)
+    perm = torch.as_tensor(order(case))
+    p = {n: (t[perm] if n in ("x", "ids", "weights", "grad") else t) for n, t in p.items()}
     cps = copies(case)
     phys = {c: i for i, c in enumerate(cps)}
     dev = devices(case, p["ids"])

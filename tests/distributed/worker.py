@@ -25,8 +25,7 @@ def run_case(i, case, rank, group, fault):
     if fault.get("kind") == "placement" and fault["rank"] == rank and fault.get("case") == i:
         import numpy as np
         pl = type(pl)(pl.name, np.roll(pl.share, 1, axis=1), pl.local, pl.devices_per_node)
-    start = sum(case["tokens"][:rank])
-    sl = slice(start, start + case["tokens"][rank])
+    sl = torch.as_tensor(C.rank_tokens(case, rank))
     held = pl.held(rank)
     x = p["x"][sl].clone().requires_grad_(True)
     w = p["weights"][sl].clone().requires_grad_(True)
@@ -34,7 +33,6 @@ def run_case(i, case, rank, group, fault):
               if n in p}
     hit = fault.get("rank") == rank and fault.get("case") == i
     if hit and fault["kind"] == "kill_dispatch":
-        orig = ep.dispatch
         def dying(*a, **k):
             os._exit(9)
         ep.dispatch = dying
@@ -45,11 +43,12 @@ def run_case(i, case, rank, group, fault):
     if hit and fault["kind"] == "stall":
         time.sleep(fault.get("sleep_s", 60))
     y, lay = ep.ep_experts(x, p["ids"][sl], w, params["w_in"], params["w_out"], params.get("b_in"),
-                           params.get("b_out"), C.spec(case).to_json(), pl, group, layer=i)
+                           params.get("b_out"), C.spec(case).to_json(), pl, group, layer=i,
+                           tokens=sl.numpy())
     y.backward(p["grad"][sl])
     torch.save({"y": y.detach(), "grad_x": x.grad, "grad_weights": w.grad,
                 **{f"grad_{n}": t.grad for n, t in params.items()},
-                "held": held, "send": lay.send, "device": lay.device},
+                "held": held, "send": lay.send, "row_send": lay.row_send, "device": lay.device},
                os.path.join(job["out"], f"case{i}_rank{rank}.pt"))
 
 
