@@ -45,6 +45,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("routing")
     g.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity (0 = balanced)")
     g.add_argument("--trace", help="per-layer expert loads from a `moecc trace` file (.npz/.json)")
+    g.add_argument("--accounting", default="moecc", choices=["moecc", "choice"],
+                   help="moecc: this runtime's messages (a hidden row per token and destination rank, "
+                        "weights and ids, split sizes per chunk) on routing sampled from --skew or "
+                        "the trace; choice: a row per (token, choice), expected loads (DeepEP LL)")
     p.add_argument("--overlap-degree", type=int, help="also report this degree (1..8)")
     p.add_argument("--deepep", action="store_true", help="print the model's check against DeepEP's table")
     p.set_defaults(func=run)
@@ -67,7 +71,7 @@ def run(a) -> int:
     cluster = Cluster(a.nodes, a.devices, Link(a.intra_lat * 1e-6, a.intra_bw * 1e9),
                       Link(a.inter_lat * 1e-6, a.inter_bw * 1e9), a.tflops * 1e12, a.chunk_overhead * 1e-6)
     layer = LayerShape(a.tokens, a.hidden, a.ffn, a.experts, a.top_k, a.gated, a.shared_ffn, a.bytes, a.bytes)
-    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree)
+    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree, a.accounting)
     head = ["layer", "dispatch ms", "experts ms", "shared ms", "combine ms", "serial ms", "d*", "overlap ms",
             "speedup", "hidden"]
     if a.overlap_degree:

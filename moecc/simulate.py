@@ -22,6 +22,7 @@ import numpy as np
 
 from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, choose_degree, layer_costs,
                                          pipeline, traffic, trace_probs, zipf_probs)
+from moecc.distributed.ep_costs import runtime_costs, sample_ids
 from moecc.errors import MoeccError
 
 # EP: (dispatch us, dispatch GB/s, combine us, combine GB/s)
@@ -99,24 +100,32 @@ def deepep_check(table_name: str = "2025-06") -> list[dict]:
 class LayerPrediction:
     name: str
     costs: Costs
-    serial: float                   # step time without overlap (s)
+    serial: float                   # step time without overlap (s): every collective waited at once
     best: object                    # Schedule at the recommended degree
     forced: object | None           # Schedule at --overlap-degree, if given
 
 
-def predict_layer(layer: LayerShape, cluster: Cluster, probs=None, degree: int | None = None,
-                  name: str = "layer") -> LayerPrediction:
-    c = layer_costs(layer, cluster, probs)
-    serial = pipeline(c, 1, cluster.chunk_overhead).step
+def predict_costs(c: Costs, cluster: Cluster, degree: int | None = None, name: str = "layer") -> LayerPrediction:
+    serial = pipeline(c, 1, cluster.chunk_overhead, overlap=False).step
     best = choose_degree(c, cluster.chunk_overhead)
     forced = pipeline(c, degree, cluster.chunk_overhead) if degree else None
     return LayerPrediction(name, c, serial, best, forced)
 
 
-def layer_probs(layer: LayerShape, skew: float, trace_path: str | None) -> list[tuple[str, np.ndarray]]:
-    """One (name, probs [E]) per layer: the trace's layers, or one Zipf-skewed layer."""
+def predict_layer(layer: LayerShape, cluster: Cluster, probs=None, degree: int | None = None,
+                  name: str = "layer", ids=None) -> LayerPrediction:
+    """ids [W, T, k]: moecc's runtime accounting on that routing (ep_costs); else one row per
+    (token, choice) with expected loads from probs (DeepEP's low-latency accounting)."""
+    c = runtime_costs(layer, cluster, ids) if ids is not None else layer_costs(layer, cluster, probs)
+    return predict_costs(c, cluster, degree, name)
+
+
+def layer_routing(layer: LayerShape, world: int, skew: float, trace_path: str | None, seed: int = 0):
+    """One (name, probs [E], ids [W, T, k]) per layer: the trace's layers (its tokens dealt to the
+    ranks in order, repeated if too few), or one layer routed top-k from Zipf(skew) popularities."""
     if not trace_path:
-        return [("layer", zipf_probs(layer.experts, skew))]
+        return [("layer", zipf_probs(layer.experts, skew),
+                 sample_ids(world, layer.tokens, layer.experts, layer.top_k, skew, seed))]
     from moecc.passes.placement.trace import load_trace
     tr = load_trace(trace_path)
     if tr.num_experts != layer.experts:
@@ -125,13 +134,24 @@ def layer_probs(layer: LayerShape, skew: float, trace_path: str | None) -> list[
     if tr.expert_ids.shape[2] != layer.top_k:
         layer_k = tr.expert_ids.shape[2]
         raise MoeccError(f"trace {trace_path} has top-{layer_k} routing but --top-k is {layer.top_k}")
-    return [(name, trace_probs(tr.expert_ids[i], tr.num_experts)) for i, name in enumerate(tr.layers)]
+    need = world * layer.tokens
+    out = []
+    for i, name in enumerate(tr.layers):
+        ids = tr.expert_ids[i].astype(np.int64)
+        ids = np.resize(ids, (need, ids.shape[1])).reshape(world, layer.tokens, -1)
+        out.append((name, trace_probs(tr.expert_ids[i], tr.num_experts), ids))
+    return out
 
 
 def simulate(layer: LayerShape, cluster: Cluster, skew: float = 0.0, trace: str | None = None,
-             layers: int = 1, degree: int | None = None) -> list[LayerPrediction]:
-    """Per MoE layer predictions; a trace gives its own layers, else `layers` identical ones."""
-    preds = [predict_layer(layer, cluster, p, degree, name) for name, p in layer_probs(layer, skew, trace)]
+             layers: int = 1, degree: int | None = None, accounting: str = "moecc") -> list[LayerPrediction]:
+    """Per MoE layer predictions; a trace gives its own layers, else `layers` identical ones.
+    accounting: "moecc" (this runtime's messages on sampled / traced routing) or "choice"
+    (a row per (token, choice), expected loads: DeepEP's low-latency kernels)."""
+    if accounting not in ("moecc", "choice"):
+        raise MoeccError(f"accounting must be moecc or choice, got {accounting!r}")
+    preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None)
+             for name, p, ids in layer_routing(layer, cluster.validate().world, skew, trace)]
     if not trace and layers > 1:
         preds = [replace(preds[0], name=f"layer{i}") for i in range(layers)]
     return preds

@@ -38,15 +38,17 @@ def _cluster(**kw):
 
 
 def test_pipeline_by_hand():
-    """d=2: D1 [0,2) D2 [2,4); shared [0,1); C1 [2,5); R1 [5,7); C2 [5,8); R2 [8,10): step 10."""
+    """d=2: D1 [0,2) D2 [2,4); shared half [0,.5); C1 [2,5); R1 [5,7); C2 [5,8); R2 [8,10), the
+    other half of the shared expert [8,8.5): step 10."""
     c = Costs(dispatch=4.0, combine=4.0, experts=6.0, shared=1.0, alpha=0.0)
     s = pipeline(c, 2)
     assert s.step == pytest.approx(10.0)
     assert s.comm == pytest.approx(8.0)
-    # hidden: D2 [2,4) under C1 -> 2; R1 [5,7) under C2 -> 2; D1 [0,2) under shared [0,1) -> 1
+    # hidden: D2 under C1 -> 2; R1 under C2 -> 2; D1 under shared half -> .5; R2 under the rest -> .5
     assert s.exposed_comm == pytest.approx(3.0)
-    assert pipeline(c, 1).step == pytest.approx(4 + 1 + 6 + 4)
-    assert pipeline(c, 1).overlap == 0.0
+    serial = pipeline(c, 1, overlap=False)
+    assert serial.step == pytest.approx(4 + 1 + 6 + 4) and serial.overlap == 0.0
+    assert pipeline(c, 1).step == pytest.approx(4 + 6 + 4)          # d=1: shared hides in the dispatch
 
 
 def test_choose_degree_is_argmin_and_alpha_limits_it():

@@ -23,6 +23,7 @@ from torch import Tensor
 from moecc.errors import MoeccError
 
 DEFAULT_TIMEOUT_S = 60.0
+_TRANSPORT = None       # a test transport every collective goes through (use_transport)
 
 
 class EPError(MoeccError):
@@ -71,8 +72,19 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, rank:
                       "the same world size") from None
 
 
+def use_transport(transport):
+    """Send every collective of this module through `transport` (all_to_all / all_gather with this
+    module's signatures, e.g. moecc.distributed.transport.DelayedTransport); None: torch.distributed
+    directly. Returns the previous one."""
+    global _TRANSPORT
+    prev, _TRANSPORT = _TRANSPORT, transport
+    return prev
+
+
 def agree(vec: Tensor, group, where: str) -> Tensor:
     """vec [n] int64 -> [W, n]: every rank's vector (all_gather), identical on all ranks."""
+    if _TRANSPORT is not None:
+        return _TRANSPORT.all_gather(vec, group, where)
     W = dist.get_world_size(group)
     out = [torch.empty_like(vec) for _ in range(W)]
     _run(where, group, lambda: dist.all_gather(out, vec.contiguous(), group=group))
@@ -98,6 +110,8 @@ def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str,
     it): rows send[j] go to rank j, rows recv[j] come from rank j, in rank order. async_op: in
     flight until Pending.wait()."""
     t = t.detach().contiguous()
+    if _TRANSPORT is not None:
+        return _TRANSPORT.all_to_all(t, send, recv, group, where, async_op)
     out = t.new_empty((sum(recv), *t.shape[1:]))
     work = _run(where, group, lambda: dist.all_to_all_single(out, t, list(recv), list(send),
                                                             group=group, async_op=async_op))

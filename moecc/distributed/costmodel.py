@@ -149,16 +149,24 @@ def a2a_time(cluster: Cluster, intra_bytes: float, inter_bytes: float) -> float:
 
 @dataclass(frozen=True)
 class Costs:
-    """Per-layer component times (s) at d = 1."""
+    """Per-layer component times (s) at d = 1, and the fixed costs a chunk adds."""
 
-    dispatch: float
+    dispatch: float                 # all dispatch messages of the layer, latencies included
     combine: float
     experts: float                  # GEMM time of the busiest rank, without the per-chunk overhead
     shared: float
-    alpha: float                    # the latency part of one all-to-all (paid once per chunk)
+    alpha: float                    # the latency of one collective
+    dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: rows, weights, ids)
+    combine_msgs: int = 1
+    sizes: float = 0.0              # one split-size exchange (synchronous, once per chunk)
+    plan: float = 0.0               # routing -> send layout, for all tokens (per-token part)
+    plan_fixed: float = 0.0         # ... fixed part per chunk
+    sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
+    sums_fixed: float = 0.0         # ... fixed part per chunk
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
+    """Expected costs with one row per (token, choice) (DeepEP low-latency accounting)."""
     cluster.validate()
     layer.validate(cluster.world)
     p = zipf_probs(layer.experts, 0.0) if probs is None else np.asarray(probs, dtype=np.float64)
@@ -167,62 +175,97 @@ def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = 
     alpha = a2a_time(cluster, 0.0, 0.0)
     dispatch = a2a_time(cluster, tr.intra_rows * H * layer.dispatch_bytes, tr.inter_rows * H * layer.dispatch_bytes)
     combine = a2a_time(cluster, tr.intra_rows * H * layer.combine_bytes, tr.inter_rows * H * layer.combine_bytes)
+    return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, tr.expert_rows),
+                 shared=shared_time(layer, cluster), alpha=alpha)
+
+
+def expert_time(layer: LayerShape, cluster: Cluster, rows: float) -> float:
     r_in = 2 * layer.ffn if layer.gated else layer.ffn
-    experts = 2.0 * tr.expert_rows * H * (r_in + layer.ffn) / cluster.flops
+    return 2.0 * rows * layer.hidden * (r_in + layer.ffn) / cluster.flops
+
+
+def shared_time(layer: LayerShape, cluster: Cluster) -> float:
     s_in = 2 * layer.shared_ffn if layer.gated else layer.shared_ffn
-    shared = 2.0 * layer.tokens * H * (s_in + layer.shared_ffn) / cluster.flops
-    return Costs(dispatch=dispatch, combine=combine, experts=experts, shared=shared, alpha=alpha)
+    return 2.0 * layer.tokens * layer.hidden * (s_in + layer.shared_ffn) / cluster.flops
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Predicted times (s) of one layer at overlap degree d."""
+    """Predicted times (s) of one layer at overlap degree d (degree 0: no overlap, all serial)."""
 
     degree: int
     step: float                     # layer step time
-    comm: float                     # total all-to-all time
+    comm: float                     # total collective time
     compute: float                  # total compute time
     exposed_comm: float             # comm time not hidden behind compute
+    comm_intervals: tuple = ()
+    compute_intervals: tuple = ()
 
     @property
     def overlap(self) -> float:
         return 1.0 - self.exposed_comm / self.comm if self.comm > 0 else 1.0
 
 
-def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0) -> Schedule:
-    """Event recurrence of the chunked schedule (see the module docstring); degree 1 is serial:
-    dispatch, shared expert, experts, combine (the shared expert waits for nothing but is computed
-    in program order, so nothing overlaps)."""
+SHARED_FIRST = 0.5      # d >= 2: this share of the shared expert fills the first dispatch wait,
+                        # the rest the last combine wait
+
+
+def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+    """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
+    plans all chunks, exchanges split sizes (synchronous), issues the d dispatches, computes the
+    shared expert (d >= 2: SHARED_FIRST of it), then per chunk waits for its dispatch, computes its
+    experts and issues its combine; (d >= 2: the rest of the shared expert); per chunk waits for
+    its combine and sums it. One FIFO comm channel, one compute stream. overlap=False: the same
+    work at d = 1, each collective waited for at once (nothing overlaps)."""
     if not 1 <= degree <= MAX_DEGREE:
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
-    d = degree
-    chunk = lambda total: c.alpha + (total - c.alpha) / d                          # noqa: E731
-    t_disp, t_comb = chunk(c.dispatch), chunk(c.combine)
+    d = degree if overlap else 1
+    per_chunk = lambda total, msgs: msgs * c.alpha + (total - msgs * c.alpha) / d     # noqa: E731
+    t_disp, t_comb = per_chunk(c.dispatch, c.dispatch_msgs), per_chunk(c.combine, c.combine_msgs)
     t_exp = chunk_overhead + c.experts / d
-    if d == 1:
-        step = c.dispatch + c.shared + c.experts + chunk_overhead + c.combine
-        comm = c.dispatch + c.combine
-        return Schedule(1, step, comm, step - comm, comm)
-    comm_intervals, comp_intervals = [], []
-    comm_free = 0.0
-    disp_end = []
-    for _ in range(d):                                       # all dispatches issued first
-        comm_intervals.append((comm_free, comm_free + t_disp))
+    t_sum = c.sums_fixed + c.sums / d
+    comm, comp = [], []
+    t = c.plan + d * c.plan_fixed
+    comp.append((0.0, t))
+    for _ in range(d):                                           # split sizes, synchronous
+        comm.append((t, t + c.sizes))
+        t += c.sizes
+    if not overlap:
+        for kind, dur in (("comm", t_disp), ("comp", c.shared + t_exp), ("comm", t_comb), ("comp", t_sum)):
+            (comm if kind == "comm" else comp).append((t, t + dur))
+            t += dur
+        return _schedule(0, t, comm, comp)
+    comm_free, disp_end = t, []
+    for _ in range(d):                                           # all dispatches issued now
+        comm.append((comm_free, comm_free + t_disp))
         comm_free += t_disp
         disp_end.append(comm_free)
-    comp_free = c.shared
-    comp_intervals.append((0.0, c.shared))
+    first = c.shared * (SHARED_FIRST if d > 1 else 1.0)
+    comp.append((t, t + first))
+    comp_free = t + first
+    comb_end = []
     for i in range(d):
         start = max(comp_free, disp_end[i])
         comp_free = start + t_exp
-        comp_intervals.append((start, comp_free))
+        comp.append((start, comp_free))
         r0 = max(comm_free, comp_free)
         comm_free = r0 + t_comb
-        comm_intervals.append((r0, comm_free))
-    step = max(comm_free, comp_free)
-    comm = d * (t_disp + t_comb)
-    hidden = intersection(comm_intervals, comp_intervals)
-    return Schedule(d, step, comm, c.shared + d * t_exp, comm - hidden)
+        comm.append((r0, comm_free))
+        comb_end.append(comm_free)
+    if d > 1:
+        comp.append((comp_free, comp_free + c.shared - first))
+        comp_free += c.shared - first
+    for i in range(d):
+        start = max(comp_free, comb_end[i])
+        comp_free = start + t_sum
+        comp.append((start, comp_free))
+    return _schedule(d, max(comm_free, comp_free), comm, comp)
+
+
+def _schedule(d: int, step: float, comm, comp) -> Schedule:
+    total = sum(b - a for a, b in comm)
+    return Schedule(d, step, total, sum(b - a for a, b in comp), total - intersection(comm, comp),
+                    tuple(comm), tuple(comp))
 
 
 def union(intervals) -> list[tuple[float, float]]:

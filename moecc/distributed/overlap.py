@@ -1,29 +1,33 @@
 """Chunked expert-parallel MoE layer: the all-to-all of one chunk in flight while another computes.
 
-    experts ⇒ split tokens into d chunks;  counts a2a;  dispatch a2a × d (async, issued first);
-              shared expert (fills the first dispatch wait);  per chunk: wait dispatch → local experts
-              → combine a2a (async);  per chunk: wait combine → weigh and sum;  + shared expert
+    experts ⇒ split the rank's tokens into d chunks; plan each (layout); exchange split sizes;
+              dispatch × d (async, issued at once); shared expert (d >= 2: half of it) fills the
+              first dispatch wait; per chunk: wait its dispatch → local experts → combine (async);
+              (d >= 2: the other half of the shared expert fills the last combine wait);
+              per chunk: wait its combine (= weigh and sum its tokens); + shared expert
 
-The order the cost model (moecc.distributed.costmodel.pipeline) predicts. Placement: contiguous
-(expert e on rank e * W // E, local id = its position there). Row order, fixed: a rank sends each
-chunk's rows grouped by destination rank, inside a group by local expert, then (token, slot); a rank
-receives in source-rank order, so each expert sees its rows in (source rank, token, slot) order; with
-tokens numbered rank-major that is the order `experts_reference` takes them on the concatenated
-batch, so d = 1 equals the single-process reference bit for bit. The combine adds a token's expert
-outputs in ascending expert order into zeros (as experts_reference), so chunking (d > 1) changes
-only the GEMM shapes: equal within 1e-6 relative in float32, 1e-12 in float64.
+Built from moecc.distributed.ep's steps (layout, exchange_sizes, dispatch, local_experts, combine);
+the order is the one moecc.distributed.costmodel.pipeline predicts. overlap=False runs the same
+steps at d = 1 waiting for each collective at once (the baseline without overlap).
 
-`comm` is any object with all_to_all / all_to_all_async(t, send, recv, group, where) (the test
-transport moecc.distributed.transport.DelayedTransport, or a thin wrapper of moecc.distributed.comm).
+Numerics: chunks are contiguous token ranges and keep their global token numbers, so every
+(token, slot) goes to the same device; each expert sees its rows in (source rank, token, slot)
+order and each token sums its outputs in ascending expert id (ep.py), so d = 1 equals the
+single-process reference bit for bit (the shared expert on the rank's row block); d > 1 changes only
+GEMM shapes (expert rows split by chunk, the shared expert in two row blocks): equal within 1e-6
+relative in float32, 1e-12 in float64 (tests/distributed/test_overlap.py).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from moecc.ops import experts_reference, shared_expert, weigh
+from moecc.distributed.ep import combine, dispatch, exchange_sizes, local_experts, token_numbers
+from moecc.distributed.layout import LayerPlacement, layout
+from moecc.ops import shared_expert
 from moecc.spec import MoESpec
 
 
@@ -32,64 +36,62 @@ def chunk_bounds(tokens: int, degree: int) -> list[tuple[int, int]]:
     return [(tokens * i // degree, tokens * (i + 1) // degree) for i in range(degree)]
 
 
-def _plan_chunk(ids: Tensor, lo: int, hi: int, world: int, experts: int):
-    """Rows of chunk [lo, hi) in send order -> (token, slot, expert, counts [W, E_local])."""
-    tok, slot = torch.where(ids[lo:hi] >= 0)                                # row-major
-    e = ids[lo:hi][tok, slot]
-    order = torch.argsort(e, stable=True)          # contiguous: by expert = by (rank, local e), then (t, s)
-    tok, slot, e = tok[order] + lo, slot[order], e[order]
-    counts = torch.bincount(e, minlength=experts).reshape(world, experts // world)   # [W, E_local]
-    return tok, slot, e, counts
-
-
-def _span(timeline, name):
+def _span(timeline, name: str):
     return timeline.span("compute", name) if timeline is not None else nullcontext()
 
 
+def _arrived(handle) -> None:
+    """Block until a Dispatched / Combined handle's collectives have arrived (not counted as
+    compute: what its wait() does afterwards is)."""
+    pending = handle._pending
+    for p in pending if isinstance(pending, tuple) else (pending,):
+        p.wait()
+
+
 def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec,
-              comm, group=None, degree: int = 1, b_in=None, b_out=None, shared=None,
-              timeline=None, where: str = "layer") -> Tensor:
-    """x [T, H], ids/weights [T, S] (global expert ids), w_in/w_out: this rank's experts
-    [E/W, R, H] / [E/W, H, F]; shared = (w_in, w_out, gate) of the shared expert or None -> y [T, H]."""
+              placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
+              b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
+              kernel: str = "reference", timeline=None) -> Tensor:
+    """x [T, H], ids/weights [T, S] (global expert ids), this rank's experts w_in [E_r, R, H],
+    w_out [E_r, H, F]; shared = (w_in, w_out, gate) of the shared expert or None; tokens [T]: the
+    tokens' global numbers (default: rank-major, one all_gather) -> y [T, H]."""
     import torch.distributed as dist
-    W, rank = dist.get_world_size(group), dist.get_rank(group)
-    E, per, T = spec.num_experts, w_in.shape[0], x.shape[0]
-    bounds = chunk_bounds(T, degree)
+
+    rank, T = dist.get_rank(group), x.shape[0]
+    where = f"layer {placement.name}"
+    js = spec.to_json()
+    if tokens is None:
+        tokens = token_numbers(T, group, where)
+    d = degree if overlap else 1
+    bounds = chunk_bounds(T, d)
     with _span(timeline, f"{where} plan"):
-        plans = [_plan_chunk(ids, lo, hi, W, E) for lo, hi in bounds]
-        counts = torch.stack([p[3] for p in plans], 1)                      # [W, d, E_local]
-    rcounts = comm.all_to_all(counts.reshape(W, -1), [1] * W, [1] * W, group,
-                              f"{where} counts").reshape(W, degree, per)    # [W src, d, E_local]
-    send = counts.sum(2).tolist()                                           # [W][d]
-    recv = rcounts.sum(2).tolist()
-    pend = []
-    for c, (tok, _, _, _) in enumerate(plans):                              # dispatch: all issued now
-        with _span(timeline, f"{where} pack[{c}]"):
-            xs = x[tok]                                                     # [N_c, H]
-        pend.append(comm.all_to_all_async(xs, [s[c] for s in send], [r[c] for r in recv], group,
-                                          f"{where} dispatch[{c}]"))
-    ys = None
-    if shared is not None:
+        lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
+    sizes = [exchange_sizes(lay, placement, group, layer, x.shape[-1], x.dtype) for lay in lays]
+    sl = [slice(lo, hi) for lo, hi in bounds]
+    pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
+            for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
+    half = T // 2 if d > 1 else T
+    ys = []
+    if shared is not None and overlap:
         with _span(timeline, f"{where} shared"):
-            ys = shared_expert(x, shared[0], shared[1], shared[2], spec)    # [T, H]
+            ys.append(shared_expert(x[:half], *shared, spec))               # [T/2 or T, H]
     back = []
-    for c in range(degree):
-        xr = pend[c].wait()                                                 # [M_c, H] (src, e, t, s)
+    for c in range(d):
+        _arrived(pend[c])
         with _span(timeline, f"{where} experts[{c}]"):
-            n = rcounts[:, c].reshape(-1)                                   # [W * E_local]
-            local = torch.arange(per).repeat(W).repeat_interleave(n)        # [M_c] local expert id
-            h = experts_reference(xr, local.unsqueeze(1), torch.ones(xr.shape[0], 1, dtype=xr.dtype),
-                                  w_in, w_out, b_in, b_out, spec)           # [M_c, H] unweighted
-        back.append(comm.all_to_all_async(h, [r[c] for r in recv], [s[c] for s in send], group,
-                                          f"{where} combine[{c}]"))
-    y = torch.zeros_like(x)
-    for c, (tok, slot, e, _) in enumerate(plans):
-        h = back[c].wait()                                                  # [N_c, H] in send order
-        with _span(timeline, f"{where} combine-sum[{c}]"):
-            hw = weigh(h, weights[tok, slot].unsqueeze(-1), spec)
-            for ex in torch.unique(e).tolist():                             # ascending expert order
-                m = e == ex
-                y.index_add_(0, tok[m], hw[m])
-    if ys is not None:
-        y = y + ys
-    return y
+            r = pend[c].wait()
+            y_local = local_experts(r, w_in, w_out, b_in, b_out, js, kernel)   # [N_c, H]
+        back.append(combine(y_local, ids[sl[c]], lays[c], sizes[c], group, f"{where} [{c}]",
+                            async_op=True))
+        if not overlap:
+            _arrived(back[c])
+    if shared is not None and (d > 1 or not overlap):
+        with _span(timeline, f"{where} shared"):
+            ys.append(shared_expert(x if not overlap else x[half:], *shared, spec))
+    out = []
+    for c in range(d):
+        _arrived(back[c])
+        with _span(timeline, f"{where} sum[{c}]"):
+            out.append(back[c].wait())                                      # [T_c, H]
+    y = torch.cat(out) if d > 1 else out[0]
+    return y + torch.cat(ys) if ys else y

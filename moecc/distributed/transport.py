@@ -1,11 +1,11 @@
 """A test transport: torch.distributed's all-to-all (gloo on 127.0.0.1) delayed to an α–β model, so
 overlap can be measured on a machine whose cores cannot show it with real sockets.
 
-    tr = DelayedTransport(alpha=2e-3, beta=1 / 200e6, group=None, timeline=tl)
-    pending = tr.all_to_all_async(t, send, recv, where="layer0 dispatch[1]")   # returns at once
+    tr = DelayedTransport(alpha=2e-3, beta=1 / 200e6, timeline=tl)
+    moecc.distributed.comm.use_transport(tr)      # the EP runtime's collectives now go through tr
+    p = tr.all_to_all(t, send, recv, group, "layer0 dispatch[1]", async_op=True)   # returns at once
     ... compute ...
-    y = pending.wait()
-    tr.all_to_all(t, send, recv)                                                # = async + wait
+    y = p.wait()
 
 Each call takes  alpha + beta * bytes  of wall time, bytes = max(bytes this rank sends to other
 ranks, bytes it receives from them) (its own rows cost nothing, as in moecc.distributed.costmodel):
@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -31,7 +32,7 @@ from moecc.distributed.timeline import Timeline
 
 
 class DelayedPending:
-    """An all-to-all queued or in flight; wait() -> the received tensor (re-raises its error)."""
+    """A collective queued or in flight; wait() -> the received tensor (re-raises its error)."""
 
     def __init__(self, future: Future, where: str):
         self._f, self.where = future, where
@@ -41,10 +42,13 @@ class DelayedPending:
 
 
 class DelayedTransport:
-    def __init__(self, alpha: float, beta: float, group=None, timeline: Timeline | None = None):
+    """Install with moecc.distributed.comm.use_transport(tr): the EP runtime's every collective
+    (all_to_all and the all_gather of split sizes) then runs here, delayed, in issue order."""
+
+    def __init__(self, alpha: float, beta: float, timeline: Timeline | None = None):
         if not (alpha >= 0 and beta >= 0):
             raise ValueError(f"delayed transport: alpha and beta must be >= 0, got {alpha}, {beta}")
-        self.alpha, self.beta, self.group = float(alpha), float(beta), group
+        self.alpha, self.beta = float(alpha), float(beta)
         self.timeline = timeline
         self.calls = 0
         self.late = 0                       # calls whose real exchange outlasted the model
@@ -55,35 +59,55 @@ class DelayedTransport:
     def model_time(self, nbytes: float) -> float:
         return self.alpha + self.beta * nbytes
 
-    def all_to_all_async(self, t: Tensor, send: list[int], recv: list[int], group=None,
-                         where: str = "all_to_all") -> DelayedPending:
-        """t [sum(send), ...] -> [sum(recv), ...] in rank order, delivered at wait()."""
-        group = self.group if group is None else group
+    def all_to_all(self, t: Tensor, send: list[int], recv: list[int], group, where: str,
+                   async_op: bool = False) -> DelayedPending:
+        """t [sum(send), ...] -> [sum(recv), ...] in rank order, delivered at wait() (async_op) or
+        before returning."""
         rank = dist.get_rank(group)
-        row = t.element_size() * math.prod(t.shape[1:])                       # bytes per row
+        row = t.element_size() * math.prod(t.shape[1:])                      # bytes per row
         nbytes = max(sum(send) - send[rank], sum(recv) - recv[rank]) * row
-        f: Future = Future()
-        self._q.put((f, t.contiguous(), list(send), list(recv), group, where, self.model_time(nbytes)))
-        return DelayedPending(f, where)
+        send, recv, t = list(send), list(recv), t.contiguous()
 
-    def all_to_all(self, t: Tensor, send: list[int], recv: list[int], group=None,
-                   where: str = "all_to_all") -> Tensor:
-        return self.all_to_all_async(t, send, recv, group, where).wait()
+        def run():
+            out = t.new_empty((sum(recv), *t.shape[1:]))
+            dist.all_to_all_single(out, t, recv, send, group=group)
+            return out
+        p = self._submit(run, self.model_time(nbytes), group, where)
+        if not async_op:
+            p.wait()
+        return p
+
+    def all_gather(self, vec: Tensor, group, where: str) -> Tensor:
+        """vec [n] -> [W, n], synchronous; bytes: what the other ranks send this one."""
+        W = dist.get_world_size(group)
+        vec = vec.contiguous()
+
+        def run():
+            out = [torch.empty_like(vec) for _ in range(W)]
+            dist.all_gather(out, vec, group=group)
+            return torch.stack(out)
+        return self._submit(run, self.model_time((W - 1) * vec.numel() * vec.element_size()),
+                            group, where).wait()
 
     def close(self) -> None:
         self._q.put(None)
         self._worker.join(timeout=5)
 
+    def _submit(self, run, model: float, group, where: str) -> DelayedPending:
+        f: Future = Future()
+        self._q.put((f, run, model, group, where))
+        return DelayedPending(f, where)
+
     def _loop(self) -> None:
+        from moecc.distributed.comm import _run            # errors name the rank and the layer
         while True:
             item = self._q.get()
             if item is None:
                 return
-            f, t, send, recv, group, where, model = item
+            f, run, model, group, where = item
             t0 = time.perf_counter()
             try:
-                out = t.new_empty((sum(recv), *t.shape[1:]))
-                dist.all_to_all_single(out, t, recv, send, group=group)
+                out = _run(where, group, run)
                 left = model - (time.perf_counter() - t0)
                 if left > 0:
                     time.sleep(left)

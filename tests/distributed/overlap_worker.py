@@ -1,7 +1,7 @@
 """One rank of the overlap tests: `python overlap_worker.py RANK WORLD PORT CASES OUT.json`.
 
 CASES is a comma list of routings (see `routing`). Builds the same layer and global batch on every rank (seeded), runs moecc.distributed.overlap.moe_layer
-on its slice of tokens through the delayed transport at every degree 1..8 in float32 and float64,
+on its slice of tokens through the delayed transport at every degree 1..8 (and 0: d=1 without overlap) in float32 and float64,
 and writes, per (dtype, degree), the error against the single-process reference on the whole batch.
 """
 import datetime
@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 import moecc.ops  # noqa: F401
+from moecc.distributed.comm import use_transport
+from moecc.distributed.layout import LayerPlacement
 from moecc.distributed.overlap import moe_layer
 from moecc.distributed.timeline import Timeline
 from moecc.distributed.transport import DelayedTransport
@@ -42,7 +44,9 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
     torch.set_num_threads(1)
     tl = Timeline(rank)
     comm = DelayedTransport(alpha=0.0, beta=0.0, timeline=tl)
-    per = E // world
+    use_transport(comm)
+    placement = LayerPlacement.contiguous("moe0", E, world)
+    mine = placement.held(rank)
     results = {}
     for case, dtype in [(c, t) for c in cases.split(",") for t in (torch.float32, torch.float64)]:
         g = torch.Generator().manual_seed(7)
@@ -59,13 +63,14 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
         # the reference: experts on the whole batch; the shared expert on this rank's row block
         ref = experts_reference(x, ids, wts, w_in, w_out, None, None, spec)[lo:hi] \
             + shared_expert(x[lo:hi], *sh, spec)
-        mine = slice(rank * per, (rank + 1) * per)
+        tokens = torch.arange(lo, hi).numpy()
         for d in range(1, 9):
-            y = moe_layer(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec, comm,
-                          degree=d, shared=sh, timeline=tl, where=f"d{d}")
-            err = (y - ref).abs().max().item()
-            results[f"{case}/{str(dtype)[6:]}/{d}"] = {"err": err, "scale": ref.abs().max().item(),
-                                                 "equal": bool(torch.equal(y, ref))}
+            for overlap in (True, False) if d == 1 else (True,):
+                y = moe_layer(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec, placement,
+                              degree=d, overlap=overlap, shared=sh, tokens=tokens, timeline=tl)
+                err = (y - ref).abs().max().item()
+                results[f"{case}/{str(dtype)[6:]}/{d if overlap else 0}"] = {
+                    "err": err, "scale": ref.abs().max().item(), "equal": bool(torch.equal(y, ref))}
     comm.close()
     with open(out, "w") as f:
         json.dump({"rank": rank, "results": results, "calls": comm.calls}, f)
