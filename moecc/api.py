@@ -111,6 +111,11 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "verification": check,
             "recognized": captured.recognized,
         }
+        ep = captured.gm.meta.get("moecc.ep")            # the expert_parallel pass's plan
+        if ep is not None:
+            artifact.write_json(tmp / "ep.json", ep)
+            manifest["expert_parallel"] = {"world": ep["world"], "method": ep["method"],
+                                           "plan": "ep.json"}
         artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
     return out

@@ -51,6 +51,11 @@ def _add_compile(sub) -> None:
     g.add_argument("--n-groups", type=int, help="group-limited / hierarchical routing: number of groups")
     g.add_argument("--topk-groups", type=int, help="groups kept per token")
     g.add_argument("--passes", help="explicit pass list, comma separated (e.g. canonicalize,upcycle,route)")
+    g = p.add_argument_group("expert parallel (torch backend; run with torchrun -m moecc.distributed.launch)")
+    g.add_argument("--ep", type=int, metavar="N", help="split every experts layer over N ranks")
+    g.add_argument("--placement", type=Path, help="placement.json from `moecc plan` (default: contiguous)")
+    g.add_argument("--capacity-scope", default="rank", choices=["rank", "global"],
+                   help="capacity / expert choice over each rank's tokens (rank) or all ranks' (global: refused)")
     g = p.add_argument_group("backend")
     g.add_argument("--to", dest="backend", default="torch", help="torch | onnx | tvm (default torch)")
     g.add_argument("--onnx-moe", default="auto", choices=["auto", "portable", "fused"],
@@ -75,8 +80,11 @@ def _passes_from(a) -> list[tuple[str, dict]]:
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()
              if v is not None}
+    ep = {"ep": a.ep, "placement": a.placement, "capacity_scope": a.capacity_scope}
+    if a.placement is not None and not a.ep:
+        raise MoeccError("--placement needs --ep N (the number of ranks)")
     if a.passes:
-        return [(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
+        return [(n.strip(), dict(common, **route, **ep)) for n in a.passes.split(",") if n.strip()]
     if a.upcycle and a.moefy:
         raise MoeccError("choose one of --upcycle and --moefy")
     passes = []
@@ -86,6 +94,8 @@ def _passes_from(a) -> list[tuple[str, dict]]:
         passes.append(("moefy", common))
     if a.router or a.capacity_factor is not None or a.n_groups:
         passes.append(("route", route))
+    if a.ep:
+        passes.append(("expert_parallel", ep))
     return passes
 
 
@@ -95,6 +105,8 @@ def cmd_compile(a) -> int:
     from .loader import load_model
     if a.backend not in NAMES:
         raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
+    if a.ep and a.backend != "torch":
+        raise MoeccError(f"--ep runs on torch.distributed: use --to torch (not {a.backend})")
     passes = _passes_from(a)
     if a.upcycle is not None or a.moefy is not None:
         from .passes.upcycle import check_experts

@@ -14,6 +14,7 @@ REGISTRY = {
     "upcycle": "upcycle",             # dense FFN → MoE of E copies (sparse upcycling)
     "moefy": "moefy",                 # dense FFN → MoE of E disjoint neuron groups (MoEfication)
     "route": "route",                 # set / replace the router of MoE layers
+    "expert_parallel": "expert_parallel",   # experts layers split over ranks (plan; rewrite at launch)
 }
 
 
