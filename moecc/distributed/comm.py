@@ -1,7 +1,7 @@
 """Collectives of the expert-parallel runtime, each bounded by the process group's timeout and turned
 into one error naming the rank and the layer.
 
-    init(backend, timeout_s, ...)            init_process_group with a timeout (gloo on CPU, nccl on GPU)
+    init(backend, timeout_s, ...) -> group   init_process_group with a timeout (gloo on CPU, nccl on GPU)
     all_to_all(t, send, recv, group, where, async_op) -> Pending   .wait() -> the received rows
     agree(vec, group, where) -> [W, n]       every rank's vector, gathered: the numbers that shape
                                              the next collectives, seen identically by all ranks
@@ -44,8 +44,7 @@ def _run(where: str, group, fn):
     except EPError:
         raise
     except (RuntimeError, dist.DistError) as e:   # DistBackendError, gloo timeouts, closed sockets
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(where, f"collective failed ({cause[:300]})", group) from None
+        raise fail(where, f"collective failed ({_cause(e)})", group) from None
 
 
 def free_port() -> int:
@@ -55,21 +54,69 @@ def free_port() -> int:
 
 
 def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, rank: int | None = None,
-         world_size: int | None = None, init_method: str | None = None) -> None:
-    """init_process_group with `timeout_s` on every collective. rank / world size / address default
-    to torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+         world_size: int | None = None, init_method: str | None = None,
+         init_timeout_s: float | None = None):
+    """init_process_group; returns the group to run the layers on (None = the default group), whose
+    collectives each wait at most `timeout_s`. `init_timeout_s` (default timeout_s) bounds forming
+    the group (ranks that start seconds apart need more than a collective does); when it differs, a
+    second group with timeout_s is made. rank / world size / address default to torchrun's
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    first = timeout_s if init_timeout_s is None else init_timeout_s
+    store = _store(init_method, rank, world_size, first)
     try:
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=first))
+        if first == timeout_s:
+            return None
+        return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, dist.DistError) as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EPError(f"rank {rank}: process group of {world_size} ranks did not form within "
-                      f"{timeout_s:g} s ({cause[:200]}); check that every rank was started with "
-                      "the same world size") from None
+                      f"{first:g} s ({_cause(e)})") from None
+
+
+def _store(init_method: str | None, rank: int, world_size: int, timeout_s: float):
+    """The rendezvous store (tcp://HOST:PORT, or env:// = MASTER_ADDR/MASTER_PORT), after every rank
+    has posted its world size and all agree: a rank started with another world size is named at
+    once on the others (it waits out timeout_s for ranks that never come)."""
+    method = init_method or "env://"
+    if method.startswith("tcp://"):
+        host, port = method[len("tcp://"):].rsplit(":", 1)
+    elif method == "env://":
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    else:
+        raise EPError(f"rank {rank}: init method {method!r}: use tcp://HOST:PORT or env://")
+    wait = datetime.timedelta(seconds=timeout_s)
+    try:
+        server = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # torchrun
+        store = dist.TCPStore(host, int(port), None, server, wait, wait_for_workers=False)
+        store.set(f"moecc/world/{rank}", str(world_size))
+        keys = [f"moecc/world/{r}" for r in range(world_size)]
+        for r, key in enumerate(keys):
+            if r == rank:
+                continue
+            store.wait([key], wait)
+            other = int(store.get(key))
+            if other != world_size:
+                raise EPError(f"rank {rank}: rank {r} was started with world size {other}, this rank "
+                              f"with {world_size}: start every rank with the same world size")
+    except (RuntimeError, ValueError, dist.DistError) as e:
+        raise EPError(f"rank {rank}: not all {world_size} ranks joined within {timeout_s:g} s "
+                      f"({_cause(e)}); check that every rank was started with the same world size") from None
+    return store
+
+
+def _cause(e: Exception) -> str:
+    """The informative part of a gloo/nccl error, one short line."""
+    text = " ".join(str(e).split())
+    if "closed by peer" in text or "Connection reset" in text:
+        return "a peer closed the connection: it died or gave up"
+    if "Timed out" in text or "timeout" in text.lower():
+        i = max(text.find("Timed out"), text.lower().find("timeout"))
+        return text[i:i + 80]
+    return (text or type(e).__name__)[:160]
 
 
 def use_transport(transport):

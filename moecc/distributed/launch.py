@@ -70,12 +70,12 @@ def _run(a) -> None:
                          "`moecc compile ... --to torch --ep N`)")
     doc = json.loads((a.artifact / "ep.json").read_text())
     plan = EPPlan.from_json(doc)
-    init(a.backend, a.timeout)
+    group = init(a.backend, a.timeout, init_timeout_s=max(a.timeout, 60.0))   # start-up: slower
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.world:
         raise fail("launch", f"the artifact is planned for {plan.world} ranks, torchrun started {world}")
     mine = torch.tensor([_fingerprint(doc, manifest["layers"], manifest["inputs"])], dtype=torch.int64)
-    every = agree(mine, None, "launch: model and plan check")[:, 0]
+    every = agree(mine, group, "launch: model and plan check")[:, 0]
     if (every != mine).any():
         other = int(torch.nonzero(every != mine)[0, 0])
         raise fail("launch", f"rank {other} loaded a different model or expert-parallel plan")
@@ -85,13 +85,13 @@ def _run(a) -> None:
         raise fail("launch", f"the input batch has {batch} rows, fewer than the {world} ranks")
     gm = load_program(a.artifact).module()
     _drop_guards(gm)
-    gm = apply(gm, plan)
+    gm = apply(gm, plan, group)
     parts = [np.array_split(x, world)[rank] for x in inputs]
     with torch.no_grad():
         out = [t.detach().numpy() for t in tree_leaves(gm(*[torch.from_numpy(np.ascontiguousarray(x))
                                                               for x in parts]))]
     gathered = [None] * world
-    dist.all_gather_object(gathered, out)
+    dist.all_gather_object(gathered, out, group=group)
     if rank == 0 and a.output is not None:
         np.savez(a.output, *[np.concatenate([g[i] for g in gathered]) for i in range(len(out))])
         print(f"wrote {a.output} ({world} ranks)")

@@ -119,3 +119,23 @@ def reference(case) -> dict:
     grads = torch.autograd.grad(y, [leaves[n] for n in names], p["grad"], allow_unused=True)
     out = {"y": y.detach(), **{f"grad_{n}": gr for n, gr in zip(names, grads)}}
     return out
+
+
+ROUTINGS = ("random", "one_expert", "skip_experts", "drops")
+
+
+def random_case(rng: np.random.Generator, layer: int, world: int) -> dict:
+    """A random small case: routing kind, token counts (zeros included), E, k, dtype, placement
+    (contiguous, or random copies with random shares)."""
+    E = int(rng.integers(world, 3 * world + 1))
+    k = int(rng.integers(1, min(E, 4) + 1))
+    case = dict(layer=layer, world=world, tokens=rng.integers(0, 9, world).tolist(), E=E, k=k, H=8,
+                F=6, dtype=str(rng.choice(list(DTYPES))), routing=str(rng.choice(ROUTINGS)),
+                seed=int(rng.integers(1 << 30)), hot=int(rng.integers(E)))
+    if rng.random() < 0.5:                        # a random plan with replicas
+        share = np.zeros((E, world))
+        for e in range(E):
+            ranks = rng.choice(world, int(rng.integers(1, world + 1)), replace=False)
+            share[e, ranks] = rng.dirichlet(np.ones(len(ranks)))
+        case["share"] = share.tolist()
+    return case

@@ -3,7 +3,7 @@ every gradient bit-identical (torch.equal) to torch.ops.moecc.experts in one pro
 rank-major concatenated batch (with replicas: over the physical copies, cases.reference), and the
 rows sent equal to the placement metrics of the same plan on the same trace.
 
-Each world size is one spawn running all its cases (process start-up dominates on this machine).
+Each world size is one run of all its cases, ranks forked from the test process after a warm-up.
 """
 from __future__ import annotations
 
@@ -56,10 +56,11 @@ CASES4 = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    C.reference(CASES2[0])              # warm-up (lazy imports of the op machinery) before forking
     out = {}
     for world, cases in ((2, CASES2), (4, CASES4)):
         tmp = tmp_path_factory.mktemp(f"ep{world}")
-        res = harness.spawn(tmp, world, cases, timeout_s=60, deadline_s=240)
+        res = harness.spawn(tmp, world, cases, timeout_s=60, deadline_s=240, fork=True)
         assert all(r.code == 0 for r in res), [(r.rank, r.code, r.stderr[-500:]) for r in res]
         out[world] = tmp
     return out
