@@ -94,10 +94,8 @@ def _store(init_method: str | None, rank: int, world_size: int, timeout_s: float
         store = dist.TCPStore(host, int(port), None, server, wait, wait_for_workers=False)
         store.set(f"moecc/world/{rank}", str(world_size))
         keys = [f"moecc/world/{r}" for r in range(world_size)]
+        store.wait(keys, wait)            # all posted first: the host rank outlives the others' reads
         for r, key in enumerate(keys):
-            if r == rank:
-                continue
-            store.wait([key], wait)
             other = int(store.get(key))
             if other != world_size:
                 raise EPError(f"rank {rank}: rank {r} was started with world size {other}, this rank "

@@ -20,7 +20,7 @@ import cases as C
 import harness
 
 TIMEOUT_S = 2.0
-PHASES = ("token counts", "split sizes", "dispatch hidden", "dispatch weights", "dispatch ids",
+PHASES = ("split sizes", "dispatch hidden", "dispatch weights", "dispatch ids",
           "combine", "combine backward", "dispatch backward", "weights backward")
 
 
