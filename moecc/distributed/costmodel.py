@@ -158,7 +158,7 @@ class Costs:
     alpha: float                    # the latency of one collective
     dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: rows, weights, ids)
     combine_msgs: int = 1
-    sizes: float = 0.0              # one split-size exchange (synchronous, once per chunk)
+    sizes: float = 0.0              # one split-size exchange (synchronous; 1 at d = 1, else 2)
     plan: float = 0.0               # routing -> send layout, for all tokens (per-token part)
     plan_fixed: float = 0.0         # ... fixed part per chunk
     sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
@@ -212,7 +212,7 @@ SHARED_FIRST = 0.5      # d >= 2: this share of the shared expert fills the firs
 
 def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
     """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
-    plans all chunks, exchanges split sizes (synchronous), issues the d dispatches, computes the
+    plans all chunks, exchanges split sizes (two collectives, synchronous), issues the d dispatches, computes the
     shared expert (d >= 2: SHARED_FIRST of it), then per chunk waits for its dispatch, computes its
     experts and issues its combine; (d >= 2: the rest of the shared expert); per chunk waits for
     its combine and sums it. One FIFO comm channel, one compute stream. overlap=False: the same
@@ -227,8 +227,9 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     comm, comp = [], []
     t = c.plan + d * c.plan_fixed
     comp.append((0.0, t))
-    for _ in range(d):                                           # split sizes, synchronous
-        comm.append((t, t + c.sizes))
+    for _ in range(1 if d == 1 else 2):                          # split sizes, synchronous
+        if c.sizes > 0:
+            comm.append((t, t + c.sizes))
         t += c.sizes
     if not overlap:
         for kind, dur in (("comm", t_disp), ("comp", c.shared + t_exp), ("comm", t_comb), ("comp", t_sum)):

@@ -1,6 +1,6 @@
 """Chunked expert-parallel MoE layer: the all-to-all of one chunk in flight while another computes.
 
-    experts ⇒ split the rank's tokens into d chunks; plan each (layout); exchange split sizes;
+    experts ⇒ split the rank's tokens into d chunks; plan each (layout); exchange split sizes (two collectives);
               dispatch × d (async, issued at once); shared expert (d >= 2: half of it) fills the
               first dispatch wait; per chunk: wait its dispatch → local experts → combine (async);
               (d >= 2: the other half of the shared expert fills the last combine wait);
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moecc.distributed.ep import combine, dispatch, exchange_sizes, local_experts, token_numbers
+from moecc.distributed.comm import agree
+from moecc.distributed.ep import Sizes, combine, dispatch, exchange_sizes, local_experts, token_numbers
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
 from moecc.spec import MoESpec
@@ -38,6 +39,25 @@ def chunk_bounds(tokens: int, degree: int) -> list[tuple[int, int]]:
 
 def _span(timeline, name: str):
     return timeline.span("compute", name) if timeline is not None else nullcontext()
+
+
+def _exchange_all(lays, placement, group, layer: int, x: Tensor, where: str) -> list[Sizes]:
+    """Split sizes of every chunk in two collectives, whatever d: chunk 0 through ep.exchange_sizes
+    (which also checks that all ranks run the same layer, placement, hidden size and dtype), the
+    other chunks' counts in one all_gather."""
+    import torch.distributed as dist
+
+    first = exchange_sizes(lays[0], placement, group, layer, x.shape[-1], x.dtype)
+    if len(lays) == 1:
+        return [first]
+    W, rank = placement.world, dist.get_rank(group)
+    vec = torch.tensor([n for lay in lays[1:] for n in (*lay.send, *lay.row_send)], dtype=torch.int64)
+    table = agree(vec, group, where + ": chunk split sizes").view(W, len(lays) - 1, 2, W)
+    out = [first]
+    for c, lay in enumerate(lays[1:]):
+        pairs, rows = table[:, c, 0], table[:, c, 1]                        # [W src, W dst]
+        out.append(Sizes(lay.send, pairs[:, rank].tolist(), lay.row_send, rows[:, rank].tolist(), pairs, rows))
+    return out
 
 
 def _arrived(handle) -> None:
@@ -66,7 +86,7 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
     bounds = chunk_bounds(T, d)
     with _span(timeline, f"{where} plan"):
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
-    sizes = [exchange_sizes(lay, placement, group, layer, x.shape[-1], x.dtype) for lay in lays]
+    sizes = _exchange_all(lays, placement, group, layer, x, where)
     sl = [slice(lo, hi) for lo, hi in bounds]
     pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
             for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]

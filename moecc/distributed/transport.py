@@ -7,14 +7,18 @@ overlap can be measured on a machine whose cores cannot show it with real socket
     ... compute ...
     y = p.wait()
 
-Each call takes  alpha + beta * bytes  of wall time, bytes = max(bytes this rank sends to other
-ranks, bytes it receives from them) (its own rows cost nothing, as in moecc.distributed.costmodel):
-the real exchange runs first, then the call sleeps until that time has passed since it started (a
-sleep, not CPU work; a real exchange slower than the model is not shortened, and counts as `late`).
-Calls run in issue order on one background thread, so compute on the calling thread proceeds while
-they are in flight, as on an accelerator's communication stream; every collective of the group must
-go through the transport while it is in use (one thread issues them all, in the same order on every
-rank). Each call is recorded as a "comm" interval on the timeline. Forward only (no autograd).
+The modelled channel: one FIFO link per rank. A call issued at time t starts on it at
+max(t, the end of the previous call) and ends alpha + beta * bytes later, bytes = max(bytes this
+rank sends to other ranks, bytes it receives from them) (its own rows cost nothing, as in
+moecc.distributed.costmodel); its result is delivered at that end (a sleep, not CPU work). The real
+gloo exchanges run back to back on a background thread as soon as they are issued, so their own
+latency hides behind the modelled channel; one that is not done by its modelled end delivers when
+it is (counted in `late`: the model then under-states that call). Since the real exchange needs every
+peer, a rank still waits for a slower rank, as on a real network. Compute on the calling thread
+proceeds meanwhile, as beside an accelerator's communication stream. Every collective of the group
+must go through the transport while it is in use (one thread issues them all, in the same order on
+every rank). Each call is recorded as a "comm" interval [start, delivery] on the timeline. The EP
+runtime's backward all-to-alls go through comm.all_to_all too, so training steps are delayed alike.
 """
 from __future__ import annotations
 
@@ -53,8 +57,11 @@ class DelayedTransport:
         self.calls = 0
         self.late = 0                       # calls whose real exchange outlasted the model
         self._q: queue.Queue = queue.Queue()
+        self._out: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name="moecc-delayed-a2a", daemon=True)
+        self._deliver = threading.Thread(target=self._delivery, name="moecc-delayed-a2a-out", daemon=True)
         self._worker.start()
+        self._deliver.start()
 
     def model_time(self, nbytes: float) -> float:
         return self.alpha + self.beta * nbytes
@@ -92,31 +99,47 @@ class DelayedTransport:
     def close(self) -> None:
         self._q.put(None)
         self._worker.join(timeout=5)
+        self._deliver.join(timeout=5)
 
     def _submit(self, run, model: float, group, where: str) -> DelayedPending:
         f: Future = Future()
-        self._q.put((f, run, model, group, where))
+        self._q.put((f, run, model, group, where, time.perf_counter()))
         return DelayedPending(f, where)
 
     def _loop(self) -> None:
+        """Real exchanges, back to back in issue order; each then waits for its modelled end."""
         from moecc.distributed.comm import _run            # errors name the rank and the layer
+        free = 0.0                                         # when the modelled channel is free
         while True:
             item = self._q.get()
             if item is None:
+                self._out.put(None)
                 return
-            f, run, model, group, where = item
-            t0 = time.perf_counter()
+            f, run, model, group, where, issued = item
+            start = max(issued, free)
+            free = start + model
             try:
                 out = _run(where, group, run)
-                left = model - (time.perf_counter() - t0)
-                if left > 0:
-                    time.sleep(left)
-                else:
-                    self.late += 1
             except BaseException as e:      # noqa: BLE001  (delivered to the waiting thread)
-                f.set_exception(e)
+                self._out.put((f, e, start, free, where))
                 continue
+            self._out.put((f, out, start, free, where))
+
+    def _delivery(self) -> None:
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            f, out, start, end, where = item
+            if isinstance(out, BaseException):
+                f.set_exception(out)
+                continue
+            left = end - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+            else:
+                self.late += 1
             self.calls += 1
             if self.timeline is not None:
-                self.timeline.add("comm", where, t0, time.perf_counter())
+                self.timeline.add("comm", where, start, max(end, time.perf_counter()))
             f.set_result(out)
