@@ -52,6 +52,12 @@ CASES4 = [
           ids=_TRACE.expert_ids[0].tolist(), round_robin=True),
     _case(4, 4, [2, 7, 0, 5], 4, 2, "float64", "one_expert", hot=2),
 ]
+_TRACE2 = synthetic_trace(layers=2, experts=4, top_k=2, tokens=24, windows=1, seed=5)
+_LOCAL2 = Plan("hand", Topology(2, 2, slots=2), np.stack([_LOCAL, _LOCAL]), ("layer5", "layer6"),
+               local=np.array([[True, False, False, False]] * 2))
+CASES4 += [_case(5 + l, 4, [6, 6, 6, 6], 4, 2, "float32", "given", share=_LOCAL.tolist(),
+                 local=[True, False, False, False], per_node=2, round_robin=True,
+                 ids=_TRACE2.expert_ids[l].tolist(), carry=l == 1) for l in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_two_ranks_bit_identical(runs, i):
     _check(runs[2], CASES2[i], i)
 
 
-@pytest.mark.parametrize("i", range(len(CASES4)))
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CASES4) if not c.get("carry")])
 def test_four_ranks_bit_identical(runs, i):
     _check(runs[4], CASES4[i], i)
 
@@ -128,3 +134,13 @@ def test_sends_equal_plan_metrics_node_local(runs):
     m = score(pl, trace)
     assert sum(sum(g["row_send"]) for g in got) == m.device_sends
     assert np.sum([g["send"] for g in got], axis=0).tolist() == device_loads(pl, trace)[0].astype(int).tolist()
+
+
+def test_sends_equal_plan_metrics_two_layers_node_local(runs):
+    """Two layers with a node-local expert: the second layer's token nodes carried from the first
+    (Layout.node): sends and loads of both layers equal the metrics of the same plan and trace."""
+    got = [_sends(runs[4], i, 4) for i in (5, 6)]
+    m = score(_LOCAL2, _TRACE2)
+    assert sum(sum(g["row_send"]) for layer in got for g in layer) == m.device_sends
+    loads = device_loads(_LOCAL2, _TRACE2).astype(int).tolist()
+    assert [np.sum([g["send"] for g in layer], axis=0).tolist() for layer in got] == loads

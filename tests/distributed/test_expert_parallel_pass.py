@@ -136,7 +136,7 @@ def _torchrun(art, inp, out, n, timeout=150):
 def test_launch_two_processes(tmp_path):
     """Compile with --ep 2 and a replicated placement, torchrun 2 ranks; equal to one process
     (dense layers run on each rank's half of the batch: GEMMs of other shapes, so within 1e-5;
-    the EP layer itself is bit-identical: test_ep_runtime). 3 ranks for a 2-rank plan: refused."""
+    the EP layer itself is bit-identical: test_ep_runtime)."""
     save_plan(_replicated_plan(), tmp_path / "placement.json")
     model, inputs = ep_toy.build()
     art = moecc.compile(model, inputs, passes=[("expert_parallel", {"ep": 2, "placement":
@@ -151,6 +151,15 @@ def test_launch_two_processes(tmp_path):
     with torch.no_grad():
         want = moecc.load(art).module()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_launch_wrong_world_size(tmp_path):
+    """torchrun with 3 ranks for a 2-rank artifact: every rank refuses with one line."""
+    model, inputs = ep_toy.build()
+    art = moecc.compile(model, inputs, passes=[("expert_parallel", {"ep": 2})], backend="torch",
+                        out=tmp_path / "art", progress=False)
+    np.savez(tmp_path / "in.npz", np.random.default_rng(0).integers(0, 64, (5, 8)))
     bad = _torchrun(art, tmp_path / "in.npz", tmp_path / "bad.npz", 3)
     lines = [l for l in bad.stderr.splitlines() if l.startswith("moecc launch: error: rank ")]
     assert bad.returncode != 0 and len(lines) == 3, bad.stderr[-2000:]

@@ -4,7 +4,8 @@ a forked child (harness.spawn(fork=True)).
 JOB.json: {"world", "port", "timeout_s", "init_timeout_s"?, "out", "cases": [case, ...], "fault"?}.
 For each case the rank takes its slice of the global batch (cases.problem) and the experts it holds,
 runs moecc.distributed.ep.ep_experts forward and backward, and saves y, the gradients and the
-layout (OUT/case<i>_rank<r>.pt). A fault {"rank", "case", "kind", "phase"?, "sleep_s"?} hits one
+layout (OUT/case<i>_rank<r>.pt). A case with "carry" starts from the tokens' nodes after the
+previous case (node-local experts: Layout.node, the placement metrics' rule). A fault {"rank", "case", "kind", "phase"?, "sleep_s"?} hits one
 rank in one case:
   kill       the process dies (os._exit) when it reaches the collective named `phase` (a substring
              of the collective's label: "split sizes", "dispatch hidden", "combine", "combine
@@ -50,7 +51,7 @@ def _inject(job, fault):
     ep.all_to_all, ep.agree = wrap(ep.all_to_all, 4), wrap(ep.agree, 2)
 
 
-def run_case(job, i, case, rank, group, fault):
+def run_case(job, i, case, rank, group, fault, state):
     p = C.problem(case)
     pl = C.placement(case)
     hit = fault.get("rank") == rank and fault.get("case") == i
@@ -65,9 +66,12 @@ def run_case(job, i, case, rank, group, fault):
     w = p["weights"][sl].clone().requires_grad_(True)
     params = {n: p[n][held].clone().requires_grad_(True) for n in ("w_in", "w_out", "b_in", "b_out")
               if n in p}
+    node = state.get("node") if case.get("carry") else None         # node-local: previous layer's
     y, lay = ep.ep_experts(x, p["ids"][sl], w, params["w_in"], params["w_out"], params.get("b_in"),
                            params.get("b_out"), C.spec(case).to_json(), pl, group, layer=i,
-                           tokens=sl.numpy())
+                           tokens=sl.numpy(), node=node)
+    home = np.full(len(sl), rank // pl.devices_per_node)
+    state["node"] = lay.node(home if node is None else node, pl)
     y.backward(p["grad"][sl])
     torch.save({"y": y.detach(), "grad_x": x.grad, "grad_weights": w.grad,
                 **{f"grad_{n}": t.grad for n, t in params.items()},
@@ -85,8 +89,9 @@ def main(job, rank):
         group = comm.init("gloo", job["timeout_s"], rank=rank, world_size=world,
                           init_method=f"tcp://127.0.0.1:{job['port']}",
                           init_timeout_s=job.get("init_timeout_s"))
+        state = {}
         for i, case in enumerate(job["cases"]):
-            run_case(job, i, case, rank, group, fault)
+            run_case(job, i, case, rank, group, fault, state)
     except comm.EPError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         os._exit(3)
