@@ -35,6 +35,12 @@ class EPExperts(nn.Module):
         node = s.node if (s.carry_node and self.layer > 0 and s.node is not None
                           and len(s.node) == x.shape[0]) else None
         tokens = token_numbers(x.shape[0], s.group, where)
+        degree = getattr(self, "overlap_degree", 1)          # set by passes/overlap.apply
+        if degree > 1 and not s.carry_node:                  # chunked, all-to-alls behind compute
+            from .overlap import moe_layer
+            return moe_layer(x, ids, weights, self.w_in, self.w_out, self.spec, self.placement, s.group,
+                             degree, b_in=self.b_in, b_out=self.b_out, tokens=tokens, layer=self.layer,
+                             kernel=self.kernel)
         y, lay = ep_experts(x, ids, weights, self.w_in, self.w_out, self.b_in, self.b_out, self.spec,
                             self.placement, s.group, self.layer, tokens, node, self.kernel)
         if s.carry_node:

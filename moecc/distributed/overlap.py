@@ -68,7 +68,7 @@ def _arrived(handle) -> None:
         p.wait()
 
 
-def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec,
+def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
               placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
               b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
               kernel: str = "reference", timeline=None) -> Tensor:
@@ -79,7 +79,10 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
 
     rank, T = dist.get_rank(group), x.shape[0]
     where = f"layer {placement.name}"
-    js = spec.to_json()
+    js = spec if isinstance(spec, str) else spec.to_json()
+    if isinstance(spec, str):
+        from moecc.ops import parse_spec
+        spec = parse_spec(spec)
     if tokens is None:
         tokens = token_numbers(T, group, where)
     d = degree if overlap else 1

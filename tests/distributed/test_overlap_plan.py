@@ -1,0 +1,130 @@
+"""passes/overlap: the per-layer degree from measured constants, the override, schedule.json, and the
+experts layers found in an exported graph."""
+import json
+
+import pytest
+import torch
+
+from moecc.errors import MoeccError
+from moecc.passes.overlap import LayerShape, OverlapPlan, apply, experts_layers, make, plan_layers
+from moecc.spec import MoESpec, RouterSpec
+
+# constants as the probe reports them (s, s/byte, FLOP/s, s per call, s per token, ...)
+K = {"alpha": 1e-3, "beta": 1e-8, "flops": 5e9, "chunk": 2e-4, "plan": 1e-6, "plan_fixed": 1e-4,
+     "sums": 1e-6, "sums_fixed": 1e-4}
+BIG = LayerShape("moe0", 512, 256, 512, 16, 2, True, 512)
+TINY = LayerShape("moe1", 8, 16, 32, 8, 2, True, 0)
+
+
+def test_degree_is_the_argmin_and_latency_bound_layers_stay_whole():
+    p = plan_layers([BIG, TINY], 4, K)
+    big, tiny = p.layers
+    assert big.degree > 1 and big.predicted_step_s < big.predicted_serial_s
+    assert tiny.degree == 1                     # a few tokens: every chunk only adds latency
+    steps = [plan_layers([BIG], 4, K, degree=d).layers[0].predicted_step_s for d in range(1, 9)]
+    assert big.predicted_step_s == pytest.approx(min(steps))
+
+
+def test_override_and_json_round_trip(tmp_path):
+    p = plan_layers([BIG, TINY], 4, K, degree=3)
+    assert [lay.degree for lay in p.layers] == [3, 3] and all(lay.forced for lay in p.layers)
+    q = OverlapPlan.from_json(p.write(tmp_path / "schedule.json").read_text())
+    assert q == p
+    assert json.loads(p.to_json())["format"] == "moecc.schedule/1"
+
+
+def test_without_constants_the_degree_waits_for_start_up():
+    p = plan_layers([BIG], 4, None)
+    assert p.layers[0].degree == "auto" and p.layers[0].predicted_step_s is None
+    assert p.degree("moe0") is None
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.5])
+def test_bad_degree_refused(bad):
+    with pytest.raises(MoeccError, match="1..8"):
+        plan_layers([BIG], 4, K, degree=bad)
+
+
+def test_apply_sets_the_degree_by_layer_name():
+    class Placement:
+        name = "moe0"
+    mod = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    mod[0].placement = Placement()
+    assert apply(mod, plan_layers([BIG], 4, K, degree=5)) == 1
+    assert mod[0].overlap_degree == 5
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spec = MoESpec(num_experts=4, hidden=8, ffn=16, activation="gelu", router=RouterSpec(top_k=2),
+                            name="blk0")
+        self.w_in = torch.nn.Parameter(torch.randn(4, 16, 8))
+        self.w_out = torch.nn.Parameter(torch.randn(4, 8, 16))
+
+    def forward(self, x, ids, w):
+        from moecc.ops import call_experts
+        return call_experts(x, ids, w, self.w_in, self.w_out, self.spec)
+
+
+def test_pass_finds_experts_layers_and_records_the_plan():
+    x, ids, w = torch.randn(12, 8), torch.randint(0, 4, (12, 2)), torch.rand(12, 2)
+    gm = torch.export.export(_Experts(), (x, ids, w)).module()
+    layers = experts_layers(gm)
+    assert [(lay.name, lay.tokens, lay.experts, lay.top_k) for lay in layers] == [("blk0", 12, 4, 2)]
+    res = make({"ep": 2, "overlap_degree": 2})(gm)
+    sched = OverlapPlan.from_json(res.graph_module.meta["moecc.overlap"])
+    assert sched.layers[0].tokens == 6 and sched.layers[0].degree == 2
+    with pytest.raises(MoeccError, match="--ep"):
+        make({"ep": 1})(gm)
+
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    from moecc.distributed.comm import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
+    """expert_parallel.apply, then overlap.apply with d=3: the EP experts modules run the chunked
+    layer; outputs and gradients equal the unchunked EP model within the float32 bar (1e-6 rel)."""
+    import ep_toy
+
+    from moecc.distributed.comm import use_transport
+    from moecc.distributed.transport import DelayedTransport
+    from moecc.frontend import capture
+    from moecc.passes.expert_parallel import apply as ep_apply, plan as ep_plan
+    from moecc.passes.overlap import LayerSchedule
+    model, inputs = ep_toy.build()
+    gms = [ep_apply(capture(model, inputs, recognize=False).gm, ep_plan(
+        capture(model, inputs, recognize=False).gm, {"ep": 1})) for _ in range(2)]
+    names = [m.placement.name for m in gms[1].modules() if hasattr(m, "placement")]
+    sched = OverlapPlan(1, tuple(LayerSchedule(n, 1, 3, True) for n in names))
+    assert apply(gms[1], sched) == len(names) == 2
+    calls = []
+    tr = DelayedTransport(0.0, 0.0)                  # counts the collectives each model issues
+    use_transport(tr)
+    try:
+        ys = []
+        for gm in gms:
+            before = tr.calls
+            ys.append(gm(*inputs))
+            calls.append(tr.calls - before)
+    finally:
+        use_transport(None)
+        tr.close()
+    # per layer: token numbers + split sizes + 3 dispatch + 1 combine; chunked: 2 sizes, 4 per chunk
+    assert calls == [2 * (1 + 1 + 4), 2 * (1 + 2 + 3 * 4)]
+    bar = 1e-6 * float(ys[0].detach().abs().max())
+    assert float((ys[1] - ys[0]).abs().max()) <= bar
+    for y in ys:
+        y.square().sum().backward()
+    for (n0, p0), (n1, p1) in zip(gms[0].named_parameters(), gms[1].named_parameters()):
+        assert n0 == n1 and p0.grad is not None
+        err = float((p1.grad - p0.grad).abs().max())
+        assert err <= 1e-5 * max(1.0, float(p0.grad.abs().max())), (n0, err)
