@@ -131,9 +131,17 @@ def agree(vec: Tensor, group, where: str) -> Tensor:
     if _TRANSPORT is not None:
         return _TRANSPORT.all_gather(vec, group, where)
     W = dist.get_world_size(group)
+    vec = vec.to(collective_device(group)).contiguous()
     out = [torch.empty_like(vec) for _ in range(W)]
-    _run(where, group, lambda: dist.all_gather(out, vec.contiguous(), group=group))
-    return torch.stack(out)
+    _run(where, group, lambda: dist.all_gather(out, vec, group=group))
+    return torch.stack(out).cpu()
+
+
+def collective_device(group=None) -> torch.device:
+    """Where small control tensors must live for the group's backend (nccl: this rank's GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class Pending:

@@ -1,7 +1,7 @@
 """Run an expert-parallel torch artifact on N ranks:
 
     torchrun --nproc-per-node N -m moecc.distributed.launch ARTIFACT --input in.npz [--output y.npz]
-             [--timeout 60] [--backend gloo|nccl]
+             [--timeout 60] [--backend gloo|nccl] [--overlap-degree 1..8|auto] [--schedule s.json]
 
 Each rank loads the artifact (compiled with `moecc compile ... --to torch --ep N`), checks with the
 others that all run the same model and plan (one all_gather, up front), rewrites its experts layers
@@ -9,7 +9,9 @@ with passes/expert_parallel.apply (keeping only the experts it holds), takes its
 input batch (dim 0 split as numpy.array_split: rank r gets the r-th block), and runs it; rank 0
 gathers the outputs (dim 0, rank order) and writes --output. Every collective is bounded by
 --timeout seconds: a dead or stalled rank makes every other rank exit non-zero with one line naming
-the rank and the layer (no traceback, no hang).
+the rank and the layer (no traceback, no hang). --overlap-degree: each experts layer in token chunks
+whose all-to-alls overlap compute (moecc.distributed.schedule: a warm-up forward, constants measured
+on the ranks, the degree per layer; --schedule writes the chosen schedule with predicted times).
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, help="rank 0 writes the outputs (whole batch) here")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any collective may wait")
     p.add_argument("--backend", help="gloo (CPU, default without a GPU) or nccl")
+    p.add_argument("--overlap-degree", default="1", choices=["auto", *map(str, range(1, 9))],
+                   help="token chunks per experts layer, their all-to-alls in flight while others "
+                        "compute: 1 (default, none), 2..8, or auto (per layer, the cost model's choice "
+                        "from constants measured at start-up)")
+    p.add_argument("--schedule", type=Path, help="rank 0 writes the overlap schedule (schedule.json) here")
     a = p.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -70,7 +77,12 @@ def _run(a) -> None:
                          "`moecc compile ... --to torch --ep N`)")
     doc = json.loads((a.artifact / "ep.json").read_text())
     plan = EPPlan.from_json(doc)
-    group = init(a.backend, a.timeout, init_timeout_s=max(a.timeout, 60.0))   # start-up: slower
+    backend = a.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if backend == "nccl":                                    # one GPU per rank (torchrun LOCAL_RANK)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    group = init(backend, a.timeout, init_timeout_s=max(a.timeout, 60.0))   # start-up: slower
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.world:
         raise fail("launch", f"the artifact is planned for {plan.world} ranks, torchrun started {world}")
@@ -85,11 +97,15 @@ def _run(a) -> None:
         raise fail("launch", f"the input batch has {batch} rows, fewer than the {world} ranks")
     gm = load_program(a.artifact).module()
     _drop_guards(gm)
-    gm = apply(gm, plan, group)
+    gm = apply(gm, plan, group).to(device)
     parts = [np.array_split(x, world)[rank] for x in inputs]
+    if a.overlap_degree != "1":
+        from .schedule import configure
+        configure(gm, group, lambda: gm(*[torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in parts]),
+                  a.overlap_degree, a.schedule)
     with torch.no_grad():
-        out = [t.detach().numpy() for t in tree_leaves(gm(*[torch.from_numpy(np.ascontiguousarray(x))
-                                                              for x in parts]))]
+        out = [t.detach().cpu().numpy() for t in tree_leaves(gm(*[
+            torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in parts]))]
     gathered = [None] * world
     dist.all_gather_object(gathered, out, group=group)
     if rank == 0 and a.output is not None:
