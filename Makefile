@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moecc-installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-overlap clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/moecc bench --quick --out out/bench
+
+# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport: ~15-25 min on
+# 2 cores; results in samples/results/overlap.md (--quick: the 2 headline configs, ~3 min)
+bench-overlap: setup
+	OMP_NUM_THREADS=1 $(BIN)/python samples/overlap_bench.py --out samples/results
 
 clean:
 	rm -rf out .pytest_cache
