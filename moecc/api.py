@@ -116,6 +116,10 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             artifact.write_json(tmp / "ep.json", ep)
             manifest["expert_parallel"] = {"world": ep["world"], "method": ep["method"],
                                            "plan": "ep.json"}
+        schedule = captured.gm.meta.get("moecc.overlap")  # the overlap pass's schedule (JSON text)
+        if schedule is not None:
+            (tmp / "schedule.json").write_text(schedule)
+            manifest["overlap"] = {"schedule": "schedule.json"}
         artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
     return out

@@ -56,6 +56,9 @@ def _add_compile(sub) -> None:
     g.add_argument("--placement", type=Path, help="placement.json from `moecc plan` (default: contiguous)")
     g.add_argument("--capacity-scope", default="rank", choices=["rank", "global"],
                    help="capacity / expert choice over each rank's tokens (rank) or all ranks' (global: refused)")
+    g.add_argument("--overlap-degree", type=int, metavar="D",
+                   help="run each experts layer in D token chunks (1..8), their all-to-alls behind compute; "
+                        "written to schedule.json (default: chosen per layer at launch: --overlap-degree auto)")
     g = p.add_argument_group("backend")
     g.add_argument("--to", dest="backend", default="torch", help="torch | onnx | tvm (default torch)")
     g.add_argument("--onnx-moe", default="auto", choices=["auto", "portable", "fused"],
@@ -80,7 +83,8 @@ def _passes_from(a) -> list[tuple[str, dict]]:
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()
              if v is not None}
-    ep = {"ep": a.ep, "placement": a.placement, "capacity_scope": a.capacity_scope}
+    ep = {"ep": a.ep, "placement": a.placement, "capacity_scope": a.capacity_scope,
+          "overlap_degree": a.overlap_degree}
     if a.placement is not None and not a.ep:
         raise MoeccError("--placement needs --ep N (the number of ranks)")
     if a.passes:
@@ -94,8 +98,12 @@ def _passes_from(a) -> list[tuple[str, dict]]:
         passes.append(("moefy", common))
     if a.router or a.capacity_factor is not None or a.n_groups:
         passes.append(("route", route))
+    if a.overlap_degree is not None and not a.ep:
+        raise MoeccError("--overlap-degree needs --ep N (the number of ranks)")
     if a.ep:
         passes.append(("expert_parallel", ep))
+    if a.overlap_degree is not None:
+        passes.append(("overlap", ep))
     return passes
 
 

@@ -15,6 +15,7 @@ REGISTRY = {
     "moefy": "moefy",                 # dense FFN → MoE of E disjoint neuron groups (MoEfication)
     "route": "route",                 # set / replace the router of MoE layers
     "expert_parallel": "expert_parallel",   # experts layers split over ranks (plan; rewrite at launch)
+    "overlap": "overlap",             # EP layers in token chunks, all-to-alls behind compute (schedule.json)
 }
 
 

@@ -36,10 +36,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, help="rank 0 writes the outputs (whole batch) here")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any collective may wait")
     p.add_argument("--backend", help="gloo (CPU, default without a GPU) or nccl")
-    p.add_argument("--overlap-degree", default="1", choices=["auto", *map(str, range(1, 9))],
+    p.add_argument("--overlap-degree", choices=["auto", *map(str, range(1, 9))],
                    help="token chunks per experts layer, their all-to-alls in flight while others "
-                        "compute: 1 (default, none), 2..8, or auto (per layer, the cost model's choice "
-                        "from constants measured at start-up)")
+                        "compute: 1 (none), 2..8, or auto (per layer, the cost model's choice from "
+                        "constants measured at start-up); default: the artifact's schedule.json "
+                        "(compile --overlap-degree), else 1")
     p.add_argument("--schedule", type=Path, help="rank 0 writes the overlap schedule (schedule.json) here")
     a = p.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -99,10 +100,11 @@ def _run(a) -> None:
     _drop_guards(gm)
     gm = apply(gm, plan, group).to(device)
     parts = [np.array_split(x, world)[rank] for x in inputs]
-    if a.overlap_degree != "1":
+    degree = a.overlap_degree or _compiled_degree(a.artifact)
+    if degree != "1":
         from .schedule import configure
         configure(gm, group, lambda: gm(*[torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in parts]),
-                  a.overlap_degree, a.schedule)
+                  degree, a.schedule)
     with torch.no_grad():
         out = [t.detach().cpu().numpy() for t in tree_leaves(gm(*[
             torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in parts]))]
@@ -111,6 +113,15 @@ def _run(a) -> None:
     if rank == 0 and a.output is not None:
         np.savez(a.output, *[np.concatenate([g[i] for g in gathered]) for i in range(len(out))])
         print(f"wrote {a.output} ({world} ranks)")
+
+
+def _compiled_degree(artifact: Path) -> str:
+    """The degree `moecc compile --overlap-degree` wrote into schedule.json, or "1"."""
+    path = artifact / "schedule.json"
+    if not path.exists():
+        return "1"
+    degrees = {lay["degree"] for lay in json.loads(path.read_text())["layers"]}
+    return str(degrees.pop()) if len(degrees) == 1 else "auto"
 
 
 if __name__ == "__main__":

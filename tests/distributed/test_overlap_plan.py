@@ -1,6 +1,7 @@
 """passes/overlap: the per-layer degree from measured constants, the override, schedule.json, and the
 experts layers found in an exported graph."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,9 +132,10 @@ def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
 
 
 def test_launch_with_overlap_writes_the_schedule(tmp_path):
-    """compile --ep 2, torchrun 2 ranks with --overlap-degree 3: the same outputs as one process
-    (within 1e-5: dense layers on half batches, chunked GEMMs), and schedule.json with each layer's
-    degree and predicted times from the constants measured at start-up."""
+    """compile --ep 2 --overlap-degree 3 (schedule.json in the artifact), torchrun 2 ranks: the same
+    outputs as one process (within 1e-5: dense layers on half batches, chunked GEMMs), and the
+    launch's schedule with each layer's degree and predicted times from constants measured at
+    start-up."""
     import os
     import subprocess
     import sys
@@ -145,14 +147,16 @@ def test_launch_with_overlap_writes_the_schedule(tmp_path):
     import moecc
     from moecc.distributed.comm import free_port
     model, inputs = ep_toy.build()
-    art = moecc.compile(model, inputs, passes=[("expert_parallel", {"ep": 2})], backend="torch",
-                        out=tmp_path / "art", progress=False)
+    opts = {"ep": 2, "overlap_degree": 3}
+    art = moecc.compile(model, inputs, passes=[("expert_parallel", opts), ("overlap", opts)],
+                        backend="torch", out=tmp_path / "art", progress=False)
+    assert OverlapPlan.from_json((art / "schedule.json").read_text()).layers[0].degree == 3
     x = np.random.default_rng(0).integers(0, 64, (6, 8))
     np.savez(tmp_path / "in.npz", x)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", "moecc.distributed.launch", str(art),
            "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"), "--timeout", "30",
-           "--overlap-degree", "3", "--schedule", str(tmp_path / "schedule.json")]
+           "--schedule", str(tmp_path / "schedule.json")]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=180, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -163,3 +167,10 @@ def test_launch_with_overlap_writes_the_schedule(tmp_path):
     assert [lay.degree for lay in sched.layers] == [3, 3] and sched.world == 2
     assert all(lay.predicted_step_s > 0 and lay.tokens == 24 for lay in sched.layers)
     assert sched.constants["flops"] > 0
+
+
+def test_cli_overlap_degree_needs_ep(tmp_path, capsys, monkeypatch):
+    from moecc.cli import main
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main(["compile", "samples/ep_toy.py:build", "--overlap-degree", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--overlap-degree needs --ep" in capsys.readouterr().err
