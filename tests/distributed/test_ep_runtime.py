@@ -30,6 +30,7 @@ CASES2 = [
     _case(3, 2, [3, 8], 8, 2, "float64", "skip_experts"),             # rank 1's experts all empty
     _case(4, 2, [7, 7], 6, 4, "float32", "drops", act="gelu"),        # k=4, empty slots
     _case(5, 2, [4, 9], 4, 1, "float64", "one_expert", hot=3),        # rank 0 computes nothing
+    _case(6, 2, [5, 6], 4, 4, "float64", "drops"),                    # S = E slots (expert-choice shape)
 ]
 
 _SHARE4 = np.zeros((6, 4))                                            # replicas, unequal shares
