@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=52, help="grid size incl. the 2 headline configs")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the 2 headline configs only")
+    ap.add_argument("--alpha", type=float, help="α in ms for every config (default: the grid's)")
+    ap.add_argument("--tokens", type=int, help="tokens per rank for every config (default: the grid's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
     ap.add_argument("--port", type=int), ap.add_argument("--job")
@@ -190,6 +192,8 @@ def main() -> None:
         return rank_main(a.rank, a.world, a.port, a.job)
     a.out.mkdir(parents=True, exist_ok=True)
     configs = grid(2 if a.quick else a.configs)
+    for c in configs:
+        c.update({k: v for k, v in (("alpha", a.alpha and a.alpha * 1e-3), ("tokens", a.tokens)) if v})
     t0 = time.time()
     runs = []
     for world in (4, 2):
