@@ -38,6 +38,16 @@ def routing(case: str, T: int, W: int, g: torch.Generator) -> torch.Tensor:
     return ids
 
 
+def _grads(x, ids, wts, w_in, w_out, spec, placement, d, shared, tokens):
+    """Gradients of sum(y * c) (c fixed) w.r.t. x, routing weights, local w_in / w_out at degree d."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, wts, w_in, w_out)]
+    y = moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec, placement, degree=d,
+                  shared=shared, tokens=tokens)
+    c = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    (y * c).sum().backward()
+    return [t.grad for t in leaves]
+
+
 def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
@@ -47,7 +57,7 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
     use_transport(comm)
     placement = LayerPlacement.contiguous("moe0", E, world)
     mine = placement.held(rank)
-    results = {}
+    results, grads = {}, {}
     for case, dtype in [(c, t) for c in cases.split(",") for t in (torch.float32, torch.float64)]:
         g = torch.Generator().manual_seed(7)
         spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=K),
@@ -71,9 +81,16 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
                 err = (y - ref).abs().max().item()
                 results[f"{case}/{str(dtype)[6:]}/{d if overlap else 0}"] = {
                     "err": err, "scale": ref.abs().max().item(), "equal": bool(torch.equal(y, ref))}
+        if case == "random":
+            grads[str(dtype)[6:]] = {d: _grads(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec,
+                                               placement, d, sh, tokens) for d in (1, 4)}
     comm.close()
+    gerr = {}
+    for dt, by_d in grads.items():              # d = 4 vs d = 1: max abs error / max |grad| per tensor
+        gerr[dt] = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+                       for a, b in zip(by_d[4], by_d[1]))
     with open(out, "w") as f:
-        json.dump({"rank": rank, "results": results, "calls": comm.calls}, f)
+        json.dump({"rank": rank, "results": results, "calls": comm.calls, "grad_rel_err": gerr}, f)
     dist.destroy_process_group()
 
 
