@@ -59,7 +59,9 @@ def _inter_bytes(ep: int, direction: str) -> float:
 
 
 def calibrate_deepep(table: dict, points=CALIBRATION_EP) -> dict[str, Link]:
-    """Per direction, the network Link (α, B) that reproduces the table's latency at `points` exactly."""
+    """Per direction, the network Link (α, B) through the table's latencies at `points` (exact where
+    the network leg is the slower one, as in the 2025-06 table; the 2025-04 combine at EP16 is
+    NVLink-bound in the model, 2% above the table)."""
     links = {}
     for col, direction in ((0, "dispatch"), (2, "combine")):
         A = np.array([[1.0, _inter_bytes(ep, direction)] for ep in points])
