@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moecc-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench bench-overlap clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,10 +25,18 @@ demo: setup
 	$(BIN)/python samples/run_onnx_standalone.py out/tiny_gpt_moe
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 900 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 900 -m "not slow" tests
+
+test-slow: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --timeout 1800 -m slow -s tests
 
 bench: setup
 	$(BIN)/moecc bench --quick --out out/bench
+
+# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport: ~15-25 min on
+# 2 cores; results in samples/results/overlap.md (--quick: the 2 headline configs, ~3 min)
+bench-overlap: setup
+	OMP_NUM_THREADS=1 $(BIN)/python samples/overlap_bench.py --out samples/results
 
 clean:
 	rm -rf out .pytest_cache

@@ -143,6 +143,15 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "verification": check,
             "recognized": captured.recognized,
         }
+        ep = captured.gm.meta.get("moecc.ep")            # the expert_parallel pass's plan
+        if ep is not None:
+            artifact.write_json(tmp / "ep.json", ep)
+            manifest["expert_parallel"] = {"world": ep["world"], "method": ep["method"],
+                                           "plan": "ep.json"}
+        schedule = captured.gm.meta.get("moecc.overlap")  # the overlap pass's schedule (JSON text)
+        if schedule is not None:
+            (tmp / "schedule.json").write_text(schedule)
+            manifest["overlap"] = {"schedule": "schedule.json"}
         (tmp / "report.md").write_text(artifact.report_md(manifest))
         manifest[artifact.FILES] = artifact.file_hashes(tmp)
         artifact.write_json(tmp / artifact.MANIFEST, manifest)

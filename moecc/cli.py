@@ -1,4 +1,4 @@
-"""The `moecc` command line: compile, inspect, run (+ bench, plan, trace from their own modules).
+"""The `moecc` command line: compile, inspect, run (+ bench, plan, trace, simulate from their own modules).
 
 Every user mistake ends as one line `moecc: error: ...` and exit code 2; nothing half-written.
 """
@@ -19,7 +19,7 @@ COMPILE_EXAMPLES = """examples:
 """
 
 EXTRA_COMMANDS = [("moecc.cli_bench", "add_bench_parser"), ("moecc.cli_plan", "add_plan_parser"),
-                  ("moecc.cli_plan", "add_trace_parser")]
+                  ("moecc.cli_plan", "add_trace_parser"), ("moecc.cli_simulate", "add_simulate_parser")]
 
 
 def _add_compile(sub) -> None:
@@ -51,6 +51,14 @@ def _add_compile(sub) -> None:
     g.add_argument("--n-groups", type=int, help="group-limited / hierarchical routing: number of groups")
     g.add_argument("--topk-groups", type=int, help="groups kept per token")
     g.add_argument("--passes", help="explicit pass list, comma separated (e.g. canonicalize,upcycle,route)")
+    g = p.add_argument_group("expert parallel (torch backend; run with torchrun -m moecc.distributed.launch)")
+    g.add_argument("--ep", type=int, metavar="N", help="split every experts layer over N ranks")
+    g.add_argument("--placement", type=Path, help="placement.json from `moecc plan` (default: contiguous)")
+    g.add_argument("--capacity-scope", default="rank", choices=["rank", "global"],
+                   help="capacity / expert choice over each rank's tokens (rank) or all ranks' (global: refused)")
+    g.add_argument("--overlap-degree", type=int, metavar="D",
+                   help="run each experts layer in D token chunks (1..8), their all-to-alls behind compute; "
+                        "written to schedule.json (default: chosen per layer at launch: --overlap-degree auto)")
     g = p.add_argument_group("backend")
     g.add_argument("--to", dest="backend", default="torch", help="torch | onnx | tvm (default torch)")
     g.add_argument("--onnx-moe", default="auto", choices=["auto", "portable", "fused"],
@@ -75,12 +83,14 @@ def _passes_from(a) -> list[tuple[str, dict]]:
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()
              if v is not None}
+    ep = {"ep": a.ep, "placement": a.placement, "capacity_scope": a.capacity_scope,
+          "overlap_degree": a.overlap_degree}
     from .passes import accepted_options
 
     def only(name: str, options: dict) -> tuple[str, dict]:       # the options this pass reads
         return name, {k: v for k, v in options.items() if k in accepted_options(name)}
     if a.passes:
-        return [only(n.strip(), dict(common, **route)) for n in a.passes.split(",") if n.strip()]
+        return [only(n.strip(), dict(common, **route, **ep)) for n in a.passes.split(",") if n.strip()]
     passes = []
     if a.upcycle is not None:
         passes.append(only("upcycle", common))
@@ -88,6 +98,10 @@ def _passes_from(a) -> list[tuple[str, dict]]:
         passes.append(only("moefy", common))
     if a.router or a.capacity_factor is not None or a.n_groups:
         passes.append(("route", route))
+    if a.ep:
+        passes.append(only("expert_parallel", ep))
+    if a.overlap_degree is not None:
+        passes.append(only("overlap", ep))
     return passes
 
 

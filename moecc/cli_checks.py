@@ -113,6 +113,14 @@ def check_compile(a) -> None:
         raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
     if a.upcycle is not None and a.moefy is not None:
         raise MoeccError("choose one of --upcycle and --moefy")
+    if a.ep and a.backend != "torch":
+        raise MoeccError(f"--ep runs on torch.distributed: use --to torch (not {a.backend})")
+    if a.ep is not None and a.ep < 1:
+        raise MoeccError(f"--ep must be >= 1 ranks, got {a.ep}")
+    if a.placement is not None and not a.ep:
+        raise MoeccError("--placement needs --ep N (the number of ranks)")
+    if a.overlap_degree is not None and not a.ep:
+        raise MoeccError("--overlap-degree needs --ep N (the number of ranks)")
     experts = a.upcycle if a.upcycle is not None else a.moefy
     if experts is not None:
         from .passes.upcycle import check_experts

@@ -257,7 +257,10 @@ def _experts_backward(ctx, grad):
         leaves = {n: t.detach().requires_grad_(True) for n, t in zip(names, tensors) if n in wanted}
         args = [leaves.get(n, t) for n, t in zip(names, tensors)]
         y = experts_reference(*args, parse_spec(spec))
-        grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad, allow_unused=True)
+        # no row reached any expert (e.g. an expert-parallel rank that received nothing): y is
+        # zeros with no graph, every gradient is zero
+        grads = (torch.autograd.grad(y, [leaves[n] for n in wanted], grad, allow_unused=True)
+                 if y.requires_grad else [None] * len(wanted))
     by_name = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(wanted, grads)}
     return (*[by_name.get(n) for n in names], None, None)
 

@@ -14,6 +14,8 @@ REGISTRY = {
     "upcycle": "upcycle",             # dense FFN → MoE of E copies (sparse upcycling)
     "moefy": "moefy",                 # dense FFN → MoE of E disjoint neuron groups (MoEfication)
     "route": "route",                 # set / replace the router of MoE layers
+    "expert_parallel": "expert_parallel",   # experts layers split over ranks (plan; rewrite at launch)
+    "overlap": "overlap",             # EP layers in token chunks, all-to-alls behind compute (schedule.json)
 }
 
 _ROUTE = ("router", "top_k", "capacity_factor", "renormalize", "scaling", "n_groups", "topk_groups",
@@ -24,6 +26,8 @@ OPTIONS = {                           # the options each pass reads; any other k
     "moefy": ("num_experts", "top_k", "layers", "method", "shared", "calibration", "seed", "refit",
               "moefy_router"),
     "route": _ROUTE,
+    "expert_parallel": ("ep", "placement", "capacity_scope", "overlap_degree"),
+    "overlap": ("ep", "placement", "capacity_scope", "overlap_degree", "constants"),
 }
 INTERNAL = ("captured", "tokenize")   # given by moecc itself (the captured model, the factory's tokenizer)
 

@@ -62,11 +62,13 @@ class Metrics:
 
 
 def dispatch(share: np.ndarray, ids: np.ndarray, local: np.ndarray | None = None,
-             node: np.ndarray | None = None, per_node: int = 1) -> np.ndarray:
+             node: np.ndarray | None = None, per_node: int = 1,
+             tokens: np.ndarray | None = None) -> np.ndarray:
     """share [E, D], ids [T, k] -> device [T, k] computing each (token, expert) pair (-1: dropped).
     local [E] bool: experts whose tokens stay on their node [T] (devices per_node to a node) where
-    it holds a copy."""
-    u = token_hash(np.arange(ids.shape[0]))                                 # [T]
+    it holds a copy. tokens [T]: the tokens' numbers t in the hash u_t (default 0..T-1; the
+    expert-parallel runtime passes each rank's global token numbers: moecc.distributed.layout)."""
+    u = token_hash(np.arange(ids.shape[0]) if tokens is None else np.asarray(tokens))   # [T]
     e = np.maximum(ids, 0)
     if local is not None and local.any():           # per token: local experts' rows differ
         rows = share[e]                                                     # [T, k, D]

@@ -1,0 +1,308 @@
+"""Cost model of one expert-parallel MoE layer: all-to-all traffic, expert GEMMs, and the chunked
+overlap schedule, to predict step time and pick the overlap degree d (1..8).
+
+    route ─► dispatch a2a ─► local experts ─► combine a2a            (d = 1, all serial)
+    d chunks:  comm  │D1 D2 … Dd│        │R1│  │R2│ … │Rd│           (one FIFO channel)
+               comp  │ shared │C1│ C2 │ … │ Cd │                     (one compute stream)
+
+Traffic: a token's hidden state travels once per chosen expert (one row per (token, slot), as
+DeepEP's low-latency kernels and moecc's dispatch send it); the row for an expert on the sender's own
+device costs nothing. Experts are placed contiguously (expert e on device e // (E / D)). A rank's
+all-to-all takes  alpha + max(intra bytes / B_intra, inter bytes / B_inter)  over the larger of what
+it sends and receives, and a collective ends when its slowest rank ends: the bottleneck rank sets the
+time. Expert compute: 2 * rows * H * (R + F) FLOP at the GEMM throughput plus a fixed cost per chunk
+(kernel launches, the Python loop), on the rank receiving the most rows.
+
+The schedule recurrence (`pipeline`) is exactly the issue order of moecc.distributed.overlap: all d
+dispatches issued first (FIFO on the comm channel), the shared expert computed while they fly, then
+per chunk: wait for its dispatch, compute its experts, issue its combine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moecc.errors import MoeccError
+
+MAX_DEGREE = 8
+
+
+@dataclass(frozen=True)
+class Link:
+    """An α–β link: a transfer of n bytes takes latency + n / bandwidth seconds."""
+
+    latency: float          # s
+    bandwidth: float        # bytes / s
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """nodes × devices per node; NVLink-like links inside a node, network links between nodes."""
+
+    nodes: int
+    devices: int                    # per node
+    intra: Link
+    inter: Link
+    flops: float                    # sustained GEMM throughput per device, FLOP/s
+    chunk_overhead: float = 0.0     # fixed compute cost per experts chunk (s)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.devices
+
+    def validate(self) -> "Cluster":
+        if self.nodes < 1 or self.devices < 1:
+            raise MoeccError(f"cluster: nodes and devices must be >= 1, got {self.nodes} x {self.devices}")
+        for name, v in (("intra bandwidth", self.intra.bandwidth), ("inter bandwidth", self.inter.bandwidth),
+                        ("GEMM throughput", self.flops)):
+            if not v > 0:
+                raise MoeccError(f"cluster: {name} must be > 0, got {v}")
+        for name, v in (("intra latency", self.intra.latency), ("inter latency", self.inter.latency),
+                        ("chunk overhead", self.chunk_overhead)):
+            if not v >= 0:
+                raise MoeccError(f"cluster: {name} must be >= 0, got {v}")
+        return self
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One MoE layer as the cost model sees it. tokens = tokens per rank."""
+
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    gated: bool = False
+    shared_ffn: int = 0
+    dispatch_bytes: float = 4.0     # bytes per hidden element sent to the experts (fp32 = 4, FP8 ≈ 1.03)
+    combine_bytes: float = 4.0      # bytes per hidden element sent back
+
+    def validate(self, world: int) -> "LayerShape":
+        if min(self.tokens, self.hidden, self.ffn, self.experts, self.top_k) < 1:
+            raise MoeccError(f"layer: tokens, hidden, ffn, experts, top-k must be >= 1, got {self}")
+        if self.top_k > self.experts:
+            raise MoeccError(f"layer: top-k {self.top_k} exceeds experts {self.experts}")
+        if self.experts % world:
+            raise MoeccError(f"layer: {self.experts} experts do not split evenly over {world} devices; "
+                             "choose experts a multiple of nodes x devices")
+        return self
+
+
+def zipf_probs(experts: int, skew: float) -> np.ndarray:
+    """Probability that a routing choice picks expert e: ∝ 1 / (e+1)^skew (0 = balanced). [E]"""
+    p = 1.0 / np.arange(1, experts + 1, dtype=np.float64) ** float(skew)
+    return p / p.sum()
+
+
+def trace_probs(expert_ids: np.ndarray, experts: int) -> np.ndarray:
+    """Expert choice frequencies from a routing trace's ids [T, k] (-1 = dropped). [E]"""
+    ids = np.asarray(expert_ids).reshape(-1)
+    ids = ids[ids >= 0]
+    if ids.size == 0:
+        raise MoeccError("trace: no routed choices in this layer")
+    return np.bincount(ids, minlength=experts)[:experts] / ids.size
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bottleneck-rank volumes of one all-to-all direction with per-element size 1 byte × hidden."""
+
+    intra_rows: float               # rows over intra-node links (the busier of send / receive)
+    inter_rows: float               # rows over inter-node links
+    expert_rows: float              # rows the busiest rank computes
+
+
+def traffic(layer: LayerShape, cluster: Cluster, probs: np.ndarray) -> Traffic:
+    """Expected rows per rank under contiguous placement; the maximum over ranks of send and receive."""
+    D, G = cluster.world, cluster.devices
+    per_rank = np.asarray(probs, dtype=np.float64).reshape(D, -1).sum(1)             # [D] P(choice → rank)
+    node = np.arange(D) // G
+    same_node = node[:, None] == node[None, :]                                      # [D, D]
+    off = ~np.eye(D, dtype=bool)
+    rows = layer.tokens * layer.top_k                                               # rows a rank sends
+    # send from rank r: rows * P(dest); every rank sends the same distribution
+    send_intra = rows * (same_node & off).astype(float) @ per_rank                  # [D]
+    send_inter = rows * (~same_node).astype(float) @ per_rank                       # [D]
+    # receive at rank q: from every other source rank, rows * P(q)
+    recv_intra = rows * per_rank * (G - 1)                                          # [D]
+    recv_inter = rows * per_rank * (D - G)                                          # [D]
+    intra = np.maximum(send_intra, recv_intra)
+    inter = np.maximum(send_inter, recv_inter)
+    return Traffic(intra_rows=float(intra.max()), inter_rows=float(inter.max()),
+                   expert_rows=float((rows * D * per_rank).max()))
+
+
+def a2a_time(cluster: Cluster, intra_bytes: float, inter_bytes: float) -> float:
+    """One all-to-all: the latency of the slowest link class used, plus the slower transfer."""
+    t = 0.0
+    if cluster.devices > 1:
+        t = max(t, cluster.intra.time(intra_bytes))
+    if cluster.nodes > 1:
+        t = max(t, cluster.inter.time(inter_bytes))
+    return t
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-layer component times (s) at d = 1, and the fixed costs a chunk adds."""
+
+    dispatch: float                 # all dispatch messages of the layer, latencies included
+    combine: float
+    experts: float                  # GEMM time of the busiest rank, without the per-chunk overhead
+    shared: float
+    alpha: float                    # the latency of one collective
+    dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: rows, weights, ids)
+    combine_msgs: int = 1
+    sizes: float = 0.0              # one split-size exchange (synchronous; 1 at d = 1, else 2)
+    plan: float = 0.0               # routing -> send layout, for all tokens (per-token part)
+    plan_fixed: float = 0.0         # ... fixed part per chunk
+    sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
+    sums_fixed: float = 0.0         # ... fixed part per chunk
+
+
+def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
+    """Expected costs with one row per (token, choice) (DeepEP low-latency accounting)."""
+    cluster.validate()
+    layer.validate(cluster.world)
+    p = zipf_probs(layer.experts, 0.0) if probs is None else np.asarray(probs, dtype=np.float64)
+    tr = traffic(layer, cluster, p)
+    H = layer.hidden
+    alpha = a2a_time(cluster, 0.0, 0.0)
+    dispatch = a2a_time(cluster, tr.intra_rows * H * layer.dispatch_bytes, tr.inter_rows * H * layer.dispatch_bytes)
+    combine = a2a_time(cluster, tr.intra_rows * H * layer.combine_bytes, tr.inter_rows * H * layer.combine_bytes)
+    return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, tr.expert_rows),
+                 shared=shared_time(layer, cluster), alpha=alpha)
+
+
+def expert_time(layer: LayerShape, cluster: Cluster, rows: float) -> float:
+    r_in = 2 * layer.ffn if layer.gated else layer.ffn
+    return 2.0 * rows * layer.hidden * (r_in + layer.ffn) / cluster.flops
+
+
+def shared_time(layer: LayerShape, cluster: Cluster) -> float:
+    s_in = 2 * layer.shared_ffn if layer.gated else layer.shared_ffn
+    return 2.0 * layer.tokens * layer.hidden * (s_in + layer.shared_ffn) / cluster.flops
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Predicted times (s) of one layer at overlap degree d (degree 0: no overlap, all serial)."""
+
+    degree: int
+    step: float                     # layer step time
+    comm: float                     # total collective time
+    compute: float                  # total compute time
+    exposed_comm: float             # comm time not hidden behind compute
+    comm_intervals: tuple = ()
+    compute_intervals: tuple = ()
+
+    @property
+    def overlap(self) -> float:
+        return 1.0 - self.exposed_comm / self.comm if self.comm > 0 else 1.0
+
+
+SHARED_FIRST = 0.5      # d >= 2: this share of the shared expert fills the first dispatch wait,
+                        # the rest the last combine wait
+
+
+def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+    """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
+    plans all chunks, exchanges split sizes (two collectives, synchronous), issues the d dispatches, computes the
+    shared expert (d >= 2: SHARED_FIRST of it), then per chunk waits for its dispatch, computes its
+    experts and issues its combine; (d >= 2: the rest of the shared expert); per chunk waits for
+    its combine and sums it. One FIFO comm channel, one compute stream. overlap=False: the same
+    work at d = 1, each collective waited for at once (nothing overlaps)."""
+    if not 1 <= degree <= MAX_DEGREE:
+        raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
+    d = degree if overlap else 1
+    per_chunk = lambda total, msgs: msgs * c.alpha + (total - msgs * c.alpha) / d     # noqa: E731
+    t_disp, t_comb = per_chunk(c.dispatch, c.dispatch_msgs), per_chunk(c.combine, c.combine_msgs)
+    t_exp = chunk_overhead + c.experts / d
+    t_sum = c.sums_fixed + c.sums / d
+    comm, comp = [], []
+    t = c.plan + d * c.plan_fixed
+    comp.append((0.0, t))
+    for _ in range(1 if d == 1 else 2):                          # split sizes, synchronous
+        if c.sizes > 0:
+            comm.append((t, t + c.sizes))
+        t += c.sizes
+    if not overlap:
+        for kind, dur in (("comm", t_disp), ("comp", c.shared + t_exp), ("comm", t_comb), ("comp", t_sum)):
+            (comm if kind == "comm" else comp).append((t, t + dur))
+            t += dur
+        return _schedule(0, t, comm, comp)
+    comm_free, disp_end = t, []
+    for _ in range(d):                                           # all dispatches issued now
+        comm.append((comm_free, comm_free + t_disp))
+        comm_free += t_disp
+        disp_end.append(comm_free)
+    first = c.shared * (SHARED_FIRST if d > 1 else 1.0)
+    comp.append((t, t + first))
+    comp_free = t + first
+    comb_end = []
+    for i in range(d):
+        start = max(comp_free, disp_end[i])
+        comp_free = start + t_exp
+        comp.append((start, comp_free))
+        r0 = max(comm_free, comp_free)
+        comm_free = r0 + t_comb
+        comm.append((r0, comm_free))
+        comb_end.append(comm_free)
+    if d > 1:
+        comp.append((comp_free, comp_free + c.shared - first))
+        comp_free += c.shared - first
+    for i in range(d):
+        start = max(comp_free, comb_end[i])
+        comp_free = start + t_sum
+        comp.append((start, comp_free))
+    return _schedule(d, max(comm_free, comp_free), comm, comp)
+
+
+def _schedule(d: int, step: float, comm, comp) -> Schedule:
+    total = sum(b - a for a, b in comm)
+    return Schedule(d, step, total, sum(b - a for a, b in comp), total - intersection(comm, comp),
+                    tuple(comm), tuple(comp))
+
+
+def union(intervals) -> list[tuple[float, float]]:
+    """Disjoint sorted union of [a, b) intervals."""
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def intersection(xs, ys) -> float:
+    """Length of union(xs) ∩ union(ys)."""
+    xs, ys = union(xs), union(ys)
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, hi - lo)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE) -> Schedule:
+    """The degree with the smallest predicted step time (ties: the smaller degree)."""
+    return min((pipeline(c, d, chunk_overhead) for d in range(1, max_degree + 1)),
+               key=lambda s: (round(s.step, 12), s.degree))
+
+
+__all__ = ["Link", "Cluster", "LayerShape", "Costs", "Schedule", "Traffic", "zipf_probs", "trace_probs",
+           "traffic", "a2a_time", "layer_costs", "pipeline", "choose_degree", "union", "intersection",
+           "MAX_DEGREE", "math"]

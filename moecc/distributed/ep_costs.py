@@ -1,0 +1,86 @@
+"""Costs of moecc's own expert-parallel runtime (moecc.distributed.ep) for a given routing: exact
+message sizes counted from the expert ids, for the cost model's schedule (costmodel.pipeline).
+
+    ids [W, T, k] (global expert ids per rank's tokens; -1 empty)  ⇒  Costs
+
+What moecc.distributed.ep sends per layer call (or per chunk): split sizes (one all_gather of
+4 + 2W int64 per rank), a dispatch of three all-to-alls — hidden rows once per (token, destination
+rank), the routing weight per (token, slot), the (local id, row) pair per (token, slot) as int64 —
+and a combine of one all-to-all, an output row per (token, slot). Each collective takes
+alpha + max over ranks of max(sent, received) bytes over the link (own rows free; intra- vs
+inter-node links as in costmodel.a2a_time); the busiest rank's received pairs set the GEMM time.
+Routing without a trace: top-k sampled without replacement from Zipf popularities (Gumbel top-k).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, a2a_time, expert_time, shared_time,
+                                         zipf_probs)
+
+DISPATCH_MSGS, COMBINE_MSGS = 3, 1
+
+
+def sample_ids(world: int, tokens: int, experts: int, top_k: int, skew: float, seed: int = 0,
+               permute: bool = False) -> np.ndarray:
+    """[W, T, k] expert ids: k distinct experts per token, drawn ∝ Zipf(skew) popularity (expert 0
+    hottest unless permute shuffles which expert is hot)."""
+    rng = np.random.default_rng(seed)
+    logp = np.log(zipf_probs(experts, skew))
+    if permute:
+        logp = logp[rng.permutation(experts)]
+    keys = logp + rng.gumbel(size=(world * tokens, experts))
+    ids = np.argsort(-keys, axis=1)[:, :top_k]
+    return ids.reshape(world, tokens, top_k).astype(np.int64)
+
+
+def _matrices(ids: np.ndarray, experts: int):
+    """-> pairs [W, W], rows [W, W] (source, destination), received pairs per rank [W]."""
+    W, T, k = ids.shape
+    dest = np.where(ids >= 0, ids * W // experts, -1)                         # contiguous placement
+    pairs = np.zeros((W, W), np.int64)
+    rows = np.zeros((W, W), np.int64)
+    for r in range(W):
+        d = dest[r][dest[r] >= 0]
+        pairs[r] = np.bincount(d, minlength=W)
+        hit = np.zeros((T, W), bool)
+        tt = np.repeat(np.arange(T), k).reshape(T, k)
+        ok = dest[r] >= 0
+        hit[tt[ok], dest[r][ok]] = True
+        rows[r] = hit.sum(0)
+    return pairs, rows, pairs.sum(0)
+
+
+def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float) -> float:
+    """Bottleneck time of one all-to-all whose rank i sends mat[i, j] rows of row_bytes to rank j."""
+    W, G = mat.shape[0], cluster.devices
+    node = np.arange(W) // G
+    same = node[:, None] == node[None, :]
+    off = ~np.eye(W, dtype=bool)
+    worst = 0.0
+    for r in range(W):
+        intra = max(mat[r, same[r] & off[r]].sum(), mat[same[:, r] & off[:, r], r].sum()) * row_bytes
+        inter = max(mat[r, ~same[r]].sum(), mat[~same[:, r], r].sum()) * row_bytes
+        worst = max(worst, a2a_time(cluster, intra, inter))
+    return worst
+
+
+def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
+                  plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
+                  sums_fixed: float = 0.0) -> Costs:
+    """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
+    plan/sums: measured compute of building the send layout and summing the combine (s, all tokens
+    of a rank), and their fixed cost per chunk."""
+    cluster.validate()
+    layer.validate(cluster.world)
+    pairs, rows, received = _matrices(np.asarray(ids), layer.experts)
+    H, W = layer.hidden, cluster.world
+    b = layer.dispatch_bytes
+    dispatch = (_collective(cluster, rows, H * b) + _collective(cluster, pairs, b)
+                + _collective(cluster, pairs, 2 * index_bytes))
+    combine = _collective(cluster, pairs, H * layer.combine_bytes)
+    sizes = a2a_time(cluster, (W - 1) * (4 + 2 * W) * index_bytes, (W - 1) * (4 + 2 * W) * index_bytes)
+    return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, float(received.max())),
+                 shared=shared_time(layer, cluster), alpha=a2a_time(cluster, 0.0, 0.0),
+                 dispatch_msgs=DISPATCH_MSGS, combine_msgs=COMBINE_MSGS, sizes=sizes, plan=plan,
+                 plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed)

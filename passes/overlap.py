@@ -1,0 +1,181 @@
+"""Overlap: each expert-parallel experts layer split into d token chunks, one chunk's all-to-all in
+flight while another's experts compute (moecc.distributed.overlap.moe_layer), d per layer from the
+cost model.
+
+    experts(x [T,H], ids, weights, ...)  ⇒  moe_layer(..., degree=d)      (d in 1..8, per layer)
+
+    plan(gm, {"ep": W, "overlap_degree": d | None, "constants": Measured | dict | None})
+        -> OverlapPlan (frozen, JSON: schedule.json)
+    plan_layers(layers, world, constants, degree) -> OverlapPlan     at launch, from the constants
+        measured on the ranks at start-up (moecc.distributed.probe.measure)
+    apply(module, plan) -> n      sets `overlap_degree` on each EP experts module (by layer name)
+
+The choice: the degree with the smallest predicted step time (costmodel.choose_degree) on balanced
+routing of the layer's tokens per rank, with this runtime's message accounting (ep_costs);
+`overlap_degree` (`--overlap-degree`) overrides it for every layer. Without measured constants (at
+compile time: no process group yet) the layers are recorded with degree "auto" and no predictions;
+with them, schedule.json holds each layer's predicted serial and overlapped step time, hidden
+fraction and degree. The graph itself is not rewritten: the chunked schedule is a runtime of the EP
+experts module (moecc.distributed.overlap), so one artifact runs at any degree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from moecc.errors import MoeccError
+from moecc.pipeline import PassResult
+
+__all__ = ["LayerShape", "OverlapPlan", "LayerSchedule", "plan", "plan_layers", "apply", "make"]
+log = logging.getLogger("moecc.passes.overlap")
+FORMAT = "moecc.schedule/1"
+GRAPH_META = "moecc.overlap"
+SPEC_ARG = 7                                  # torch.ops.moecc.experts(x, ids, weights, w_in, w_out, b_in, b_out, spec, kernel)
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    name: str
+    tokens: int                               # tokens per rank the prediction is for
+    degree: int | str                         # 1..8, or "auto" (chosen at start-up)
+    forced: bool = False
+    predicted_serial_s: float | None = None   # no overlap
+    predicted_step_s: float | None = None     # at `degree`
+    predicted_hidden: float | None = None     # hidden comm / comm at `degree`
+
+
+@dataclass(frozen=True)
+class OverlapPlan:
+    world: int
+    layers: tuple
+    constants: dict | None = None
+
+    def degree(self, name: str) -> int | None:
+        for lay in self.layers:
+            if lay.name == name and isinstance(lay.degree, int):
+                return lay.degree
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "world": self.world, "constants": self.constants,
+                           "layers": [asdict(lay) for lay in self.layers]}, indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "OverlapPlan":
+        d = json.loads(text)
+        if d.get("format") != FORMAT:
+            raise MoeccError(f"schedule.json: format {d.get('format')!r}, expected {FORMAT!r}")
+        return OverlapPlan(int(d["world"]), tuple(LayerSchedule(**lay) for lay in d["layers"]),
+                           d.get("constants"))
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the choice needs of one layer (moecc.spec.MoESpec fields + tokens per rank)."""
+    name: str
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    gated: bool
+    shared_ffn: int = 0
+    bytes: int = 4
+
+
+def _check_degree(degree) -> int | None:
+    if degree is None:
+        return None
+    if not isinstance(degree, int) or not 1 <= degree <= 8:
+        raise MoeccError(f"--overlap-degree must be an integer in 1..8, got {degree!r}")
+    return degree
+
+
+def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: int | None = None,
+                skew: float = 0.0, seed: int = 0) -> OverlapPlan:
+    """constants: moecc.distributed.probe.Measured (or its dict), or None (degree "auto")."""
+    from moecc.distributed import costmodel as cm
+    from moecc.distributed.ep_costs import runtime_costs, sample_ids
+
+    degree = _check_degree(degree)
+    if constants is not None and not isinstance(constants, dict):
+        constants = constants.to_dict()
+    out = []
+    for lay in layers:
+        if constants is None:
+            out.append(LayerSchedule(lay.name, lay.tokens, degree or "auto", degree is not None))
+            continue
+        k = constants
+        link = cm.Link(k["alpha"], 1.0 / k["beta"] if k["beta"] > 0 else float("inf"))
+        cluster = cm.Cluster(1, world, link, link, k["flops"], k["chunk"])
+        shape = cm.LayerShape(lay.tokens, lay.hidden, lay.ffn, lay.experts, lay.top_k, lay.gated,
+                              lay.shared_ffn, lay.bytes, lay.bytes)
+        ids = sample_ids(world, lay.tokens, lay.experts, lay.top_k, skew, seed)
+        c = runtime_costs(shape, cluster, ids, plan=k["plan"] * lay.tokens, plan_fixed=k["plan_fixed"],
+                          sums=k["sums"] * lay.tokens, sums_fixed=k["sums_fixed"])
+        chosen = cm.pipeline(c, degree, k["chunk"]) if degree else cm.choose_degree(c, k["chunk"])
+        serial = cm.pipeline(c, 1, k["chunk"], overlap=False)
+        log.info("overlap: layer %s d=%d%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
+                 chosen.degree, " (forced)" if degree else "", chosen.step * 1e3, serial.step * 1e3)
+        out.append(LayerSchedule(lay.name, lay.tokens, chosen.degree, degree is not None, serial.step,
+                                 chosen.step, chosen.overlap))
+    return OverlapPlan(world, tuple(out), constants)
+
+
+def experts_layers(gm: fx.GraphModule) -> list[LayerShape]:
+    """One LayerShape per torch.ops.moecc.experts node (tokens: the example's, per rank = all)."""
+    from moecc.ops import parse_spec
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.moecc.experts.default:
+            spec = parse_spec(n.args[SPEC_ARG])
+            val = n.args[0].meta.get("val")
+            T = val.shape[0] if val is not None else 0
+            T = int(T.node.hint) if hasattr(T, "node") and T.node.hint is not None else int(T) if isinstance(T, int) else 0
+            elt = val.element_size() if val is not None else 4
+            out.append(LayerShape(spec.name or n.name, T, spec.hidden, spec.ffn, spec.num_experts,
+                                  spec.top_k, spec.gated, spec.shared_ffn, elt))
+    return out
+
+
+def plan(gm: fx.GraphModule, options: dict) -> OverlapPlan:
+    world = options.get("ep")
+    if not world or world < 2:
+        raise MoeccError("overlap needs expert parallelism: give --ep N (N >= 2)")
+    layers = experts_layers(gm)
+    if not layers:
+        raise MoeccError("overlap: the graph has no experts layers (torch.ops.moecc.experts); run "
+                         "expert_parallel on an MoE model")
+    return plan_layers([LayerShape(**{**asdict(lay), "tokens": max(lay.tokens // world, 1)}) for lay in layers],
+                       world, options.get("constants"), options.get("overlap_degree"))
+
+
+def apply(module: torch.nn.Module, p: OverlapPlan) -> int:
+    """Set `overlap_degree` on every submodule with a placement whose layer the plan names."""
+    n = 0
+    for m in module.modules():
+        name = getattr(getattr(m, "placement", None), "name", None)
+        if name is not None and p.degree(name) is not None:
+            m.overlap_degree = p.degree(name)
+            n += 1
+    return n
+
+
+def make(options: dict):
+    def run(gm: fx.GraphModule) -> PassResult:
+        p = plan(gm, options)
+        gm.meta[GRAPH_META] = p.to_json()                 # the artifact writes it as schedule.json
+        return PassResult(gm, False, {"layers_scheduled": len(p.layers)})
+    return run

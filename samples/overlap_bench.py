@@ -1,0 +1,209 @@
+"""Overlap benchmark: the chunked expert-parallel layer (moecc.distributed.overlap) on gloo ranks on
+127.0.0.1, every all-to-all delayed to an α–β model (moecc.distributed.transport: a sleep), so a
+2-core machine can show communication hidden behind compute.
+
+    python samples/overlap_bench.py [--quick] [--configs N] [--out samples/results]   (make bench-overlap)
+
+Per configuration (tokens, hidden, experts, k, α, comm:compute ratio, skew, shared expert, ranks):
+  1. constants measured at start-up on the ranks (moecc.distributed.probe): GEMM throughput, fixed
+     costs, the transport's α and β; β is then set so that the predicted comm : compute is the
+     configured ratio, and measured again;
+  2. the cost model (costmodel + ep_costs on the run's own routing) predicts the step time without
+     overlap and at d = 1..8 and picks d*;
+  3. every variant is run (1 warm-up + 3 timed; the step = the slowest rank's time; the fastest of
+     the 3, least disturbed by other jobs), with per-rank timelines: overlap fraction = hidden comm / comm by interval union, summed over ranks.
+Writes OUT/overlap.md (tables), OUT/overlap.json (every run), OUT/overlap_trace.json (Chrome trace of
+the balanced headline run at d*; open in ui.perfetto.dev).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+HEADLINE = [dict(name="balanced", world=4, tokens=512, hidden=256, experts=16, top_k=2, alpha=2e-3,
+                 ratio=1.0, skew=0.0, shared=True),
+            dict(name="zipf-1.2", world=4, tokens=512, hidden=256, experts=16, top_k=2, alpha=2e-3,
+                 ratio=1.0, skew=1.2, shared=True)]
+
+
+def grid(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = [dict(c) for c in HEADLINE]
+    while len(out) < n:
+        out.append(dict(name=f"g{len(out)}", world=int(rng.choice([2, 4])), tokens=int(rng.choice([128, 256, 512])),
+                        hidden=int(rng.choice([64, 128, 256])), experts=int(rng.choice([8, 16, 32])),
+                        top_k=int(rng.choice([1, 2, 4])), alpha=float(rng.choice([0.5e-3, 1e-3, 2e-3])),
+                        ratio=float(rng.choice([0.5, 1.0, 2.0])), skew=float(rng.choice([0.0, 1.2])),
+                        shared=bool(rng.choice([True, False]))))
+    return out
+
+
+def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
+    import torch
+
+    from moecc.distributed import comm
+    from moecc.distributed.costmodel import Cluster, LayerShape, Link, choose_degree, pipeline
+    from moecc.distributed.ep_costs import runtime_costs, sample_ids
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.distributed.overlap import moe_layer
+    from moecc.distributed.probe import measure, measure_comm
+    from moecc.spec import MoESpec, RouterSpec
+
+    W, T, H, E, k = cfg["world"], cfg["tokens"], cfg["hidden"], cfg["experts"], cfg["top_k"]
+    F = 2 * H
+    spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=k),
+                   shared_ffn=F if cfg["shared"] else 0)
+    g = torch.Generator().manual_seed(1)
+    placement = LayerPlacement.contiguous("moe", E, W)
+    held = placement.held(rank)
+    w_in = (torch.randn(E, 2 * F, H, generator=g) / H ** 0.5)[held].contiguous()
+    w_out = (torch.randn(E, H, F, generator=g) / F ** 0.5)[held].contiguous()
+    shared = (torch.randn(2 * F, H, generator=g) / H ** 0.5, torch.randn(H, F, generator=g) / F ** 0.5,
+              None) if cfg["shared"] else None
+    ids_all = sample_ids(W, T, E, k, cfg["skew"], seed=cfg.get("seed", 3), permute=True)   # [W, T, k]
+    ids = torch.as_tensor(ids_all[rank])
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(10 + rank))
+    wts = torch.rand(T, k, generator=g)
+    tokens = np.arange(rank * T, (rank + 1) * T)
+    layer = LayerShape(T, H, F, E, k, gated=True, shared_ffn=spec.shared_ffn, dispatch_bytes=4, combine_bytes=4)
+
+    def model(m):
+        link = Link(m.alpha, 1.0 / m.beta if m.beta > 0 else float("inf"))
+        cl = Cluster(1, W, link, link, m.flops, m.chunk)
+        return cl, runtime_costs(layer, cl, ids_all, plan=m.plan * T, plan_fixed=m.plan_fixed,
+                                 sums=m.sums * T, sums_fixed=m.sums_fixed)
+    def run(key):
+        comm.agree(torch.zeros(1, dtype=torch.int64), None, "barrier")
+        tl.clear()
+        t0 = time.perf_counter()
+        moe_layer(x, ids, wts, w_in, w_out, spec, placement, degree=1 if key == "serial" else int(key),
+                  overlap=key != "serial", shared=shared, tokens=tokens, timeline=tl)
+        return time.perf_counter() - t0
+    # 1. warm-up; the compute of a serial run sets β for the configured comm : compute ratio (the
+    #    cost model does not see this: it uses the constants measured by the probe afterwards)
+    tr.alpha, tr.beta = cfg["alpha"], 0.0
+    for key in ("serial", "2", "serial"):
+        run(key)
+    busy = comm.agree(torch.tensor([tl.overlap()["compute"]], dtype=torch.float64), None, "busy").max().item()
+    m0 = measure(spec, w_in, w_out, placement, None, T)
+    cl, c0 = model(replace(m0, beta=0.0))
+    _, c1 = model(replace(m0, beta=1.0))                               # comm at β = 1 s/byte
+    per_byte = (c1.dispatch + c1.combine) - (c0.dispatch + c0.combine)
+    tr.beta = max(cfg["ratio"] * busy - (c0.dispatch + c0.combine), 0.0) / per_byte
+    ab = comm.agree(torch.tensor(measure_comm(None, H, torch.float32), dtype=torch.float64), None, "probe")
+    m = replace(m0, alpha=ab[:, 0].max().item(), beta=ab[:, 1].max().item())
+    cl, c = model(m)
+    # 2. predictions
+    pred = {"serial": pipeline(c, 1, m.chunk, overlap=False)}
+    pred.update({str(d): pipeline(c, d, m.chunk) for d in range(1, 9)})
+    best = choose_degree(c, m.chunk)
+    # 3. runs
+    measured, fractions, fastest_rep, late0 = {}, {}, {}, tr.late
+    for key in ["serial"] + [str(d) for d in range(1, 9)]:
+        times, hid = [], []
+        for rep in range(reps + 1):
+            t = run(key)
+            if rep:
+                times.append(t)
+                o = tl.overlap()
+                hid.append((o["hidden"], o["comm"]))
+            if rep and not cfg["name"].startswith("g"):
+                cfg.setdefault("_timelines", {}).setdefault(key, []).append(tl.to_dict())
+        vec = torch.tensor(times + [h for h, _ in hid] + [c_ for _, c_ in hid], dtype=torch.float64)
+        allr = comm.agree(vec, None, "times").view(-1, 3, reps)                # [W, 3, reps]
+        step = allr[:, 0].max(0).values                                        # [reps] slowest rank
+        fastest = int(step.argmin())                                           # least disturbed rep
+        measured[key] = step[fastest].item()
+        fastest_rep[key] = fastest
+        fractions[key] = float(allr[:, 1, fastest].sum() / allr[:, 2, fastest].sum())
+    return {"config": {k_: v for k_, v in cfg.items() if not k_.startswith("_")}, "constants": m.to_dict(),
+            "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
+            "predicted": {k_: v.step for k_, v in pred.items()},
+            "predicted_overlap": {k_: v.overlap for k_, v in pred.items()},
+            "measured": measured, "overlap": fractions, "fastest": fastest_rep,
+            "timeline": cfg.pop("_timelines", None)}
+
+
+def rank_main(rank: int, world: int, port: int, job: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moecc.distributed.comm import use_transport
+    from moecc.distributed.timeline import Timeline
+    from moecc.distributed.transport import DelayedTransport
+    torch.set_num_threads(1)
+    spec = json.loads(Path(job).read_text())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    tl = Timeline(rank)
+    tr = DelayedTransport(0.0, 0.0, timeline=tl)
+    use_transport(tr)
+    out = []
+    for cfg in spec["configs"]:
+        r = run_config(cfg, rank, tr, tl, spec["reps"])
+        out.append(r)
+        if rank == 0:
+            print(f"[{cfg['name']}] W={world} d*={r['chosen']} serial {r['measured']['serial'] * 1e3:.1f} ms "
+                  f"best {min(r['measured'][str(d)] for d in range(1, 9)) * 1e3:.1f} ms", flush=True)
+    Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(out))
+    tr.close()
+
+
+def launch(configs: list[dict], world: int, out: Path, reps: int) -> list[list[dict]]:
+    from moecc.distributed.comm import free_port
+    job = out / f"job{world}.json"
+    job.write_text(json.dumps({"configs": configs, "reps": reps, "out": str(out / f"runs{world}")}))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world),
+                               "--port", str(port), "--job", str(job)]) for r in range(world)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"overlap bench: ranks exited {codes}")
+    ranks = [json.loads((out / f"runs{world}.rank{r}.json").read_text()) for r in range(world)]
+    for i, run in enumerate(ranks[0]):                   # rank 0's results + every rank's timeline
+        tls = [ranks[r][i].pop("timeline") for r in range(world)]
+        run["timelines"] = tls if tls[0] else None
+    for r in range(world):
+        (out / f"runs{world}.rank{r}.json").unlink()
+    job.unlink()
+    return ranks[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", type=int, default=52, help="grid size incl. the 2 headline configs")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the 2 headline configs only")
+    ap.add_argument("--alpha", type=float, help="α in ms for every config (default: the grid's)")
+    ap.add_argument("--tokens", type=int, help="tokens per rank for every config (default: the grid's)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
+    ap.add_argument("--port", type=int), ap.add_argument("--job")
+    a = ap.parse_args()
+    if a.rank is not None:
+        return rank_main(a.rank, a.world, a.port, a.job)
+    a.out.mkdir(parents=True, exist_ok=True)
+    configs = grid(2 if a.quick else a.configs)
+    for c in configs:
+        c.update({k: v for k, v in (("alpha", a.alpha and a.alpha * 1e-3), ("tokens", a.tokens)) if v})
+    t0 = time.time()
+    runs = []
+    for world in (4, 2):
+        mine = [c for c in configs if c["world"] == world]
+        if mine:
+            runs += launch(mine, world, a.out, a.reps)
+    from overlap_report import write_report
+    write_report(runs, a.out, time.time() - t0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,176 @@
+"""passes/overlap: the per-layer degree from measured constants, the override, schedule.json, and the
+experts layers found in an exported graph."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecc.errors import MoeccError
+from moecc.passes.overlap import LayerShape, OverlapPlan, apply, experts_layers, make, plan_layers
+from moecc.spec import MoESpec, RouterSpec
+
+# constants as the probe reports them (s, s/byte, FLOP/s, s per call, s per token, ...)
+K = {"alpha": 1e-3, "beta": 1e-8, "flops": 5e9, "chunk": 2e-4, "plan": 1e-6, "plan_fixed": 1e-4,
+     "sums": 1e-6, "sums_fixed": 1e-4}
+BIG = LayerShape("moe0", 512, 256, 512, 16, 2, True, 512)
+TINY = LayerShape("moe1", 8, 16, 32, 8, 2, True, 0)
+
+
+def test_degree_is_the_argmin_and_latency_bound_layers_stay_whole():
+    p = plan_layers([BIG, TINY], 4, K)
+    big, tiny = p.layers
+    assert big.degree > 1 and big.predicted_step_s < big.predicted_serial_s
+    assert tiny.degree == 1                     # a few tokens: every chunk only adds latency
+    steps = [plan_layers([BIG], 4, K, degree=d).layers[0].predicted_step_s for d in range(1, 9)]
+    assert big.predicted_step_s == pytest.approx(min(steps))
+
+
+def test_override_and_json_round_trip(tmp_path):
+    p = plan_layers([BIG, TINY], 4, K, degree=3)
+    assert [lay.degree for lay in p.layers] == [3, 3] and all(lay.forced for lay in p.layers)
+    q = OverlapPlan.from_json(p.write(tmp_path / "schedule.json").read_text())
+    assert q == p
+    assert json.loads(p.to_json())["format"] == "moecc.schedule/1"
+
+
+def test_without_constants_the_degree_waits_for_start_up():
+    p = plan_layers([BIG], 4, None)
+    assert p.layers[0].degree == "auto" and p.layers[0].predicted_step_s is None
+    assert p.degree("moe0") is None
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.5])
+def test_bad_degree_refused(bad):
+    with pytest.raises(MoeccError, match="1..8"):
+        plan_layers([BIG], 4, K, degree=bad)
+
+
+def test_apply_sets_the_degree_by_layer_name():
+    class Placement:
+        name = "moe0"
+    mod = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    mod[0].placement = Placement()
+    assert apply(mod, plan_layers([BIG], 4, K, degree=5)) == 1
+    assert mod[0].overlap_degree == 5
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spec = MoESpec(num_experts=4, hidden=8, ffn=16, activation="gelu", router=RouterSpec(top_k=2),
+                            name="blk0")
+        self.w_in = torch.nn.Parameter(torch.randn(4, 16, 8))
+        self.w_out = torch.nn.Parameter(torch.randn(4, 8, 16))
+
+    def forward(self, x, ids, w):
+        from moecc.ops import call_experts
+        return call_experts(x, ids, w, self.w_in, self.w_out, self.spec)
+
+
+def test_pass_finds_experts_layers_and_records_the_plan():
+    x, ids, w = torch.randn(12, 8), torch.randint(0, 4, (12, 2)), torch.rand(12, 2)
+    gm = torch.export.export(_Experts(), (x, ids, w)).module()
+    layers = experts_layers(gm)
+    assert [(lay.name, lay.tokens, lay.experts, lay.top_k) for lay in layers] == [("blk0", 12, 4, 2)]
+    res = make({"ep": 2, "overlap_degree": 2})(gm)
+    sched = OverlapPlan.from_json(res.graph_module.meta["moecc.overlap"])
+    assert sched.layers[0].tokens == 6 and sched.layers[0].degree == 2
+    with pytest.raises(MoeccError, match="--ep"):
+        make({"ep": 1})(gm)
+
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    from moecc.distributed.comm import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
+    """expert_parallel.apply, then overlap.apply with d=3: the EP experts modules run the chunked
+    layer; outputs and gradients equal the unchunked EP model within the float32 bar (1e-6 rel)."""
+    import ep_toy
+
+    from moecc.distributed.comm import use_transport
+    from moecc.distributed.transport import DelayedTransport
+    from moecc.frontend import capture
+    from moecc.passes.expert_parallel import apply as ep_apply, plan as ep_plan
+    from moecc.passes.overlap import LayerSchedule
+    model, inputs = ep_toy.build()
+    gms = [ep_apply(capture(model, inputs, recognize=False).gm, ep_plan(
+        capture(model, inputs, recognize=False).gm, {"ep": 1})) for _ in range(2)]
+    names = [m.placement.name for m in gms[1].modules() if hasattr(m, "placement")]
+    sched = OverlapPlan(1, tuple(LayerSchedule(n, 1, 3, True) for n in names))
+    assert apply(gms[1], sched) == len(names) == 2
+    calls = []
+    tr = DelayedTransport(0.0, 0.0)                  # counts the collectives each model issues
+    use_transport(tr)
+    try:
+        ys = []
+        for gm in gms:
+            before = tr.calls
+            ys.append(gm(*inputs))
+            calls.append(tr.calls - before)
+    finally:
+        use_transport(None)
+        tr.close()
+    # per layer: token numbers + split sizes + 3 dispatch + 1 combine; chunked: 2 sizes, 4 per chunk
+    assert calls == [2 * (1 + 1 + 4), 2 * (1 + 2 + 3 * 4)]
+    bar = 1e-6 * float(ys[0].detach().abs().max())
+    assert float((ys[1] - ys[0]).abs().max()) <= bar
+    for y in ys:
+        y.square().sum().backward()
+    for (n0, p0), (n1, p1) in zip(gms[0].named_parameters(), gms[1].named_parameters()):
+        assert n0 == n1 and p0.grad is not None
+        err = float((p1.grad - p0.grad).abs().max())
+        assert err <= 1e-5 * max(1.0, float(p0.grad.abs().max())), (n0, err)
+
+
+def test_launch_with_overlap_writes_the_schedule(tmp_path):
+    """compile --ep 2 --overlap-degree 3 (schedule.json in the artifact), torchrun 2 ranks: the same
+    outputs as one process (within 1e-5: dense layers on half batches, chunked GEMMs), and the
+    launch's schedule with each layer's degree and predicted times from constants measured at
+    start-up."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ep_toy
+    import numpy as np
+
+    import moecc
+    from moecc.distributed.comm import free_port
+    model, inputs = ep_toy.build()
+    opts = {"ep": 2, "overlap_degree": 3}
+    art = moecc.compile(model, inputs, passes=[("expert_parallel", opts), ("overlap", opts)],
+                        backend="torch", out=tmp_path / "art", progress=False)
+    assert OverlapPlan.from_json((art / "schedule.json").read_text()).layers[0].degree == 3
+    x = np.random.default_rng(0).integers(0, 64, (6, 8))
+    np.savez(tmp_path / "in.npz", x)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "moecc.distributed.launch", str(art),
+           "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"), "--timeout", "30",
+           "--schedule", str(tmp_path / "schedule.json")]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=180, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        want = moecc.load(art).module()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["arr_0"], want, rtol=1e-5, atol=1e-5)
+    sched = OverlapPlan.from_json((tmp_path / "schedule.json").read_text())
+    assert [lay.degree for lay in sched.layers] == [3, 3] and sched.world == 2
+    assert all(lay.predicted_step_s > 0 and lay.tokens == 24 for lay in sched.layers)
+    assert sched.constants["flops"] > 0
+
+
+def test_cli_overlap_degree_needs_ep(tmp_path, capsys, monkeypatch):
+    from moecc.cli import main
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main(["compile", "samples/ep_toy.py:build", "--overlap-degree", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--overlap-degree needs --ep" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""`moecc simulate` and the expert-parallel cost model: checked against DeepEP's published low-latency
+table (model check, no timing), the schedule recurrence by hand, the CLI's table and its refusals."""
+import numpy as np
+import pytest
+
+from moecc.cli import main
+from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, choose_degree, intersection,
+                                         layer_costs, pipeline, trace_probs, zipf_probs)
+from moecc.errors import MoeccError
+from moecc.simulate import DEEPEP_TABLES, calibrate_deepep, deepep_check
+
+
+@pytest.mark.parametrize("table", ["2025-06", "2025-04"])
+def test_deepep_predictions_within_6_percent(table):
+    """Calibrated on EP16 and EP256 only; EP32/64/128 are predictions, each within ±6% of the README."""
+    rows = {r["ep"]: r for r in deepep_check(table)}
+    assert set(rows) == {16, 32, 64, 128, 256}
+    for ep in (32, 64, 128):
+        r = rows[ep]
+        assert not r["calibrated"]
+        assert abs(r["dispatch_err"]) <= 0.06, (ep, r)
+        assert abs(r["combine_err"]) <= 0.06, (ep, r)
+    published = DEEPEP_TABLES[table]
+    assert rows[256]["dispatch_pred_us"] == pytest.approx(published[256][0], rel=1e-9)
+
+
+def test_deepep_calibration_is_physical():
+    """The fitted network link of the 2025-06 table: tens of us latency, 35..50 GB/s (CX7 ≈ 50 GB/s)."""
+    links = calibrate_deepep(DEEPEP_TABLES["2025-06"])
+    for link in links.values():
+        assert 0 < link.latency < 100e-6
+        assert 35e9 < link.bandwidth < 50e9
+
+
+def _cluster(**kw):
+    base = dict(nodes=1, devices=4, intra=Link(1e-3, 1e9), inter=Link(1e-3, 1e9), flops=1e10)
+    return Cluster(**{**base, **kw})
+
+
+def test_pipeline_by_hand():
+    """d=2: D1 [0,2) D2 [2,4); shared half [0,.5); C1 [2,5); R1 [5,7); C2 [5,8); R2 [8,10), the
+    other half of the shared expert [8,8.5): step 10."""
+    c = Costs(dispatch=4.0, combine=4.0, experts=6.0, shared=1.0, alpha=0.0)
+    s = pipeline(c, 2)
+    assert s.step == pytest.approx(10.0)
+    assert s.comm == pytest.approx(8.0)
+    # hidden: D2 under C1 -> 2; R1 under C2 -> 2; D1 under shared half -> .5; R2 under the rest -> .5
+    assert s.exposed_comm == pytest.approx(3.0)
+    serial = pipeline(c, 1, overlap=False)
+    assert serial.step == pytest.approx(4 + 1 + 6 + 4) and serial.overlap == 0.0
+    assert pipeline(c, 1).step == pytest.approx(4 + 6 + 4)          # d=1: shared hides in the dispatch
+
+
+def test_choose_degree_is_argmin_and_alpha_limits_it():
+    c = Costs(dispatch=4.0, combine=4.0, experts=8.0, shared=1.0, alpha=0.0)
+    best = choose_degree(c)
+    assert best.step == min(pipeline(c, d).step for d in range(1, 9))
+    assert best.degree == 8                    # no per-chunk cost: more chunks never hurt
+    costly = choose_degree(c, chunk_overhead=1.0)
+    assert costly.degree < 8
+    assert costly.step == min(pipeline(c, d, 1.0).step for d in range(1, 9))
+
+
+def test_skew_moves_rows_to_the_hot_rank():
+    layer = LayerShape(tokens=64, hidden=32, ffn=64, experts=8, top_k=2)
+    flat = layer_costs(layer, _cluster())
+    hot = layer_costs(layer, _cluster(), zipf_probs(8, 1.5))
+    assert hot.experts > 1.5 * flat.experts
+    assert hot.dispatch > flat.dispatch
+
+
+def test_intersection_of_unions():
+    assert intersection([(0, 2), (1, 3), (5, 6)], [(2.5, 5.5)]) == pytest.approx(1.0)
+    assert intersection([(0, 1)], [(1, 2)]) == 0.0
+
+
+def test_trace_probs_ignore_dropped():
+    p = trace_probs(np.array([[0, 1], [1, -1]]), 4)
+    np.testing.assert_allclose(p, [1 / 3, 2 / 3, 0, 0])
+
+
+def test_cli_table_and_degree(capsys):
+    assert main(["simulate", "--nodes", "2", "--devices", "8", "--experts", "64", "--top-k", "6",
+                 "--layers", "2", "--overlap-degree", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "EP16" in out and "d*" in out and "d=3 ms" in out
+    assert out.strip().splitlines()[-1].startswith("model")
+
+
+def test_cli_deepep(capsys):
+    assert main(["simulate", "--deepep"]) == 0
+    out = capsys.readouterr().out
+    assert "prediction" in out and "H800" in out
+
+
+def test_cli_trace(tmp_path, capsys):
+    from moecc.passes.placement.trace import Trace, save_trace
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.argsort(rng.random((50, 8)), 1)[:, :2] for _ in range(3)]).astype(np.int32)
+    path = tmp_path / "t.npz"
+    save_trace(Trace(ids, np.ones(ids.shape, np.float32), np.zeros(50, np.int32), 8), path)
+    assert main(["simulate", "--devices", "4", "--experts", "8", "--top-k", "2", "--trace", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer2" in out and "model" in out
+    assert main(["simulate", "--devices", "4", "--experts", "16", "--top-k", "2", "--trace", str(path)]) == 2
+    assert "--experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [(["--experts", "10"], "split evenly"),
+                                         (["--overlap-degree", "9"], "1..8"),
+                                         (["--inter-bw", "0", "--nodes", "2"], "inter bandwidth")])
+def test_cli_refuses(args, words, capsys):
+    assert main(["simulate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moecc: error:") and words in err and "Traceback" not in err
+
+
+def test_layer_refuses_top_k_above_experts():
+    with pytest.raises(MoeccError, match="top-k"):
+        layer_costs(LayerShape(8, 8, 8, 4, 5), _cluster())
