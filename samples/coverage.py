@@ -64,6 +64,10 @@ def _how(recognized: dict) -> dict:
     return how
 
 
+def _emit(row: dict) -> None:
+    print("ROW " + json.dumps(row), flush=True)       # after each stage: a timeout keeps what was done
+
+
 def run_one(model_type: str, backends: list[str], hf_onnx: bool) -> dict:
     """One family, in this process: the row of the table. The model is captured once (moecc.capture +
     the default passes, as `moecc.compile` does), then lowered by each backend into an artifact folder
@@ -87,6 +91,7 @@ def run_one(model_type: str, backends: list[str], hf_onnx: bool) -> dict:
         row["reference"] = _verdict(_err(cap.gm(check).logits, want))
     program = cap.export()
     row["seconds_capture"] = round(time.time() - t0, 1)
+    _emit(row)
     for b in backends:
         t1 = time.time()
         try:
@@ -97,6 +102,7 @@ def run_one(model_type: str, backends: list[str], hf_onnx: bool) -> dict:
         except Exception as e:             # one line per backend, the sweep goes on
             row[b] = {"ok": False, "err": None, "error": _line(e)}
         row[b]["seconds"] = round(time.time() - t1, 1)
+        _emit(row)
     if hf_onnx:
         t1 = time.time()
         row["hf_onnx"] = dict(_hf_onnx(model, inputs, check, want), seconds=round(time.time() - t1, 1))
@@ -126,7 +132,7 @@ def _child(args) -> None:
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         row = {"model_type": args.one, "build_error": _line(e)}
-    print("ROW " + json.dumps(row))
+    _emit(row)
 
 
 def sweep(fams, backends: list[str], hf_onnx: bool, timeout: int, jobs: int = 1, done: dict | None = None,
@@ -162,8 +168,17 @@ def _spawn(f, backends, hf_onnx, timeout) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"model_type": f.model_type, "build_error": f"timed out after {timeout} s"}
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rows = [ln[4:] for ln in out.splitlines() if ln.startswith("ROW ")]
+        if not rows:
+            return {"model_type": f.model_type, "build_error": f"timed out after {timeout} s (before capture ended)"}
+        row = json.loads(rows[-1])
+        for stage in [*backends, *(["hf_onnx"] if hf_onnx else [])]:
+            if stage not in row:
+                row[stage] = {"ok": False, "err": None, "error": f"timed out (the family's {timeout} s)"}
+                break
+        return row
     rows = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
     if rows:
         return json.loads(rows[-1])
@@ -238,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for coverage.md / coverage.json")
     ap.add_argument("--jobs", type=int, default=1, help="families run at the same time")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out/coverage.json "
-                    "(with --families: run those again, keep the others)")
+                    "(with --families: run those again, keep the others); families that did not build or timed out run again")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -262,7 +277,7 @@ def main(argv=None) -> int:
     done = None
     if args.resume and (out / "coverage.json").exists():     # keep the other rows; run `wanted` again
         done = {r["family"]: r for r in json.loads((out / "coverage.json").read_text())["rows"]
-                if not wanted or r["family"] not in wanted}
+                if (not wanted or r["family"] not in wanted) and not (r.get("text") and "build_error" in r)}
     if wanted:
         fams = [f for f in fams if f.name in wanted or (done and f.name in done)]
     meta = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
