@@ -27,13 +27,13 @@ SMALL = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
     max_position_embeddings=256, max_window_layers=2,
     num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
-    moe_k=2, moe_topk=2, top_k=2, n_shared_experts=1, shared_expert_intermediate_size=32,
+    moe_k=2, moe_topk=2, top_k=2, top_k_experts=2, moe_top_k=2, n_shared_experts=1, shared_expert_intermediate_size=32,
     moe_shared_expert_intermediate_size=32, n_group=2, topk_group=1, first_k_dense_replace=1,
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     qk_head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=4, linear_num_key_heads=2,
     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
     sliding_window=4, expert_capacity=8, use_cache=False, initializer_range=INIT, tie_word_embeddings=False,
-    pad_token_id=0, eos_token_id=1, bos_token_id=1, rope_scaling=None,
+    pad_token_id=0, eos_token_id=1, bos_token_id=1,
 )
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
@@ -77,13 +77,20 @@ def config(model_type: str, **overrides):
     from transformers import AutoConfig
     base = AutoConfig.for_model(model_type)
     layers0 = getattr(base, "num_hidden_layers", None)
-    kw = {k: v for k, v in SMALL.items() if hasattr(base, k)}
+    kw = {k: v for k, v in SMALL.items() if _has(base, k)}
+    if _has(base, "kv_lora_rank"):                        # MLA: as many kv heads as heads, no head_dim
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
+        kw.pop("head_dim", None)
     layers = kw.get("num_hidden_layers", 2)
     for k, v in vars(base).items():                       # per-layer lists (layer_types, ...) cut to depth
         if isinstance(v, list) and layers0 and len(v) == layers0 and k not in kw:
             kw[k] = v[:layers]
-    if getattr(base, "mlp_only_layers", None):
+    if _has(base, "mlp_only_layers") and base.mlp_only_layers:
         kw["mlp_only_layers"] = []
+    if isinstance(getattr(base, "mlp_layer_types", None), list):
+        kw["mlp_layer_types"] = ["sparse"] * layers
+    if _has(base, "enable_moe_block"):
+        kw["enable_moe_block"] = True
     if hasattr(base, "decoder_sparse_step"):
         kw["decoder_sparse_step"] = 1
     if hasattr(base, "moe_layer_freq") and isinstance(base.moe_layer_freq, int):
@@ -95,6 +102,13 @@ def config(model_type: str, **overrides):
         kw.pop("topk_group", None)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
+
+
+def _has(config, key: str) -> bool:
+    try:
+        return hasattr(config, key)
+    except Exception:          # per-layer attributes (config.per_layer_config) refuse a global read
+        return False
 
 
 def build(model_type: str, seed: int = 0, batch: int = 2, seq: int = 8, **overrides):

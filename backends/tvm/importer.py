@@ -1,36 +1,24 @@
-"""TVM's PyTorch importer, guarded: every translation names its fx node when it fails, and gaps of
-apache-tvm 0.27's translations on dynamic shapes are closed (hit by transformers' masking code).
+"""TVM's PyTorch importer, guarded: every translation names its fx node when it fails, and the gaps of
+apache-tvm 0.27's translations (dynamic shapes, dtypes, symbolic sizes) are closed by aten.py.
 
-    from_exported_program(custom_convert_map=guarded({"moe.default": lower_moe}))
-      every op name the importer knows  ->  its own translation, wrapped
-      reshape/view   identity check compares symbolic dims with `==` (raises)  ->  reshape directly
-      cumsum         bool/int input without dtype stays bool (torch: int64); unknown-shape input
-                     fails in DispatchSortScan  ->  dtype int64, shape made symbolic by match_cast
-      slice          a negative dim reaches strided_slice as is (fails in legalization)  ->  dim + rank
-      empty          symbolic sizes reach ShapeExpr as Python objects  ->  PrimExprs
-      clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
-      masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
-      any op         a result shape lost or left as T.min/T.max of symbols  ->  torch's shape (match_cast)
-      any op         a symbolic scalar (SymInt/SymFloat: a PrimExpr) beside a tensor -> a 0-d tensor
-      topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k;
-                     bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact)
-    and generic ATen / symbolic-size translations it lacks (EXTRA): amax, t, where with a scalar,
-    math.ceil / sym_float / truediv / sym_max / sym_min / sym_numel on symbolic sizes.
+    from_exported_program(custom_convert_map=guarded({"experts.default": lower_experts}))
+      every op name the importer knows  ->  its own translation (or aten.FIXES'), wrapped
+      ops it lacks                      ->  aten.EXTRA
+      any op   a result shape lost or left as T.min/T.max of symbols  ->  torch's shape (match_cast)
+               a result dtype other than torch's (zeros_like(x, dtype=bool) made float)  ->  astype
 
 bounded_takes(mod): every `take` (embedding, index_select, index) gathers in "clip" mode: TVM's
 default "fast" mode reads out of bounds for an index outside the table (a token id ≥ vocab, < 0).
 """
 from __future__ import annotations
 
-import math
-import operator
-import types
-
 import torch
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, tirx
 
 from moecc.errors import MoeccError
+
+from .aten import EXTRA, FIXES, with_scalar_tensors
 
 ORIGINALS = "_moecc_originals"
 
@@ -128,237 +116,6 @@ def message(e: Exception) -> str:
     """The last non-empty line of an error (TVM puts its traceback first)."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
-
-
-def reshape(node, importer, original):
-    """aten.view/reshape without the identity check that breaks on symbolic dims."""
-    args = importer.retrieve_args(node)
-    dims = args[1] if isinstance(args[1], (torch.Size, tuple, list)) else args[1:]
-    return importer._emit_torch_reshape(args[0], dims)
-
-
-def cumsum(node, importer, original):
-    """aten.cumsum with torch's dtype rule (integral/bool -> int64) and a symbolic shape for the scan."""
-    bb = importer.block_builder
-    x = importer.env[node.args[0]]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dtype = node.kwargs.get("dtype")
-    in_dtype = str(x.ty.dtype)
-    if dtype is not None:
-        dtype = importer._convert_data_type(str(dtype), importer.env)
-    elif in_dtype == "bool" or in_dtype.startswith(("int", "uint")):
-        dtype = "int64"
-    if x.ty.shape is None:                                  # rank known, dims not: bind fresh symbols
-        dims = [tirx.Var(f"{node.name}_d{i}", "int64") for i in range(x.ty.ndim)]
-        x = bb.match_cast(x, relax.TensorType(dims, in_dtype))
-    return bb.emit(relax.op.cumsum(x, dim, dtype))
-
-
-def slice_(node, importer, original):
-    """aten.slice with a negative dim made positive (strided_slice wants axes >= 0)."""
-    dim = node.args[1] if len(node.args) > 1 else 0
-    if isinstance(dim, int) and dim < 0:
-        args = list(node.args)
-        args[1] = dim + importer.env[node.args[0]].ty.ndim
-        node = _with_args(node, args)
-    return original(node)
-
-
-def empty(node, importer, original):
-    """aten.empty(sizes) with symbolic sizes: zeros of the PrimExpr shape (contents are unspecified)."""
-    dtype = importer._convert_data_type(node.kwargs.get("dtype") or torch.get_default_dtype(), importer.env)
-    sizes = [prim_expr(importer.env[d] if isinstance(d, torch.fx.Node) else d) for d in node.args[0]]
-    return importer.block_builder.emit(relax.op.zeros(relax.ShapeExpr(sizes), dtype))
-
-
-def prim_expr(value):
-    if isinstance(value, int):
-        return tirx.IntImm("int64", value)
-    inner = getattr(value, "value", None)                   # a relax PrimValue wrapping a PrimExpr
-    return inner if inner is not None and not isinstance(value, tirx.IntImm) else value
-
-
-def _with_args(node, args):
-    """A stand-in for `node` with other positional args (the graph itself is left untouched)."""
-    return types.SimpleNamespace(name=node.name, target=node.target, args=tuple(args), kwargs=node.kwargs,
-                                 meta=node.meta, op=node.op)
-
-
-def topk(node, importer, original):
-    """aten.topk, (1) with a symbolic k (expert choice's capacity): descending argsort along dim, its
-    first k; (2) on bfloat16, in float32 (exact): TVM 0.27's topk orders bfloat16 values wrongly."""
-    args = importer.retrieve_args(node)
-    x, k = args[0], args[1] if len(args) > 1 else node.kwargs.get("k", 1)
-    bf16 = str(x.ty.dtype) == "bfloat16"
-    if isinstance(k, (int, tirx.IntImm)) and not bf16:
-        return original(node)
-    bb = importer.block_builder
-    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)
-    largest = args[3] if len(args) > 3 else node.kwargs.get("largest", True)
-    dim = dim + x.ty.ndim if dim < 0 else dim
-    data = bb.emit(relax.op.astype(x, "float32")) if bf16 else x
-    if isinstance(k, (int, tirx.IntImm)):
-        both = bb.emit(relax.op.topk(data, k, axis=dim, largest=largest, ret_type="both", dtype="int64"))
-        values, ids = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
-    else:
-        order = bb.emit(relax.op.argsort(data, axis=dim, descending=largest, dtype="int64"))
-        ids = bb.emit(relax.op.strided_slice(order, [dim], [0], [scalar(importer, k)]))
-        values = bb.emit(relax.op.gather_elements(data, ids, axis=dim))
-    if bf16:
-        values = bb.emit(relax.op.astype(values, "bfloat16"))
-    return bb.emit(relax.Tuple([values, ids]))
-
-
-def clamp(node, importer, original):
-    """aten.clamp with scalar bounds: max/min with constants of x's dtype (TVM's clip takes ±inf for a
-    missing bound, which an integer tensor cannot hold)."""
-    args = importer.retrieve_args(node)
-    lo = args[1] if len(args) > 1 else node.kwargs.get("min")
-    hi = args[2] if len(args) > 2 else node.kwargs.get("max")
-    if any(isinstance(b, relax.Expr) for b in (lo, hi)):
-        return original(node)
-    x, bb = args[0], importer.block_builder
-    if lo is not None:
-        x = bb.emit(relax.op.maximum(x, relax.const(lo, str(x.ty.dtype))))
-    if hi is not None:
-        x = bb.emit(relax.op.minimum(x, relax.const(hi, str(x.ty.dtype))))
-    return x
-
-
-def masked_fill(node, importer, original):
-    """aten.masked_fill with a scalar: where(mask, constant, x) (TVM 0.27's full_like fails to legalize)."""
-    args = importer.retrieve_args(node)
-    x, mask, value = args[:3]
-    if not isinstance(value, (int, float, bool)):
-        return original(node)
-    dtype = str(node.meta["val"].dtype).removeprefix("torch.") if "val" in node.meta else str(x.ty.dtype)
-    x = x if str(x.ty.dtype) == dtype else importer.block_builder.emit(relax.op.astype(x, dtype))
-    return importer.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
-
-
-def full_like(node, importer, original):
-    """aten.full_like with a scalar: the constant broadcast to x's shape (full_like fails to legalize)."""
-    args = importer.retrieve_args(node)
-    x, value = args[:2]
-    if not isinstance(value, (int, float, bool)) or "val" not in node.meta:
-        return original(node)
-    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
-    return importer.block_builder.emit(relax.op.broadcast_to(relax.const(value, dtype), x.ty.shape))
-
-
-FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
-         "_clamp": clamp, "_masked_fill": masked_fill, "_full_like": full_like}
-
-
-# ---------------------------------------------------------------- symbolic scalars
-
-
-def scalar(importer, value):
-    """An fx arg's value as a Python number or a PrimExpr (a static size may be a 0-d relax constant)."""
-    value = importer.env[value] if isinstance(value, torch.fx.Node) else value
-    if isinstance(value, tvm.ir.GenericConst) and not value.ty.ndim:     # relax.const
-        return value.data.numpy().item()
-    if isinstance(value, (tirx.IntImm, tirx.FloatImm)):
-        return value.value
-    return value
-
-
-def is_symbolic(value) -> bool:
-    """A PrimExpr (a tirx Var or an expression of them), not a constant."""
-    return isinstance(getattr(value, "ty", None), tvm.ir.PrimType) and \
-        not isinstance(value, (tirx.IntImm, tirx.FloatImm))
-
-
-def with_scalar_tensors(node, importer):
-    """A symbolic scalar argument of a tensor op (position < capacity) as a 0-d tensor of the dtype
-    torch gives it beside the op's tensors (a scalar does not promote a tensor of its own kind)."""
-    env = importer.env
-    values = [env.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args]
-    tensors = [v for v in values if isinstance(getattr(v, "ty", None), relax.TensorType)]
-    if not tensors or not any(is_symbolic(v) for v in values):
-        return node
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return node
-    kinds = [str(a.type) for a in schema.arguments]
-    other = str(tensors[0].ty.dtype)
-    args = list(node.args)
-    for i, v in enumerate(values):
-        if is_symbolic(v) and i < len(kinds) and ("Scalar" in kinds[i] or "Tensor" in kinds[i]):
-            floaty = other.startswith(("float", "bfloat"))
-            dtype = other if floaty or "int" in str(v.ty.dtype) else "float32"
-            args[i] = importer.block_builder.emit_te(
-                lambda: te.compute((), lambda: tirx.Cast(dtype, v), name="scalar"),
-                primfunc_name_hint="symbolic_scalar")
-    return _with_args(node, args)
-
-
-def _sym(fn):
-    """A translation of a Python/torch function on symbolic sizes: PrimExprs in, a PrimExpr out."""
-    def convert(node, importer):
-        return fn(*[scalar(importer, a) for a in node.args])
-    return convert
-
-
-def _ceil(v):
-    if not is_symbolic(v):
-        return math.ceil(v)
-    return tirx.Cast("int64", tirx.ceil(v if "float" in str(v.ty.dtype) else tirx.Cast("float64", v)))
-
-
-def _float(v):
-    return tirx.Cast("float64", v) if is_symbolic(v) else float(v)
-
-
-def _truediv(a, b):
-    return a / b if not (is_symbolic(a) or is_symbolic(b)) else _float(a) / _float(b)
-
-
-def _minmax(name):
-    def fn(a, b):
-        if not (is_symbolic(a) or is_symbolic(b)):
-            return min(a, b) if name == "min" else max(a, b)
-        as_expr = [x if is_symbolic(x) else tirx.IntImm("int64", x) if isinstance(x, int) else
-                   tirx.FloatImm("float64", x) for x in (a, b)]
-        return (tirx.min if name == "min" else tirx.max)(*as_expr)
-    return fn
-
-
-def _numel(node, importer):
-    x = importer.env[node.args[0]]
-    return math.prod(x.ty.shape.values) if x.ty.ndim else tirx.IntImm("int64", 1)
-
-
-def _amax(node, importer):
-    """aten.amax(x, dim=(), keepdim=False): the max over dim (all dims when empty)."""
-    x = importer.env[node.args[0]]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    axis = None if dim in ((), [], None) else ([dim] if isinstance(dim, int) else list(dim))
-    return importer.block_builder.emit(relax.op.max(x, axis=axis, keepdims=keep))
-
-
-def _t(node, importer):
-    """aten.t: transpose a 2-D tensor (0-D and 1-D as they are)."""
-    x = importer.env[node.args[0]]
-    return x if x.ty.ndim < 2 else importer.block_builder.emit(relax.op.permute_dims(x, [1, 0]))
-
-
-def _where_scalar(node, importer):
-    """aten.where.ScalarOther/ScalarSelf/Scalar: a scalar branch is a constant of the other's dtype."""
-    cond, a, b = (importer.env[v] if isinstance(v, torch.fx.Node) else v for v in node.args[:3])
-    tensor = a if isinstance(a, relax.Expr) else b if isinstance(b, relax.Expr) else None
-    dtype = str(tensor.ty.dtype) if tensor is not None else str(node.meta["val"].dtype).removeprefix("torch.")
-    a, b = (v if isinstance(v, relax.Expr) else relax.const(v, dtype) for v in (a, b))
-    return importer.block_builder.emit(relax.op.where(cond, a, b))
-
-
-EXTRA = {
-    "amax.default": _amax, "t.default": _t,
-    "where.ScalarOther": _where_scalar, "where.ScalarSelf": _where_scalar, "where.Scalar": _where_scalar,
-    "ceil": _sym(_ceil), "sym_float": _sym(_float), "truediv": _sym(_truediv),
-    "sym_max": _sym(_minmax("max")), "sym_min": _sym(_minmax("min")), "sym_numel.default": _numel,
-}
 
 
 # ---------------------------------------------------------------- bounds

@@ -131,8 +131,11 @@ def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     flat = bb.emit(op.reshape(ids, (N,)))                                 # [N]
     key = bb.emit(op.where(op.less(flat, relax.const(0, "int64")), relax.const(E, "int64"), flat))
     order = bb.emit(op.argsort(key, dtype="int64"))                       # [N] rows by expert, dropped last
-    onehot = bb.emit(op.one_hot(flat, prim(1, "int64"), prim(0, "int64"), E))   # [N, E]
-    counts = bb.emit(op.sum(onehot, axis=0))                              # [E] segment sizes
+    # one extra row per expert, taken off again: TVM leaves a sum over 0 rows (T = 0) uninitialized,
+    # and garbage segment sizes would send segment_gemm out of bounds
+    every = bb.emit(op.concat([flat, op.arange(0, E, dtype="int64")], axis=0))      # [N + E]
+    onehot = bb.emit(op.one_hot(every, prim(1, "int64"), prim(0, "int64"), E))      # [N + E, E]
+    counts = bb.emit(op.subtract(op.sum(onehot, axis=0), relax.const(1, "int64")))  # [E] segment sizes
     ends = bb.emit(op.cumsum(counts, axis=0, dtype="int64"))             # [E] segment ends
     token = bb.emit(op.floor_divide(order, relax.const(int(S), "int64")))   # [N] source token per row
     rows = bb.emit(op.arange(0, N, dtype="int64"))

@@ -66,6 +66,17 @@ def test_kernel_matches_reference(vm, name, tokens):
     assert_numerically_equal(got, expected, atol=1e-5, rtol=1e-5, what=name)
 
 
+def test_zero_tokens_never_read_out_of_bounds(vm):
+    """T = 0 (an empty sequence): every kernel returns [0, H] (grouped GEMM's segment sizes were an
+    uninitialized sum over 0 rows, and its GEMM read far out of bounds: a segmentation fault)."""
+    for name, (kernel, s, _) in CASES.items():
+        S = s.num_experts if s.router.kind == "expert_choice" else s.top_k
+        t = {"x": np.zeros((0, s.hidden), np.float32), "ids": np.zeros((0, S), np.int64),
+             "weights": np.zeros((0, S), np.float32), **{k: v.numpy() for k, v in weights(s).items()}}
+        got = vm[name.replace(".", "_").replace("-", "__")](*[tvm.runtime.tensor(a) for a in t.values()])
+        assert got.numpy().shape == (0, s.hidden), name
+
+
 def test_shapes_not_divisible_by_simd_width_still_vectorize_what_they_can():
     from moecc.backends.tvm import tir
     assert [tir.vector_width(k, 8) for k in (16, 12, 6, 7)] == [8, 4, 2, 1]
