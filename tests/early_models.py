@@ -20,3 +20,14 @@ class MustNotRun(nn.Module):
 
 def must_not_run():
     return MustNotRun(), (torch.randn(2, 8),)
+
+
+def wrong_shape():
+    """Example inputs of the wrong width: torch.export fails (and torch logs a traceback)."""
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), (torch.randn(2, 5),)
+
+
+def small_gpt():
+    """samples/tiny_gpt.py with one block: a quick real compile."""
+    from tiny_gpt import build
+    return build(layers=1)
