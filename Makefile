@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moecc-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 900 tests
+
+test-slow: setup       # the long campaigns: property tests at scale (see README "Bad input and properties")
+	MOECC_SLOW=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 3600 -m slow tests
 
 bench: setup
 	$(BIN)/moecc bench --quick --out out/bench

@@ -104,7 +104,7 @@ def route_tokens(x: Tensor, logits: Tensor, router_bias, token_ids, spec: MoESpe
     Shared by the reference and every torch kernel, so they route identically."""
     xt = x.reshape(-1, x.shape[-1])                                        # [T, H]
     rows = math.prod(x.shape[:-2]) if x.dim() > 2 else 1                   # sequences (per-row capacity)
-    weights, ids = route(logits.reshape(xt.shape[0], -1), spec, router_bias, token_ids, rows)  # [T, S]
+    weights, ids = route(logits.reshape(xt.shape[0], logits.shape[-1]), spec, router_bias, token_ids, rows)  # [T, S]
     _notify(spec, ids, weights)
     return xt, weights, ids
 

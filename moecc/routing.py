@@ -187,9 +187,9 @@ def hierarchical_probs(logits: Tensor, spec: MoESpec) -> Tensor:
 
 
 def expert_choice_capacity(tokens: int, spec: MoESpec) -> int:
-    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T."""
+    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T (0 if T = 0)."""
     cf = spec.router.capacity_factor or float(spec.top_k)
-    return max(1, min(tokens, math.ceil(cf * tokens / spec.num_experts)))
+    return min(tokens, max(1, math.ceil(cf * tokens / spec.num_experts)))
 
 
 def _expert_choice(logits: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
