@@ -20,6 +20,7 @@ from .inputs import dim_names, fresh_inputs
 from .perturb import perturb_experts, routing_blind
 from .pipeline import PassManager, moe_nodes
 from .progress import Steps
+from .quality import quality
 from .verify import summary, verify
 
 DEFAULT_TOLERANCE = 1e-4
@@ -55,8 +56,7 @@ def _lower_and_verify(captured, program, backend: str, options: dict, tmp: Path,
     if not verify_on:
         return lowered.to_dict(), {"skipped": True}
     steps.next("verify")
-    sets = [("example", _numpy(captured.example_inputs)),
-            ("fresh", _numpy(fresh_inputs(captured.example_inputs, captured.inputs)))]
+    sets = _input_sets(captured)
     run = backends.runtime(backend).load(tmp, {"backend": {"name": backend}})
     checks = verify(run, _torch_runner(captured.gm), sets, tol)
     if routing_blind(captured.gm):
@@ -86,6 +86,12 @@ def _verify_perturbed(captured, backend: str, options: dict, tmp: Path, inputs, 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _input_sets(captured) -> list[tuple[str, list[np.ndarray]]]:
+    """The example inputs, and fresh ones of another token count (verification and quality use both)."""
+    return [("example", _numpy(captured.example_inputs)),
+            ("fresh", _numpy(fresh_inputs(captured.example_inputs, captured.inputs)))]
+
+
 def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, dict]] = (),
             backend: str = "torch", out: str | Path, options: dict | None = None, verify: bool = True,
             force: bool = False, tolerance: float = DEFAULT_TOLERANCE, source: str = "model",
@@ -109,7 +115,10 @@ def compile(model: torch.nn.Module, example_inputs, *, passes: list[tuple[str, d
 def _compile(model, example_inputs, passes, backend, out, options, verify, force, tolerance, source, steps):
     captured = capture(model, example_inputs, source=source)
     steps.next("passes")
+    sets = _input_sets(captured) if passes else []
+    before = {label: _torch_runner(captured.gm)(inputs) for label, inputs in sets}    # the model before passes
     pm = transform(captured, list(passes))
+    moved = quality(before, _torch_runner(captured.gm), sets) if sets else None
     steps.next("lower")
     program = captured.export()
     with artifact.atomic_dir(out, force) as tmp:
@@ -141,6 +150,7 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "passes": [r.to_dict() for r in pm.records],
             "backend": dict(name=backend, options={k: v for k, v in options.items() if _jsonable(v)}, **lowered),
             "verification": check,
+            **({"quality": moved} if moved else {}),
             "recognized": captured.recognized,
         }
         ep = captured.gm.meta.get("moecc.ep")            # the expert_parallel pass's plan

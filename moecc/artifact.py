@@ -194,4 +194,11 @@ def report_md(m: dict) -> str:
                   for c in v["checks"]]
         if v.get("fallback"):
             lines += ["", f"Fallback: {v['fallback']}"]
+    q = m.get("quality")
+    if q:
+        lines += ["", f"## Quality against {q['against']}", "",
+                  "What the passes changed (verification above: backend vs the transformed graph).", "",
+                  "| inputs | rel error | mean cosine | worst cosine |", "|---|---|---|---|"]
+        lines += [f"| {c['label']} | {c['rel_error']:.3g} | {c['cosine']:.4f} | {c['worst_cosine']:.4f} |"
+                  for c in q["checks"]]
     return "\n".join(lines) + "\n"

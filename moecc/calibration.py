@@ -121,9 +121,8 @@ def load(source, tokenize: Callable | None = None) -> Calibration:
             raise MoeccError(f"calibration file {path}: not a torch tensor file ({type(e).__name__})") from None
         cal = from_tensors(data, str(path))
     elif suffix == ".npz":
-        import numpy as np
-        with np.load(path) as npz:
-            cal = from_tensors([torch.from_numpy(npz[k]) for k in npz.files], str(path))
+        from .npz import load_npz
+        cal = from_tensors([torch.from_numpy(a) for a in load_npz(path, "calibration file").values()], str(path))
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
         cal = from_lines(text.splitlines(), _need_tokenizer(tokenize, str(path)), str(path))

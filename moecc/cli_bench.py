@@ -11,7 +11,7 @@ import sys
 from .errors import MoeccError
 
 EPILOG = """examples:
-  moecc bench --quick                    # ~1-2 min: 3 shapes x T in 1, 64, 512, 3 repeats
+  moecc bench --quick                    # ~3 min on 2 cores: 3 shapes x T in 1, 64, 512, 3 repeats
   moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats
   moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
   moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
@@ -28,7 +28,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (a minute or two)")
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (about 3 minutes on 2 cores)")
     p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
     p.add_argument("--force", action="store_true", help="replace the bench.* files of an earlier run in --out")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch/ORT threads (default: torch's)")

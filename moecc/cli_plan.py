@@ -108,6 +108,9 @@ def _check_plan_args(a) -> None:
                              ("--local-replicas", a.local_replicas, 0)):
         if value < low:
             raise MoeccError(f"plan: {flag} must be >= {low}, got {value}")
+    if a.local_replicas and a.method != "graph" and not a.compare:
+        raise MoeccError(f"plan: --local-replicas applies to --method graph only, not {a.method}; drop it "
+                         "or use --method graph")
     if a.window is not None and a.window < 0:
         raise MoeccError(f"plan: --window must be >= 0, got {a.window}")
     if not a.trace.is_file():

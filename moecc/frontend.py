@@ -15,6 +15,7 @@ from torch import fx
 from .errors import MoeccError
 from .inputs import InputSpec, describe_inputs, dynamic_shapes
 from .pipeline import annotate
+from .quiet import export_logs_dropped
 
 
 @dataclass
@@ -39,7 +40,8 @@ def _first_line(e: Exception) -> str:
 
 def export(module: torch.nn.Module, example_inputs: tuple, dyn, source: str) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, example_inputs, dynamic_shapes=dyn, strict=False)
+        with export_logs_dropped():      # a failure is reported below in one line, not in torch's log
+            return torch.export.export(module, example_inputs, dynamic_shapes=dyn, strict=False)
     except MoeccError:
         raise
     except Exception as e:

@@ -44,6 +44,10 @@ def rows_for_artifact(path: Path) -> tuple[str, list[list]]:
     status = "skipped" if v.get("skipped") else ("ok" if v.get("ok") else "FAILED") + f" ({v.get('text', '')})"
     head = (f"{path}: {m['source']} → {m['backend']['name']} (moecc {m['moecc_version']}); "
             f"kernels: {', '.join(sorted(set(kernels.values()))) or '-'}; verification {status}")
+    q = m.get("quality")
+    if q:
+        head += (f"\nquality vs {q['against']}: {q['text']}\n(verification above compares the {m['backend']['name']} "
+                 "artifact with the transformed graph; this line is what the passes changed)")
     return head, rows
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from .pipeline import moe_nodes
+from .quiet import torch_internal_deprecations
 
 W_IN, W_OUT = 2, 3          # moecc::moe(x, logits, w_in, w_out, ...)
 
@@ -56,7 +57,9 @@ def routing_blind(gm: fx.GraphModule) -> bool:
 def perturb_experts(gm: fx.GraphModule, scale: float = 0.3, seed: int = 0, inplace: bool = False) -> fx.GraphModule:
     """A copy of `gm` (or `gm` itself) whose experts differ: w[e] += scale·std(w)·N(0, 1) per expert,
     and whose routers are N(0, 1/H)·4 (decisive, distinct logits per expert). Returns the graph."""
-    gm = gm if inplace else copy.deepcopy(gm)
+    if not inplace:
+        with torch_internal_deprecations():
+            gm = copy.deepcopy(gm)
     g = torch.Generator().manual_seed(seed)
     for node, _ in moe_nodes(gm):
         for w in (_attr(gm, node.args[W_IN]), _attr(gm, node.args[W_OUT])):

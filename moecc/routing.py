@@ -187,10 +187,10 @@ def hierarchical_probs(logits: Tensor, spec: MoESpec) -> Tensor:
 
 
 def expert_choice_capacity(tokens: int, spec: MoESpec) -> int:
-    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T.
+    """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T (0 if T = 0).
     sym_min/sym_max: a symbolic T (torch.export.Dim) stays symbolic, no guard on its value."""
     cf = spec.router.capacity_factor or float(spec.top_k)
-    return torch.sym_max(1, torch.sym_min(tokens, math.ceil(cf * tokens / spec.num_experts)))
+    return torch.sym_min(tokens, torch.sym_max(1, math.ceil(cf * tokens / spec.num_experts)))
 
 
 def _expert_choice(logits: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:

@@ -4,6 +4,7 @@
     x * sigmoid(x)            ⇒  silu(x)
     relu_ / silu_ / gelu_     ⇒  relu / silu / gelu    (the in-place input has no other user)
     dropout(x, p, train=False), clone(x), alias(x)  ⇒  x
+    linear(x, W_gu) → chunk(2, -1) | [..., ::2], [..., 1::2] → gated FFN  ⇒  two Linears (fused_gate_up.py)
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch import fx
 
 from moecc.pipeline import PassResult, attr
+
+from .fused_gate_up import split_fused_gate_up
 
 aten = torch.ops.aten
 TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
@@ -71,7 +74,7 @@ def _rewrite_silu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def canonicalize(gm: fx.GraphModule) -> PassResult:
-    stats = {"linear": 0, "silu": 0, "inplace": 0, "identity": 0}
+    stats = {"linear": 0, "silu": 0, "inplace": 0, "identity": 0, "gate_up_split": 0}
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -88,6 +91,7 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
             gm.graph.erase_node(node)
             stats["identity"] += 1
     gm.graph.eliminate_dead_code()
+    stats["gate_up_split"] = split_fused_gate_up(gm)
     gm.recompile()
     return PassResult(gm, any(stats.values()), {k: v for k, v in stats.items() if v})
 

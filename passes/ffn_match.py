@@ -3,6 +3,9 @@
     linear(x, W1, b1) → act → linear(·, W2, b2)                       act ∈ relu, gelu, gelu_tanh, silu
     linear(act(linear(x, Wg)) ⊙ linear(x, Wu), Wd)                     gated: swiglu (silu), geglu (gelu)
 
+    fused gate/up: linear(x, W_gu) split in halves (chunk / interleaved) is first split into two
+    Linears by canonicalize (fused_gate_up.py), then matched as gated.
+
 The two Linears may come from different modules (BERT: intermediate.dense + gelu, then output.dense).
 Every candidate that looks like an FFN start (a Linear feeding an activation) but must not be rewritten
 yields a `Refusal` with the reason, so users (and tests) see why a rule did not fire.
@@ -95,12 +98,10 @@ def _users(node: fx.Node) -> str:
 
 def _match_from(gm: fx.GraphModule, lin1: fx.Node) -> FFNMatch | Refusal | None:
     """Try to match an FFN whose first (gate) Linear is `lin1`."""
-    if len(lin1.users) != 1:
-        return None
+    if len(lin1.users) != 1 or activation_of(next(iter(lin1.users))) is None:
+        return _why_not(gm, lin1)                 # None: not an FFN start at all
     act = next(iter(lin1.users))
     kind = activation_of(act)
-    if kind is None:
-        return None                               # not an FFN start: no refusal
     x, w1, b1 = _linear_parts(lin1)
     if len(act.users) != 1:
         return Refusal(act.name, f"the hidden activation is used by {len(act.users)} nodes "
@@ -135,6 +136,30 @@ def _match_from(gm: fx.GraphModule, lin1: fx.Node) -> FFNMatch | Refusal | None:
     return FFNMatch(x, ins, bins, w2, b2, activation, (*nodes, nxt), _common_name(lin1, nxt))
 
 
+OTHER_ACTIVATIONS = {"tanh", "sigmoid", "elu", "selu", "celu", "leaky_relu", "hardswish", "hardsigmoid",
+                     "hardtanh", "mish", "softplus", "log_sigmoid", "erf", "abs", "exp", "pow", "square"}
+
+
+def _why_not(gm: fx.GraphModule, lin1: fx.Node) -> Refusal | None:
+    """A Linear that is almost an FFN start, and why it is not one (fused gate/up split some other
+    way, or an activation moecc does not rewrite); None for an ordinary Linear."""
+    from .fused_gate_up import gated, halves
+    split = halves(gm, lin1)
+    if isinstance(split, str):
+        return Refusal(lin1.name, split)
+    if isinstance(split, tuple) and not gated(split[1], split[2]):
+        return Refusal(lin1.name, "a fused gate/up Linear is split in halves, but silu/gelu(first half) * "
+                                  "second half does not follow (a gated FFN needs it)")
+    if len(lin1.users) == 1:
+        act = next(iter(lin1.users))
+        op = str(getattr(act.target, "__name__", act.target)).split(".")[0]
+        if act.op == "call_function" and op in OTHER_ACTIVATIONS and len(act.users) == 1 \
+                and next(iter(act.users)).target is LINEAR:
+            return Refusal(act.name, f"activation {op} is not one moecc rewrites (relu, gelu, gelu_tanh, silu; "
+                                     "gated: silu/gelu)")
+    return None
+
+
 def find_ffns(gm: fx.GraphModule) -> tuple[list[FFNMatch], list[Refusal]]:
     """All dense FFNs in graph order, and the reasons candidates were refused."""
     matches, refusals, taken = [], [], set()
@@ -150,5 +175,5 @@ def find_ffns(gm: fx.GraphModule) -> tuple[list[FFNMatch], list[Refusal]]:
     return matches, refusals
 
 
-LOOKED_FOR = ("Linear → relu/gelu/silu → Linear, and gated (act(x·Wg) ⊙ x·Wu)·Wd, "
-              "with or without biases, on the ATen graph")
+LOOKED_FOR = ("Linear → relu/gelu/silu → Linear, and gated (act(x·Wg) ⊙ x·Wu)·Wd (separate or one fused "
+              "gate_up Linear split by chunk(2, -1) or [..., ::2]/[..., 1::2]), with or without biases, on the ATen graph")

@@ -16,8 +16,11 @@ and, for scale, how fragile nearest-neighbour agreement is on these sentences: t
 runner-up is within 0.01 cosine of the nearest, and the agreement left by random isotropic noise
 that brings the mean cosine to 0.999 / 0.995 / 0.99.
 
-    python samples/moefy_ceiling.py --out out/moefy_ceiling [--fractions 0.125,0.25,0.5]
+    python samples/moefy_ceiling.py --out out/moefy_ceiling [--fractions 0.125,0.25,0.5] [--quick]
     → OUT/ceiling.json, OUT/ceiling.md
+
+Takes about 9 minutes on a 2-core CPU (4 oracles x 3 fractions, each over the held-out corpus);
+--quick: one fraction (0.25), about a third of that.
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ def install(model, kind: str, frac: float, xs: list[torch.Tensor]) -> None:
             layer.output.dense = Readout(w2.t(), b2)
 
 
-def run(fractions: list[float]) -> dict:
+def run(fractions: list[float], oracles=ORACLES) -> dict:
     cal_lines, held = calib.split_corpus()
     held_b = calib.load(held, minilm.tokenize).batches
     cal_b = calib.load(cal_lines, minilm.tokenize).batches
@@ -120,7 +123,7 @@ def run(fractions: list[float]) -> dict:
         dense = torch.cat([model(*b) for b in held_b])
         xs = layer_inputs(model, cal_b)
     rows = []
-    for kind in ORACLES:
+    for kind in oracles:
         for frac in fractions:
             m = minilm.SentenceEmbedder(minilm.load_bert()).eval()
             install(m, kind, frac, xs)
@@ -161,8 +164,14 @@ def table(result: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.125, 0.25, 0.5])
+    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                   help="kept fractions (default 0.125,0.25,0.5; 0.25 with --quick)")
+    p.add_argument("--quick", action="store_true", help="one fraction (0.25): about 3 minutes instead of 9")
     args = p.parse_args(argv)
+    args.fractions = args.fractions or ([0.25] if args.quick else [0.125, 0.25, 0.5])
+    runs = len(ORACLES) * len(args.fractions)
+    print(f"moefy_ceiling: {runs} oracle runs over the held-out corpus; about {3 * runs / 4:.0f} min on a "
+          f"2-core CPU{'' if args.quick else ' (--quick: one fraction, about 3 min)'}", file=sys.stderr, flush=True)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args.fractions)

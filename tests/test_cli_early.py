@@ -162,3 +162,12 @@ def test_api_checks_arguments_before_capture(tmp_path):
                       progress=False)
     assert not out.exists()
     assert isinstance(torch.randn(1), torch.Tensor)
+
+
+def test_trace_with_calibration_the_model_cannot_take(tmp_path, capsys):
+    """Calibration token ids beyond the vocabulary: one line naming the file, not a torch traceback."""
+    cal = tmp_path / "wrong.pt"
+    torch.save((torch.full((4, 8), 99999),), cal)
+    _fails(["trace", "tests/early_models.py:small_moe_gpt", "--calibration", str(cal), "--out",
+            str(tmp_path / "t.npz")], f"trace: the model does not run on the calibration data {cal}", capsys)
+    assert not (tmp_path / "t.npz").exists()

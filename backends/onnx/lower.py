@@ -16,6 +16,7 @@ kernel for this token count instead; portable mode plans for the example's), ops
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from moecc.errors import MoeccError
 from moecc.ops import EXPERTS_ARGS, OP_ARGS, parse_spec
 from moecc.pipeline import MOE_OP, moe_nodes
 from moecc.spec import MoESpec
+from moecc.quiet import torch_internal_deprecations
 
 from ..base import KernelChoice, Lowered
 from . import fused, kernels
@@ -136,6 +138,18 @@ def _io(values) -> list[dict]:
             for v in values]
 
 
+def _no_torchvision(record: logging.LogRecord) -> bool:
+    return "torchvision is not installed" not in record.getMessage()
+
+
+def _skip_torchvision_notes() -> None:
+    """The exporter warns four times per export that torchvision (not a dependency) is absent: drop
+    those records only, on the logger that writes them (torch resets its loggers' levels on import)."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if _no_torchvision not in log.filters:
+        log.addFilter(_no_torchvision)
+
+
 def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
     out_dir = Path(out_dir)
     layers = plan(program, options)
@@ -144,9 +158,11 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     program = decompose(program, keep=_keep(layers))
     kernel_of, more = _experts_plan(program, layers, options)
     kw = {"opset_version": int(options["opset"])} if options.get("opset") else {}
+    _skip_torchvision_notes()
     try:
-        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False,
-                                         custom_translation_table=translations(kernel_of), **kw)
+        with torch_internal_deprecations():
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False,
+                                             custom_translation_table=translations(kernel_of), **kw)
         tidy(onnx_program.model)
     except Exception as e:   # ours (wrapped by the exporter) as is; else the exporter's first line
         cause = e

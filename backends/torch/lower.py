@@ -12,6 +12,7 @@ Loading needs `import moecc.ops` before `torch.export.load`: `moecc.load(dir)` d
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         choices.append(choice)
     program.graph_module.recompile()
     files = ["model.pt2"]
-    torch.export.save(program, Path(out_dir) / "model.pt2")
+    buffer = io.BytesIO()                  # torch's C++ writer aborts the process on a full disk:
+    torch.export.save(program, buffer)     # write the bytes from Python (a catchable OSError)
+    (Path(out_dir) / "model.pt2").write_bytes(buffer.getbuffer())
     if tables:
         select.save({select.table_id(t): t for t in tables.values()}, Path(out_dir) / TABLES)
         files.append(TABLES)

@@ -89,7 +89,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+REFERENCE_LINES = ((1.0, "= limit"), (1.1, "1.1x limit"), (1.3, "1.3x limit"))
+
+
 def plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: dict):
+    """One panel per shape: time / limit against tokens, the reference lines and the region below
+    the limit labelled on the plot itself."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,16 +116,24 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ys = [p["times"][n]["median_ms"] / p["limit_ms"] for p in pts if n in p["times"]]
             ax.plot(xs, ys, marker="o", label=n, color=colors[n],
                     linestyle="-" if n.startswith("moecc:") else "--")
-        for y in (1.0, 1.1, 1.3):
+        for y, label in REFERENCE_LINES:
             ax.axhline(y, color="grey", linewidth=0.6)
-        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="time / limit", title=shape)
+            ax.annotate(label, (1.0, y), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", va="bottom", fontsize=6, color="grey")
+        ax.axhspan(ax.get_ylim()[0], 1.0, color="grey", alpha=0.08, linewidth=0)
+        ax.annotate("below 1: faster than the estimated limit\n(the limit is measured, not a bound:\n"
+                    "e.g. weights already in cache)", (0.02, 0.02), xycoords="axes fraction",
+                    fontsize=6, color="grey", va="bottom")
+        ax.set(xscale="log", yscale="log", xlabel="tokens T",
+               ylabel="time / limit (lower is better; 1 = limit)", title=shape)
     handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="-" if n.startswith("moecc:") else "--",
                           label=n) for n in names]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"moecc bench, {results['threads']} threads (limit = max(FLOPs/peak, stream))")
+    fig.suptitle(f"moecc bench, {results['threads']} threads: each implementation's median time / the limit, "
+                 "limit = max(active FLOPs / measured matmul peak, measured stream of the hit experts' bytes); "
+                 "solid: moecc kernels, dashed: alternatives", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def write(results: dict, out_dir) -> dict:

@@ -93,6 +93,12 @@ def graph_plan(trace: Trace, topology: Topology, replicas: int = 0, tol: float =
     if not 0 <= local_replicas <= replicas:
         raise MoeccError(f"graph: local_replicas={local_replicas} must be between 0 and the "
                          f"{replicas} replicas (each node-local expert takes at least {N - 1} of them)")
+    if local_replicas and N < 2:
+        raise MoeccError(f"graph: local_replicas={local_replicas} needs a topology of 2 or more nodes "
+                         f"({topology} has one); drop --local-replicas")
+    if 0 < local_replicas < N - 1:
+        raise MoeccError(f"graph: local_replicas={local_replicas} is too small for one node-local expert "
+                         f"(a copy on each of the {N} nodes takes {N - 1}); use 0 or at least {N - 1}")
     coact = coactivation(trace, coact_tokens)                               # [L, E, E]
     rows = np.arange(L)[:, None]
     flat = np.zeros(L, bool)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moecc.errors import MoeccError
+from moecc.npz import load_npz
 
 FORMAT = "moecc.trace/1"
 
@@ -160,8 +161,7 @@ def load_trace(path: str | Path) -> Trace:
         raise MoeccError(f"trace: no such file {path}")
     try:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                doc = {key: z[key] for key in z.files}
+            doc = load_npz(path, "trace")
         elif path.suffix == ".json":
             doc = json.loads(path.read_text())
         else:

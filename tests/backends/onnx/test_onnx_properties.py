@@ -1,5 +1,6 @@
 """Properties: random layers (E, k, F, router kind and options, activation, biases, shared expert,
 capacity) through both portable kernels and auto, at a random token count, match moe_reference."""
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
@@ -48,3 +49,14 @@ def test_random_layers_match_the_reference(tmp_path_factory, specs, mode, B, S, 
         expected = eager(model, args)
     for s, c, g, e in zip(specs, low.kernels, run(path, args), expected):
         assert_numerically_equal(g, e, atol=1e-5, what=f"{c.kernel} {s.to_json()} at {B}x{S}")
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(specs=st.tuples(layers("p0"), layers("p1"), layers("p2")),
+       mode=st.sampled_from([("portable", "onnx.dense_masked"), ("portable", "onnx.gather"), ("auto", None)]),
+       B=st.integers(1, 3), S=st.integers(1, 9), seed=st.integers(0, 2 ** 16))
+def test_random_layers_match_the_reference_campaign(tmp_path_factory, specs, mode, B, S, seed):
+    """`make test-slow`: 60 random 3-layer models (180 layers) instead of 3."""
+    test_random_layers_match_the_reference.hypothesis.inner_test(tmp_path_factory, specs, mode, B, S, seed)
