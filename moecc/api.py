@@ -16,7 +16,7 @@ from . import __version__, artifact
 from .frontend import Captured, capture
 from .errors import MoeccError
 from .inputs import fresh_inputs
-from .pipeline import PassManager, moe_nodes
+from .pipeline import PassManager, layer_nodes
 from .progress import Steps
 from .verify import summary, verify
 
@@ -103,7 +103,7 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "source": source,
             "inputs": [i.to_dict() for i in captured.inputs],
             "outputs": _outputs(program),
-            "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in moe_nodes(captured.gm)],
+            "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in layer_nodes(captured.gm)],
             "passes": [r.to_dict() for r in pm.records],
             "backend": dict(name=backend, options={k: v for k, v in options.items() if _jsonable(v)}, **lowered),
             "verification": check,
