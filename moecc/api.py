@@ -18,7 +18,7 @@ from .frontend import Captured, capture, export
 from .errors import MoeccError
 from .inputs import dim_names, fresh_inputs
 from .perturb import perturb_experts, routing_blind
-from .pipeline import PassManager, moe_nodes
+from .pipeline import PassManager, layer_nodes
 from .progress import Steps
 from .quality import quality
 from .verify import summary, verify
@@ -146,7 +146,7 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "source": source,
             "inputs": input_bounds.find(captured.gm, captured.inputs),
             "outputs": _outputs(program),
-            "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in moe_nodes(captured.gm)],
+            "layers": [dict(spec.to_dict(), node=node.name, **_facts(node)) for node, spec in layer_nodes(captured.gm)],
             "passes": [r.to_dict() for r in pm.records],
             "backend": dict(name=backend, options={k: v for k, v in options.items() if _jsonable(v)}, **lowered),
             "verification": check,

@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .pipeline import MOE_OP, SPEC_KEY
+from .pipeline import EXPERTS_OP, MOE_OP, SPEC_KEY
 from .spec import MoESpec
 
-EXPERTS_OP = torch.ops.moecc.experts.default
 ALWAYS = sys.maxsize            # keep(spec) -> ALWAYS: the layer stays one moe node
 EXPERTS_SPEC_ARG = ops.EXPERTS_ARGS.index("spec")
 EXPERTS_KERNEL_ARG = ops.EXPERTS_ARGS.index("kernel")

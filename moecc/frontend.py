@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ from .errors import MoeccError
 from .inputs import InputSpec, describe_inputs, dynamic_shapes
 from .pipeline import annotate
 from .quiet import export_logs_dropped
+
+log = logging.getLogger("moecc.capture")
 
 
 @dataclass
@@ -93,9 +96,28 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
         recognized["experts_interface"] = report.to_dict()
     gm = program.module()
     _drop_guards(gm)
+    _sorted_topk(gm)
     from .recognize.experts_interface import annotate_experts
     return Captured(annotate_experts(annotate(gm)), example_inputs, dyn, describe_inputs(program), source,
                     recognized)
+
+
+def _sorted_topk(gm: fx.GraphModule) -> None:
+    """topk(sorted=False) ⇒ topk(sorted=True): an unsorted topk promises no order, so the sorted one is
+    a valid implementation of it, and every exporter handles it (TVM's importer refuses sorted=False,
+    which DeepSeek-style group-limited routers use)."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.topk.default:
+            if len(node.args) > 4 and node.args[4] is False:
+                node.update_arg(4, True)
+                changed += 1
+            elif node.kwargs.get("sorted") is False:
+                node.update_kwarg("sorted", True)
+                changed += 1
+    if changed:
+        log.debug("capture: %d topk(sorted=False) made sorted", changed)
+        gm.recompile()
 
 
 def _interface_defers(module: torch.nn.Module) -> bool:

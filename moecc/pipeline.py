@@ -23,6 +23,7 @@ from .spec import MoESpec
 log = logging.getLogger("moecc.passes")
 
 MOE_OP = torch.ops.moecc.moe.default
+EXPERTS_OP = torch.ops.moecc.experts.default
 SPEC_KEY = "moecc.spec"
 SPEC_ARG = ops.OP_ARGS.index("spec")
 KERNEL_ARG = ops.OP_ARGS.index("kernel")
@@ -51,6 +52,15 @@ def moe_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, MoESpec]]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is MOE_OP:
             yield node, ops.parse_spec(node.args[SPEC_ARG])
+
+
+def layer_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, MoESpec]]:
+    """Every MoE layer's node with its spec: moe nodes, and experts nodes a capture made directly
+    (transformers' experts interface) or a decomposition left (for the manifest)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (MOE_OP, EXPERTS_OP):
+            args = ops.OP_ARGS if node.target is MOE_OP else ops.EXPERTS_ARGS
+            yield node, ops.parse_spec(node.args[args.index("spec")])
 
 
 def set_spec(node: fx.Node, spec: MoESpec) -> None:

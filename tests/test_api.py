@@ -30,3 +30,35 @@ def test_capture_transform_compile_load(tmp_path):
     program = moecc.load(out)
     tokens = torch.randint(0, 256, (1, 9))
     assert_numerically_equal(program.module()(tokens), model(tokens), atol=1e-5)
+
+
+class ExpertsLevel(torch.nn.Module):
+    """A layer captured at the experts level (as transformers' experts interface is): routing as
+    ordinary ops in the model, one moecc::experts node, no moe node."""
+
+    def __init__(self):
+        super().__init__()
+        from moecc.spec import MoESpec, RouterSpec
+        torch.manual_seed(0)
+        self.spec = MoESpec(4, 8, 6, "swiglu", RouterSpec(top_k=2), name="block.experts")
+        self.router = torch.nn.Linear(8, 4, bias=False)
+        self.w_in = torch.nn.Parameter(torch.randn(4, 12, 8) * 0.5)
+        self.w_out = torch.nn.Parameter(torch.randn(4, 8, 6) * 0.5)
+
+    def forward(self, x):
+        from moecc.ops import call_experts
+        from moecc.routing import route
+        xt = x.reshape(-1, 8)                                                # [T, H]
+        weights, ids = route(self.router(xt), self.spec)                    # [T, k]
+        return call_experts(xt, ids, weights, self.w_in, self.w_out, self.spec).reshape(x.shape)
+
+
+def test_experts_level_layers_compile_to_torch_and_onnx(tmp_path):
+    model, ex = ExpertsLevel().eval(), (torch.randn(2, 5, 8),)
+    for backend in ("torch", "onnx"):
+        out = moecc.compile(model, ex, backend=backend, out=tmp_path / backend, progress=False)
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["ok"]
+        assert [layer["name"] for layer in m["layers"]] == ["block.experts"]
+        kernel = m["backend"]["kernels"][0]["kernel"]
+        assert kernel == "torch.auto" if backend == "torch" else kernel.startswith("onnx.")

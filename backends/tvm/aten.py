@@ -8,7 +8,8 @@ translations it lacks (EXTRA). No MoE or router code: routing reaches TVM as the
             slice          a negative dim reaches strided_slice as is (fails in legalization)  ->  dim + rank
             empty          symbolic sizes reach ShapeExpr as Python objects  ->  PrimExprs
             topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k;
-                           bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact)
+                           bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact);
+                           sorted=False (TVM refuses it; torch leaves the order open)  ->  sorted
             clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
             masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
     EXTRA   amax, t, where with a scalar; math.ceil / sym_float / truediv / sym_max / sym_min /
@@ -81,11 +82,13 @@ def _with_args(node, args):
 
 def topk(node, importer, original):
     """aten.topk, (1) with a symbolic k (expert choice's capacity): descending argsort along dim, its
-    first k; (2) on bfloat16, in float32 (exact): TVM 0.27's topk orders bfloat16 values wrongly."""
+    first k; (2) on bfloat16, in float32 (exact): TVM 0.27's topk orders bfloat16 values wrongly;
+    (3) sorted=False (order unspecified; TVM refuses it): sorted, one valid order."""
     args = importer.retrieve_args(node)
     x, k = args[0], args[1] if len(args) > 1 else node.kwargs.get("k", 1)
     bf16 = str(x.ty.dtype) == "bfloat16"
-    if isinstance(k, (int, tirx.IntImm)) and not bf16:
+    in_order = args[4] if len(args) > 4 else node.kwargs.get("sorted", True)
+    if isinstance(k, (int, tirx.IntImm)) and not bf16 and in_order:
         return original(node)
     bb = importer.block_builder
     dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)

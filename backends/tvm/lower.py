@@ -6,14 +6,15 @@
                      ⇒  tvm.compile(mod, target)  ⇒  DIR/model.so + DIR/params.npz + DIR/tvm_meta.json
 
 Everything but the experts goes through TVM's own PyTorch importer, routing included (this backend
-defines no router: importer.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
+defines no router: aten.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
 Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py).
 Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence;
 token-count dependent capacities stay symbolic expressions of them.
 
 The program is imported as exported when TVM's importer knows every op (fast); otherwise it is
 decomposed to core ATen first (slow: torch re-traces it). importer.py names the node of any failed
-translation and closes gaps of TVM 0.27's translations on dynamic shapes.
+translation, closes gaps of TVM 0.27's translations (aten.py), and makes every `take` clip, so no
+token id or position (≥ the table, < 0) reads out of bounds in the artifact.
 
 Weights: parameters stay function inputs (`keep_params_as_input`); they are saved in params.npz
 under their graph names, in the order `main` takes them after the user inputs (tvm_meta.json lists

@@ -173,3 +173,24 @@ def test_half_precision_routers(tmp_path, dtype):
             want = w.float().numpy()
             assert_numerically_equal(g.astype(np.float32), want, atol=2 * ulp * np.abs(want).max(), rtol=0,
                                      what=f"{name} {dtype}")
+
+
+class GroupMask(nn.Module):
+    """A model's own router code (transformers' DeepSeek-style group limit) with topk(sorted=False),
+    which TVM 0.27's importer refuses: the group order does not matter, only the mask."""
+
+    def forward(self, logits):                                            # [T, 8]
+        scores = logits.sigmoid()
+        groups = scores.view(-1, 4, 2).amax(-1)                           # [T, 4]
+        picked = torch.topk(groups, k=2, dim=-1, sorted=False)[1]         # [T, 2] groups, any order
+        mask = torch.zeros_like(groups).scatter(1, picked, 1.0)           # [T, 4]
+        keep = mask.unsqueeze(-1).expand(-1, 4, 2).reshape(-1, 8)
+        return torch.topk(scores.masked_fill(keep == 0, 0.0), k=3, dim=-1)[1]
+
+
+def test_unsorted_topk_in_a_models_own_router(tmp_path):
+    ep = torch.export.export(GroupMask(), (torch.randn(5, 8),),
+                             dynamic_shapes=({0: torch.export.Dim("t", max=4096)},))
+    lower.lower(ep, tmp_path, {})
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(runtime.load(tmp_path)([x.numpy()])[0], GroupMask()(x).numpy())
