@@ -87,7 +87,7 @@ def test_bad_input(args, msg, tmp_path, capsys):
 def test_existing_out_refused_unless_force(tmp_path, capsys):
     out = tmp_path / "art"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"moecc_version": "0", "backend": {"name": "onnx"}}')   # an artifact
     _fails(["compile", GPT, "--upcycle", "2", "--top-k", "1", "--out", str(out)], "already exists; pass --force", capsys)
     assert main(["compile", GPT, "--upcycle", "2", "--top-k", "1", "--out", str(out), "--force"]) == 0
     assert json.loads((out / "manifest.json").read_text())["backend"]["name"] == "torch"

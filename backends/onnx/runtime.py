@@ -17,8 +17,18 @@ import onnxruntime as ort
 
 try:
     from moecc.backends.input_check import MoeccError, check
-except ImportError:   # copied next to an artifact (with input_check.py), without moecc installed
-    from input_check import MoeccError, check
+except ImportError:   # without moecc: input_check.py beside this file, or in the checkout's backends/
+    import importlib.util
+
+    _where = [p for p in (Path(__file__).with_name("input_check.py"), Path(__file__).parents[1] / "input_check.py")
+              if p.exists()]
+    if not _where:
+        raise ImportError("copy backends/input_check.py beside this runtime: it refuses inputs outside the "
+                          "artifact's bounds before they reach the model") from None
+    _spec = importlib.util.spec_from_file_location("moecc_input_check", _where[0])
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    MoeccError, check = _module.MoeccError, _module.check
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
