@@ -1,14 +1,14 @@
 """Issue 15 item 4: random float32 layers through the torch kernels (grouped_gemm's C path when every
-expert has ≤ skinny.MAX_M rows, loop, auto), 0..300 tokens (> skinny.MAX_M rows per expert: the torch path), 1 or 2 threads, against moe_reference.
+expert has ≤ skinny.MAX_M rows, loop, auto), 0..300 tokens (> skinny.MAX_M rows per expert: the torch path), 1 or 2 threads, against experts_reference (the kernels are experts-level since the op family).
 The normal run draws N_FAST examples; `make test-slow` (MOECC_SLOW=1) draws N_SLOW."""
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from moecc.backends.torch import kernels, select
+from moecc.backends.torch import select
 from moecc.errors import MoeccError
-from moecc.ops import moe_reference
+from moecc.ops import experts_reference
 from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
 from numerics import assert_numerically_equal
 
@@ -44,12 +44,12 @@ def float32_cases(draw):
 def _check(case):
     spec, T, seed, threads = case
     inputs = select._random_inputs(spec, T, torch.Generator().manual_seed(seed))
-    want = moe_reference(*inputs, spec=spec)
+    want = experts_reference(*inputs, spec=spec)                  # experts level: routing is ATen ops now
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for name in ("torch.grouped_gemm", "torch.loop", kernels.AUTO):
-            got = kernels.run(name, *inputs, spec=spec)
+        for name in ("torch.grouped_gemm", "torch.loop", select.AUTO):
+            got = select.run_experts(name, *inputs, spec=spec)
             assert_numerically_equal(got, want, atol=2e-5, rtol=2e-5, what=f"{name} T={T} threads={threads} {spec}")
     finally:
         torch.set_num_threads(before)

@@ -1,6 +1,6 @@
 """bench.png says what it shows: its reference lines are labelled, the region below the limit is
 explained, the title defines the limit."""
-from moecc.backends.torch.bench_report import figure, plot
+from moecc.bench.report import figure, plot
 
 RESULTS = {"threads": 2, "shapes": {"tiny": {}}, "points": [
     {"shape": "tiny", "tokens": t, "limit_ms": 1.0,
