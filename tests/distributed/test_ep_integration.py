@@ -90,14 +90,17 @@ def test_upcycled_gpt_two_ranks_overlap(tmp_path):
 
 
 @pytest.mark.slow
-def test_hf_family_through_the_experts_interface_two_ranks(tmp_path):
-    """Qwen2-MoE (softmax top-4, sigmoid-gated shared expert) with no recognizer: the interface path."""
+@pytest.mark.parametrize("path", ["interface", "recognized"])
+def test_hf_family_two_ranks(tmp_path, path):
+    """Qwen2-MoE (softmax top-4, sigmoid-gated shared expert): with no recognizer through the
+    ExpertsInterface (experts nodes, HF's shared expert as ops), or recognized (one moe node with the
+    shared expert inside, decomposed by the backend)."""
     import hf_moe
 
     from moecc.recognize.base import Registry
     model, inputs = hf_moe.build_qwen2_moe()
-    c = capture(model, inputs, recognizers=Registry())
-    assert len(experts_nodes(c.gm)) == 2 and len(layer_nodes(c.gm)) == 2
+    c = capture(model, inputs, recognizers=Registry() if path == "interface" else None)
+    assert len(experts_nodes(c.gm)) == (2 if path == "interface" else 0) and len(layer_nodes(c.gm)) == 2
     art = moecc.compile(c.gm, inputs, passes=[("expert_parallel", {"ep": 2})], backend="torch",
                         out=tmp_path / "art", progress=False)
     x = np.random.default_rng(1).integers(0, 128, (4, 8))
