@@ -165,7 +165,7 @@ def plan(gm: fx.GraphModule, cfg: dict) -> EPPlan:
                              f"devices but --ep is {world}; plan with a topology of {world} devices")
         if len(pl.layers) != len(nodes):
             raise MoeccError(f"expert parallel: placement.json has {len(pl.layers)} layers, the model "
-                             f"{len(nodes)} experts layers: it is for another model")
+                             f"{len(nodes)} MoE layers: it is for another model")
     layers = []
     for i, node in enumerate(nodes):
         spec = parse_spec(_arg(node, "spec"))
