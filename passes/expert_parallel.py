@@ -9,9 +9,16 @@
     apply(gm, plan, group)   at launch, on each rank: the rewrite above; the full expert weights
                              are deleted from the module, each rank keeps only the experts it holds
 
-Works on `torch.ops.moecc.experts` nodes (the experts level; moe nodes are decomposed into routing
-ops + one experts node first). Placement: placement.json (`moecc plan`), checked against the model
-(layers, experts, devices = N) up front; contiguous (expert e on rank e·N/E) when none is given.
+Plans every MoE layer of the graph, in graph order: `torch.ops.moecc.moe` nodes (upcycled, moefied,
+recognized layers: routing inside) and `torch.ops.moecc.experts` nodes (the experts level: transformers
+families through the ExpertsInterface, models written with moecc.ops.call_experts). `apply` works on
+the experts level: the torch backend's program (moecc.decompose: a moe node ⇒ routing ATen ops + one
+experts node + the shared expert as ATen ops, in the same order), so the plan's layer i is the
+program's i-th experts node (its spec name checked); `parallelize(captured, plan, group)` decomposes a
+captured graph and applies (the Python API, e.g. for training). The shared expert and the router stay
+ordinary ops, replicated: each rank runs them on its own tokens.
+Placement: placement.json (`moecc plan`), checked against the model (layers, experts, devices = N) up
+front; contiguous (expert e on rank e·N/E) when none is given.
 
 Capacity and expert choice: the route ops run on each rank's own tokens before the dispatch, so
 their scope is the rank's batch (capacity C from the rank's T; expert e takes its top tokens among
@@ -19,7 +26,8 @@ the rank's). That is the only scope honoured: "global" (one capacity over all ra
 router logits of every rank before routing and is refused with that reason.
 
 At compile time (the registered pass) the graph is checked and planned, not rewritten: no process
-group exists then, and the artifact stays one model that runs on 1 or N ranks.
+group exists then, and the artifact stays one model that runs on 1 or N ranks (the launcher applies the
+plan to the artifact's decomposed program on each rank: moecc.distributed.launch).
 """
 from __future__ import annotations
 
@@ -32,13 +40,14 @@ import torch
 from torch import fx
 
 from moecc.errors import MoeccError
-from moecc.ops import EXPERTS_ARGS, parse_spec
+from moecc.ops import EXPERTS_ARGS, OP_ARGS, parse_spec
 from moecc.pipeline import PassResult
 
-__all__ = ["EPLayer", "EPPlan", "apply", "experts_nodes", "make", "plan"]
+__all__ = ["EPLayer", "EPPlan", "apply", "experts_nodes", "layer_nodes", "make", "parallelize", "plan"]
 log = logging.getLogger("moecc.passes.expert_parallel")
 EXPERTS_OP = torch.ops.moecc.experts.default
-ARG = {n: i for i, n in enumerate(EXPERTS_ARGS)}
+MOE_OP = torch.ops.moecc.moe.default
+ARGS = {EXPERTS_OP: {n: i for i, n in enumerate(EXPERTS_ARGS)}, MOE_OP: {n: i for i, n in enumerate(OP_ARGS)}}
 WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
 FORMAT = "moecc.ep/1"
 GRAPH_META = "moecc.ep"          # gm.meta key: the plan's JSON (the artifact writes it as ep.json)
@@ -46,7 +55,7 @@ GRAPH_META = "moecc.ep"          # gm.meta key: the plan's JSON (the artifact wr
 
 @dataclass(frozen=True)
 class EPLayer:
-    node: str                    # the experts node's name in the graph
+    node: str                    # the layer's node in the planned graph (moe or experts node)
     name: str                    # the MoE layer (spec.name, placement.json's layer name)
     num_experts: int
     share: tuple                 # [E][W] fraction of expert e's tokens on rank w
@@ -89,8 +98,13 @@ def experts_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is EXPERTS_OP]
 
 
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The MoE layers in graph order: moe nodes and experts nodes (one per layer either way)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ARGS]
+
+
 def _arg(node: fx.Node, name: str):
-    i = ARG[name]
+    i = ARGS[node.target][name]
     return node.args[i] if i < len(node.args) else node.kwargs.get(name)
 
 
@@ -137,12 +151,11 @@ def plan(gm: fx.GraphModule, cfg: dict) -> EPPlan:
     world = int(cfg.get("ep") or 0)
     if world < 1:
         raise MoeccError(f"expert parallel: ep must be a number of ranks >= 1, got {cfg.get('ep')!r}")
-    nodes = experts_nodes(gm)
+    nodes = layer_nodes(gm)
     if not nodes:
-        moe = sum(1 for n in gm.graph.nodes if n.op == "call_function" and "moecc.moe" in str(n.target))
-        raise MoeccError("expert parallel: the graph has no torch.ops.moecc.experts node" + (
-            f" ({moe} moecc::moe nodes: decompose them to routing + experts first)" if moe else
-            " (no MoE layer to split)"))
+        raise MoeccError("expert parallel: the graph has no MoE layer to split (no torch.ops.moecc.moe "
+                         "or torch.ops.moecc.experts node): make one first (--upcycle, --moefy) or "
+                         "capture an MoE model")
     pl = cfg.get("placement")
     if pl is not None and not isinstance(pl, Plan):
         pl = load_plan(pl)
@@ -152,7 +165,7 @@ def plan(gm: fx.GraphModule, cfg: dict) -> EPPlan:
                              f"devices but --ep is {world}; plan with a topology of {world} devices")
         if len(pl.layers) != len(nodes):
             raise MoeccError(f"expert parallel: placement.json has {len(pl.layers)} layers, the model "
-                             f"{len(nodes)} experts layers: it is for another model")
+                             f"{len(nodes)} MoE layers: it is for another model")
     layers = []
     for i, node in enumerate(nodes):
         spec = parse_spec(_arg(node, "spec"))
@@ -177,6 +190,26 @@ def plan(gm: fx.GraphModule, cfg: dict) -> EPPlan:
     return EPPlan(world, "contiguous" if pl is None else pl.method, tuple(layers))
 
 
+def _match(gm: fx.GraphModule, p: EPPlan) -> list[fx.Node]:
+    """The plan's layers ⇒ the graph's experts nodes, by position (a decomposed program renames its
+    nodes), each checked by its spec's layer name and expert count."""
+    nodes = experts_nodes(gm)
+    if any(n.target is MOE_OP for n in layer_nodes(gm)):
+        raise MoeccError("expert parallel: the graph still has torch.ops.moecc.moe nodes; apply works on "
+                         "the decomposed program (the torch artifact's, or parallelize(captured, ...))")
+    if len(nodes) != len(p.layers):
+        raise MoeccError(f"expert parallel: the plan has {len(p.layers)} layers, the graph "
+                         f"{len(nodes)} experts nodes: the plan is for another model")
+    for node, layer in zip(nodes, p.layers):
+        spec = parse_spec(_arg(node, "spec"))
+        E = int(_tensor(gm, node, "w_in").shape[0])
+        if (spec.name and spec.name != layer.name) or E != layer.num_experts:
+            raise MoeccError(f"expert parallel: the plan's layer {layer.name} ({layer.num_experts} "
+                             f"experts) meets the graph's {spec.name or node.name} ({E} experts): the "
+                             "plan is for another model")
+    return nodes
+
+
 def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     """Rewrite each planned experts node into an EPExperts module call on this rank (see the
     module docstring); the layer's full weights leave the module."""
@@ -188,14 +221,10 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     if dist.get_world_size(group) != p.world:
         raise MoeccError(f"expert parallel: the plan is for {p.world} ranks, the process group has "
                          f"{dist.get_world_size(group)}")
-    by_name = {n.name: n for n in experts_nodes(gm)}
+    nodes = _match(gm, p)
     state = EPState(group, any(l.local for l in p.layers))
     dead = set()
-    for i, layer in enumerate(p.layers):
-        node = by_name.get(layer.node)
-        if node is None:
-            raise MoeccError(f"expert parallel: the plan's layer {layer.name} (node {layer.node}) is "
-                             "not in this graph: the plan is for another model")
+    for i, (node, layer) in enumerate(zip(nodes, p.layers)):
         placement = layer.placement()
         held = placement.held(rank)
         local = {n: (None if (t := _tensor(gm, node, n)) is None else t.detach()[held].clone())
@@ -213,7 +242,8 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and n.target in dead and not n.users:
             gm.graph.erase_node(n)
-    for target in dead:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in dead - used:
         owner, _, attr = target.rpartition(".")
         mod = gm.get_submodule(owner) if owner else gm
         if hasattr(mod, attr):
@@ -223,13 +253,39 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     return gm
 
 
+def decomposed(captured) -> fx.GraphModule:
+    """A captured model's graph at the experts level, as the torch backend lowers it: exported,
+    moecc.decompose (moe ⇒ routing ATen ops + experts node + shared expert), unlifted (trainable
+    parameters, the captured module's names)."""
+    from moecc.decompose import decompose
+    from moecc.frontend import _drop_guards
+
+    gm = decompose(captured.export()).module()
+    _drop_guards(gm)
+    return gm
+
+
+def parallelize(captured, p: EPPlan | None = None, group=None) -> fx.GraphModule:
+    """The Python API for expert parallel (inference or training) on each rank: the captured model
+    decomposed (`decomposed`), each experts layer split as `p` says (default: the plan the
+    expert_parallel pass left on the graph) with `apply`. Non-expert parameters stay replicated:
+    for training, all-reduce their gradients over the group as data parallel does."""
+    if p is None:
+        doc = captured.gm.meta.get(GRAPH_META)
+        if doc is None:
+            raise MoeccError("expert parallel: no plan: run the expert_parallel pass first "
+                             "(moecc.transform(captured, [(\"expert_parallel\", {\"ep\": N})])) or pass one")
+        p = EPPlan.from_json(doc)
+    return apply(decomposed(captured), p, group)
+
+
 def make(options: dict):
     cfg = {k: options.get(k) for k in ("ep", "placement", "capacity_scope") if options.get(k) is not None}
 
     def expert_parallel(gm: fx.GraphModule) -> PassResult:
         p = plan(gm, cfg)
         gm.meta[GRAPH_META] = p.to_json()
-        for node, layer in zip(experts_nodes(gm), p.layers):
+        for node, layer in zip(layer_nodes(gm), p.layers):
             node.meta["moecc.ep"] = {"world": p.world, "held": [layer.placement().held(r)
                                                                 for r in range(p.world)],
                                      "scope": layer.scope}

@@ -35,7 +35,6 @@ __all__ = ["LayerShape", "OverlapPlan", "LayerSchedule", "plan", "plan_layers", 
 log = logging.getLogger("moecc.passes.overlap")
 FORMAT = "moecc.schedule/1"
 GRAPH_META = "moecc.overlap"
-SPEC_ARG = 7                                  # torch.ops.moecc.experts(x, ids, weights, w_in, w_out, b_in, b_out, spec, kernel)
 
 
 @dataclass(frozen=True)
@@ -135,18 +134,22 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
 
 
 def experts_layers(gm: fx.GraphModule) -> list[LayerShape]:
-    """One LayerShape per torch.ops.moecc.experts node (tokens: the example's, per rank = all)."""
+    """One LayerShape per MoE layer (moecc::moe or moecc::experts node, graph order; tokens: the
+    example's, per rank = all)."""
     from moecc.ops import parse_spec
+    from moecc.passes.expert_parallel import _arg, layer_nodes
     out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is torch.ops.moecc.experts.default:
-            spec = parse_spec(n.args[SPEC_ARG])
-            val = n.args[0].meta.get("val")
-            T = val.shape[0] if val is not None else 0
-            T = int(T.node.hint) if hasattr(T, "node") and T.node.hint is not None else int(T) if isinstance(T, int) else 0
-            elt = val.element_size() if val is not None else 4
-            out.append(LayerShape(spec.name or n.name, T, spec.hidden, spec.ffn, spec.num_experts,
-                                  spec.top_k, spec.gated, spec.shared_ffn, elt))
+    for n in layer_nodes(gm):
+        spec = parse_spec(_arg(n, "spec"))
+        val = n.args[0].meta.get("val")                       # x: [T, H] (experts) or [..., H] (moe)
+        T = 0
+        if val is not None:
+            T = 1
+            for d in val.shape[:-1]:
+                T *= int(d.node.hint) if hasattr(d, "node") and d.node.hint is not None else int(d) if isinstance(d, int) else 0
+        elt = val.element_size() if val is not None else 4
+        out.append(LayerShape(spec.name or n.name, T, spec.hidden, spec.ffn, spec.num_experts,
+                              spec.top_k, spec.gated, spec.shared_ffn, elt))
     return out
 
 
@@ -156,7 +159,7 @@ def plan(gm: fx.GraphModule, options: dict) -> OverlapPlan:
         raise MoeccError("overlap needs expert parallelism: give --ep N (N >= 2)")
     layers = experts_layers(gm)
     if not layers:
-        raise MoeccError("overlap: the graph has no experts layers (torch.ops.moecc.experts); run "
+        raise MoeccError("overlap: the graph has no MoE layers (torch.ops.moecc.moe / experts); run "
                          "expert_parallel on an MoE model")
     return plan_layers([LayerShape(**{**asdict(lay), "tokens": max(lay.tokens // world, 1)}) for lay in layers],
                        world, options.get("constants"), options.get("overlap_degree"))

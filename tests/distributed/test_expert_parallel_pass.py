@@ -84,7 +84,7 @@ def test_capacity_scope():
 
 
 class _MoeNode(torch.nn.Module):
-    """One moecc::moe node (routing inside): not the experts level the pass works on."""
+    """One moecc::moe node (routing inside): planned like an experts node (decomposed at lowering)."""
 
     def __init__(self):
         super().__init__()
@@ -97,9 +97,15 @@ class _MoeNode(torch.nn.Module):
         return moecc.ops.call_moe(x, self.router(x), self.w_in, self.w_out, self.spec)
 
 
-def test_refuses_moe_nodes():
+def test_plans_moe_nodes():
     c = capture(_MoeNode(), (torch.randn(2, 3, 8),), recognize=False)
-    with pytest.raises(MoeccError, match="1 moecc::moe nodes: decompose them"):
+    p = plan(c.gm, {"ep": 2})
+    assert [l.name for l in p.layers] == ["m"] and p.held(1) == [[2, 3]]
+
+
+def test_refuses_a_graph_without_moe_layers():
+    c = capture(torch.nn.Linear(8, 8), (torch.randn(2, 8),), recognize=False)
+    with pytest.raises(MoeccError, match="no MoE layer to split"):
         plan(c.gm, {"ep": 2})
 
 
