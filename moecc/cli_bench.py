@@ -2,6 +2,8 @@
 
     add_bench_parser(subparsers)      the lead's moecc/cli.py wires it in
     python -m moecc.cli_bench [--quick] [--out DIR] [--threads N]   stand-alone
+
+The grid runs at 1 thread and at every core (os.cpu_count()); the all-cores run is the headline.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import sys
 from .errors import MoeccError
 
 EPILOG = """examples:
-  moecc bench --quick                    # ~1-2 min: 3 shapes x T in 1, 64, 512, 3 repeats
-  moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats
+  moecc bench --quick                    # ~3 min on 2 cores: 3 shapes x T in 1, 64, 512, 3 repeats,
+                                         #   at 1 thread and at every core, no TVM
+  moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats, TVM,
+                                         #   at 1 thread and at every core (~25 min on 2 cores)
   moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
   moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
 writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""
@@ -28,10 +32,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (a minute or two)")
+    p.add_argument("--quick", action="store_true",
+                   help="T in 1, 64, 512, 3 repeats, no TVM, both thread counts (~3 min on 2 cores)")
     p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
     p.add_argument("--force", action="store_true", help="replace the bench.* files of an earlier run in --out")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch/ORT threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="one thread count only (default: 1 and every core, os.cpu_count())")
     p.add_argument("--shapes", default=None, help="comma list of shapes (mixtral-like, deepseek-like, switch-like)")
     p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
@@ -87,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         shapes = {s: bench.SHAPES[s] for s in wanted}
     tokens = _ints(args.tokens, "tokens") if args.tokens else (bench.QUICK["tokens"] if args.quick else bench.TOKENS)
     repeats = args.repeats or (bench.QUICK["repeats"] if args.quick else bench.FULL_REPEATS)
-    results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives,
-                              clock=args.clock, tvm=(not args.quick) if args.tvm is None else args.tvm)
+    results = bench.run_threads(shapes, tokens, repeats, bench.thread_counts(args.threads),
+                                alternatives=not args.no_alternatives, clock=args.clock,
+                                tvm=(not args.quick) if args.tvm is None else args.tvm)
     try:
         paths = bench_report.write(results, args.out)
     except OSError as e:
