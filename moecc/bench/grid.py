@@ -182,7 +182,8 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     bar = tqdm(total=len(shapes) * len(tokens) * (repeats + 2), disable=not progress, desc="moecc bench")
     with torch.inference_mode():
         for sname, spec in shapes.items():
-            w = make_weights(spec, seed)
+            with torch.inference_mode(False):          # ordinary tensors, as a loaded program's weights:
+                w = make_weights(spec, seed)           # (packed.py keeps packs only of version-tracked ones)
             alts, alt_skips = {}, []
             if alternatives:
                 for name, build in (("ort:fused", lambda: bench_alts.ort_fused(spec, w, threads)),
