@@ -15,8 +15,9 @@
                         weighted scatter, all in C; no per-expert Python or torch ops: decode and
                         fine-grained experts at T = 1..64)
     torch.packed_gemm   torch.grouped_gemm with each expert's weights in MKL's packed layout, packed
-                        once per weight tensor and cached (packed.py; bit-identical GEMMs): where an
-                        expert's rows go to a BLAS GEMM (> skinny.MAX_M at 1 thread), not repacked per call
+                        once per weight tensor and cached (packed.py; F.linear's bits, also where
+                        grouped_gemm would use oneDNN): where an expert's rows go to a BLAS GEMM
+                        (> skinny.MAX_M rows at 1 thread), the weights are not repacked per call
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E'·R, H]ᵀ → activation → per-expert bmm with the

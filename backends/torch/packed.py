@@ -78,7 +78,8 @@ def _reorder(w: Tensor) -> Tensor:
 
 
 def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
-    """gemm.linear, with MKL's packed weight where gemm.linear would run a BLAS GEMM (mkl or dnn form)."""
+    """gemm.linear, with MKL's packed weight where gemm.linear would run a BLAS GEMM (its mkl form, and its
+    dnn form for ≥ 4096 weight rows: MKL packed instead of oneDNN, F.linear's bits, not oneDNN's)."""
     if bias_after and b is not None:
         return linear(a, w).add_(b)
     if a.dtype != torch.float32 or gemm.form(a, w) in ("skinny", "small"):
