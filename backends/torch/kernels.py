@@ -287,11 +287,15 @@ def _cost_grouped(spec: MoESpec, tokens: int) -> float:
             + machine.elementwise_time(16 * hit * m * spec.hidden))
 
 
-PACKED_GAIN = 0.9     # packed / unpacked GEMM time at 48-128 rows per expert (packed.py's measurement)
+# packed / unpacked GEMM time inside grouped_gemm, A/B at 1 thread on the bench grid's shapes (T = 64..2048,
+# load ~20 on 2 shared cores): 0.99-1.05, i.e. no gain: each expert's weights stream from memory once per
+# call either way, and the repacking F.linear/oneDNN save is small next to 48+ rows of FLOPs. At 1.0 the
+# cost model keeps grouped_gemm (first of equal costs); an autotuned table picks packed_gemm where it wins.
+PACKED_GAIN = 1.0
 
 
 def _cost_packed(spec: MoESpec, tokens: int) -> float:
-    """grouped_gemm's cost with its BLAS GEMMs PACKED_GAIN faster; equal where skinny.py takes them."""
+    """grouped_gemm's cost with its BLAS GEMMs PACKED_GAIN × as long; equal where skinny.py takes them."""
     hit, m = expected_load(spec, tokens)
     base = _cost_grouped(spec, tokens)
     if not packed.available() or batched_expected(spec, tokens) or m <= skinny.MAX_M:

@@ -10,7 +10,7 @@ from numerics import assert_numerically_equal
 from test_torch_kernels import make_inputs
 
 from moecc.backends.base import KernelChoice
-from moecc.backends.torch import kernels, machine, packed, select
+from moecc.backends.torch import kernels, machine, select
 from moecc.errors import MoeccError
 from moecc.ops import call_moe, moe_reference
 from moecc.spec import MoESpec, RouterSpec
@@ -23,7 +23,7 @@ CONSTS = {"gemm_flops": 1.3e11, "bandwidth": 2.0e10, "op_overhead": 5e-6, "curve
 MIXTRAL = MoESpec(8, 1024, 3584, "swiglu", RouterSpec(top_k=2), name="mixtral")
 DEEPSEEK = MoESpec(64, 1024, 512, "swiglu", RouterSpec(top_k=6, renormalize=False), shared_ffn=512, name="ds")
 TINY = MoESpec(4, 8, 6, "swiglu", RouterSpec(top_k=2), name="tiny")
-PREFILL = "torch.packed_gemm" if packed.available() else "torch.grouped_gemm"   # sorted segments, MKL-packed
+PREFILL = "torch.grouped_gemm"   # packed_gemm costs the same (kernels.PACKED_GAIN): the first of equals
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,6 @@ def test_decode_and_prefill_pick_different_kernels_and_say_why():
     prefill = select.choose(DEEPSEEK, 2048)
     assert isinstance(decode, KernelChoice) and decode.layer == "ds"
     assert decode.kernel == "torch.gather", decode
-    # prefill: sorted segments; on MKL-packed weights where MKL is there (rows per expert > skinny.MAX_M)
     assert prefill.kernel == PREFILL, prefill
     assert "cost model" in decode.reason and "T=1" in decode.reason
     # the per-expert loop pays for all 64 experts even when 6 are hit
