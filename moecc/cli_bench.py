@@ -13,10 +13,11 @@ import sys
 from .errors import MoeccError
 
 EPILOG = """examples:
-  moecc bench --quick                    # ~3 min on 2 cores: 3 shapes x T in 1, 64, 512, 3 repeats,
-                                         #   at 1 thread and at every core, no TVM
+  moecc bench --quick                    # 3 shapes x T in 1, 64, 512, 3 repeats, no TVM, at 1 thread
+                                         #   and every core: ~10 min on this project's 2 cores shared
+                                         #   with other jobs (5 repeats took 7 min per thread count)
   moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats, TVM,
-                                         #   at 1 thread and at every core (~25 min on 2 cores)
+                                         #   at 1 thread and at every core (an hour or more, shared)
   moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
   moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
 writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""
@@ -33,7 +34,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="T in 1, 64, 512, 3 repeats, no TVM, both thread counts (~3 min on 2 cores)")
+                   help="T in 1, 64, 512, 3 repeats, no TVM, both thread counts (~10 min on 2 shared cores)")
     p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
     p.add_argument("--force", action="store_true", help="replace the bench.* files of an earlier run in --out")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -71,6 +72,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise MoeccError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise MoeccError(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise MoeccError("--clock cpu adds up the CPU seconds of every thread, so it only times a 1-thread run: "
+                         "pass --threads 1 with it, or use the wall clock")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MoeccError(f"--out {out} is a file, not a directory; choose another --out")

@@ -126,7 +126,8 @@ def test_alternative_refusals():
 
 @pytest.mark.parametrize("argv, message", [(["--shapes", "gpt5-like"], "unknown shape"),
                                            (["--tokens", "1,x"], "comma-separated integers"),
-                                           (["--tokens", "0"], ">= 1"), (["--threads", "0"], "--threads")])
+                                           (["--tokens", "0"], ">= 1"), (["--threads", "0"], "--threads"),
+                                           (["--clock", "cpu"], "pass --threads 1")])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert cli_bench.main(argv) == 2
     err = capsys.readouterr().err
