@@ -2,6 +2,8 @@
 
     add_bench_parser(subparsers)      the lead's moecc/cli.py wires it in
     python -m moecc.cli_bench [--quick] [--out DIR] [--threads N]   stand-alone
+
+The grid runs at 1 thread and at every core (os.cpu_count()); the all-cores run is the headline.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import sys
 from .errors import MoeccError
 
 EPILOG = """examples:
-  moecc bench --quick                    # ~3 min on 2 cores: 3 shapes x T in 1, 64, 512, 3 repeats
-  moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats
+  moecc bench --quick                    # 3 shapes x T in 1, 64, 512, 3 repeats, no TVM, at 1 thread
+                                         #   and every core: ~10 min on this project's 2 cores shared
+                                         #   with other jobs (5 repeats took 7 min per thread count)
+  moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats, TVM,
+                                         #   at 1 thread and at every core (an hour or more, shared)
   moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
   moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
 writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""
@@ -28,10 +33,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="T in 1, 64, 512, 3 repeats, no TVM, both thread counts (~10 min on 2 shared cores)")
     p.add_argument("--out", default="bench_out", metavar="DIR", help="output directory (default: bench_out)")
     p.add_argument("--force", action="store_true", help="replace the bench.* files of an earlier run in --out")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch/ORT threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="one thread count only (default: 1 and every core, os.cpu_count())")
     p.add_argument("--shapes", default=None, help="comma list of shapes (mixtral-like, deepseek-like, switch-like)")
     p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,64,512,2048)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
@@ -65,6 +72,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise MoeccError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise MoeccError(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise MoeccError("--clock cpu adds up the CPU seconds of every thread, so it only times a 1-thread run: "
+                         "pass --threads 1 with it, or use the wall clock")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MoeccError(f"--out {out} is a file, not a directory; choose another --out")
@@ -87,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         shapes = {s: bench.SHAPES[s] for s in wanted}
     tokens = _ints(args.tokens, "tokens") if args.tokens else (bench.QUICK["tokens"] if args.quick else bench.TOKENS)
     repeats = args.repeats or (bench.QUICK["repeats"] if args.quick else bench.FULL_REPEATS)
-    results = bench.run_bench(shapes, tokens, repeats, args.threads, alternatives=not args.no_alternatives,
-                              clock=args.clock, tvm=(not args.quick) if args.tvm is None else args.tvm)
+    results = bench.run_threads(shapes, tokens, repeats, bench.thread_counts(args.threads),
+                                alternatives=not args.no_alternatives, clock=args.clock,
+                                tvm=(not args.quick) if args.tvm is None else args.tvm)
     try:
         paths = bench_report.write(results, args.out)
     except OSError as e:

@@ -1,4 +1,4 @@
-"""PyTorch experts kernels: four ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
+"""PyTorch experts kernels: five ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
 
     fn(xt [T, H], ids [T, S] int64 (-1 = empty slot), weights [T, S], w_in [E', R, H], w_out [E', H, F],
        b_in?, b_out?, spec=MoESpec) -> y [T, H]
@@ -14,6 +14,10 @@
                         ONE skinny.moe C call per thread (counting sort, gather, GEMM, activation, GEMM,
                         weighted scatter, all in C; no per-expert Python or torch ops: decode and
                         fine-grained experts at T = 1..64)
+    torch.packed_gemm   torch.grouped_gemm with each expert's weights in MKL's packed layout, packed
+                        once per weight tensor and cached (packed.py; F.linear's bits, also where
+                        grouped_gemm would use oneDNN): where an expert's rows go to a BLAS GEMM
+                        (> skinny.MAX_M rows at 1 thread), the weights are not repacked per call
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E'·R, H]ᵀ → activation → per-expert bmm with the
@@ -40,7 +44,7 @@ from moecc.ops import activate, route_tokens, weigh
 from moecc.routing import HALF, expected_load   # HALF: where the kernels follow the reference's rounding
 from moecc.spec import MoESpec
 
-from . import machine, skinny
+from . import machine, packed, skinny
 from .gemm import linear
 from .parallel import balance, run_groups
 
@@ -82,11 +86,11 @@ def _work(size: float, rows: int) -> float:
     return size * max(rows, 8)
 
 
-def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec) -> Tensor:
-    """ops.ffn for expert e with gemm.linear's GEMM forms: [c, H] -> [c, H]."""
+def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec, lin=linear) -> Tensor:
+    """ops.ffn for expert e with gemm.linear's GEMM forms (or packed.linear's): [c, H] -> [c, H]."""
     after = spec.bias_add == "after_gemm"
-    h = linear(x, w_in[e], None if b_in is None else b_in[e], after)          # [c, R]
-    return linear(activate(h, spec), w_out[e], None if b_out is None else b_out[e], after)
+    h = lin(x, w_in[e], None if b_in is None else b_in[e], after)             # [c, R]
+    return lin(activate(h, spec), w_out[e], None if b_out is None else b_out[e], after)
 
 
 def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec):
@@ -140,7 +144,7 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
     return _accumulate(xt, work)
 
 
-def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec, lin=linear) -> Tensor:
     E, S = w_in.shape[0], ids.shape[1]
     fused = spec.ffn >= 8 and skinny.fits_moe(xt, w_in, w_out, b_in, b_out, spec)
     if fused and xt.shape[0] <= skinny.MAX_M:                                # no expert can exceed MAX_M rows
@@ -160,8 +164,8 @@ def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -
     def segment(e: int, seg: slice):
         def add(y: Tensor) -> None:
             xe = xs[seg] if once else xt.index_select(0, tok[seg])           # [c, H]
-            y.index_add_(0, tok[seg], weigh(_expert(xe, e, w_in, w_out, b_in, b_out, spec), scale[seg], spec,
-                                            inplace=True))
+            y.index_add_(0, tok[seg], weigh(_expert(xe, e, w_in, w_out, b_in, b_out, spec, lin), scale[seg],
+                                            spec, inplace=True))
         return _work(size, seg.stop - seg.start), add
     items, start = [], 0
     for e, c in enumerate(counts):
@@ -169,6 +173,10 @@ def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -
             items.append(segment(e, slice(start, start + c)))
             start += c
     return _accumulate(xt, items)
+
+
+def packed_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+    return grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, lin=packed.linear)
 
 
 def gather(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
@@ -279,6 +287,23 @@ def _cost_grouped(spec: MoESpec, tokens: int) -> float:
             + machine.elementwise_time(16 * hit * m * spec.hidden))
 
 
+# packed / unpacked GEMM time inside grouped_gemm, A/B at 1 thread on the bench grid's shapes (T = 64..2048,
+# load ~20 on 2 shared cores): 0.99-1.05, i.e. no gain: each expert's weights stream from memory once per
+# call either way, and the repacking F.linear/oneDNN save is small next to 48+ rows of FLOPs. At 1.0 the
+# cost model keeps grouped_gemm (first of equal costs); an autotuned table picks packed_gemm where it wins.
+PACKED_GAIN = 1.0
+
+
+def _cost_packed(spec: MoESpec, tokens: int) -> float:
+    """grouped_gemm's cost with its BLAS GEMMs PACKED_GAIN × as long; equal where skinny.py takes them."""
+    hit, m = expected_load(spec, tokens)
+    base = _cost_grouped(spec, tokens)
+    if not packed.available() or batched_expected(spec, tokens) or m <= skinny.MAX_M:
+        return base
+    H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
+    return base - (1 - PACKED_GAIN) * hit * (machine.gemm_time(m, H, R) + machine.gemm_time(m, Fw, H))
+
+
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
     pairs = tokens * _slots(spec)
     return _common_time(spec, tokens) + pairs * (_expert_time(spec, 1) + machine.op_time(12))
@@ -304,6 +329,8 @@ KERNELS: dict[str, Kernel] = {
     "torch.loop": Kernel(loop, _always, _cost_loop, "per-expert loop (where, index_select, index_add_)"),
     "torch.grouped_gemm": Kernel(grouped_gemm, _always, _cost_grouped,
                                  "sort by expert, contiguous segments, one gather and one scatter"),
+    "torch.packed_gemm": Kernel(packed_gemm, _always, _cost_packed,
+                                "grouped_gemm on MKL-packed expert weights, packed once per weight tensor"),
     "torch.gather": Kernel(gather, _check_gather, _cost_gather, "per (token, slot) on weight views (decode)"),
     "torch.dense_masked": Kernel(dense_masked, _check_dense, _cost_dense, "all experts on all tokens (tiny E)"),
 }

@@ -10,7 +10,8 @@
         DeepseekV2Moe; not gated → NemotronHExperts (has_gate=False) behind the same softmax-top-k.
     tvm_kernels(spec, weights, work_dir) -> {"tvm:<kernel>": (run(x [T, H] np) -> y np, checker)}
         moecc's TVM backend: a moecc.nn.MoE layer holding the weights, exported once (dynamic T),
-        lowered once per TVM kernel (TVM_NUM_THREADS must be set before tvm is first imported).
+        lowered once per TVM kernel.
+    tvm_threads(n)   TVM's runtime thread pool resized to n threads (before or after tvm's import)
 
 `weights` = {"router": [E, H], "w_in": [E, R, H], "w_out": [E, H, F], "shared_w_in"?, "shared_w_out"?}.
 Facts used (issue 2): the fused op takes RAW logits (softmax over E, top-k, optional renormalize),
@@ -157,6 +158,18 @@ def _topk_block(experts, router: torch.Tensor, k: int, renormalize: bool):
         return experts(x, idx, top.to(x.dtype)).view(x3.shape)
     forward.experts, forward.eval = experts, experts.eval
     return forward
+
+
+def tvm_threads(n: int) -> None:
+    """TVM_NUM_THREADS caps the pool when tvm's runtime starts (set it to every core, once, before the
+    first import); runtime.config_threadpool then resizes it for this run."""
+    import os
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(n, os.cpu_count() or 1)))
+    try:
+        import tvm
+    except ImportError:
+        return
+    tvm.get_global_func("runtime.config_threadpool")(1, n)      # 1 = kBig: n threads on the big cores
 
 
 def tvm_kernels(spec: MoESpec, weights: dict, work_dir) -> dict | str:

@@ -9,6 +9,8 @@
       ort:fused       onnxruntime's com.microsoft::MoE on the same weights
       hf:eager, hf:grouped_mm   the transformers 5.x MoE block, both experts implementations
       tvm:<kernel>    moecc's TVM backend kernels (tvm=True; compiled once per shape)
+    at 1 thread and at every core (`run_threads`): each run measures its own square-matmul FLOP/s and
+    stream time at its thread count, so the limit is the limit at that thread count;
     → limit = max(active FLOPs / square-matmul FLOP/s, ref:stream) per point; median of repeats;
       rounds interleave the implementations so machine contention hits all of them alike.
 
@@ -171,7 +173,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     if tvm:
-        os.environ["TVM_NUM_THREADS"] = str(threads)   # read when tvm's runtime starts its pool
+        bench_alts.tvm_threads(threads)
     consts = machine.remeasure()                       # fresh constants: the cost model's choices below
     results = {"threads": threads, "clock": clock, "load_before": os.getloadavg(),
                "machine": machine.machine_key(), "constants": consts,
@@ -180,7 +182,8 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     bar = tqdm(total=len(shapes) * len(tokens) * (repeats + 2), disable=not progress, desc="moecc bench")
     with torch.inference_mode():
         for sname, spec in shapes.items():
-            w = make_weights(spec, seed)
+            with torch.inference_mode(False):          # ordinary tensors, as a loaded program's weights:
+                w = make_weights(spec, seed)           # (packed.py keeps packs only of version-tracked ones)
             alts, alt_skips = {}, []
             if alternatives:
                 for name, build in (("ort:fused", lambda: bench_alts.ort_fused(spec, w, threads)),
@@ -224,6 +227,27 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     results["load_after"] = os.getloadavg()
     return results
+
+
+def thread_counts(threads: int | None = None) -> tuple[int, ...]:
+    """The thread counts of one `moecc bench`: 1 and every core (os.cpu_count()); `threads` pins one."""
+    if threads:
+        return (threads,)
+    cores = os.cpu_count() or 1
+    return (1,) if cores == 1 else (1, cores)
+
+
+def run_threads(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REPEATS, counts=(1,),
+                **kw) -> dict:
+    """The grid once per thread count, in one process: {"runs": [results per count], "headline": count}.
+    Each run measures its own square-GEMM and stream rates at its thread count, so its limit is the
+    limit at that many threads; the last (most threads) is the headline."""
+    before = torch.get_num_threads()
+    try:
+        runs = [run_bench(shapes, tokens, repeats, n, **kw) for n in counts]
+    finally:
+        torch.set_num_threads(before)
+    return {"runs": runs, "headline": runs[-1]["threads"]}
 
 
 def _versions() -> dict:

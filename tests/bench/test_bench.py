@@ -3,6 +3,7 @@ blocks included, computes the same layer; the report's files and target arithmet
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -18,7 +19,7 @@ TINY = {
     "switch-tiny": MoESpec(4, 16, 24, "relu", RouterSpec(top_k=1, renormalize=False)),
     "sigmoid-tiny": MoESpec(4, 16, 8, "gelu", RouterSpec("sigmoid_topk", top_k=2)),
 }
-ALL = {"moecc:torch.loop", "moecc:torch.grouped_gemm", "moecc:torch.gather", "moecc:torch.dense_masked",
+ALL = {"moecc:torch.loop", "moecc:torch.grouped_gemm", "moecc:torch.packed_gemm", "moecc:torch.gather", "moecc:torch.dense_masked",
        "moecc:auto", "ref:dense_gemm", "ref:stream", "ort:fused", "hf:eager", "hf:grouped_mm"}
 
 
@@ -86,7 +87,35 @@ def test_target_arithmetic():
     assert row["best_over_limit"] == pytest.approx(1.05) and row["ok_limit"]          # ≤ 1.1 at T=1
     assert row["best_over_ort:fused"] == pytest.approx(1.05) and not row["ok_alternatives"]
     assert row["hf:eager"] is None and row["best_over_hf:eager"] is None
-    assert bench_report.limit_target(64) == 1.3 and bench_report.limit_target(512) == 1.1
+    assert bench_report.limit_target(64) == 1.3 and bench_report.limit_target(512) == 1.15
+    assert bench_report.limit_target(1) == 1.1
+    point["times"]["tvm:gather"] = {"median_ms": 2.1 * 1.3, "min_ms": 1.0, "runs": 3}
+    point["times"]["tvm:loop"] = {"median_ms": 9.0, "min_ms": 1.0, "runs": 3}
+    (row,) = bench_report.rows({"points": [point]})
+    assert row["best_tvm"] == "tvm:gather" and row["tvm_over_best"] == pytest.approx(1.3) and not row["ok_tvm"]
+    by_what = {t["what"]: t for t in bench_report.targets({"points": [point]})}
+    assert by_what["best torch / limit, T=1"]["misses"] == []
+    assert by_what["best TVM / best torch"]["misses"] == ["s T=1 1.30"]
+    assert by_what["best torch / limit, T≥512"]["n"] == 0
+
+
+def test_both_thread_counts_in_one_report(tmp_path):
+    assert bench.thread_counts(3) == (3,)
+    assert bench.thread_counts() == ((1,) if os.cpu_count() == 1 else (1, os.cpu_count()))
+    machine.use(machine.measure(quick=True))
+    try:
+        res = bench.run_threads({"switch-tiny": TINY["switch-tiny"]}, tokens=(2,), repeats=1, counts=(1, 2),
+                                progress=False, alternatives=False)
+    finally:
+        machine.use(None)
+    assert [r["threads"] for r in res["runs"]] == [1, 2] and res["headline"] == 2
+    assert all(r["shapes"]["switch-tiny"]["gemm_flops"] > 0 for r in res["runs"])   # a limit per count
+    md = bench_report.markdown(res)
+    assert md.index("## 2 thread(s)") < md.index("## 1 thread(s)")                    # headline first
+    assert "| best torch / limit, T=8–64 | ≤1.30 |" in md and "2 thread(s) (load" in md
+    paths = bench_report.write(res, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert [len(r["summary"]) for r in data["runs"]] == [1, 1] and data["runs"][1]["targets"]
 
 
 def test_alternative_refusals():
@@ -97,7 +126,8 @@ def test_alternative_refusals():
 
 @pytest.mark.parametrize("argv, message", [(["--shapes", "gpt5-like"], "unknown shape"),
                                            (["--tokens", "1,x"], "comma-separated integers"),
-                                           (["--tokens", "0"], ">= 1"), (["--threads", "0"], "--threads")])
+                                           (["--tokens", "0"], ">= 1"), (["--threads", "0"], "--threads"),
+                                           (["--clock", "cpu"], "pass --threads 1")])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert cli_bench.main(argv) == 2
     err = capsys.readouterr().err

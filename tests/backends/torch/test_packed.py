@@ -1,0 +1,100 @@
+"""torch.packed_gemm and packed.py: MKL-packed expert weights give F.linear's bits, are packed once per
+weight tensor, repacked after an in-place update, and never used where they cannot be kept honest."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_numerically_equal
+
+from moecc.backends.torch import gemm, kernels, packed, select
+from moecc.ops import experts_reference
+from moecc.routing import route
+from moecc.spec import MoESpec, RouterSpec
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="torch built without MKL")
+
+SPEC = MoESpec(4, 32, 48, "swiglu", RouterSpec(top_k=2), expert_bias=True)     # w_in [4, 96, 32]
+
+
+def _inputs(T: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)                              # noqa: E731
+    x, logits = rnd(T, 32), rnd(T, 4)
+    weights, ids = route(logits, SPEC)
+    return [x, ids, weights, rnd(4, 96, 32) * 0.2, rnd(4, 32, 48) * 0.2, rnd(4, 96), rnd(4, 32)]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", lambda w: calls.append(tuple(w.shape)) or real(w))
+    packed.clear()
+    yield calls
+    packed.clear()
+
+
+@pytest.mark.parametrize("m", [5, 40, 100, 300])
+def test_packed_linear_gives_f_linear_bits(m, counted):
+    w = torch.randn(3, 70, 33)
+    a, b = torch.randn(m, 33), torch.randn(70)
+    blas = gemm.form(a, w[0]) == "mkl"                    # else skinny.py / w·aᵀ: gemm.linear itself
+    for e in range(3):                                    # views of one stacked tensor: a pack per view
+        assert torch.equal(packed.linear(a, w[e], b), F.linear(a, w[e], b) if blas else gemm.linear(a, w[e], b))
+    assert len(counted) == (3 if blas else 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_gemm_matches_reference_and_packs_once(threads, counted):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = _inputs(300)                            # ~150 rows per expert: the BLAS path
+        expected = experts_reference(*inputs, spec=SPEC)
+        for _ in range(2):
+            got = select.run_experts("torch.packed_gemm", *inputs, spec=SPEC)
+            assert_numerically_equal(got, expected, atol=1e-4, rtol=1e-4, what="packed_gemm")
+            assert torch.equal(got, kernels.grouped_gemm(*inputs, spec=SPEC))   # same GEMM bits
+        assert sorted(counted) == sorted([(96, 32)] * 4 + [(32, 48)] * 4)        # once per expert weight
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_in_place_update_repacks(counted):
+    inputs = _inputs(300, seed=1)
+    kernels.packed_gemm(*inputs, spec=SPEC)
+    with torch.no_grad():
+        inputs[3].mul_(-0.5)                            # w_in updated in place: the packs are stale
+    got = kernels.packed_gemm(*inputs, spec=SPEC)
+    assert_numerically_equal(got, experts_reference(*inputs, spec=SPEC), atol=1e-4, rtol=1e-4, what="after update")
+    assert len(counted) == 8 + 4
+
+
+def test_not_packed_where_it_cannot_be_kept_honest(counted):
+    w = torch.randn(64, 40)
+    assert packed.pack(w.double()) is None                                  # MKL's packed sgemm: float32
+    with torch.inference_mode():
+        wi = torch.randn(64, 40)
+    assert packed.pack(wi) is None                                          # no version counter
+    assert packed.pack(w.requires_grad_()) is None                          # training: grad mode on
+    with torch.no_grad():
+        assert packed.pack(w) is not None
+    assert counted == [(64, 40)]
+
+
+def test_packs_are_dropped_with_their_weights(counted):
+    w = torch.randn(2, 64, 40)
+    packed.pack(w[0])
+    assert len(packed._PACKS) == 1
+    del w
+    assert len(packed._PACKS) == 0
+
+
+def test_cost_model_scales_only_the_blas_path(monkeypatch):
+    spec = MoESpec(8, 1024, 3584, "swiglu", RouterSpec(top_k=2))
+    cost, grouped = kernels.KERNELS["torch.packed_gemm"].cost, kernels.KERNELS["torch.grouped_gemm"].cost
+    assert cost(spec, 2048) == grouped(spec, 2048)                      # measured: no gain (PACKED_GAIN 1.0)
+    monkeypatch.setattr(kernels, "PACKED_GAIN", 0.8)
+    assert cost(spec, 1) == grouped(spec, 1)                            # skinny.py's rows: nothing packed
+    assert cost(spec, 2048) < grouped(spec, 2048)
