@@ -119,7 +119,10 @@ def _hf_onnx(model, inputs, check, want) -> dict:
     try:
         from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
         model = copy.deepcopy(model)
-        model.set_experts_implementation("grouped_mm")    # transformers' default, as a user would export
+        try:
+            model.set_experts_implementation("grouped_mm")    # transformers' default, as a user would export
+        except ValueError:                                    # a family without the experts interface
+            pass
         exported = OnnxExporter().export(model, {"input_ids": inputs[0]},
                                          config=OnnxConfig(dynamic=True))
         out = exported(input_ids=check)
