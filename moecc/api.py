@@ -111,6 +111,8 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
             "verification": check,
             "recognized": captured.recognized,
         }
+        if "moecc.heal" in captured.gm.meta:          # moefy --heal: steps, loss curve, held-out metric
+            manifest["heal"] = captured.gm.meta["moecc.heal"]
         artifact.write_json(tmp / artifact.MANIFEST, manifest)
         (tmp / "report.md").write_text(artifact.report_md(manifest))
     return out
