@@ -177,7 +177,7 @@ def run(args) -> dict:
     x0 = calib.collect(base.gm, [find_ffns(base.gm)[0][0].x], calib.load(held, minilm.tokenize))[0]
     x = x0.repeat(TOKENS // x0.shape[0] + 1, 1)[:TOKENS]                         # [512, H] real inputs
     dense_fn = dense_ffn(base.gm)
-    grid = [(E, k) for E in args.experts for k in ks_for(E, args.quick)]
+    grid = [(E, k) for E in args.experts for k in (args.ks or ks_for(E, args.quick)) if k <= E]
     rows, bar = [], tqdm(total=len(grid) + len(args.upcycle_k), desc="moefy curve", unit="point")
     plans_for = {}
     for E, k in grid:
@@ -205,6 +205,8 @@ def run(args) -> dict:
             row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 2)
             row["healed"] = heal_point(args, gm, base.gm, cal, held_b, dense)
         rows.append(row)
+        if args.partial is not None:           # a long run keeps what it has measured so far
+            args.partial.write_text(json.dumps(rows, indent=1))
         bar.update(1)
     for k in args.upcycle_k:
         gm = copy.deepcopy(base.gm)
@@ -304,16 +306,20 @@ def main(argv=None) -> None:
     p.add_argument("--method", default="cluster", choices=moefy.moefy_partition.METHODS)
     p.add_argument("--router", default="linear", choices=moefy.moefy_router.ROUTERS)
     p.add_argument("--shared", type=int, default=0, help="always-on neurons (rounded up to whole experts)")
-    p.add_argument("--upcycle-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    p.add_argument("--upcycle-k", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heal", type=int, default=0, metavar="STEPS",
                    help="also heal the 12.5-50%%-active points of --heal-experts for up to STEPS steps")
+    p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="only these top-k values (default: every k for E ≤ 16, a few with --quick)")
     p.add_argument("--heal-experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
     p.add_argument("--heal-params", default="all", choices=moefy_heal.PARAMS)
     p.add_argument("--quick", action="store_true", help="a few k per E (and E in {4, 8} unless --experts)")
     args = p.parse_args(argv)
     args.experts = args.experts or ([4, 8] if args.quick else [4, 8, 16, 32])
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.partial = args.out / "rows.partial.json"
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args)
