@@ -162,6 +162,8 @@ def _compile(model, example_inputs, passes, backend, out, options, verify, force
         if schedule is not None:
             (tmp / "schedule.json").write_text(schedule)
             manifest["overlap"] = {"schedule": "schedule.json"}
+        if "moecc.heal" in captured.gm.meta:          # moefy --heal: steps, loss curve, held-out metric
+            manifest["heal"] = captured.gm.meta["moecc.heal"]
         (tmp / "report.md").write_text(artifact.report_md(manifest))
         manifest[artifact.FILES] = artifact.file_hashes(tmp)
         artifact.write_json(tmp / artifact.MANIFEST, manifest)

@@ -44,6 +44,12 @@ def _add_compile(sub) -> None:
     g.add_argument("--no-refit", dest="refit", action="store_false",
                    help="moefy: keep the dense output weights (fit only expert biases) instead of "
                         "refitting them to the router's choices by least squares")
+    g.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="moefy: after the split, train the MoEfied model to match the dense one for up to "
+                        "STEPS steps on the calibration data (held-out part picks the step; default 0: off)")
+    g.add_argument("--heal-params", default="all", choices=["all", "experts"],
+                   help="moefy --heal: train every weight but routers and embeddings (all, default) or "
+                        "the experts only")
     g = p.add_argument_group("routing")
     g.add_argument("--router", help="set the router of every MoE layer (see `moecc inspect --routers`)")
     g.add_argument("--route-layers", help="MoE layers the router applies to: all | every-N | 0,2 | names")
@@ -78,7 +84,8 @@ def _add_compile(sub) -> None:
 def _passes_from(a) -> list[tuple[str, dict]]:
     common = {"num_experts": a.upcycle if a.upcycle is not None else a.moefy, "top_k": 2 if a.top_k is None else a.top_k, "layers": a.layers,
               "router_init": a.router_init, "seed": a.seed, "calibration": a.calibration,
-              "method": a.method, "shared": a.shared, "moefy_router": a.moefy_router, "refit": a.refit}
+              "method": a.method, "shared": a.shared, "moefy_router": a.moefy_router, "refit": a.refit,
+              "heal": a.heal, "heal_params": a.heal_params}
     route = {k: v for k, v in {"router": a.router, "top_k": a.top_k, "capacity_factor": a.capacity_factor,
                                "n_groups": a.n_groups, "topk_groups": a.topk_groups,
                                "layers": a.route_layers}.items()

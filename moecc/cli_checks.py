@@ -113,6 +113,11 @@ def check_compile(a) -> None:
         raise MoeccError(f"unknown backend {a.backend!r}; choose one of {', '.join(NAMES)}")
     if a.upcycle is not None and a.moefy is not None:
         raise MoeccError("choose one of --upcycle and --moefy")
+    if a.heal:
+        from .passes.moefy_heal import check_steps
+        check_steps(a.heal)
+        if a.moefy is None:
+            raise MoeccError("--heal trains a MoEfied model towards the dense one: use it with --moefy E")
     if a.ep and a.backend != "torch":
         raise MoeccError(f"--ep runs on torch.distributed: use --to torch (not {a.backend})")
     if a.ep is not None and a.ep < 1:

@@ -24,7 +24,7 @@ OPTIONS = {                           # the options each pass reads; any other k
     "canonicalize": (),
     "upcycle": ("num_experts", "top_k", "layers", "router_init", "seed"),
     "moefy": ("num_experts", "top_k", "layers", "method", "shared", "calibration", "seed", "refit",
-              "moefy_router"),
+              "moefy_router", "heal", "heal_params", "heal_lr"),
     "route": _ROUTE,
     "expert_parallel": ("ep", "placement", "capacity_scope", "overlap_degree"),
     "overlap": ("ep", "placement", "capacity_scope", "overlap_degree", "constants"),

@@ -39,10 +39,10 @@ from torch import fx
 from moecc import calibration as calib
 from moecc.errors import MoeccError
 from moecc.ops import activate
-from moecc.pipeline import PassResult
+from moecc.pipeline import PassResult, moe_nodes
 from moecc.spec import MoESpec, RouterSpec
 
-from . import moefy_partition, moefy_refit, moefy_router
+from . import moefy_heal, moefy_partition, moefy_refit, moefy_router
 from .ffn_match import FFNMatch, find_ffns
 from .moe_rewrite import _fake_val, param, replace_ffn, select_layers
 from .upcycle import check_experts, no_ffn_error
@@ -263,17 +263,31 @@ def moefy_facts(gm: fx.GraphModule) -> dict[str, dict]:
 
 def moefy(gm: fx.GraphModule, num_experts: int = 8, top_k: int = 2, layers: str = "all",
           method: str = "cluster", shared: int = 0, router: str = "linear", calibration=None,
-          tokenize=None, seed: int = 0, refit: bool = True) -> PassResult:
+          tokenize=None, seed: int = 0, refit: bool = True, heal: int = 0, heal_params: str = "all",
+          heal_lr: float | None = None) -> PassResult:
+    """heal > 0: after the split, distil the dense model into the MoEfied one for up to `heal` steps
+    on the calibration data (moefy_heal); facts on gm.meta["moecc.heal"] (the manifest's "heal")."""
     check_experts(num_experts, top_k)
-    plans, stats = plan(gm, num_experts, layers, method, shared, router, calibration, tokenize, seed)
+    moefy_heal.check_steps(heal)
+    moefy_heal.check_params(heal_params)
+    teacher = moefy_heal.teacher_copy(gm) if heal else None
+    cal = None if calibration is None else calib.load(calibration, tokenize)
+    plans, stats = plan(gm, num_experts, layers, method, shared, router, cal, tokenize, seed)
     apply(gm, plans, top_k, refit=refit)
+    if heal:
+        facts = moefy_heal.heal(gm, teacher, cal, heal, seed=seed, params=heal_params, lr=heal_lr)
+        gm.meta[moefy_heal.FACTS_KEY] = facts
+        for node, _ in moe_nodes(gm):
+            node.meta[moefy_heal.FACTS_KEY] = {k: facts[k] for k in ("steps_run", "best_step", "params")}
+        stats.update(heal_steps=facts["steps_run"], heal_best_step=facts["best_step"])
     return PassResult(gm, True, stats)
 
 
 def make(options: dict):
     """Pass options (CLI names): moefy_router is the router's model (`router` names the routing pass's)."""
     kw = {k: options[k] for k in ("num_experts", "top_k", "layers", "method", "shared", "calibration",
-                                  "tokenize", "seed", "refit") if k in options}
+                                  "tokenize", "seed", "refit", "heal", "heal_params", "heal_lr")
+          if k in options and options[k] is not None}
     if "moefy_router" in options:
         kw["router"] = options["moefy_router"]
     return lambda gm: moefy(gm, **kw)

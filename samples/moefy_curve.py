@@ -6,9 +6,13 @@
           agreement (each sentence's nearest other held-out sentence unchanged), active FFN neurons,
           FFN time MoE / dense at 512 tokens (layer 0, same run, median of repeats)
     upcycle E, k (at init = dense, k full-size experts per token) → the same numbers
+    --heal STEPS: every moefy point with E in --heal-experts and 12.5-50% of the FFN active is also
+        healed (moefy_heal: distilled from the dense model on the calibration sentences) → cosine and
+        NN agreement after healing, healing time; and the whole model's time MoE / dense on the held-out
+        sentences (1 thread: CPU time; all cores: wall time)
     → OUT/curve.json, OUT/curve.png, OUT/curve.md
 
-    python samples/moefy_curve.py --out out/moefy_curve [--quick] [--method cluster] [--router linear]
+    python samples/moefy_curve.py --out out/moefy_curve [--quick] [--heal 200] [--method cluster]
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import minilm  # noqa: E402
 from moecc import calibration as calib  # noqa: E402
 from moecc.frontend import capture  # noqa: E402
 from moecc.ops import call_moe  # noqa: E402
-from moecc.passes import moefy, upcycle  # noqa: E402
+from moecc.passes import moefy, moefy_heal, upcycle  # noqa: E402
 from moecc.passes.canonicalize import canonicalize  # noqa: E402
 from moecc.passes.ffn_match import find_ffns  # noqa: E402
 from moecc.passes.moe_rewrite import param  # noqa: E402
@@ -131,6 +135,37 @@ def speed(gm, dense_fn, x, repeats: int) -> dict:
     return out
 
 
+def model_speed(gm, base, batches, repeats: int) -> dict:
+    """Whole model MoE / dense on the held-out batches: 1 thread (CPU time) and all cores (wall time)."""
+    def once(m):
+        with torch.no_grad():
+            for b in batches:
+                m(*b)
+    out, threads = {}, torch.get_num_threads()
+    for label, n, clock in (("1 thread", 1, time.thread_time), (f"{threads} threads", threads, time.perf_counter)):
+        torch.set_num_threads(n)
+        try:
+            best = {}
+            for _ in range(max(1, repeats // 2)):          # interleaved, fastest of the repeats
+                for name, m in (("dense", base), ("moe", gm)):
+                    t = clock()
+                    once(m)
+                    best[name] = min(best.get(name, float("inf")), clock() - t)
+            out[label] = round(best["moe"] / best["dense"], 3)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def heal_point(args, gm, base, cal, held_b, dense) -> dict:
+    """Heal a copy of the MoEfied graph (moefy_heal) and measure it like the unhealed one."""
+    healed = copy.deepcopy(gm)
+    facts = moefy_heal.heal(healed, base, cal, args.heal, seed=args.seed, params=args.heal_params)
+    return {**quality(embed(healed, held_b), dense), "model_time_ratio": model_speed(healed, base, held_b, 2),
+            **{k: facts[k] for k in ("steps_run", "best_step", "seconds", "held_out_loss_before",
+                                     "held_out_loss_after", "params", "lr", "augment")}}
+
+
 def run(args) -> dict:
     cal_lines, held = calib.split_corpus()
     model, example = minilm.build()
@@ -142,7 +177,7 @@ def run(args) -> dict:
     x0 = calib.collect(base.gm, [find_ffns(base.gm)[0][0].x], calib.load(held, minilm.tokenize))[0]
     x = x0.repeat(TOKENS // x0.shape[0] + 1, 1)[:TOKENS]                         # [512, H] real inputs
     dense_fn = dense_ffn(base.gm)
-    grid = [(E, k) for E in args.experts for k in ks_for(E, args.quick)]
+    grid = [(E, k) for E in args.experts for k in (args.ks or ks_for(E, args.quick)) if k <= E]
     rows, bar = [], tqdm(total=len(grid) + len(args.upcycle_k), desc="moefy curve", unit="point")
     plans_for = {}
     for E, k in grid:
@@ -165,7 +200,13 @@ def run(args) -> dict:
                "time_ratio": speed(gm, dense_fn, x, args.repeats),
                "router_recall": round(statistics.mean(p.facts["router_recall"] for p in plans), 4),
                "plan_seconds": round(plan_s, 1)}
+        if args.heal and E in args.heal_experts and 0.125 <= facts["active_fraction"] <= 0.5:
+            bar.set_postfix_str(f"heal E={E} k={k}")
+            row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 2)
+            row["healed"] = heal_point(args, gm, base.gm, cal, held_b, dense)
         rows.append(row)
+        if args.partial is not None:           # a long run keeps what it has measured so far
+            args.partial.write_text(json.dumps(rows, indent=1))
         bar.update(1)
     for k in args.upcycle_k:
         gm = copy.deepcopy(base.gm)
@@ -178,24 +219,40 @@ def run(args) -> dict:
             "shared_neurons": args.shared, "seed": args.seed, "calibration": cal.facts(),
             "held_out_sentences": len(held), "tokens_timed": TOKENS, "threads": 1,
             "clock": "thread CPU time, fastest of 3 x repeats, dense and MoE interleaved",
-            "kernels": kernels(), "rows": rows}
+            "kernels": kernels(), "heal_steps": args.heal, "heal_params": args.heal_params,
+            "threads_all": torch.get_num_threads(), "rows": rows}
+
+
+def _heal_cells(r: dict) -> list[str]:
+    h = r.get("healed")
+    if not h:
+        return ["—", "—", "—"]
+    t = h["model_time_ratio"]
+    return [f"{h['cos_mean']:.4f} / {h['cos_worst']:.4f} / {h['nn_agreement']:.1%}",
+            f"{h['steps_run']} ({h['best_step']}) / {h['seconds']:.0f}",
+            " / ".join(f"{v:.2f}×" for v in t.values())]
 
 
 def table(result: dict) -> str:
     kern = result["kernels"]
     head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree", "no refit: cos / NN"] + [
-        f"time {k}" for k in kern]
+        f"time {k}" for k in kern] + ["healed: cos / worst / NN", "heal steps (best) / s",
+                                      "model time 1 thread / all"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["pass"], r["E"], r["k"], f"{r['active_fraction']:.0%}", f"{r['cos_mean']:.4f}",
                  f"{r['cos_worst']:.4f}", f"{r['nn_agreement']:.1%}",
-                 f"{r['no_refit']['cos_mean']:.4f} / {r['no_refit']['nn_agreement']:.1%}" if "no_refit" in r else "—"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern]
+                 f"{r['no_refit']['cos_mean']:.4f} / {r['no_refit']['nn_agreement']:.1%}" if "no_refit" in r else "—"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern] + _heal_cells(r)
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return (f"# MoEfication curve: {result['model']}\n\nmethod={result['method']}, router={result['router']}, "
             f"shared={result['shared_neurons']} neurons; calibration {result['calibration']['examples']} "
             f"sentences / {result['calibration']['tokens']} tokens; {result['held_out_sentences']} held-out "
             f"sentences; moefy rows refit the output weights by least squares (\"no refit\": biases only); "
-            f"FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} thread, CPU time.\n\n"
+            f"FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} thread, CPU time. "
+            f"Healed: --heal {result.get('heal_steps', 0)} steps, {result.get('heal_params', 'all')} "
+            f"parameters (steps run, best step kept, seconds); model time: whole model MoE/dense on the "
+            f"held-out sentences, healed weights, 1 thread (CPU time) / all {result.get('threads_all', '?')} "
+            f"threads (wall time). The machine was shared with other jobs.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -216,11 +273,17 @@ def plot(result: dict, path: Path) -> None:
         axes[0].plot(fr, [r["no_refit"]["cos_mean"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
         axes[1].plot(fr, [r["no_refit"]["nn_agreement"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
         axes[2].plot(fr, [r["time_ratio"][kern] for r in rs], "o-", label=f"moefy E={E}")
+        hs = [r for r in rs if r.get("healed")]
+        if hs:
+            hf = [r["active_fraction"] for r in hs]
+            axes[0].plot(hf, [r["healed"]["cos_mean"] for r in hs], "*-", color=color, ms=10, label=f"healed E={E}")
+            axes[1].plot(hf, [r["healed"]["nn_agreement"] for r in hs], "*-", color=color, ms=10,
+                         label=f"healed E={E}")
     up = [r for r in result["rows"] if r["pass"] == "upcycle"]
     if up:
         axes[2].plot([r["active_fraction"] for r in up], [r["time_ratio"][kern] for r in up], "k^--",
                      label="upcycle E=8 (at init = dense)")
-    for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst; × no refit)",
+    for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst; × no refit; ★ healed)",
                                 "nearest-neighbour agreement (× no refit)",
                                 f"FFN time MoE / dense ({kern}, {result['tokens_timed']} tokens)"]):
         ax.set_xlabel("fraction of FFN neurons active per token")
@@ -243,9 +306,15 @@ def main(argv=None) -> None:
     p.add_argument("--method", default="cluster", choices=moefy.moefy_partition.METHODS)
     p.add_argument("--router", default="linear", choices=moefy.moefy_router.ROUTERS)
     p.add_argument("--shared", type=int, default=0, help="always-on neurons (rounded up to whole experts)")
-    p.add_argument("--upcycle-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    p.add_argument("--upcycle-k", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="also heal the 12.5-50%%-active points of --heal-experts for up to STEPS steps")
+    p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="only these top-k values (default: every k for E ≤ 16, a few with --quick)")
+    p.add_argument("--heal-experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
+    p.add_argument("--heal-params", default="all", choices=moefy_heal.PARAMS)
     p.add_argument("--quick", action="store_true", help="a few k per E (and E in {4, 8} unless --experts)")
     args = p.parse_args(argv)
     args.experts = args.experts or ([4, 8] if args.quick else [4, 8, 16, 32])
@@ -254,6 +323,8 @@ def main(argv=None) -> None:
           + ("about 10 min on a 2-core CPU" if args.quick else
              "about 45 min on a 2-core CPU (--quick: E in 4, 8 and a few k, about 10 min)"),
           file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.partial = args.out / "rows.partial.json"
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args)

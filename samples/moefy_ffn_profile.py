@@ -1,0 +1,85 @@
+"""Where a MoEfied FFN's time goes: MiniLM's FFN shape split into E experts, top-k, against the dense FFN.
+
+    dense:   x [T, 384] → Linear 384→1536 → GELU → Linear 1536→384
+    moefied: router Linear 384→E → topk_unit → moe(E experts of 1536/E neurons)  (torch.grouped_gemm)
+    bound:   the experts' GEMMs + GELU alone, on balanced contiguous rows (T·k/E each): what no
+             routing, sorting, gathering or scattering would cost
+    → per T: time MoE / dense, bound / dense (1 thread, thread CPU time, fastest of repeats);
+      a torch.profiler table of the MoE op at one T (self CPU per aten op)
+
+    python samples/moefy_ffn_profile.py [--experts 8] [--top-k 2] [--tokens 64,128,256,512] [--profile 512]
+Random weights and router: the experts get balanced loads (a fitted router's are less even).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moecc.ops import call_moe
+from moecc.spec import MoESpec, RouterSpec
+
+H, FF = 384, 1536
+
+
+def cpu_time(fn, x, repeats: int) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        fn(x)
+        best = min(best, time.thread_time() - t)
+    return best
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", default="64,128,256,512,1024")
+    p.add_argument("--profile", type=int, default=512, help="T of the profiler table (0: none)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernel", default="torch.grouped_gemm")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    E, k, m = a.experts, a.top_k, FF // a.experts
+    w1, b1 = torch.randn(FF, H, generator=g) / 20, torch.randn(FF, generator=g) / 20
+    w2, b2 = torch.randn(H, FF, generator=g) / 40, torch.randn(H, generator=g) / 20
+    w_in, b_in = w1.reshape(E, m, H).contiguous(), b1.reshape(E, m).contiguous()        # [E, m, H], [E, m]
+    w_out = w2.reshape(H, E, m).permute(1, 0, 2).contiguous()                          # [E, H, m]
+    b_out, router = torch.zeros(E, H), torch.randn(E, H, generator=g)
+    spec = MoESpec(num_experts=E, hidden=H, ffn=m, activation="gelu", expert_bias=True,
+                   router=RouterSpec("topk_unit", k, renormalize=False)).validate()
+
+    def dense(x):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    def moe(x):
+        return call_moe(x, F.linear(x, router), w_in, w_out, spec, b_in=b_in, b_out=b_out, kernel=a.kernel)
+
+    print(f"E={E} k={k} ({k / E:.0%} active), kernel {a.kernel}, 1 thread\n")
+    print("| T | dense ms | MoE / dense | experts' GEMMs alone / dense |\n|---|---|---|---|")
+    for T in (int(t) for t in a.tokens.split(",")):
+        x = torch.randn(T, H, generator=g)
+        xe = torch.randn(max(1, T * k // E), H, generator=g)
+
+        def bound(_):
+            for e in range(E):
+                F.linear(F.gelu(F.linear(xe, w_in[e], b_in[e])), w_out[e], b_out[e])
+        d = cpu_time(dense, x, a.repeats)
+        print(f"| {T} | {d * 1e3:.2f} | {cpu_time(moe, x, a.repeats) / d:.3f} | {cpu_time(bound, x, a.repeats) / d:.3f} |")
+    if a.profile:
+        from torch.profiler import profile
+        x = torch.randn(a.profile, H, generator=g)
+        with profile() as prof:
+            for _ in range(a.repeats):
+                moe(x)
+        print(f"\nprofile at T={a.profile}, {a.repeats} calls:\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    main()

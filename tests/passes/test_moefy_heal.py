@@ -1,0 +1,124 @@
+"""moefy --heal: distillation of the dense model into the MoEfied one. Healed is closer to dense on data
+the healing never saw; k = E stays exact; a seed fixes the result; bad values are refused early."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from moecc.cli import main
+from moecc.errors import MoeccError
+from moecc.frontend import capture
+from moecc.passes import moefy, moefy_heal
+from moecc.passes.canonicalize import canonicalize
+from moecc.pipeline import moe_nodes
+from sample_loader import load_sample
+
+BERT = "samples/tiny_bert.py:build"
+
+
+@pytest.fixture(scope="module")
+def bert():
+    model, example = load_sample("tiny_bert").build()
+    c = capture(model, example)
+    canonicalize(c.gm)
+    g = torch.Generator().manual_seed(1)
+    cal = (torch.randint(0, 512, (256, 12), generator=g), torch.ones(256, 12, dtype=torch.long))
+    fresh = (torch.randint(0, 512, (32, 10), generator=g), torch.ones(32, 10, dtype=torch.long))
+    return model, c.gm, cal, fresh
+
+
+def _moefied(gm, cal, k, **kw):
+    out = copy.deepcopy(gm)
+    result = moefy.moefy(out, 4, k, calibration=cal, **kw)
+    return out, result
+
+
+def _error(gm, model, inputs) -> float:
+    with torch.no_grad():
+        y, ref = gm(*inputs), model(*inputs)
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def test_healed_is_closer_to_dense_on_unseen_inputs(bert):
+    model, gm, cal, fresh = bert
+    plain, _ = _moefied(gm, cal, 1)
+    healed, result = _moefied(gm, cal, 1, heal=40, heal_lr=1e-3, heal_params="experts")
+    before, after = _error(plain, model, fresh), _error(healed, model, fresh)
+    assert after < 0.9 * before, (before, after)
+    facts = healed.meta[moefy_heal.FACTS_KEY]
+    assert facts["held_out_loss_after"] < facts["held_out_loss_before"]
+    assert 0 < facts["best_step"] <= facts["steps_run"] <= 40 and facts["curve"][0][0] == 0
+    assert result.stats["heal_steps"] == facts["steps_run"] and all(isinstance(v, int) for v in result.stats.values())
+    assert {n.meta[moefy_heal.FACTS_KEY]["best_step"] for n, _ in moe_nodes(healed)} == {facts["best_step"]}
+    # heal_params="experts": only the MoE layers' weights move (never routers, attention, embeddings)
+    before_p = dict(plain.named_parameters())
+    moved = {n for n, p in healed.named_parameters() if not torch.equal(p, before_p[n])}
+    assert moved and all(n.rsplit(".", 1)[-1] in ("w_in", "w_out", "b_in", "b_out") for n in moved), moved
+
+
+def test_all_experts_on_stays_exact(bert):
+    model, gm, cal, fresh = bert
+    healed, result = _moefied(gm, cal, 4, heal=20)
+    with torch.no_grad():
+        torch.testing.assert_close(healed(*fresh), model(*fresh), atol=1e-5, rtol=0)
+    assert result.stats["heal_steps"] == 0
+
+
+def test_seed_fixes_the_result(bert):
+    _, gm, cal, _ = bert
+    student, _ = _moefied(gm, cal, 2)
+    cal = moefy.calib.load(cal)
+
+    def healed(seed):
+        s = copy.deepcopy(student)
+        facts = moefy_heal.heal(s, gm, cal, 10, seed=seed, params="experts", lr=1e-3, progress=False)
+        assert facts["best_step"] > 0
+        return dict(s.named_parameters())
+    a, b, c = healed(3), healed(3), healed(4)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)      # another seed, another batch order
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "10", True, moefy_heal.MAX_STEPS + 1])
+def test_bad_heal_values_refused(bert, value):
+    _, gm, cal, _ = bert
+    with pytest.raises(MoeccError, match="--heal .*whole number of training steps"):
+        moefy.moefy(copy.deepcopy(gm), 4, 2, calibration=cal, heal=value)
+    with pytest.raises(MoeccError, match="--heal-params 'routers'"):
+        moefy.moefy(copy.deepcopy(gm), 4, 2, calibration=cal, heal=2, heal_params="routers")
+
+
+def test_too_few_examples_to_hold_out(bert):
+    _, gm, cal, _ = bert
+    few = (cal[0][:4].repeat(1, 10), cal[1][:4].repeat(1, 10))          # 4 examples, 480 tokens
+    with pytest.raises(MoeccError, match="needs at least 8"):
+        moefy.moefy(copy.deepcopy(gm), 4, 2, calibration=few, heal=2)
+
+
+@pytest.mark.parametrize("args,msg", [(["--moefy", "4", "--heal", "-3"], "--heal -3: give a whole number"),
+                                      (["--upcycle", "4", "--heal", "5"], "use it with --moefy E")])
+def test_cli_refuses_bad_heal_early(root, monkeypatch, tmp_path, capsys, args, msg):
+    monkeypatch.chdir(root)
+    assert main(["compile", BERT, *args, "--calibration", "missing.txt", "--out", str(tmp_path / "X")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err
+    assert not (tmp_path / "X").exists()
+
+
+def test_cli_heal_writes_its_facts(root, monkeypatch, tmp_path, capsys, bert):
+    monkeypatch.chdir(root)
+    _, _, cal, _ = bert
+    torch.save(cal, tmp_path / "cal.pt")
+    out = tmp_path / "art"
+    assert main(["compile", BERT, "--moefy", "4", "--top-k", "2", "--calibration", str(tmp_path / "cal.pt"),
+                 "--heal", "8", "--seed", "1", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["ok"]
+    h = m["heal"]
+    assert h["steps"] == 8 and h["seed"] == 1 and h["seconds"] > 0 and len(h["curve"]) >= 2
+    assert h["held_out_loss_after"] <= h["held_out_loss_before"]
+    assert m["layers"][0]["heal"]["best_step"] == h["best_step"]
+    assert m["passes"][-1]["stats"]["heal_steps"] == h["steps_run"]
