@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import ops
 from .pipeline import EXPERTS_OP, MOE_OP, SPEC_KEY
+from .quiet import torch_internal_deprecations
 from .spec import MoESpec
 
 ALWAYS = sys.maxsize            # keep(spec) -> ALWAYS: the layer stays one moe node
@@ -100,7 +101,7 @@ def decompose(program: torch.export.ExportedProgram,
         return program
     # torch.cond traces its branches with dynamo: a layer's spec ints (top_k, ...) that differ from
     # the previous layer's must stay constants, not become dynamic graph inputs on recompile
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False), torch_internal_deprecations():
         out = program.run_decompositions({MOE_OP: _decomposition(keep)})
     kernel_arg = ops.OP_ARGS.index("kernel")
     for gm in _modules(out.graph_module):

@@ -68,7 +68,7 @@ def test_decomposed_blocks_bit_exact_in_bf16(family):
 def test_torch_artifact_logits_bit_exact_in_bf16(family, tmp_path):
     program = torch.export.export(family["model"], family["inputs"], strict=False)
     lowered = torch_lower.lower(program, tmp_path, {})
-    assert {k.kernel for k in lowered.kernels} == {"torch.auto"}
+    assert all(k.kernel.startswith("torch.auto@") for k in lowered.kernels)   # the artifact's own tables
     module = load_program(tmp_path).module()
     targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
     assert torch.ops.moecc.moe.default not in targets and torch.ops.moecc.experts.default in targets

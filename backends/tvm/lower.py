@@ -28,6 +28,7 @@ plans for; default the example's), decompose (always decompose to core ATen firs
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 import tvm
 from tvm import relax
+
+log = logging.getLogger("moecc.backends.tvm")
 
 from moecc.decompose import decompose
 from moecc.errors import MoeccError
@@ -79,6 +82,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     mod = importer.bounded_takes(mod)                   # no gather reads out of bounds (issue 18)
     t1 = time.perf_counter()
     names, params = parameters(program, mod)
+    log.info("tvm.compile for target %s", target.kind.name)
     with interrupts_noted():           # Ctrl-C during TVM's C++ work is an interrupt, not a TVM failure
         try:
             with target:
