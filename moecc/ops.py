@@ -62,6 +62,8 @@ def activate(h: Tensor, spec: MoESpec) -> Tensor:
         return F.silu(gate) * up
     if a == "geglu":
         return F.gelu(gate) * up
+    if a == "geglu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
     gate = gate.clamp(max=spec.act_limit)
     up = up.clamp(min=-spec.act_limit, max=spec.act_limit)

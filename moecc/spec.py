@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from .errors import MoeccError
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "swiglu_oai")
-GATED = ("swiglu", "geglu", "swiglu_oai")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai")
+GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai")
 ROUTER_KINDS = {
     "softmax_topk": "softmax over all E, then top-k (optionally renormalize the k weights)",
     "topk_softmax": "top-k of the raw logits, then softmax over the k",

@@ -38,7 +38,7 @@ def activation_of(node: fx.Node) -> str | None:
     return None
 
 
-GATED = {"silu": "swiglu", "gelu": "geglu"}
+GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
 @dataclass(frozen=True)

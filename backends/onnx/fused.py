@@ -38,6 +38,7 @@ ACTIVATION = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu", "swiglu": "sw
 WHY_ACTIVATION = {
     "gelu": "exact (erf) GELU, but the fused op's gelu is the tanh approximation (differs by ~5e-4)",
     "geglu": "geglu is not implemented by onnxruntime's CPU MoE kernel",
+    "geglu_tanh": "geglu_tanh (tanh-approximated geglu) is not implemented by onnxruntime's CPU MoE kernel",
 }
 
 

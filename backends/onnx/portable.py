@@ -52,8 +52,8 @@ def activate(h, spec: MoESpec, F: int):
         up = op.Slice(h, ints(F), ints(2 * F), ints(-1))
     if a == "swiglu":
         return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
-    if a == "geglu":
-        return op.Mul(_gelu(gate, False), up)
+    if a in ("geglu", "geglu_tanh"):
+        return op.Mul(_gelu(gate, a == "geglu_tanh"), up)
     # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
     lim = spec.act_limit
     gate = op.Min(gate, scalar(lim, h))

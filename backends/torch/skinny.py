@@ -135,7 +135,7 @@ static void activate(const float *h, long R, float *a, long F, long c, int act, 
             switch (act) {
             case 0: v = g > 0.0f ? g : 0.0f; break;                                          /* relu */
             case 1: case 5: v = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); break;    /* gelu, geglu */
-            case 2: v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))); break;
+            case 2: case 7: v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))); break;
             case 6: g = g < limit ? g : limit; u = u < -limit ? -limit : (u > limit ? limit : u);   /* swiglu_oai */
                     v = g / (1.0f + expf(-alpha * g)); u += 1.0f; break;
             default: v = g / (1.0f + expf(-g));                                                /* silu, swiglu */
@@ -368,7 +368,7 @@ def gemm(a: Tensor, w: Tensor) -> Tensor:
     return y
 
 
-ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6}
+ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6, "geglu_tanh": 7}
 
 
 def _f32(*ts) -> bool:

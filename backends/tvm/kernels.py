@@ -73,6 +73,8 @@ def activation(bb: relax.BlockBuilder, h, spec: MoESpec):
         return bb.emit(op.multiply(op.nn.silu(gate), up))
     if a == "geglu":
         return bb.emit(op.multiply(op.nn.gelu(gate), up))
+    if a == "geglu_tanh":
+        return bb.emit(op.multiply(op.nn.gelu_tanh(gate), up))
     dt, lim = dtype_of(h), spec.act_limit                                   # swiglu_oai (GPT-OSS)
     gate = bb.emit(op.minimum(gate, relax.const(lim, dt)))
     up = bb.emit(op.minimum(op.maximum(up, relax.const(-lim, dt)), relax.const(lim, dt)))

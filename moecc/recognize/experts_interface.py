@@ -126,7 +126,7 @@ def _candidates(ex: nn.Module, gated: bool) -> Iterator[tuple[str, dict]]:
             yield a, {}
         return
     for interleaved in (not ex.is_concatenated,):
-        for a in ("swiglu", "geglu"):
+        for a in ("swiglu", "geglu", "geglu_tanh"):
             yield a, {"interleaved": interleaved}
         alphas = [float(getattr(ex, n)) for n in _ALPHA if isinstance(getattr(ex, n, None), (int, float))]
         limits = [float(getattr(ex, n)) for n in _LIMIT if isinstance(getattr(ex, n, None), (int, float))]

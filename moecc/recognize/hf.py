@@ -18,7 +18,7 @@ from .block import RecognizedMoE
 
 _ACT = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "GELU": "gelu",
         "GELUTanh": "gelu_tanh", "ReLU": "relu"}
-_GATED = {"silu": "swiglu", "gelu": "geglu"}
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
 def activation(act_fn: nn.Module, path: str, gated: bool) -> str:

@@ -13,7 +13,7 @@ import torch
 from moecc.distributed.layout import LayerPlacement
 from moecc.ops import call_experts
 from moecc.passes.placement.metrics import dispatch
-from moecc.spec import MoESpec, RouterSpec
+from moecc.spec import GATED, MoESpec, RouterSpec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -69,7 +69,7 @@ def problem(case):
     g = torch.Generator().manual_seed(case["seed"])
     dt = DTYPES[case["dtype"]]
     T, E, H, F = sum(case["tokens"]), case["E"], case["H"], case["F"]
-    R = 2 * F if spec(case).activation in ("swiglu", "geglu") else F
+    R = 2 * F if spec(case).activation in GATED else F
     p = {"x": torch.randn(T, H, generator=g, dtype=dt), "ids": _ids(case, T, g),
          "w_in": torch.randn(E, R, H, generator=g, dtype=dt) / H ** 0.5,
          "w_out": torch.randn(E, H, F, generator=g, dtype=dt) / F ** 0.5,

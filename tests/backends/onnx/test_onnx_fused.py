@@ -33,6 +33,7 @@ FUSABLE = [
 REFUSED = [  # (spec, words the reason must contain)
     (spec("exact_gelu", act="gelu"), "tanh approximation"),
     (spec("geglu", act="geglu"), "geglu"),
+    (spec("geglu_tanh", act="geglu_tanh"), "geglu_tanh"),
     (spec("sigmoid", kind="sigmoid_topk", top_k=2), "sigmoid_topk"),
     (spec("sigmoid_plain", kind="sigmoid_topk", top_k=2, renormalize=False), "sigmoid_topk"),
     (spec("expert_choice", kind="expert_choice"), "expert_choice"),

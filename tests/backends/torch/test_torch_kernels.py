@@ -11,7 +11,7 @@ from numerics import assert_numerically_equal
 from moecc.backends.torch import kernels, select
 from moecc.errors import MoeccError
 from moecc.ops import call_moe, moe_reference, record_routing
-from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
+from moecc.spec import ACTIVATIONS, GATED, ROUTER_KINDS, MoESpec, RouterSpec
 
 NAMES = list(kernels.KERNELS)
 
@@ -55,7 +55,7 @@ def cases(draw):
                         fp32=draw(st.booleans()))
     shared = draw(st.sampled_from([0, 0, 3]))
     spec = MoESpec(E, draw(st.integers(2, 12)), draw(st.integers(1, 8)), activation, router,
-                   expert_bias=draw(st.booleans()), interleaved=activation in ("swiglu", "geglu", "swiglu_oai")
+                   expert_bias=draw(st.booleans()), interleaved=activation in GATED
                    and draw(st.booleans()), shared_ffn=shared, shared_gated=shared > 0 and draw(st.booleans()),
                    name="prop")
     try:
@@ -271,7 +271,7 @@ def experts_cases(draw):
     activation = draw(st.sampled_from(ACTIVATIONS))
     spec = MoESpec(max(E, 2), draw(st.integers(2, 12)), draw(st.integers(1, 8)), activation,
                    RouterSpec(top_k=1), expert_bias=draw(st.booleans()),
-                   interleaved=activation in ("swiglu", "geglu", "swiglu_oai") and draw(st.booleans()))
+                   interleaved=activation in GATED and draw(st.booleans()))
     return spec, E, draw(st.integers(0, 9)), draw(st.integers(1, 4)), draw(st.integers(0, 2 ** 16))
 
 

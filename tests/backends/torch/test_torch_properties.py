@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from moecc.backends.torch import select
 from moecc.errors import MoeccError
 from moecc.ops import experts_reference
-from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
+from moecc.spec import ACTIVATIONS, GATED, ROUTER_KINDS, MoESpec, RouterSpec
 from numerics import assert_numerically_equal
 
 N_FAST, N_SLOW = 40, 400
@@ -31,7 +31,7 @@ def float32_cases(draw):
     shared = draw(st.sampled_from([0, 0, 8, 9]))
     spec = MoESpec(E, draw(st.integers(8, 40)), draw(st.integers(8, 24)), act, router,
                    expert_bias=draw(st.booleans()),
-                   interleaved=act in ("swiglu", "geglu", "swiglu_oai") and draw(st.booleans()),
+                   interleaved=act in GATED and draw(st.booleans()),
                    shared_ffn=shared, shared_gated=shared > 0 and draw(st.booleans()), name="p")
     try:
         spec.validate()

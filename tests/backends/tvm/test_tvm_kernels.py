@@ -24,6 +24,7 @@ ONE_KERNEL = {    # activations and routers, through one kernel each
     "silu": ("tvm.grouped_gemm", spec("silu", act="silu", top_k=3, renormalize=False)),
     "gelu_tanh": ("tvm.dense_masked", spec("gelu_tanh", act="gelu_tanh", top_k=2)),
     "geglu": ("tvm.gather", spec("geglu", act="geglu", top_k=2, kind="topk_softmax")),
+    "geglu_tanh": ("tvm.grouped_gemm", spec("geglu_tanh", act="geglu_tanh", top_k=2, interleaved=True)),
     "swiglu_oai": ("tvm.grouped_gemm", spec("swiglu_oai", act="swiglu_oai", interleaved=True,
                                             kind="topk_softmax", top_k=2, expert_bias=True)),
     "sigmoid": ("tvm.gather", spec("sigmoid", E=8, kind="sigmoid_topk", top_k=2, n_groups=2, scaling=2.0)),
