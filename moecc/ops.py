@@ -64,6 +64,12 @@ def activate(h: Tensor, spec: MoESpec) -> Tensor:
         return F.gelu(gate) * up
     if a == "geglu_tanh":
         return F.gelu(gate, approximate="tanh") * up
+    if a == "swiglu_clamp":     # Hunyuan-V4: silu(min(gate, L)) * clamp(up, -L, L)
+        return F.silu(gate.clamp(max=spec.act_limit)) * up.clamp(min=-spec.act_limit, max=spec.act_limit)
+    if a == "swiglu_softcap":   # Inkling-2: cap_g·tanh(gate/cap_g) · sigmoid(gate) · cap_u·tanh(up/cap_u), in fp32
+        g, u = gate.float(), up.float()
+        cg, cu = spec.act_limit, spec.act_alpha
+        return (torch.tanh(g / cg) * cg * torch.sigmoid(g) * (torch.tanh(u / cu) * cu)).to(h.dtype)
     # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
     gate = gate.clamp(max=spec.act_limit)
     up = up.clamp(min=-spec.act_limit, max=spec.act_limit)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from .errors import MoeccError
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai")
-GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai",
+               "swiglu_clamp", "swiglu_softcap")
+GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamp", "swiglu_softcap")
 ROUTER_KINDS = {
     "softmax_topk": "softmax over all E, then top-k (optionally renormalize the k weights)",
     "topk_softmax": "top-k of the raw logits, then softmax over the k",
@@ -79,8 +80,8 @@ class MoESpec:
     router: RouterSpec = field(default_factory=RouterSpec)
     expert_bias: bool = False       # b_in [E, F or 2F], b_out [E, H]
     interleaved: bool = False       # gated w_in rows interleaved (GPT-OSS)
-    act_alpha: float = 1.702        # swiglu_oai: gate * sigmoid(alpha * gate)
-    act_limit: float = 7.0          # swiglu_oai: clamp
+    act_alpha: float = 1.702        # swiglu_oai: gate * sigmoid(alpha * gate); swiglu_softcap: up's cap
+    act_limit: float = 7.0          # swiglu_oai, swiglu_clamp: clamp; swiglu_softcap: the gate's cap
     shared_ffn: int = 0             # width of the always-on shared expert (0 = none)
     shared_gated: bool = False      # shared expert output scaled by sigmoid(x @ shared_gate^T)
     name: str = ""                  # the layer's name in the source model (for messages, traces)

@@ -38,6 +38,8 @@ ACTIVATION = {"relu": "relu", "gelu_tanh": "gelu", "silu": "silu", "swiglu": "sw
 WHY_ACTIVATION = {
     "gelu": "exact (erf) GELU, but the fused op's gelu is the tanh approximation (differs by ~5e-4)",
     "geglu": "geglu is not implemented by onnxruntime's CPU MoE kernel",
+    "swiglu_clamp": "a clamped swiglu without GPT-OSS's alpha and +1 has no fused form",
+    "swiglu_softcap": "a soft-capped swiglu has no fused form",
     "geglu_tanh": "geglu_tanh (tanh-approximated geglu) is not implemented by onnxruntime's CPU MoE kernel",
 }
 

@@ -54,6 +54,16 @@ def activate(h, spec: MoESpec, F: int):
         return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
     if a in ("geglu", "geglu_tanh"):
         return op.Mul(_gelu(gate, a == "geglu_tanh"), up)
+    if a == "swiglu_clamp":
+        lim = spec.act_limit
+        gate = op.Min(gate, scalar(lim, h))
+        up = op.Max(op.Min(up, scalar(lim, h)), scalar(-lim, h))
+        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+    if a == "swiglu_softcap":
+        cg, cu = scalar(spec.act_limit, h), scalar(spec.act_alpha, h)
+        capped_g = op.Mul(op.Tanh(op.Div(gate, cg)), cg)
+        capped_u = op.Mul(op.Tanh(op.Div(up, cu)), cu)
+        return op.Mul(op.Mul(capped_g, op.Sigmoid(gate)), capped_u)
     # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
     lim = spec.act_limit
     gate = op.Min(gate, scalar(lim, h))

@@ -138,6 +138,9 @@ static void activate(const float *h, long R, float *a, long F, long c, int act, 
             case 2: case 7: v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))); break;
             case 6: g = g < limit ? g : limit; u = u < -limit ? -limit : (u > limit ? limit : u);   /* swiglu_oai */
                     v = g / (1.0f + expf(-alpha * g)); u += 1.0f; break;
+            case 8: g = g < limit ? g : limit; u = u < -limit ? -limit : (u > limit ? limit : u);   /* swiglu_clamp */
+                    v = g / (1.0f + expf(-g)); break;
+            case 9: v = tanhf(g / limit) * limit / (1.0f + expf(-g)); u = tanhf(u / alpha) * alpha; break;  /* softcap */
             default: v = g / (1.0f + expf(-g));                                                /* silu, swiglu */
             }
             ai[j] = v * u;
@@ -368,7 +371,7 @@ def gemm(a: Tensor, w: Tensor) -> Tensor:
     return y
 
 
-ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6, "geglu_tanh": 7}
+ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6, "geglu_tanh": 7, "swiglu_clamp": 8, "swiglu_softcap": 9}
 
 
 def _f32(*ts) -> bool:

@@ -10,6 +10,7 @@ translations it lacks (EXTRA). No MoE or router code: routing reaches TVM as the
             topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k;
                            bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact);
                            sorted=False (TVM refuses it; torch leaves the order open)  ->  sorted
+            constant_pad_nd  symbolic widths (relax pads by static ones)  ->  crop + concatenated blocks
             clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
             masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
     EXTRA   amax, t, where with a scalar; math.ceil / sym_float / truediv / sym_max / sym_min /
@@ -107,6 +108,49 @@ def topk(node, importer, original):
     return bb.emit(relax.Tuple([values, ids]))
 
 
+def constant_pad_nd(node, importer, original):
+    """aten.constant_pad_nd with symbolic widths (a causal conv's state padded by `kernel - seq`, which
+    crops when negative): per padded dim, x cropped by max(-w, 0) and a block of max(w, 0) values
+    concatenated on that side (relax's pad takes static, non-negative widths only)."""
+    pad = [scalar(importer, p) for p in node.args[1]]
+    if all(isinstance(p, int) and p >= 0 for p in pad):
+        return original(node)
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    return _pad_constant(node, importer, pad, value)
+
+
+def pad(node, importer, original):
+    """aten.pad in constant mode with symbolic widths: as constant_pad_nd."""
+    pad = [scalar(importer, p) for p in node.args[1]]
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if mode != "constant" or all(isinstance(p, int) and p >= 0 for p in pad):
+        return original(node)
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0.0)
+    return _pad_constant(node, importer, pad, value)
+
+
+def _pad_constant(node, importer, pad, value):
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    dt = str(x.ty.dtype)
+    if x.ty.shape is None:                                  # rank known, dims not: bind fresh symbols
+        x = bb.match_cast(x, relax.TensorType([tirx.Var(f"{node.name}_d{i}", "int64")
+                                                for i in range(x.ty.ndim)], dt))
+    for i in range(0, len(pad), 2):
+        dim = x.ty.ndim - 1 - i // 2
+        for side, w in (("before", pad[i]), ("after", pad[i + 1])):
+            w = prim_expr(w)
+            zero = tirx.IntImm("int64", 0)
+            grow, crop = tirx.max(w, zero), tirx.max(-w, zero)
+            n = x.ty.shape[dim]
+            x = bb.emit(relax.op.strided_slice(x, [dim], [crop], [n]) if side == "before"
+                        else relax.op.strided_slice(x, [dim], [0], [n - crop]))
+            shape = list(x.ty.shape)
+            shape[dim] = grow
+            block = bb.emit(relax.op.full(relax.ShapeExpr(shape), relax.const(value or 0.0, dt), dt))
+            x = bb.emit(relax.op.concat([block, x] if side == "before" else [x, block], axis=dim))
+    return x
+
+
 def clamp(node, importer, original):
     """aten.clamp with scalar bounds: max/min with constants of x's dtype (TVM's clip takes ±inf for a
     missing bound, which an integer tensor cannot hold)."""
@@ -145,7 +189,7 @@ def full_like(node, importer, original):
 
 
 FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
-         "_clamp": clamp, "_masked_fill": masked_fill, "_full_like": full_like}
+         "_clamp": clamp, "_constant_pad_nd": constant_pad_nd, "_pad": pad, "_masked_fill": masked_fill, "_full_like": full_like}
 
 
 # ---------------------------------------------------------------- symbolic scalars

@@ -75,6 +75,18 @@ def activation(bb: relax.BlockBuilder, h, spec: MoESpec):
         return bb.emit(op.multiply(op.nn.gelu(gate), up))
     if a == "geglu_tanh":
         return bb.emit(op.multiply(op.nn.gelu_tanh(gate), up))
+    if a == "swiglu_clamp":
+        lim, dt = spec.act_limit, dtype_of(h)
+        gate = bb.emit(op.minimum(gate, relax.const(lim, dt)))
+        up = bb.emit(op.minimum(op.maximum(up, relax.const(-lim, dt)), relax.const(lim, dt)))
+        return bb.emit(op.multiply(op.nn.silu(gate), up))
+    if a == "swiglu_softcap":
+        dt = dtype_of(h)
+        g, u = (bb.emit(op.astype(t, "float32")) for t in (gate, up))
+        cg, cu = (relax.const(c, "float32") for c in (spec.act_limit, spec.act_alpha))
+        capped_g = op.multiply(op.tanh(op.divide(g, cg)), cg)
+        capped_u = op.multiply(op.tanh(op.divide(u, cu)), cu)
+        return bb.emit(op.astype(op.multiply(op.multiply(capped_g, op.sigmoid(g)), capped_u), dt))
     dt, lim = dtype_of(h), spec.act_limit                                   # swiglu_oai (GPT-OSS)
     gate = bb.emit(op.minimum(gate, relax.const(lim, dt)))
     up = bb.emit(op.minimum(op.maximum(up, relax.const(-lim, dt)), relax.const(lim, dt)))

@@ -133,6 +133,13 @@ def _candidates(ex: nn.Module, gated: bool) -> Iterator[tuple[str, dict]]:
         for alpha in alphas:
             for limit in limits:
                 yield "swiglu_oai", {"interleaved": interleaved, "act_alpha": alpha, "act_limit": limit}
+        for limit in limits:
+            yield "swiglu_clamp", {"interleaved": interleaved, "act_limit": limit}
+        caps = [getattr(getattr(getattr(ex, "act_fn", None), n, None), "softcap", None)
+                for n in ("gate_softcap", "up_softcap")]
+        if all(isinstance(c, (int, float)) and c > 0 for c in caps):
+            yield "swiglu_softcap", {"interleaved": interleaved, "act_limit": float(caps[0]),
+                                     "act_alpha": float(caps[1])}
 
 
 def probe_activation(ex: nn.Module, dtype: torch.dtype, R: int, gated: bool, path: str) -> tuple[str, dict]:

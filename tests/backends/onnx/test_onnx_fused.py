@@ -34,6 +34,8 @@ REFUSED = [  # (spec, words the reason must contain)
     (spec("exact_gelu", act="gelu"), "tanh approximation"),
     (spec("geglu", act="geglu"), "geglu"),
     (spec("geglu_tanh", act="geglu_tanh"), "geglu_tanh"),
+    (spec("swiglu_clamp", act="swiglu_clamp"), "clamped swiglu"),
+    (spec("swiglu_softcap", act="swiglu_softcap"), "soft-capped"),
     (spec("sigmoid", kind="sigmoid_topk", top_k=2), "sigmoid_topk"),
     (spec("sigmoid_plain", kind="sigmoid_topk", top_k=2, renormalize=False), "sigmoid_topk"),
     (spec("expert_choice", kind="expert_choice"), "expert_choice"),

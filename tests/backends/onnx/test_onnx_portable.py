@@ -38,6 +38,8 @@ SPECS = [
     spec("swiglu_interleaved_bias", act="swiglu", top_k=2, interleaved=True, expert_bias=True),
     spec("geglu", act="geglu", top_k=2),
     spec("geglu_tanh", act="geglu_tanh", top_k=2, interleaved=True),
+    spec("swiglu_clamp", act="swiglu_clamp", top_k=2, act_limit=0.8),
+    spec("swiglu_softcap", act="swiglu_softcap", top_k=2, act_limit=0.7, act_alpha=1.5),
     spec("swiglu_oai", act="swiglu_oai", top_k=2, interleaved=True, expert_bias=True, act_limit=0.8),
     spec("shared", act="relu", top_k=2, shared_ffn=5),
     spec("shared_gated_swiglu", act="swiglu", top_k=2, shared_ffn=5, shared_gated=True),

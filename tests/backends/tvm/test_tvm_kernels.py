@@ -25,6 +25,8 @@ ONE_KERNEL = {    # activations and routers, through one kernel each
     "gelu_tanh": ("tvm.dense_masked", spec("gelu_tanh", act="gelu_tanh", top_k=2)),
     "geglu": ("tvm.gather", spec("geglu", act="geglu", top_k=2, kind="topk_softmax")),
     "geglu_tanh": ("tvm.grouped_gemm", spec("geglu_tanh", act="geglu_tanh", top_k=2, interleaved=True)),
+    "swiglu_clamp": ("tvm.gather", spec("swiglu_clamp", act="swiglu_clamp", top_k=2, act_limit=0.8)),
+    "swiglu_softcap": ("tvm.dense_masked", spec("swiglu_softcap", act="swiglu_softcap", top_k=2, act_limit=0.7, act_alpha=1.5)),
     "swiglu_oai": ("tvm.grouped_gemm", spec("swiglu_oai", act="swiglu_oai", interleaved=True,
                                             kind="topk_softmax", top_k=2, expert_bias=True)),
     "sigmoid": ("tvm.gather", spec("sigmoid", E=8, kind="sigmoid_topk", top_k=2, n_groups=2, scaling=2.0)),

@@ -155,3 +155,24 @@ def test_half_precision_models(tmp_path, dtype, combine):
     assert str(got.dtype) == str(dtype).removeprefix("torch.")
     ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
     assert_numerically_equal(got.astype(np.float32), want, atol=2 * ulp * np.abs(want).max(), rtol=0)
+
+
+class CausalConvState(nn.Module):
+    """A mamba-style conv state padded by `kernel - seq` (grows or crops: symbolic, any sign) and an
+    unsorted top-k of a group-limited router (DeepSeek's `topk(sorted=False)`): ordinary ops TVM 0.27's
+    importer refuses without backends/tvm/aten.py."""
+
+    def forward(self, x):                                                     # [B, S, H]
+        state = nn.functional.pad(x.transpose(1, 2), (4 - x.shape[1], 0))    # [B, H, 4]
+        tail = nn.functional.pad(x, (0, 0, 1, x.shape[1] - 2), value=0.5)    # [B, 2S - 1, H]
+        ids = torch.topk(x, k=2, dim=-1, sorted=False)[1].sort(-1)[0]        # [B, S, 2]
+        return state.sum(-1).unsqueeze(1) + tail.sum(1, keepdim=True) + x.gather(-1, ids).sum(-1, keepdim=True)
+
+
+def test_symbolic_pads_and_unsorted_topk(tmp_path):
+    model = CausalConvState()
+    lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    run = runtime.load(tmp_path)
+    for S in (3, 4, 9):                                                       # grows, equal, crops
+        x = torch.randn(1, S, H, generator=torch.Generator().manual_seed(S))
+        assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what=f"S={S}")

@@ -16,7 +16,7 @@ TENSORS = ("x", "ids", "weights", "w_in", "w_out", "b_in", "b_out")
 
 
 def spec(name: str, E: int = 4, H: int = 16, F: int = 8, act: str = "gelu", **router) -> MoESpec:
-    extra = {k: router.pop(k) for k in ("expert_bias", "interleaved", "shared_ffn", "shared_gated")
+    extra = {k: router.pop(k) for k in ("expert_bias", "interleaved", "shared_ffn", "shared_gated", "act_limit", "act_alpha")
              if k in router}
     return MoESpec(E, H, F, act, RouterSpec(**router), name=name, **extra).validate()
 
