@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from moecc.complex_real import complex_to_real
 from moecc.decompose import ALWAYS, EXPERTS_OP, decompose, experts_nodes
 from moecc.errors import MoeccError
 from moecc.ops import EXPERTS_ARGS, OP_ARGS, parse_spec
@@ -155,7 +156,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     layers = plan(program, options)
     if any(kernels.split(c.kernel)[0] is not None for c in layers.values()):
         fused.register_schema()
-    program = decompose(program, keep=_keep(layers))
+    program = complex_to_real(decompose(program, keep=_keep(layers)))   # torch.onnx has no complex
     kernel_of, more = _experts_plan(program, layers, options)
     kw = {"opset_version": int(options["opset"])} if options.get("opset") else {}
     _skip_torchvision_notes()

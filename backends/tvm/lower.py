@@ -42,6 +42,7 @@ from tvm import relax
 
 log = logging.getLogger("moecc.backends.tvm")
 
+from moecc.complex_real import complex_to_real
 from moecc.decompose import decompose
 from moecc.errors import MoeccError
 from moecc.ops import EXPERTS_ARGS
@@ -65,7 +66,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         raise MoeccError(f"TVM backend: expected a torch.export.ExportedProgram, got {type(program).__name__}")
     target = resolve_target(options.get("target") or "llvm")
     t0 = time.perf_counter()
-    program = decompose(program)                        # moe nodes ⇒ routing (ATen) + experts
+    program = complex_to_real(decompose(program))      # moe nodes ⇒ routing (ATen) + experts; no complex
     if options.get("decompose") or unsupported(program):       # the importer takes most ATen ops as
         program = program.run_decompositions()                  # they are; decomposing (slow) is the
         check_supported(program)                                # fallback for the ones it lacks
