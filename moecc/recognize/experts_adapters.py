@@ -1,0 +1,198 @@
+"""Experts modules outside transformers' ExpertsInterface, adapted while capturing: ONE moecc node each.
+
+    DbrxExperts.forward(x, top_k_index, top_k_weights)         mlp.w1, mlp.v1, mlp.w2 [E·F, H]
+      ⇒ experts(x, ids, weights, w_in = [w1; v1] [E, 2F, H], w_out = w2ᵀ [E, H, F])
+    LongcatFlashExperts.forward(x, top_k_index, top_k_weights) gate_up_proj [E+Z, 2F, H], down_proj [E, H, F]
+      ⇒ experts(x, ids (ids ≥ E made -1), weights, gate_up_proj[:E], down_proj)
+        + Σ(weights of ids ≥ E) · x                            (the Z zero-compute "identity" experts)
+    JetMoeMoE.forward(x)  (a router that calls .tolist(): data-dependent, so the block is adapted)
+      ⇒ logits = router.layer(x).float(); top-k logits → softmax over k → weights (x's dtype)
+        experts(x, ids, weights, input_linear.weight [E, 2F, H], output_linear.weight [E, H, F]) + bias
+
+The family's routing stays as ordinary ops (DBRX's and LongCat's routers are untouched; JetMoE's is
+written again, op for op, without the .tolist()). While `capturing`, each adapted module's forward is
+replaced by the adapter's and its weights by the canonical layout (same attribute names, converted
+once; a weight the layout no longer needs is set to None so the graph holds no copy); all is put back
+on exit, so the user's model is unchanged. The gate is probed bit for bit against the MoESpec
+activations (`experts_interface.probe_gate`); what moecc cannot express is refused with the reason and
+the module stays as its own ordinary ops. Nothing is registered at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import types
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MoeccError
+from ..ops import call_experts
+from ..spec import MoESpec, RouterSpec
+from .experts_interface import ExpertsPlan, InterfaceReport, combine, probe_gate
+
+log = logging.getLogger("moecc.recognize.experts_adapters")
+
+_GATED = ("swiglu", "geglu", "geglu_tanh")
+
+
+@dataclass(frozen=True)
+class Adapted:
+    plan: ExpertsPlan
+    forward: Callable                               # forward(module, plan, *args) while capturing
+    swaps: tuple[tuple[nn.Module, str, Tensor | None], ...]   # (owner, attribute, canonical value)
+
+
+# ---- the adapters: module -> Adapted, or MoeccError(reason) ------------------------------------
+
+def _dbrx(ex: nn.Module, path: str) -> Adapted:
+    mlp, E, F, H = ex.mlp, ex.num_experts, ex.ffn_hidden_size, ex.hidden_size
+    for n in ("w1", "v1", "w2"):
+        if tuple(getattr(mlp, n).shape) != (E * F, H):
+            raise MoeccError(f"{path} (DbrxExperts): mlp.{n} is {tuple(getattr(mlp, n).shape)}, not [E·F, H] = "
+                             f"[{E * F}, {H}]")
+    act = mlp.activation_fn
+    spec = _spec(act, mlp.w1.dtype, E, H, F, path, "DbrxExperts")
+    w_in = torch.cat([mlp.w1.detach().view(E, F, H), mlp.v1.detach().view(E, F, H)], dim=1)   # [E, 2F, H]
+    w_out = mlp.w2.detach().view(E, F, H).transpose(1, 2)                                      # [E, H, F]
+    return Adapted(ExpertsPlan(spec, path, "DbrxExperts"), _dbrx_forward,
+                   ((mlp, "w1", _param(w_in, mlp.w1)), (mlp, "w2", _param(w_out, mlp.w2)), (mlp, "v1", None)))
+
+
+def _dbrx_forward(ex: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+                  top_k_weights: Tensor) -> Tensor:
+    x, ids, weights, spec = _flat(ex, plan, hidden_states, top_k_index, top_k_weights)
+    y = call_experts(x, ids, weights, ex.mlp.w1, ex.mlp.w2, spec)                  # [T, H]
+    return y.view(hidden_states.shape[0], -1, x.shape[-1])                          # as DbrxExperts returns
+
+
+def _longcat(ex: nn.Module, path: str) -> Adapted:
+    E, Z = ex.num_routed_experts, ex.zero_expert_num
+    if E == 0 or ex.gate_up_proj is None:
+        raise MoeccError(f"{path} (LongcatFlashExperts): no routed experts (only identity experts)")
+    w_in, w_out = ex.gate_up_proj, ex.down_proj
+    R, H = w_in.shape[1:]
+    F = w_out.shape[2]
+    if w_in.shape[0] != E + Z or R != 2 * F or tuple(w_out.shape) != (E, H, F):
+        raise MoeccError(f"{path} (LongcatFlashExperts): weights {tuple(w_in.shape)} / {tuple(w_out.shape)} "
+                         f"are not [E+Z, 2F, H] / [E, H, F] with E={E}, Z={Z}")
+    spec = _spec(ex.act_fn, w_in.dtype, E, H, F, path, "LongcatFlashExperts")
+    swaps = ((ex, "gate_up_proj", _param(w_in.detach()[:E], w_in)),) if Z else ()
+    return Adapted(ExpertsPlan(spec, path, "LongcatFlashExperts"), _longcat_forward, swaps)
+
+
+def _longcat_forward(ex: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+                     top_k_weights: Tensor) -> Tensor:
+    x, ids, weights, spec = _flat(ex, plan, hidden_states, top_k_index, top_k_weights)
+    zero = ids >= plan.spec.num_experts                                             # [T, k] identity experts
+    y = call_experts(x, ids.masked_fill(zero, -1), weights, ex.gate_up_proj, ex.down_proj, spec)   # [T, H]
+    if ex.zero_expert_num:
+        w0 = weights.masked_fill(~zero, 0).sum(-1, keepdim=True)                  # [T, 1]
+        y = y + (w0 * x).to(x.dtype)
+    return y.reshape(hidden_states.shape)
+
+
+def _jetmoe(block: nn.Module, path: str) -> Adapted:
+    w_in, w_out = block.input_linear.weight, block.output_linear.weight
+    E, R, H = w_in.shape
+    F = w_out.shape[2]
+    if R != 2 * F or tuple(w_out.shape) != (E, H, F) or block.router.layer.weight.shape[0] != E:
+        raise MoeccError(f"{path} (JetMoeMoE): weights {tuple(w_in.shape)} / {tuple(w_out.shape)} are not "
+                         f"[E, 2F, H] / [E, H, F] with a router of E rows")
+    spec = _spec(block.activation, w_in.dtype, E, H, F, path, "JetMoeMoE")
+    return Adapted(ExpertsPlan(spec, path, "JetMoeMoE"), _jetmoe_forward, ())
+
+
+def _jetmoe_forward(block: nn.Module, plan: ExpertsPlan, layer_input: Tensor) -> Tensor:
+    bsz, length, H = layer_input.shape
+    x = layer_input.reshape(-1, H)                                                  # [T, H]
+    logits = block.router.layer(x).float()                                          # [T, E]
+    top_logits, ids = logits.topk(block.router.top_k, dim=1)                        # [T, k]
+    weights = torch.softmax(top_logits, dim=1).type_as(x)                           # [T, k]
+    x, ids, weights, spec = _flat(block, plan, x, ids, weights)
+    y = call_experts(x, ids, weights, block.input_linear.weight, block.output_linear.weight, spec)
+    return y.view(bsz, length, H) + block.bias
+
+
+ADAPTERS: dict[str, Callable[[nn.Module, str], Adapted]] = {
+    "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe}
+
+
+# ---- shared pieces ---------------------------------------------------------------------------
+
+def _spec(act_fn, dtype: torch.dtype, E: int, H: int, F: int, path: str, name: str) -> MoESpec:
+    """Gated experts computing act_fn(gate) · up on [gate; up]: the activation probed bit for bit."""
+    def gate(h):                                                                    # [n, 2F] -> [n, F]
+        g, u = h.chunk(2, dim=-1)
+        return act_fn(g) * u
+    act, extra = probe_gate(gate, dtype, 2 * F, True, [(a, {"interleaved": False}) for a in _GATED],
+                            f"{path} ({name})", f"{path}: activation {type(act_fn).__name__} of {name} ({dtype})",
+                            f"gated {', '.join(_GATED)}")
+    return MoESpec(num_experts=E, hidden=H, ffn=F, activation=act, router=RouterSpec(top_k=1, fp32=False),
+                   name=path, **extra).validate()
+
+
+def _param(value: Tensor, like: Tensor) -> nn.Parameter:
+    return nn.Parameter(value.contiguous(), requires_grad=like.requires_grad)
+
+
+def _flat(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+          top_k_weights: Tensor):
+    """x [T, H], ids [T, k] int64, weights [T, k] and the spec of this call (top_k, combine)."""
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(x.shape[0], k).to(torch.int64)
+    weights = top_k_weights.reshape(x.shape[0], k)
+    spec = plan.spec.replace(router=dataclasses.replace(plan.spec.router, top_k=int(k)),
+                             combine=combine(x.dtype, weights.dtype))
+    _traced[id(module)] = spec
+    return x, ids, weights, spec
+
+
+_traced: dict[int, MoESpec] = {}                    # id(module) -> the spec its traced call used
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return type(module).__name__ in ADAPTERS
+
+
+def contains_adapted(module: nn.Module) -> bool:
+    return any(is_adapted(m) for m in module.modules())
+
+
+@contextlib.contextmanager
+def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
+    """While inside: every module an adapter knows runs the adapter's forward on canonical weights
+    (or, refused, its own forward, the reason in the report). Everything is restored on exit."""
+    report = InterfaceReport()
+    modules = [(p, m) for p, m in model.named_modules() if is_adapted(m)]
+    done: list[tuple[nn.Module, Adapted]] = []
+    swapped: list[tuple[nn.Module, str, Tensor | None]] = []
+    try:
+        for path, m in modules:
+            try:
+                adapted = ADAPTERS[type(m).__name__](m, path)
+            except MoeccError as e:
+                report.refused.append((path, str(e)))
+                log.warning("experts adapter: %s; it stays as ordinary ops", e)
+                continue
+            for owner, name, value in adapted.swaps:
+                swapped.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, value)
+            m.forward = types.MethodType(lambda self, *a, _f=adapted.forward, _p=adapted.plan: _f(self, _p, *a), m)
+            done.append((m, adapted))
+            report.captured.append(adapted.plan)
+            log.info("experts adapter: %s (%s) -> moecc::experts E=%d act=%s", path, adapted.plan.source_class,
+                     adapted.plan.spec.num_experts, adapted.plan.spec.activation)
+        yield report
+    finally:
+        for owner, name, old in reversed(swapped):
+            setattr(owner, name, old)
+        for i, (m, adapted) in enumerate(done):
+            del m.forward
+            traced = _traced.pop(id(m), None)
+            if traced is not None:
+                report.captured[i] = dataclasses.replace(adapted.plan, spec=traced)
