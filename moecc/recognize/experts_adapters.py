@@ -14,8 +14,9 @@ written again, op for op, without the .tolist()). While `capturing`, each adapte
 replaced by the adapter's and its weights by the canonical layout (same attribute names, converted
 once; a weight the layout no longer needs is set to None so the graph holds no copy); all is put back
 on exit, so the user's model is unchanged. The gate is probed bit for bit against the MoESpec
-activations (`experts_interface.probe_gate`); what moecc cannot express is refused with the reason and
-the module stays as its own ordinary ops. Nothing is registered at import.
+activations (`experts_interface.probe_gate`); a gate moecc cannot express is refused with the reason
+and that module runs the same sum as ordinary ops (each slot's expert weights gathered, exportable to
+every backend). Nothing is registered at import.
 """
 from __future__ import annotations
 
@@ -41,12 +42,14 @@ _GATED = ("swiglu", "geglu", "geglu_tanh")
 
 @dataclass(frozen=True)
 class Adapted:
-    plan: ExpertsPlan
-    forward: Callable                               # forward(module, plan, *args) while capturing
+    plan: ExpertsPlan | None                        # None: refused (`reason`), the gathered ordinary ops run
+    forward: Callable                               # forward(module, adapted, *args) while capturing
     swaps: tuple[tuple[nn.Module, str, Tensor | None], ...]   # (owner, attribute, canonical value)
+    gate: Callable[[Tensor], Tensor]                # the module's own act_fn(gate) · up: [n, 2F] -> [n, F]
+    reason: str | None = None
 
 
-# ---- the adapters: module -> Adapted, or MoeccError(reason) ------------------------------------
+# ---- the adapters: module -> Adapted, or MoeccError(reason) for a layout they cannot read ----------
 
 def _dbrx(ex: nn.Module, path: str) -> Adapted:
     mlp, E, F, H = ex.mlp, ex.num_experts, ex.ffn_hidden_size, ex.hidden_size
@@ -54,18 +57,16 @@ def _dbrx(ex: nn.Module, path: str) -> Adapted:
         if tuple(getattr(mlp, n).shape) != (E * F, H):
             raise MoeccError(f"{path} (DbrxExperts): mlp.{n} is {tuple(getattr(mlp, n).shape)}, not [E·F, H] = "
                              f"[{E * F}, {H}]")
-    act = mlp.activation_fn
-    spec = _spec(act, mlp.w1.dtype, E, H, F, path, "DbrxExperts")
     w_in = torch.cat([mlp.w1.detach().view(E, F, H), mlp.v1.detach().view(E, F, H)], dim=1)   # [E, 2F, H]
     w_out = mlp.w2.detach().view(E, F, H).transpose(1, 2)                                      # [E, H, F]
-    return Adapted(ExpertsPlan(spec, path, "DbrxExperts"), _dbrx_forward,
-                   ((mlp, "w1", _param(w_in, mlp.w1)), (mlp, "w2", _param(w_out, mlp.w2)), (mlp, "v1", None)))
+    swaps = ((mlp, "w1", _param(w_in, mlp.w1)), (mlp, "w2", _param(w_out, mlp.w2)), (mlp, "v1", None))
+    return _adapted(mlp.activation_fn, mlp.w1.dtype, E, H, F, path, "DbrxExperts", _dbrx_forward, swaps)
 
 
-def _dbrx_forward(ex: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+def _dbrx_forward(ex: nn.Module, a: Adapted, hidden_states: Tensor, top_k_index: Tensor,
                   top_k_weights: Tensor) -> Tensor:
-    x, ids, weights, spec = _flat(ex, plan, hidden_states, top_k_index, top_k_weights)
-    y = call_experts(x, ids, weights, ex.mlp.w1, ex.mlp.w2, spec)                  # [T, H]
+    x, ids, weights = _flat(hidden_states, top_k_index, top_k_weights)
+    y = _experts(ex, a, x, ids, weights, ex.mlp.w1, ex.mlp.w2)                     # [T, H]
     return y.view(hidden_states.shape[0], -1, x.shape[-1])                          # as DbrxExperts returns
 
 
@@ -79,16 +80,15 @@ def _longcat(ex: nn.Module, path: str) -> Adapted:
     if w_in.shape[0] != E + Z or R != 2 * F or tuple(w_out.shape) != (E, H, F):
         raise MoeccError(f"{path} (LongcatFlashExperts): weights {tuple(w_in.shape)} / {tuple(w_out.shape)} "
                          f"are not [E+Z, 2F, H] / [E, H, F] with E={E}, Z={Z}")
-    spec = _spec(ex.act_fn, w_in.dtype, E, H, F, path, "LongcatFlashExperts")
     swaps = ((ex, "gate_up_proj", _param(w_in.detach()[:E], w_in)),) if Z else ()
-    return Adapted(ExpertsPlan(spec, path, "LongcatFlashExperts"), _longcat_forward, swaps)
+    return _adapted(ex.act_fn, w_in.dtype, E, H, F, path, "LongcatFlashExperts", _longcat_forward, swaps)
 
 
-def _longcat_forward(ex: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+def _longcat_forward(ex: nn.Module, a: Adapted, hidden_states: Tensor, top_k_index: Tensor,
                      top_k_weights: Tensor) -> Tensor:
-    x, ids, weights, spec = _flat(ex, plan, hidden_states, top_k_index, top_k_weights)
-    zero = ids >= plan.spec.num_experts                                             # [T, k] identity experts
-    y = call_experts(x, ids.masked_fill(zero, -1), weights, ex.gate_up_proj, ex.down_proj, spec)   # [T, H]
+    x, ids, weights = _flat(hidden_states, top_k_index, top_k_weights)
+    zero = ids >= ex.num_routed_experts                                             # [T, k] identity experts
+    y = _experts(ex, a, x, ids.masked_fill(zero, -1), weights, ex.gate_up_proj, ex.down_proj)      # [T, H]
     if ex.zero_expert_num:
         w0 = weights.masked_fill(~zero, 0).sum(-1, keepdim=True)                  # [T, 1]
         y = y + (w0 * x).to(x.dtype)
@@ -102,18 +102,16 @@ def _jetmoe(block: nn.Module, path: str) -> Adapted:
     if R != 2 * F or tuple(w_out.shape) != (E, H, F) or block.router.layer.weight.shape[0] != E:
         raise MoeccError(f"{path} (JetMoeMoE): weights {tuple(w_in.shape)} / {tuple(w_out.shape)} are not "
                          f"[E, 2F, H] / [E, H, F] with a router of E rows")
-    spec = _spec(block.activation, w_in.dtype, E, H, F, path, "JetMoeMoE")
-    return Adapted(ExpertsPlan(spec, path, "JetMoeMoE"), _jetmoe_forward, ())
+    return _adapted(block.activation, w_in.dtype, E, H, F, path, "JetMoeMoE", _jetmoe_forward, ())
 
 
-def _jetmoe_forward(block: nn.Module, plan: ExpertsPlan, layer_input: Tensor) -> Tensor:
+def _jetmoe_forward(block: nn.Module, a: Adapted, layer_input: Tensor) -> Tensor:
     bsz, length, H = layer_input.shape
     x = layer_input.reshape(-1, H)                                                  # [T, H]
     logits = block.router.layer(x).float()                                          # [T, E]
     top_logits, ids = logits.topk(block.router.top_k, dim=1)                        # [T, k]
     weights = torch.softmax(top_logits, dim=1).type_as(x)                           # [T, k]
-    x, ids, weights, spec = _flat(block, plan, x, ids, weights)
-    y = call_experts(x, ids, weights, block.input_linear.weight, block.output_linear.weight, spec)
+    y = _experts(block, a, x, ids, weights, block.input_linear.weight, block.output_linear.weight)
     return y.view(bsz, length, H) + block.bias
 
 
@@ -123,33 +121,50 @@ ADAPTERS: dict[str, Callable[[nn.Module, str], Adapted]] = {
 
 # ---- shared pieces ---------------------------------------------------------------------------
 
-def _spec(act_fn, dtype: torch.dtype, E: int, H: int, F: int, path: str, name: str) -> MoESpec:
-    """Gated experts computing act_fn(gate) · up on [gate; up]: the activation probed bit for bit."""
+def _adapted(act_fn, dtype: torch.dtype, E: int, H: int, F: int, path: str, name: str, forward,
+             swaps) -> Adapted:
+    """Gated experts computing act_fn(gate) · up on [gate; up]: the activation probed bit for bit
+    (refused with the reason when no MoESpec activation equals it)."""
     def gate(h):                                                                    # [n, 2F] -> [n, F]
         g, u = h.chunk(2, dim=-1)
         return act_fn(g) * u
-    act, extra = probe_gate(gate, dtype, 2 * F, True, [(a, {"interleaved": False}) for a in _GATED],
-                            f"{path} ({name})", f"{path}: activation {type(act_fn).__name__} of {name} ({dtype})",
-                            f"gated {', '.join(_GATED)}")
-    return MoESpec(num_experts=E, hidden=H, ffn=F, activation=act, router=RouterSpec(top_k=1, fp32=False),
+    try:
+        act, extra = probe_gate(gate, dtype, 2 * F, True, [(a, {"interleaved": False}) for a in _GATED],
+                                f"{path} ({name})", f"{path}: activation {type(act_fn).__name__} of {name} "
+                                f"({dtype})", f"gated {', '.join(_GATED)}")
+    except MoeccError as e:
+        return Adapted(None, forward, swaps, gate, str(e))
+    spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation=act, router=RouterSpec(top_k=1, fp32=False),
                    name=path, **extra).validate()
+    return Adapted(ExpertsPlan(spec, path, name), forward, swaps, gate)
+
+
+def _experts(module: nn.Module, a: Adapted, x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor,
+             w_out: Tensor) -> Tensor:
+    """x [T, H], ids [T, k] (-1 = empty), weights [T, k] -> y [T, H]: one moecc::experts node, or for a
+    refused module the same sum as ordinary ops (each slot's expert weights gathered, as transformers'
+    batched_mm): exportable to every backend, with the module's own gate."""
+    if a.plan is not None:
+        spec = a.plan.spec.replace(router=dataclasses.replace(a.plan.spec.router, top_k=int(ids.shape[1])),
+                                   combine=combine(x.dtype, weights.dtype))
+        _traced[id(module)] = spec
+        return call_experts(x, ids, weights, w_in, w_out, spec)
+    e = ids.clamp(min=0)                                                            # [T, k]
+    h = torch.matmul(w_in[e], x[:, None, :, None]).squeeze(-1)                     # [T, k, 2F]
+    h = torch.matmul(w_out[e], a.gate(h).unsqueeze(-1)).squeeze(-1)                # [T, k, H]
+    w = weights.masked_fill(ids < 0, 0).unsqueeze(-1)                               # [T, k, 1]
+    return (h * w).to(x.dtype).sum(1)                                               # [T, H]
 
 
 def _param(value: Tensor, like: Tensor) -> nn.Parameter:
     return nn.Parameter(value.contiguous(), requires_grad=like.requires_grad)
 
 
-def _flat(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
-          top_k_weights: Tensor):
-    """x [T, H], ids [T, k] int64, weights [T, k] and the spec of this call (top_k, combine)."""
+def _flat(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor):
+    """x [T, H], ids [T, k] int64, weights [T, k]."""
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     k = top_k_index.shape[-1]
-    ids = top_k_index.reshape(x.shape[0], k).to(torch.int64)
-    weights = top_k_weights.reshape(x.shape[0], k)
-    spec = plan.spec.replace(router=dataclasses.replace(plan.spec.router, top_k=int(k)),
-                             combine=combine(x.dtype, weights.dtype))
-    _traced[id(module)] = spec
-    return x, ids, weights, spec
+    return x, top_k_index.reshape(x.shape[0], k).to(torch.int64), top_k_weights.reshape(x.shape[0], k)
 
 
 _traced: dict[int, MoESpec] = {}                    # id(module) -> the spec its traced call used
@@ -165,8 +180,9 @@ def contains_adapted(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
-    """While inside: every module an adapter knows runs the adapter's forward on canonical weights
-    (or, refused, its own forward, the reason in the report). Everything is restored on exit."""
+    """While inside: every module an adapter knows runs the adapter's forward on canonical weights: one
+    moecc::experts node, or (its gate refused, the reason in the report) gathered ordinary ops. A layout
+    an adapter cannot read keeps the module's own forward. Everything is restored on exit."""
     report = InterfaceReport()
     modules = [(p, m) for p, m in model.named_modules() if is_adapted(m)]
     done: list[tuple[nn.Module, Adapted]] = []
@@ -177,13 +193,18 @@ def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
                 adapted = ADAPTERS[type(m).__name__](m, path)
             except MoeccError as e:
                 report.refused.append((path, str(e)))
-                log.warning("experts adapter: %s; it stays as ordinary ops", e)
+                log.warning("experts adapter: %s; it stays as its own ops", e)
                 continue
             for owner, name, value in adapted.swaps:
                 swapped.append((owner, name, getattr(owner, name)))
                 setattr(owner, name, value)
-            m.forward = types.MethodType(lambda self, *a, _f=adapted.forward, _p=adapted.plan: _f(self, _p, *a), m)
+            m.forward = types.MethodType(lambda self, *args, _a=adapted: _a.forward(self, _a, *args), m)
             done.append((m, adapted))
+            if adapted.plan is None:
+                report.refused.append((path, adapted.reason))
+                log.warning("experts adapter: %s; it runs as ordinary ops (each slot's expert gathered)",
+                            adapted.reason)
+                continue
             report.captured.append(adapted.plan)
             log.info("experts adapter: %s (%s) -> moecc::experts E=%d act=%s", path, adapted.plan.source_class,
                      adapted.plan.spec.num_experts, adapted.plan.spec.activation)
@@ -191,8 +212,9 @@ def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
     finally:
         for owner, name, old in reversed(swapped):
             setattr(owner, name, old)
-        for i, (m, adapted) in enumerate(done):
+        for m, _ in done:
             del m.forward
-            traced = _traced.pop(id(m), None)
-            if traced is not None:
-                report.captured[i] = dataclasses.replace(adapted.plan, spec=traced)
+        traced = {id(a.plan): _traced.pop(id(m), None) for m, a in done}
+        for i, plan in enumerate(report.captured):
+            if traced.get(id(plan)) is not None:
+                report.captured[i] = dataclasses.replace(plan, spec=traced[id(plan)])

@@ -97,12 +97,28 @@ def test_longcat_check_input_reaches_the_identity_experts(captured):
     assert int((seen[0] >= experts.num_routed_experts).sum()) > 0
 
 
-def test_a_gate_moecc_cannot_express_is_refused():
+def test_a_gate_moecc_cannot_express_is_refused_and_runs_as_ordinary_ops():
+    """relu(gate) · up (no MoESpec activation): refused with the reason; inside capturing the module
+    runs gathered ordinary ops that equal its own loop and export without a moecc node."""
     from transformers.models.dbrx.modeling_dbrx import DbrxExperts
     cfg = cm.config("dbrx").ffn_config
-    cfg.ffn_act_fn = {"name": "relu"}                 # relu(gate) * up: no MoESpec activation
+    cfg.ffn_act_fn = {"name": "relu"}
+    torch.manual_seed(0)
     ex = DbrxExperts(cfg)
-    with xa.capturing(ex) as report:
-        assert "forward" not in vars(ex)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, 8, (10, 2), generator=g)
+    w = torch.rand(10, 2, generator=g)
+    with torch.no_grad():
+        want = ex(x, ids, w)
+        with xa.capturing(ex) as report:
+            got = ex(x, ids, w)
+            ep = torch.export.export(ex, (x, ids, w), strict=False)
     assert not report.captured and len(report.refused) == 1
     assert "ReLU" in report.refused[0][1] and "equals no MoESpec activation" in report.refused[0][1]
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert not any(n.target is EXPERTS for n in ep.graph.nodes)
+    assert "forward" not in vars(ex) and tuple(ex.mlp.w1.shape) == (8 * cfg.ffn_hidden_size, cfg.hidden_size)
