@@ -72,7 +72,8 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
     one moecc::moe node each (`recognizers`: a moecc.recognize Registry of the user's own, or None
     for the built-in families). The recognizers win where they match (their node carries the router,
     which passes may change); every other transformers 5.x experts module is captured through the
-    ExpertsInterface (`experts_interface`) as one moecc::experts node behind the family's own router."""
+    ExpertsInterface (`experts_interface`) as one moecc::experts node behind the family's own router,
+    and so are the experts modules outside it that moecc.recognize.experts_adapters knows."""
     if not isinstance(model, torch.nn.Module):
         raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
