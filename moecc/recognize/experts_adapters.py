@@ -9,6 +9,10 @@
       ⇒ logits = router.layer(x).float(); top-k logits → softmax over k → weights (x's dtype)
         experts(x, ids, weights, input_linear.weight [E, 2F, H], output_linear.weight [E, H, F]) + bias
 
+    JetMoeMoA.map / .reduce (a mixture of attention: not an FFN MoE, no moecc node)
+      ⇒ the same top-k softmax, every expert's projection computed and the chosen gathered: static
+        shapes (its .tolist() left unbacked sizes that TVM's decomposition refused); reported as refused
+
 The family's routing stays as ordinary ops (DBRX's and LongCat's routers are untouched; JetMoE's is
 written again, op for op, without the .tolist()). While `capturing`, each adapted module's forward is
 replaced by the adapter's and its weights by the canonical layout (same attribute names, converted
@@ -115,8 +119,34 @@ def _jetmoe_forward(block: nn.Module, a: Adapted, layer_input: Tensor) -> Tensor
     return y.view(bsz, length, H) + block.bias
 
 
+def _moa_map(moa: nn.Module, layer_input: Tensor):
+    """JetMoeMoA.map without .tolist(): each token's k query projections, every expert computed and the
+    chosen gathered ([T, E, D]: E is small), so sizes stay static."""
+    bsz, length, H = layer_input.shape
+    x = layer_input.reshape(-1, H)                                                  # [T, H]
+    logits = moa.router.layer(x).float()                                            # [T, E]
+    top_logits, ids = logits.topk(moa.top_k, dim=1)                                 # [T, k]
+    gates = torch.softmax(top_logits, dim=1).type_as(x)                             # [T, k]
+    q = torch.einsum("th,edh->ted", x, moa.input_linear.weight)                     # [T, E, D]
+    q = q.gather(1, ids.unsqueeze(-1).expand(-1, -1, q.shape[-1]))                  # [T, k, D]
+    return q.view(bsz, length, moa.top_k, -1), logits, (ids, gates)
+
+
+def _moa_reduce(moa: nn.Module, layer_input: Tensor, topo_info):
+    bsz, length, k, D = layer_input.shape
+    ids, gates = topo_info
+    a = layer_input.reshape(-1, k, D)                                               # [T, k, D]
+    o = torch.einsum("tkd,ehd->tkeh", a, moa.output_linear.weight)                  # [T, k, E, H]
+    o = o.gather(2, ids[:, :, None, None].expand(-1, -1, 1, o.shape[-1])).squeeze(2)   # [T, k, H]
+    return (o * gates.unsqueeze(-1)).sum(1).view(bsz, length, -1) + moa.bias
+
+
 ADAPTERS: dict[str, Callable[[nn.Module, str], Adapted]] = {
     "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe}
+# not an FFN MoE, so no moecc node: only rewritten as static-shape ordinary ops (reported as refused)
+REWRITES: dict[str, tuple[str, dict[str, Callable]]] = {
+    "JetMoeMoA": ("a mixture of attention (query/output projections as experts) is not an FFN MoE; it stays "
+                  "ordinary ops, rewritten without its router's .tolist()", {"map": _moa_map, "reduce": _moa_reduce})}
 
 
 # ---- shared pieces ---------------------------------------------------------------------------
@@ -171,7 +201,7 @@ _traced: dict[int, MoESpec] = {}                    # id(module) -> the spec its
 
 
 def is_adapted(module: nn.Module) -> bool:
-    return type(module).__name__ in ADAPTERS
+    return type(module).__name__ in ADAPTERS or type(module).__name__ in REWRITES
 
 
 def contains_adapted(module: nn.Module) -> bool:
@@ -187,8 +217,16 @@ def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
     modules = [(p, m) for p, m in model.named_modules() if is_adapted(m)]
     done: list[tuple[nn.Module, Adapted]] = []
     swapped: list[tuple[nn.Module, str, Tensor | None]] = []
+    patched: list[tuple[nn.Module, list[str]]] = []
     try:
         for path, m in modules:
+            if type(m).__name__ in REWRITES:
+                why, methods = REWRITES[type(m).__name__]
+                for name, fn in methods.items():
+                    setattr(m, name, types.MethodType(fn, m))
+                patched.append((m, list(methods)))
+                report.refused.append((path, why))
+                continue
             try:
                 adapted = ADAPTERS[type(m).__name__](m, path)
             except MoeccError as e:
@@ -214,6 +252,9 @@ def capturing(model: nn.Module) -> Iterator[InterfaceReport]:
             setattr(owner, name, old)
         for m, _ in done:
             del m.forward
+        for m, names in patched:
+            for name in names:
+                delattr(m, name)
         traced = {id(a.plan): _traced.pop(id(m), None) for m, a in done}
         for i, plan in enumerate(report.captured):
             if traced.get(id(plan)) is not None:
