@@ -42,9 +42,10 @@ FAMILY = {
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                  ffn_config={"hidden_size": 64, "ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}),
-    # LongCat-Flash: 256 zero-compute (identity) experts by default would drown the 8 routed ones;
-    # keep the real model's ratio (512 routed + 256 zero)
-    "longcat_flash": dict(zero_expert_num=4),
+    # LongCat-Flash: its rotary embedding takes head_dim, which must be the MLA rotary dim (8 here; 64 =
+    # 64 in the real config); 256 zero-compute (identity) experts by default would drown the 8 routed
+    # ones: keep the real model's ratio (512 routed + 256 zero)
+    "longcat_flash": dict(head_dim=SMALL["qk_rope_head_dim"], zero_expert_num=4),
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
@@ -92,8 +93,6 @@ def config(model_type: str, **overrides):
     if _has(base, "kv_lora_rank"):                        # MLA: as many kv heads as heads, no head_dim
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
         kw.pop("head_dim", None)
-        if _has(base, "head_dim") and base.head_dim == getattr(base, "qk_rope_head_dim", None):
-            kw["head_dim"] = kw["qk_rope_head_dim"]       # the rotary dim (LongCat-Flash)
     layers = kw.get("num_hidden_layers", 2)
     for k, v in vars(base).items():                       # per-layer lists (layer_types, ...) cut to depth
         if isinstance(v, list) and layers0 and len(v) == layers0 and k not in kw:
