@@ -72,7 +72,8 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
     one moecc::moe node each (`recognizers`: a moecc.recognize Registry of the user's own, or None
     for the built-in families). The recognizers win where they match (their node carries the router,
     which passes may change); every other transformers 5.x experts module is captured through the
-    ExpertsInterface (`experts_interface`) as one moecc::experts node behind the family's own router."""
+    ExpertsInterface (`experts_interface`) as one moecc::experts node behind the family's own router,
+    and so are the experts modules outside it that moecc.recognize.experts_adapters knows."""
     if not isinstance(model, torch.nn.Module):
         raise MoeccError(f"{source}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
@@ -90,16 +91,28 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True, source
     if recognize:
         model, recognized = _recognize(model, recognizers, defer=_interface_defers if interface else None)
     dyn = dynamic_shapes(example_inputs, dynamic)
-    with _experts_interface(model, interface) as report:
+    with _experts_interface(model, interface) as reports:
         program = export(model, example_inputs, dyn, source)
-    if report is not None and (report.captured or report.refused):
-        recognized["experts_interface"] = report.to_dict()
+    for key, report in reports.items():
+        if report.captured or report.refused:
+            recognized[key] = report.to_dict()
+    inputs = describe_inputs(program)
+    _warn_fixed_dims(inputs, dyn, source)
     gm = program.module()
     _drop_guards(gm)
     _sorted_topk(gm)
     from .recognize.experts_interface import annotate_experts
-    return Captured(annotate_experts(annotate(gm)), example_inputs, dyn, describe_inputs(program), source,
-                    recognized)
+    return Captured(annotate_experts(annotate(gm)), example_inputs, dyn, inputs, source, recognized)
+
+
+def _warn_fixed_dims(inputs, dyn, source: str) -> None:
+    """A dim asked dynamic that export fixed (Dim.AUTO found the model's code depends on its value, e.g.
+    a Python loop over the sequence as in Mamba's torch scan): the graph runs at that size only."""
+    fixed = [f"{spec.name} dim {d} = {spec.shape[d]}" for spec, want in zip(inputs, dyn or ())
+             if want for d in want if d < len(spec.shape) and isinstance(spec.shape[d], int)]
+    if fixed:
+        log.warning("capture: %s: export fixed %s (the model's code depends on the size, e.g. a Python loop "
+                    "over it); the captured graph accepts only that size", source, ", ".join(fixed))
 
 
 def _sorted_topk(gm: fx.GraphModule) -> None:
@@ -121,15 +134,17 @@ def _sorted_topk(gm: fx.GraphModule) -> None:
 
 
 def _interface_defers(module: torch.nn.Module) -> bool:
+    from .recognize.experts_adapters import contains_adapted
     from .recognize.experts_interface import contains_hf_experts
-    return contains_hf_experts(module)
+    return contains_hf_experts(module) or contains_adapted(module)
 
 
 @contextlib.contextmanager
 def _experts_interface(model: torch.nn.Module, enabled: bool):
+    """{"experts_interface": report, "experts_adapters": report} while exporting (none when disabled)."""
     if not enabled:
-        yield None
+        yield {}
         return
-    from .recognize.experts_interface import capturing
-    with capturing(model) as report:
-        yield report
+    from .recognize import experts_adapters, experts_interface
+    with experts_interface.capturing(model) as iface, experts_adapters.capturing(model) as adapters:
+        yield {"experts_interface": iface, "experts_adapters": adapters}

@@ -43,13 +43,19 @@ def _user_values(program: torch.export.ExportedProgram) -> list[tuple[str, torch
             if isinstance(nodes[name].meta.get("val"), torch.Tensor)]
 
 
+def _static(d) -> int | None:
+    """A dim's size when export fixed it (an int, or a SymInt export specialized to a constant)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+    return int(d) if is_concrete_int(d) else None
+
+
 def dim_names(program: torch.export.ExportedProgram) -> dict[str, str]:
     """Export symbol ("s52") -> a name by its first position in the user inputs: dim 0 "batch",
     dim 1 "seq", then "dim<i>" (a suffix when another symbol took the name)."""
     names: dict[str, str] = {}
     for _, val in _user_values(program):
         for i, d in enumerate(val.shape):
-            if not isinstance(d, int) and str(d) not in names:
+            if _static(d) is None and str(d) not in names:
                 base = DIM_NAMES[i] if i < len(DIM_NAMES) else f"dim{i}"
                 taken = set(names.values())
                 names[str(d)] = next(n for n in [base] + [f"{base}{k}" for k in range(2, 99)] + [str(d)]
@@ -61,7 +67,7 @@ def describe_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
     """The user inputs, dynamic dims by name (`dim_names`): inputs sharing a symbol share the name."""
     names = dim_names(program)
     return [InputSpec(name, str(val.dtype).replace("torch.", ""),
-                      [d if isinstance(d, int) else names.get(str(d), str(d)) for d in val.shape])
+                      [_static(d) if _static(d) is not None else names.get(str(d), str(d)) for d in val.shape])
             for name, val in _user_values(program)]
 
 

@@ -57,12 +57,14 @@ def _verdict(err: float) -> dict:
 
 def _how(recognized: dict) -> dict:
     iface = recognized.get("experts_interface", {})
+    adapt = recognized.get("experts_adapters", {})
     rec = recognized.get("recognized", [])
-    how = {"interface": len(iface.get("captured", [])), "recognizer": len(rec),
-           "refused": [f"{r['path']}: {r['reason']}" for r in iface.get("refused", [])]
+    how = {"interface": len(iface.get("captured", [])), "adapter": len(adapt.get("captured", [])),
+           "recognizer": len(rec),
+           "refused": [f"{r['path']}: {r['reason']}" for r in iface.get("refused", []) + adapt.get("refused", [])]
            + [f"{r['path']}: {r['reason']}" for r in recognized.get("refused", [])]
            + [f"{r['path']}: {r['reason']}" for r in recognized.get("unrecognized", [])]}
-    kinds = [k for k in ("interface", "recognizer") if how[k]]
+    kinds = [k for k in ("interface", "adapter", "recognizer") if how[k]]
     how["how"] = "+".join(kinds) if kinds else "ordinary ops"
     if not kinds and not how["refused"]:
         how["refused"] = ["no MoE block found by either path"]
@@ -243,7 +245,8 @@ def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
             lines.append(f"| {r['family']} | not built: {r['build_error'].replace('|', '/')} |" + " |" * (len(backends) + 2))
             continue
         c = r["captured"]
-        how = c["how"] + (f" ({c['interface'] or c['recognizer']} layers)" if c["how"] != "ordinary ops" else "")
+        how = c["how"] + (f" ({sum(c.get(k, 0) for k in ('interface', 'adapter', 'recognizer'))} layers)"
+                          if c["how"] != "ordinary ops" else "")
         if c["refused"]:
             how += "; " + c["refused"][0].replace("|", "/")[:160]
         cells = [_cell(r.get("reference"))] + [_cell(r.get(b)) for b in backends] + [_cell(r.get("hf_onnx"))]

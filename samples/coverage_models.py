@@ -35,6 +35,18 @@ SMALL = dict(
     sliding_window=4, expert_capacity=8, use_cache=False, initializer_range=INIT, tie_word_embeddings=False,
     pad_token_id=0, eos_token_id=1, bos_token_id=1,
 )
+# families whose config the generic shrink cannot reach (other field names, nested sub-configs)
+FAMILY = {
+    # DBRX: d_model/n_heads/n_layers and nested attn/ffn configs; the default attn_config has no
+    # rope_theta, and clip_qkv=None breaks its clamp
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"hidden_size": 64, "ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}),
+    # LongCat-Flash: its rotary embedding takes head_dim, which must be the MLA rotary dim (8 here; 64 =
+    # 64 in the real config); 256 zero-compute (identity) experts by default would drown the 8 routed
+    # ones: keep the real model's ratio (512 routed + 256 zero)
+    "longcat_flash": dict(head_dim=SMALL["qk_rope_head_dim"], zero_expert_num=4),
+}
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
                  "moe_layer_start_index", "moe_layer_end_index", "expert_layer_period", "expert_layer_offset")
@@ -87,8 +99,9 @@ def config(model_type: str, **overrides):
             kw[k] = v[:layers]
     if _has(base, "mlp_only_layers") and base.mlp_only_layers:
         kw["mlp_only_layers"] = []
-    if isinstance(getattr(base, "mlp_layer_types", None), list):
-        kw["mlp_layer_types"] = ["sparse"] * layers
+    if isinstance(getattr(base, "mlp_layer_types", None), list):   # every layer MoE, of the family's own kinds
+        kinds = list(dict.fromkeys(k for k in base.mlp_layer_types if k != "dense")) or ["sparse"]
+        kw["mlp_layer_types"] = [kinds[i % len(kinds)] for i in range(layers)]
     if _has(base, "enable_moe_block"):
         kw["enable_moe_block"] = True
     if hasattr(base, "decoder_sparse_step"):
@@ -100,6 +113,7 @@ def config(model_type: str, **overrides):
     if getattr(base, "n_group", None) and "n_routed_experts" not in kw and "num_experts" not in kw:
         kw.pop("n_group", None)
         kw.pop("topk_group", None)
+    kw.update(FAMILY.get(model_type, {}))
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 

@@ -14,7 +14,9 @@ Built-in families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, s
 
 Every other transformers 5.x family whose experts class uses `use_experts_implementation` is captured
 by `experts_interface.py` during export (its router stays ordinary ops, the experts call becomes one
-moecc::experts node). The recognizers win where they match: their moe node carries the router, so
+moecc::experts node). Experts modules outside the interface with the same call (DbrxExperts,
+LongcatFlashExperts) and JetMoE's block are adapted the same way by `experts_adapters.py`. The
+recognizers win where they match: their moe node carries the router, so
 passes (route, capacity) can still change it, and their bf16 numerics are pinned by tests.
 """
 from __future__ import annotations

@@ -144,24 +144,31 @@ def _candidates(ex: nn.Module, gated: bool) -> Iterator[tuple[str, dict]]:
 
 def probe_activation(ex: nn.Module, dtype: torch.dtype, R: int, gated: bool, path: str) -> tuple[str, dict]:
     """The MoESpec activation equal, bit for bit, to the module's gate (`_apply_gate`) or `act_fn`."""
+    what = f"_apply_gate of {type(ex).__name__}" if gated else f"activation {type(ex.act_fn).__name__}"
+    layout = "interleaved" if not ex.is_concatenated else "concatenated"
+    return probe_gate(ex._apply_gate if gated else ex.act_fn, dtype, R, gated, _candidates(ex, gated),
+                      f"{path} ({type(ex).__name__})", f"{path}: {what} ({dtype})",
+                      f"{', '.join(GATED if gated else _PLAIN)}, {layout}")
+
+
+def probe_gate(fn, dtype: torch.dtype, R: int, gated: bool, candidates, where: str, what: str,
+               tried: str) -> tuple[str, dict]:
+    """The first (activation, extra MoESpec fields) of `candidates` whose `activate` equals fn(h) bit
+    for bit on h [n, R] (same dtype, values past any clamp), else MoeccError naming `what`/`tried`."""
     gen = torch.Generator().manual_seed(0)
     h = (torch.randn(64, R, generator=gen) * 6).to(dtype)           # [n, R], past a clamp at 7 and below -7
     h[0] = torch.linspace(-12, 12, R).to(dtype)
-    fn = ex._apply_gate if gated else ex.act_fn
     with torch.no_grad():
         try:
             want = fn(h)
         except Exception as e:    # a gate with another signature (e.g. act_fn(gate, up))
-            raise MoeccError(f"{path} ({type(ex).__name__}): its gate could not be probed: "
-                             f"{type(e).__name__}: {e}") from None
-        for act, extra in _candidates(ex, gated):
+            raise MoeccError(f"{where}: its gate could not be probed: {type(e).__name__}: {e}") from None
+        for act, extra in candidates:
             spec = MoESpec(num_experts=2, hidden=1, ffn=R // 2 if gated else R, activation=act, **extra)
             got = activate(h, spec)
             if got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want):
                 return act, extra
-    what = f"_apply_gate of {type(ex).__name__}" if gated else f"activation {type(ex.act_fn).__name__}"
-    raise MoeccError(f"{path}: {what} ({dtype}) equals no MoESpec activation "
-                     f"({', '.join(GATED if gated else _PLAIN)}, {'interleaved' if not ex.is_concatenated else 'concatenated'})")
+    raise MoeccError(f"{what} equals no MoESpec activation ({tried})")
 
 
 @dataclass
