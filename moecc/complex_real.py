@@ -30,6 +30,7 @@ aten = torch.ops.aten
 REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 SAME = {aten.clone.default, aten.alias.default, aten.detach.default}
+TO = {aten._to_copy.default, aten.to.dtype_layout, aten.to.dtype, aten.to.device, aten.to.other}
 
 
 def is_complex(a) -> bool:
@@ -119,11 +120,8 @@ def _rule(n: fx.Node, real: dict, emit) -> fx.Node:
         return emit(t, [r(a) for a in args[0]], _dim(args[1] if len(args) > 1 else 0))
     if t in SAME:
         return emit(t, r(args[0]))
-    if t is aten._to_copy.default and is_complex(args[0]):
-        kw = dict(kw)
-        if kw.get("dtype") is not None:
-            kw["dtype"] = REAL[kw["dtype"]]
-        return emit(t, r(args[0]), **kw)
+    if t in TO and is_complex(args[0]) and is_complex(n):             # a complex dtype cast (or a no-op)
+        return emit(aten._to_copy.default, r(args[0]), dtype=REAL[n.meta["val"].dtype])
     raise MoeccError(f"node {n.name!r} ({t}) works on complex values, which moecc writes as real pairs only "
                      f"for rotary-style arithmetic (polar, view_as_complex/real, mul, add, shape ops); "
                      f"compile with --to torch (source: {_source(n)})")

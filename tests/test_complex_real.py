@@ -19,7 +19,7 @@ class Rotary(torch.nn.Module):
         freqs = torch.outer(torch.arange(S, dtype=torch.float32), torch.linspace(0.1, 1.0, 4))   # [S, 4]
         cis = torch.polar(torch.ones_like(freqs) * 1.5, freqs)                   # [S, 4] complex
         xc = torch.view_as_complex(x.reshape(*x.shape[:-1], 4, 2))               # [B, S, 4] complex
-        y = xc * cis.unsqueeze(0) * x[..., :4]                                   # complex·complex·real
+        y = xc * cis.to(x.device).unsqueeze(0) * x[..., :4]                      # complex·complex·real
         return torch.view_as_real(y).flatten(-2) + x
 
 
