@@ -119,8 +119,8 @@ def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
     finally:
         use_transport(None)
         tr.close()
-    # per layer: token numbers + split sizes + 3 dispatch + 1 combine; chunked: 2 sizes, 4 per chunk
-    assert calls == [2 * (1 + 1 + 4), 2 * (1 + 2 + 3 * 4)]
+    # per layer: token numbers + split sizes + 1 dispatch + 1 combine; chunked: 1 sizes, 2 per chunk
+    assert calls == [2 * (1 + 1 + 2), 2 * (1 + 1 + 3 * 2)]
     bar = 1e-6 * float(ys[0].detach().abs().max())
     assert float((ys[1] - ys[0]).abs().max()) <= bar
     for y in ys:
