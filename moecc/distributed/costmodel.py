@@ -160,7 +160,7 @@ class Costs:
     dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: 1, rows and pairs packed)
     combine_msgs: int = 1
     sizes: float = 0.0              # the split-size exchange (one collective, synchronous)
-    plan: float = 0.0               # routing -> send layout, for all tokens (per-token part)
+    plan: float = 0.0               # routing -> send layout + packed dispatch, all tokens (per token)
     plan_fixed: float = 0.0         # ... fixed part per chunk
     sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
     sums_fixed: float = 0.0         # ... fixed part per chunk

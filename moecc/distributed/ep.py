@@ -254,14 +254,19 @@ class Dispatched:
                         _Weights.apply(self._weights, w, *args), meta[:, 1:2].contiguous())
 
 
+def dispatch_buffer(x: Tensor, weights: Tensor, lay: Layout) -> tuple[Tensor, list[int]]:
+    """What a dispatch sends: (uint8 buffer, bytes per destination rank) (pack_dispatch)."""
+    w = weights.detach()[lay.token, lay.slot].to(torch.float64).view(torch.int64)   # [N_send] bits
+    meta = torch.stack([w, lay.local_id, lay.pair_row], dim=1)              # [N_send, META]
+    return pack_dispatch(x.detach()[lay.row_token].contiguous(), meta, lay.row_send, lay.send)
+
+
 def dispatch(x: Tensor, weights: Tensor, ids: Tensor, lay: Layout, sizes: Sizes, group,
              where: str = "dispatch", async_op: bool = False) -> Dispatched:
     """x [T, H], weights [T, S], ids [T, S] -> the pairs this rank's experts compute, in ONE
     all-to-all (pack_dispatch): hidden rows (one per (token, rank)) and per pair (routing weight,
     local id, row). async_op: in flight until wait()."""
-    w = weights.detach()[lay.token, lay.slot].to(torch.float64).view(torch.int64)   # [N_send] bits
-    meta = torch.stack([w, lay.local_id, lay.pair_row], dim=1)              # [N_send, META]
-    buf, nbytes = pack_dispatch(x.detach()[lay.row_token].contiguous(), meta, sizes.row_send, sizes.send)
+    buf, nbytes = dispatch_buffer(x, weights, lay)
     row_bytes = x.shape[-1] * x.element_size()
     recv = [r * row_bytes + m * META * 8 for r, m in zip(sizes.row_recv, sizes.recv)]
     pending = all_to_all(buf, nbytes, recv, group, where + ": dispatch hidden rows + pairs", async_op)

@@ -113,8 +113,9 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
         vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype)
     sizes = read_sizes(agree(vec, group, where + ": split sizes"), lays, placement, group)   # 1 collective
     sl = [slice(lo, hi) for lo, hi in bounds]
-    pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
-            for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
+    with _span(timeline, f"{where} pack"):      # gather + pack each chunk's rows: compute
+        pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
+                for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
     back = []
     for c in range(d):
