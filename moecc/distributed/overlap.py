@@ -95,6 +95,52 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
     """x [T, H], ids/weights [T, S] (global expert ids), this rank's experts w_in [E_r, R, H],
     w_out [E_r, H, F]; shared = (w_in, w_out, gate) of the shared expert or None; tokens [T]: the
     tokens' global numbers (default: rank-major, one all_gather) -> y [T, H]."""
+    return issue(x, ids, weights, w_in, w_out, spec, placement, group, degree, overlap, b_in, b_out,
+                 shared, tokens, layer, kernel, timeline).finish()
+
+
+class LayerInFlight:
+    """A layer whose dispatches are in flight (issue); finish() -> y [T, H]. Whatever runs between
+    the two (the graph's ops independent of this layer's output: its shared expert, ...) fills the
+    first dispatch wait (passes/expert_parallel splits the layer's node in two for that)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def finish(self) -> Tensor:
+        d, tl, where, fill, pend = self.d, self.timeline, self.where, self.fill, self.pend
+        back = []
+        for c in range(d):
+            if self.overlap:
+                fill.until(pend[c])              # the shared expert fills the dispatch wait
+            _arrived(pend[c])
+            with _span(tl, f"{where} experts[{c}]"):
+                r = pend[c].wait()
+                y_local = local_experts(r, self.w_in, self.w_out, self.b_in, self.b_out, self.js,
+                                        self.kernel)                                     # [N_c, H]
+            back.append(combine(y_local, self.ids[self.sl[c]], self.lays[c], self.sizes[c], self.group,
+                                f"{where} [{c}]", async_op=True))
+            if not self.overlap:
+                _arrived(back[c])
+        if not self.overlap:
+            fill.rest()                          # baseline: nothing runs while a collective flies
+        out = []
+        for c in range(d):
+            fill.until(back[c])                  # ... and the combine waits (the last one above all)
+            _arrived(back[c])
+            with _span(tl, f"{where} sum[{c}]"):
+                out.append(back[c].wait())                                  # [T_c, H]
+        fill.rest()
+        y = torch.cat(out) if d > 1 else out[0]
+        ys = fill.result()
+        return y if ys is None else y + ys
+
+
+def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
+          placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
+          b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
+          kernel: str = "reference", timeline=None) -> LayerInFlight:
+    """moe_layer up to its dispatches in flight (plan, split sizes, d dispatches issued)."""
     import torch.distributed as dist
 
     rank, T = dist.get_rank(group), x.shape[0]
@@ -117,27 +163,6 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
         pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
                 for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
-    back = []
-    for c in range(d):
-        if overlap:
-            fill.until(pend[c])                  # the shared expert fills the dispatch wait
-        _arrived(pend[c])
-        with _span(timeline, f"{where} experts[{c}]"):
-            r = pend[c].wait()
-            y_local = local_experts(r, w_in, w_out, b_in, b_out, js, kernel)   # [N_c, H]
-        back.append(combine(y_local, ids[sl[c]], lays[c], sizes[c], group, f"{where} [{c}]",
-                            async_op=True))
-        if not overlap:
-            _arrived(back[c])
-    if not overlap:
-        fill.rest()                              # baseline: nothing runs while a collective flies
-    out = []
-    for c in range(d):
-        fill.until(back[c])                      # ... and the combine waits (the last one above all)
-        _arrived(back[c])
-        with _span(timeline, f"{where} sum[{c}]"):
-            out.append(back[c].wait())                                      # [T_c, H]
-    fill.rest()
-    y = torch.cat(out) if d > 1 else out[0]
-    ys = fill.result()
-    return y if ys is None else y + ys
+    return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap,
+                         w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,
+                         sl=sl, lays=lays, sizes=sizes, group=group)
