@@ -65,6 +65,10 @@ def test_pipeline_fills_waits_greedily_with_shared_blocks():
                       pytest.approx((8.25, 9.0))]
     serial = pipeline(c, 1, overlap=False)                         # nothing hides without overlap
     assert serial.step == pytest.approx(4 + 6 + 4 + 3) and serial.exposed_comm == pytest.approx(8.0)
+    # the graph path (shared expert whole between the EP layer's two nodes): [0, 3) -> C1 [3, 6),
+    # R1 [6, 8), C2 [6, 9), R2 [9, 11)
+    whole = pipeline(c, 2, shared_blocks=1)
+    assert whole.step == pytest.approx(11.0) and whole.compute_intervals[1] == pytest.approx((0.0, 3.0))
 
 
 def test_choose_degree_is_argmin_and_alpha_limits_it():

@@ -212,13 +212,17 @@ def shared_block_count(degree: int) -> int:
     return 1 if degree == 1 else 2 * degree
 
 
-def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True,
+             shared_blocks: int | None = None) -> Schedule:
     """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
     plans all chunks, exchanges split sizes (one collective, synchronous), issues the d dispatches,
     then per chunk: runs shared-expert blocks while its dispatch is in flight, waits for it,
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
     is in flight, wait, sum; the blocks left. One FIFO comm channel, one compute stream.
-    overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps)."""
+    overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps).
+    shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
+    2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
+    layer's two nodes, passes/expert_parallel)."""
     if not 1 <= degree <= MAX_DEGREE:
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
     d = degree if overlap else 1
@@ -242,7 +246,8 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         comm.append((comm_free, comm_free + t_disp))
         comm_free += t_disp
         disp_end.append(comm_free)
-    blocks = [c.shared / shared_block_count(d)] * shared_block_count(d) if c.shared > 0 else []
+    nb = shared_blocks or shared_block_count(d)
+    blocks = [c.shared / nb] * nb if c.shared > 0 else []
     comp_free = t
 
     def fill(until: float) -> None:                              # greedy: a block while waiting
@@ -304,9 +309,10 @@ def intersection(xs, ys) -> float:
     return total
 
 
-def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE) -> Schedule:
+def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE,
+                  shared_blocks: int | None = None) -> Schedule:
     """The degree with the smallest predicted step time (ties: the smaller degree)."""
-    return min((pipeline(c, d, chunk_overhead) for d in range(1, max_degree + 1)),
+    return min((pipeline(c, d, chunk_overhead, shared_blocks=shared_blocks) for d in range(1, max_degree + 1)),
                key=lambda s: (round(s.step, 12), s.degree))
 
 
