@@ -1,10 +1,10 @@
-"""ep.pack_dispatch / unpack_dispatch: a dispatch's hidden rows and (weight, local id, row) pairs in
+"""moecc.distributed.pack (pack_dispatch / unpack_dispatch): a dispatch's hidden rows and (weight, local id, row) pairs in
 one byte buffer, per destination rank rows then pairs; what arrives unpacks exactly (bf16 / f32 /
 f64 rows, routing weights through float64 bits, empty ranks)."""
 import pytest
 import torch
 
-from moecc.distributed.ep import META, pack_dispatch, unpack_dispatch
+from moecc.distributed.pack import META, pack_dispatch, unpack_dispatch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
