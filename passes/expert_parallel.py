@@ -7,7 +7,12 @@
     plan(gm, {"ep": N, "placement": "placement.json" | Plan | None, "capacity_scope": "rank"})
         -> EPPlan (frozen, JSON: ep.json in the artifact)
     apply(gm, plan, group)   at launch, on each rank: the rewrite above; the full expert weights
-                             are deleted from the module, each rank keeps only the experts it holds
+                             are deleted from the module, each rank keeps only the experts it holds.
+                             The layer becomes two nodes: h = EPExperts(x, ids, weights) (split
+                             sizes agreed, dispatches in flight) where the experts node was, and
+                             y = ep_finish(h) right before y's first user, so the ops in between
+                             (the shared expert: independent of the exchanged tokens) run while
+                             the first dispatch is in flight
 
 Plans every MoE layer of the graph, in graph order: `torch.ops.moecc.moe` nodes (upcycled, moefied,
 recognized layers: routing inside) and `torch.ops.moecc.experts` nodes (the experts level: transformers
@@ -215,7 +220,7 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     module docstring); the layer's full weights leave the module."""
     import torch.distributed as dist
 
-    from moecc.distributed.module import EPExperts, EPState
+    from moecc.distributed.module import EPExperts, EPState, ep_finish
 
     rank = dist.get_rank(group)
     if dist.get_world_size(group) != p.world:
@@ -235,8 +240,17 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
         gm.add_module(target, mod)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (_arg(node, "x"), _arg(node, "ids"), _arg(node, "weights")))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        new.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        first = _first_user(gm, node)
+        if first is not None and not state.carry_node:
+            mod.split = True                     # issue here; finish right before y's first use:
+            with gm.graph.inserting_before(first):     # the ops between fill the dispatch wait
+                fin = gm.graph.call_function(ep_finish, (new,))
+        else:
+            with gm.graph.inserting_after(new):
+                fin = gm.graph.call_function(ep_finish, (new,))
+        fin.meta = dict(node.meta)
+        node.replace_all_uses_with(fin)
         dead.update(a.target for n in WEIGHTS if isinstance(a := _arg(node, n), fx.Node))
         gm.graph.erase_node(node)
     for n in list(gm.graph.nodes):
@@ -251,6 +265,14 @@ def apply(gm: fx.GraphModule, p: EPPlan, group=None) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _first_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The user of `node` that comes first in graph order."""
+    if not node.users:
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
 
 
 def decomposed(captured) -> fx.GraphModule:

@@ -124,7 +124,9 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
         ids = sample_ids(world, lay.tokens, lay.experts, lay.top_k, skew, seed)
         c = runtime_costs(shape, cluster, ids, plan=k["plan"] * lay.tokens, plan_fixed=k["plan_fixed"],
                           sums=k["sums"] * lay.tokens, sums_fixed=k["sums_fixed"])
-        chosen = cm.pipeline(c, degree, k["chunk"]) if degree else cm.choose_degree(c, k["chunk"])
+        # the graph's shared expert runs whole between the layer's two nodes (expert_parallel.apply)
+        chosen = (cm.pipeline(c, degree, k["chunk"], shared_blocks=1) if degree
+                  else cm.choose_degree(c, k["chunk"], shared_blocks=1))
         serial = cm.pipeline(c, 1, k["chunk"], overlap=False)
         log.info("overlap: layer %s d=%d%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
                  chosen.degree, " (forced)" if degree else "", chosen.step * 1e3, serial.step * 1e3)

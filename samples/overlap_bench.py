@@ -6,8 +6,9 @@
 
 Per configuration (tokens, hidden, experts, k, α, comm:compute ratio, skew, shared expert, ranks):
   1. constants measured at start-up on the ranks (moecc.distributed.probe): GEMM throughput, fixed
-     costs, the transport's α and β; β is then set so that the predicted comm : compute is the
-     configured ratio, and measured again;
+     costs, the transport's α and β; β is set so that the modelled comm of a serial run is the
+     configured ratio × the compute of the slowest rank in warm-up serial runs, then measured again
+     by the probe; the report gives the comm : compute measured in the timed serial run itself;
   2. the cost model (costmodel + ep_costs on the run's own routing) predicts the step time without
      overlap and at d = 1..8 and picks d*;
   3. every variant is run (1 warm-up + 3 timed; the step = the slowest rank's time; the fastest of
@@ -20,8 +21,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,11 +41,13 @@ def grid(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = [dict(c) for c in HEADLINE]
     while len(out) < n:
-        out.append(dict(name=f"g{len(out)}", world=int(rng.choice([2, 4])), tokens=int(rng.choice([128, 256, 512])),
-                        hidden=int(rng.choice([64, 128, 256])), experts=int(rng.choice([8, 16, 32])),
-                        top_k=int(rng.choice([1, 2, 4])), alpha=float(rng.choice([0.5e-3, 1e-3, 2e-3])),
-                        ratio=float(rng.choice([0.5, 1.0, 2.0])), skew=float(rng.choice([0.0, 1.2])),
-                        shared=bool(rng.choice([True, False]))))
+        c = dict(name=f"g{len(out)}", world=int(rng.choice([2, 4])), tokens=int(rng.choice([128, 256, 512])),
+                 hidden=int(rng.choice([64, 128, 256])), experts=int(rng.choice([8, 16, 32])),
+                 top_k=int(rng.choice([1, 2, 4])), alpha=float(rng.choice([1e-3, 2e-3, 4e-3])),
+                 ratio=float(rng.choice([0.5, 1.0, 2.0])), skew=float(rng.choice([0.0, 1.2])),
+                 shared=bool(rng.choice([True, False])))
+        if c["tokens"] * c["top_k"] <= 1024:        # keeps a configuration's 36 runs within ~20 s
+            out.append(c)
     return out
 
 
@@ -90,14 +95,17 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
     # 1. warm-up; the compute of a serial run sets β for the configured comm : compute ratio (the
     #    cost model does not see this: it uses the constants measured by the probe afterwards)
     tr.alpha, tr.beta = cfg["alpha"], 0.0
-    for key in ("serial", "2", "serial"):
+    mine = []
+    for key in ("serial", "2", "serial", "serial"):
         run(key)
-    busy = comm.agree(torch.tensor([tl.overlap()["compute"]], dtype=torch.float64), None, "busy").max().item()
+        if key == "serial":
+            mine.append(tl.overlap()["compute"])
+    busy = comm.agree(torch.tensor([min(mine)], dtype=torch.float64), None, "busy").max().item()
     m0 = measure(spec, w_in, w_out, placement, None, T)
     cl, c0 = model(replace(m0, beta=0.0))
     _, c1 = model(replace(m0, beta=1.0))                               # comm at β = 1 s/byte
     per_byte = (c1.dispatch + c1.combine) - (c0.dispatch + c0.combine)
-    tr.beta = max(cfg["ratio"] * busy - (c0.dispatch + c0.combine), 0.0) / per_byte
+    tr.beta = max(cfg["ratio"] * busy - (c0.sizes + c0.dispatch + c0.combine), 0.0) / per_byte
     ab = comm.agree(torch.tensor(measure_comm(None, H, torch.float32), dtype=torch.float64), None, "probe")
     m = replace(m0, alpha=ab[:, 0].max().item(), beta=ab[:, 1].max().item())
     cl, c = model(m)
@@ -106,7 +114,7 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
     pred.update({str(d): pipeline(c, d, m.chunk) for d in range(1, 9)})
     best = choose_degree(c, m.chunk)
     # 3. runs
-    measured, fractions, fastest_rep, late0 = {}, {}, {}, tr.late
+    measured, fractions, fastest_rep, late0, per_rank, ratio = {}, {}, {}, tr.late, {}, []
     for key in ["serial"] + [str(d) for d in range(1, 9)]:
         times, hid = [], []
         for rep in range(reps + 1):
@@ -114,25 +122,33 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
             if rep:
                 times.append(t)
                 o = tl.overlap()
-                hid.append((o["hidden"], o["comm"]))
+                hid.append((o["hidden"], o["comm"], o["compute"]))
             if rep and not cfg["name"].startswith("g"):
                 cfg.setdefault("_timelines", {}).setdefault(key, []).append(tl.to_dict())
-        vec = torch.tensor(times + [h for h, _ in hid] + [c_ for _, c_ in hid], dtype=torch.float64)
-        allr = comm.agree(vec, None, "times").view(-1, 3, reps)                # [W, 3, reps]
+        vec = torch.tensor(times + [h[i] for i in range(3) for h in hid], dtype=torch.float64)
+        allr = comm.agree(vec, None, "times").view(-1, 4, reps)                # [W, 4, reps]
         step = allr[:, 0].max(0).values                                        # [reps] slowest rank
         fastest = int(step.argmin())                                           # least disturbed rep
         measured[key] = step[fastest].item()
         fastest_rep[key] = fastest
         fractions[key] = float(allr[:, 1, fastest].sum() / allr[:, 2, fastest].sum())
+        per_rank[key] = (allr[:, 1, fastest] / allr[:, 2, fastest]).tolist()   # hidden / comm
+        if key == "serial":          # comm : compute of this very run, per rank (nothing overlaps)
+            ratio = (allr[:, 2, fastest] / allr[:, 3, fastest]).tolist()
     return {"config": {k_: v for k_, v in cfg.items() if not k_.startswith("_")}, "constants": m.to_dict(),
             "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
             "predicted": {k_: v.step for k_, v in pred.items()},
             "predicted_overlap": {k_: v.overlap for k_, v in pred.items()},
-            "measured": measured, "overlap": fractions, "fastest": fastest_rep,
+            "measured": measured, "overlap": fractions, "overlap_per_rank": per_rank,
+            "ratio_measured": ratio, "fastest": fastest_rep,
             "timeline": cfg.pop("_timelines", None)}
 
 
 def rank_main(rank: int, world: int, port: int, job: str) -> None:
+    pin = json.loads(Path(job).read_text())["pin"]
+    if pin:                                  # every thread of this rank (gloo's too) on one core
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
     import torch
     import torch.distributed as dist
 
@@ -146,6 +162,12 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
     tl = Timeline(rank)
     tr = DelayedTransport(0.0, 0.0, timeline=tl)
     use_transport(tr)
+    if spec["nice"]:
+        # the communication threads (gloo's, the transport's: started above, at priority 0) preempt
+        # this compute thread when they wake: as an accelerator's copy engine and NIC, the modelled
+        # channel never waits for a core (the compute of the 4 ranks still shares the 2 cores)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), spec["nice"])
+    sys.setswitchinterval(2e-4)              # a woken delivery thread gets the GIL within 0.2 ms
     out = []
     for cfg in spec["configs"]:
         r = run_config(cfg, rank, tr, tl, spec["reps"])
@@ -157,10 +179,12 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
     tr.close()
 
 
-def launch(configs: list[dict], world: int, out: Path, reps: int) -> list[list[dict]]:
+def launch(configs: list[dict], world: int, out: Path, reps: int, pin: bool = False,
+           nice: int = 0) -> list[list[dict]]:
     from moecc.distributed.comm import free_port
     job = out / f"job{world}.json"
-    job.write_text(json.dumps({"configs": configs, "reps": reps, "out": str(out / f"runs{world}")}))
+    job.write_text(json.dumps({"configs": configs, "reps": reps, "out": str(out / f"runs{world}"),
+                               "pin": pin, "nice": nice}))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--job", str(job)]) for r in range(world)]
@@ -185,6 +209,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, help="α in ms for every config (default: the grid's)")
     ap.add_argument("--tokens", type=int, help="tokens per rank for every config (default: the grid's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--pin", action="store_true", help="pin rank r's threads to core r mod cores")
+    ap.add_argument("--nice", type=int, default=10,
+                    help="niceness of each rank's compute thread above its communication threads (0: off)")
+    ap.add_argument("--note", default="", help="a sentence on the machine's state, for the report")
+    ap.add_argument("--only", help="comma list of config names to run (default: all)")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
     ap.add_argument("--port", type=int), ap.add_argument("--job")
     a = ap.parse_args()
@@ -192,16 +221,23 @@ def main() -> None:
         return rank_main(a.rank, a.world, a.port, a.job)
     a.out.mkdir(parents=True, exist_ok=True)
     configs = grid(2 if a.quick else a.configs)
+    if a.only:
+        configs = [c for c in configs if c["name"] in a.only.split(",")]
     for c in configs:
         c.update({k: v for k, v in (("alpha", a.alpha and a.alpha * 1e-3), ("tokens", a.tokens)) if v})
     t0 = time.time()
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     runs = []
     for world in (4, 2):
         mine = [c for c in configs if c["world"] == world]
         if mine:
-            runs += launch(mine, world, a.out, a.reps)
+            runs += launch(mine, world, a.out, a.reps, a.pin, a.nice)
     from overlap_report import write_report
-    write_report(runs, a.out, time.time() - t0)
+    setup = (f"Setup: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 1 torch thread per rank, "
+             f"{'each rank pinned to core rank mod ' + str(os.cpu_count()) if a.pin else 'ranks not pinned'}, "
+             f"{'compute threads at nice +' + str(a.nice) + ' below the communication threads' if a.nice else 'no priorities'}; "
+             f"load average before the run {load0}. {a.note}")
+    write_report(runs, a.out, time.time() - t0, setup)
 
 
 if __name__ == "__main__":

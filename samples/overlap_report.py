@@ -1,4 +1,5 @@
-"""Tables of samples/overlap_bench.py's runs: OUT/overlap.md, OUT/overlap.json, OUT/overlap_trace.json."""
+"""Tables of samples/overlap_bench.py's runs: OUT/overlap.md, OUT/overlap.json, OUT/overlap_trace.json
+(balanced headline at d*) and OUT/overlap_trace_zipf.json (Zipf headline at d*)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,12 @@ def _best(run) -> str:
     return min(DEGREES, key=lambda d: run["measured"][d])
 
 
+def _ratio(run) -> str:
+    """comm : compute of the serial run, measured per rank (mean, and the range over ranks)."""
+    r = run.get("ratio_measured") or []
+    return f"{statistics.mean(r):.2f} ({min(r):.2f}-{max(r):.2f})" if r else "-"
+
+
 def summarize(runs: list[dict]) -> dict:
     within5 = [r["measured"][str(r["chosen"])] <= 1.05 * r["measured"][_best(r)] for r in runs]
     errs = [r["predicted"][k] / r["measured"][k] - 1 for r in runs for k in ["serial", *DEGREES]]
@@ -28,26 +35,40 @@ def summarize(runs: list[dict]) -> dict:
             "late_calls": sum(r["late_calls"] for r in runs)}
 
 
-def write_report(runs: list[dict], out: Path, seconds: float) -> Path:
+def _bottleneck(run) -> int:
+    """The rank with the most compute in the serial run (smallest comm : compute): it sets the step."""
+    r = run.get("ratio_measured") or [0.0]
+    return min(range(len(r)), key=lambda i: r[i])
+
+
+def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -> Path:
     out = Path(out)
     s = summarize(runs)
     head = [r for r in runs if not r["config"]["name"].startswith("g")]
     lines = ["# Overlap benchmark (samples/overlap_bench.py)", "",
              "Chunked expert-parallel layer on gloo ranks on 127.0.0.1, each collective delayed to an "
-             "α–β model (a sleep) by moecc.distributed.transport. 2-core machine SHARED with other jobs "
-             f"while this ran; {seconds / 60:.1f} min wall. Times: the slowest rank; the fastest of 3 runs. "
-             "Overlap fraction: hidden comm / comm by interval union, summed over ranks. 'serial' = "
-             "no overlap (every collective waited at once); d* = the cost model's choice from constants "
-             "measured at start-up.", "", "## Headline (4 ranks, comm:compute ≈ 1)", ""]
+             f"α–β model (a sleep) by moecc.distributed.transport. {setup} {seconds / 60:.1f} min wall. "
+             "Times: the slowest rank; the fastest of the timed repeats. "
+             "Hidden fraction: hidden comm / comm by interval union, summed over ranks ('per rank': each "
+             "rank's own; 'bottleneck rank': the rank with the most compute, which sets the step). "
+             "comm:compute measured: per rank, comm / compute (interval unions) in the serial run of "
+             "the same configuration (mean, range over ranks); compute intervals are the ranks' real "
+             "compute, stretched where 4 ranks share 2 cores. 'serial' = no overlap (every collective "
+             "waited at once); d* = the cost model's choice from constants measured at start-up.", "",
+             "## Headline (4 ranks, comm:compute ≈ 1)", ""]
     rows = []
     for r in head:
-        d = str(r["chosen"])
-        rows.append([r["config"]["name"], d, f"{r['overlap'][d]:.1%}", f"{r['overlap']['8']:.1%}",
+        d, b = str(r["chosen"]), _best(r)
+        k = _bottleneck(r)
+        rows.append([r["config"]["name"], _ratio(r), d, f"{r['overlap'][d]:.1%}",
+                     " / ".join(f"{f:.0%}" for f in r["overlap_per_rank"][d]),
+                     f"{r['overlap_per_rank'][d][k]:.0%} (rank {k})", f"{r['overlap'][b]:.1%} (d={b})",
                      f"{r['measured']['serial'] * 1e3:.1f}", f"{r['measured'][d] * 1e3:.1f}",
                      f"{r['measured']['serial'] / r['measured'][d]:.2f}x",
-                     f"{r['predicted_overlap'][d]:.1%}"])
-    lines += [md_table(["routing", "d*", "overlap at d*", "overlap at d=8", "serial ms", "d* ms",
-                        "speedup", "predicted overlap"], rows), ""]
+                     f"{r['predicted_overlap'][d]:.1%}", f"{r['predicted'][d] / r['measured'][d] - 1:+.1%}"])
+    lines += [md_table(["routing", "comm:compute measured", "d*", "hidden at d*", "per rank",
+                        "bottleneck rank", "hidden at best d", "serial ms", "d* ms", "speedup", "predicted hidden",
+                        "pred err d*"], rows), ""]
     lines += ["## Summary over the grid", "",
               f"- configurations: {s['configs']} (tokens, hidden, experts, k, α, comm:compute, skew, "
               "shared expert, 2 or 4 ranks)",
@@ -68,16 +89,16 @@ def write_report(runs: list[dict], out: Path, seconds: float) -> Path:
                      f"{r['measured'][b] * 1e3:.1f}", f"{r['measured']['serial'] / r['measured'][d]:.2f}x",
                      f"{r['overlap'][d]:.0%}",
                      f"{r['predicted']['serial'] / r['measured']['serial'] - 1:+.1%}",
-                     f"{r['predicted'][d] / r['measured'][d] - 1:+.1%}"])
+                     f"{r['predicted'][d] / r['measured'][d] - 1:+.1%}", _ratio(r)])
     lines += [md_table(["cfg", "W", "T", "H", "E", "k", "α ms", "c:c", "skew", "shared", "d*", "best d",
-                        "serial ms", "d* ms", "best ms", "speedup", "overlap", "pred err serial",
-                        "pred err d*"], rows), ""]
+                        "serial ms", "d* ms", "best ms", "speedup", "hidden", "pred err serial",
+                        "pred err d*", "comm:compute measured"], rows), ""]
     (out / "overlap.md").write_text("\n".join(lines))
     (out / "overlap.json").write_text(json.dumps({"summary": s, "runs": [
         {k: v for k, v in r.items() if k != "timelines"} for r in runs]}, indent=1))
-    for r in head[:1]:                      # the balanced headline run at d*, its fastest repeat
-        if r.get("timelines"):
+    for r, name in zip(head, ("overlap_trace.json", "overlap_trace_zipf.json")):
+        if r.get("timelines"):              # each headline run at d*, its fastest repeat
             d = str(r["chosen"])
             write_chrome_trace([Timeline.from_dict(t[d][r["fastest"][d]]) for t in r["timelines"]],
-                               out / "overlap_trace.json")
+                               out / name)
     return out / "overlap.md"

@@ -38,17 +38,37 @@ def _cluster(**kw):
 
 
 def test_pipeline_by_hand():
-    """d=2: D1 [0,2) D2 [2,4); shared half [0,.5); C1 [2,5); R1 [5,7); C2 [5,8); R2 [8,10), the
-    other half of the shared expert [8,8.5): step 10."""
+    """d=2: D1 [0,2) D2 [2,4); the shared expert's 4 blocks [0,1) while D1 flies; C1 [2,5);
+    R1 [5,7); C2 [5,8); R2 [8,10): step 10."""
     c = Costs(dispatch=4.0, combine=4.0, experts=6.0, shared=1.0, alpha=0.0)
     s = pipeline(c, 2)
     assert s.step == pytest.approx(10.0)
     assert s.comm == pytest.approx(8.0)
-    # hidden: D2 under C1 -> 2; R1 under C2 -> 2; D1 under shared half -> .5; R2 under the rest -> .5
+    # hidden: D2 under C1 -> 2; R1 under C2 -> 2; D1 under the shared expert -> 1; R2 -> 0
     assert s.exposed_comm == pytest.approx(3.0)
     serial = pipeline(c, 1, overlap=False)
     assert serial.step == pytest.approx(4 + 1 + 6 + 4) and serial.overlap == 0.0
     assert pipeline(c, 1).step == pytest.approx(4 + 6 + 4)          # d=1: shared hides in the dispatch
+
+
+def test_pipeline_fills_waits_greedily_with_shared_blocks():
+    """The runtime's rule (moecc.distributed.overlap): a shared-expert block (shared / 2d) runs
+    whenever the awaited collective has not arrived. shared = 3 at d = 2: blocks of .75 at 0, .75,
+    1.5 (the last overruns D1's end at 2 by .25) -> C1 [2.25, 5.25), R1 [5.25, 7.25), C2 [5.25,
+    8.25), R2 [8.25, 10.25); the fourth block [8.25, 9) fills R2's wait: step 10.25, exposed 1.25."""
+    c = Costs(dispatch=4.0, combine=4.0, experts=6.0, shared=3.0, alpha=0.0)
+    s = pipeline(c, 2)
+    assert s.step == pytest.approx(10.25)
+    assert s.exposed_comm == pytest.approx(1.25)
+    blocks = [iv for iv in s.compute_intervals if iv[1] - iv[0] == pytest.approx(0.75)]
+    assert blocks == [pytest.approx((0.0, 0.75)), pytest.approx((0.75, 1.5)), pytest.approx((1.5, 2.25)),
+                      pytest.approx((8.25, 9.0))]
+    serial = pipeline(c, 1, overlap=False)                         # nothing hides without overlap
+    assert serial.step == pytest.approx(4 + 6 + 4 + 3) and serial.exposed_comm == pytest.approx(8.0)
+    # the graph path (shared expert whole between the EP layer's two nodes): [0, 3) -> C1 [3, 6),
+    # R1 [6, 8), C2 [6, 9), R2 [9, 11)
+    whole = pipeline(c, 2, shared_blocks=1)
+    assert whole.step == pytest.approx(11.0) and whole.compute_intervals[1] == pytest.approx((0.0, 3.0))
 
 
 def test_choose_degree_is_argmin_and_alpha_limits_it():

@@ -150,6 +150,10 @@ class Pending:
     def __init__(self, out: Tensor, work, group, where: str):
         self.out, self._work, self._group, self.where = out, work, group, where
 
+    def done(self) -> bool:
+        """Whether wait() would return at once."""
+        return self._work is None or self._work.is_completed()
+
     def wait(self) -> Tensor:
         if self._work is not None:
             work, self._work = self._work, None

@@ -14,8 +14,9 @@ time. Expert compute: 2 * rows * H * (R + F) FLOP at the GEMM throughput plus a 
 (kernel launches, the Python loop), on the rank receiving the most rows.
 
 The schedule recurrence (`pipeline`) is exactly the issue order of moecc.distributed.overlap: all d
-dispatches issued first (FIFO on the comm channel), the shared expert computed while they fly, then
-per chunk: wait for its dispatch, compute its experts, issue its combine.
+dispatches issued first (FIFO on the comm channel), then per chunk: wait for its dispatch, compute
+its experts, issue its combine; the shared expert in row blocks fills the waits greedily (a block
+whenever the awaited collective has not arrived yet).
 """
 from __future__ import annotations
 
@@ -156,10 +157,10 @@ class Costs:
     experts: float                  # GEMM time of the busiest rank, without the per-chunk overhead
     shared: float
     alpha: float                    # the latency of one collective
-    dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: rows, weights, ids)
+    dispatch_msgs: int = 1          # collectives per dispatch (moecc's runtime: 1, rows and pairs packed)
     combine_msgs: int = 1
-    sizes: float = 0.0              # one split-size exchange (synchronous; 1 at d = 1, else 2)
-    plan: float = 0.0               # routing -> send layout, for all tokens (per-token part)
+    sizes: float = 0.0              # the split-size exchange (one collective, synchronous)
+    plan: float = 0.0               # routing -> send layout + packed dispatch, all tokens (per token)
     plan_fixed: float = 0.0         # ... fixed part per chunk
     sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
     sums_fixed: float = 0.0         # ... fixed part per chunk
@@ -206,17 +207,22 @@ class Schedule:
         return 1.0 - self.exposed_comm / self.comm if self.comm > 0 else 1.0
 
 
-SHARED_FIRST = 0.5      # d >= 2: this share of the shared expert fills the first dispatch wait,
-                        # the rest the last combine wait
+def shared_block_count(degree: int) -> int:
+    """Row blocks of the shared expert (moecc.distributed.overlap.shared_blocks)."""
+    return 1 if degree == 1 else 2 * degree
 
 
-def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True,
+             shared_blocks: int | None = None) -> Schedule:
     """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
-    plans all chunks, exchanges split sizes (two collectives, synchronous), issues the d dispatches, computes the
-    shared expert (d >= 2: SHARED_FIRST of it), then per chunk waits for its dispatch, computes its
-    experts and issues its combine; (d >= 2: the rest of the shared expert); per chunk waits for
-    its combine and sums it. One FIFO comm channel, one compute stream. overlap=False: the same
-    work at d = 1, each collective waited for at once (nothing overlaps)."""
+    plans all chunks, exchanges split sizes (one collective, synchronous), issues the d dispatches,
+    then per chunk: runs shared-expert blocks while its dispatch is in flight, waits for it,
+    computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
+    is in flight, wait, sum; the blocks left. One FIFO comm channel, one compute stream.
+    overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps).
+    shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
+    2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
+    layer's two nodes, passes/expert_parallel)."""
     if not 1 <= degree <= MAX_DEGREE:
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
     d = degree if overlap else 1
@@ -227,12 +233,11 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     comm, comp = [], []
     t = c.plan + d * c.plan_fixed
     comp.append((0.0, t))
-    for _ in range(1 if d == 1 else 2):                          # split sizes, synchronous
-        if c.sizes > 0:
-            comm.append((t, t + c.sizes))
-        t += c.sizes
+    if c.sizes > 0:                                              # split sizes, synchronous
+        comm.append((t, t + c.sizes))
+    t += c.sizes
     if not overlap:
-        for kind, dur in (("comm", t_disp), ("comp", c.shared + t_exp), ("comm", t_comb), ("comp", t_sum)):
+        for kind, dur in (("comm", t_disp), ("comp", t_exp), ("comm", t_comb), ("comp", c.shared + t_sum)):
             (comm if kind == "comm" else comp).append((t, t + dur))
             t += dur
         return _schedule(0, t, comm, comp)
@@ -241,11 +246,19 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         comm.append((comm_free, comm_free + t_disp))
         comm_free += t_disp
         disp_end.append(comm_free)
-    first = c.shared * (SHARED_FIRST if d > 1 else 1.0)
-    comp.append((t, t + first))
-    comp_free = t + first
+    nb = shared_blocks or shared_block_count(d)
+    blocks = [c.shared / nb] * nb if c.shared > 0 else []
+    comp_free = t
+
+    def fill(until: float) -> None:                              # greedy: a block while waiting
+        nonlocal comp_free
+        while blocks and comp_free < until:
+            dur = blocks.pop()
+            comp.append((comp_free, comp_free + dur))
+            comp_free += dur
     comb_end = []
     for i in range(d):
+        fill(disp_end[i])
         start = max(comp_free, disp_end[i])
         comp_free = start + t_exp
         comp.append((start, comp_free))
@@ -253,13 +266,12 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         comm_free = r0 + t_comb
         comm.append((r0, comm_free))
         comb_end.append(comm_free)
-    if d > 1:
-        comp.append((comp_free, comp_free + c.shared - first))
-        comp_free += c.shared - first
     for i in range(d):
+        fill(comb_end[i])
         start = max(comp_free, comb_end[i])
         comp_free = start + t_sum
         comp.append((start, comp_free))
+    fill(float("inf"))
     return _schedule(d, max(comm_free, comp_free), comm, comp)
 
 
@@ -297,9 +309,10 @@ def intersection(xs, ys) -> float:
     return total
 
 
-def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE) -> Schedule:
+def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE,
+                  shared_blocks: int | None = None) -> Schedule:
     """The degree with the smallest predicted step time (ties: the smaller degree)."""
-    return min((pipeline(c, d, chunk_overhead) for d in range(1, max_degree + 1)),
+    return min((pipeline(c, d, chunk_overhead, shared_blocks=shared_blocks) for d in range(1, max_degree + 1)),
                key=lambda s: (round(s.step, 12), s.degree))
 
 

@@ -12,8 +12,11 @@ or in steps (the API the overlap schedule builds on; each step can run per chunk
     y    = combine(y_l, ids, lay, sizes, group, where, async_op).wait()           [T, H]
 
 dispatch/combine issue their all-to-alls at once (async_op=True: gloo/nccl work handles) and
-return handles; wait() blocks and links the result into autograd. The backward all-to-alls are
-synchronous, issued by the autograd engine in the same order on every rank.
+return handles; wait() blocks and links the result into autograd; done() says whether wait() would
+return at once. A dispatch is ONE all-to-all: per destination rank its hidden rows, then its pairs'
+(routing weight, local expert id, row index), packed as bytes (pack_dispatch), so a chunk pays the
+collective's latency once per direction. The backward all-to-alls are synchronous, issued by the
+autograd engine in the same order on every rank.
 
 Bit-identical to `torch.ops.moecc.experts` on the concatenated batch of all ranks (rank-major, each
 expert one copy; with replicas: to the reference on the physical copies, see tests/distributed):
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from .comm import Pending, agree, all_to_all, fail
 from .layout import LayerPlacement, Layout, layout
+from .pack import META, pack_dispatch, unpack_dispatch
 
 _HEAD = 4       # agreed vector: [layer tag, placement fingerprint, hidden, dtype], then counts
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -51,30 +55,57 @@ class Sizes:
     rows: Tensor             # [W, W] hidden rows rank i sends rank j
 
 
-def exchange_sizes(lay: Layout, placement: LayerPlacement, group, layer: int, hidden: int,
-                   dtype: torch.dtype) -> Sizes:
-    """All ranks gather every rank's send counts (one all_gather), after checking that all are at
-    the same layer with the same placement, hidden size and dtype: a disagreement is an EPError on
-    every rank (naming the rank that differs), never a hang or a mis-shaped collective."""
+def size_vector(lays: list[Layout], placement: LayerPlacement, layer: int, hidden: int,
+                dtype: torch.dtype) -> Tensor:
+    """[4 + 2W * chunks] int64: the header every rank must agree on (layer, placement fingerprint,
+    hidden, dtype), then per chunk its send counts (pairs, rows) to each rank."""
+    code = _DTYPES.index(dtype) if dtype in _DTYPES else 99
+    counts = [n for lay in lays for n in (*lay.send, *lay.row_send)]
+    return torch.tensor([layer, placement.fingerprint(), hidden, code, *counts], dtype=torch.int64)
+
+
+def read_sizes(table: Tensor, lays: list[Layout], placement: LayerPlacement, group) -> list[Sizes]:
+    """Every rank's size_vector, gathered (table [W, 4 + 2W * chunks]) -> one Sizes per chunk, after
+    checking that all ranks are at the same layer with the same placement, hidden size and dtype: a
+    disagreement is an EPError on every rank (naming the rank that differs), never a hang or a
+    mis-shaped collective."""
     import torch.distributed as dist
 
     W, rank = placement.world, dist.get_rank(group)
     where = f"layer {placement.name}"
-    if dist.get_world_size(group) != W:
-        raise fail(where, f"placement is for {W} ranks, the process group has "
-                   f"{dist.get_world_size(group)}", group)
-    code = _DTYPES.index(dtype) if dtype in _DTYPES else 99
-    vec = torch.tensor([layer, placement.fingerprint(), hidden, code, *lay.send, *lay.row_send],
-                       dtype=torch.int64)
-    table = agree(vec, group, where + ": split sizes")                     # [W, 4 + 2W]
     for col, what in enumerate(("layer", "placement", "hidden size", "dtype")):
         bad = torch.nonzero(table[:, col] != table[rank, col]).flatten().tolist()
         if bad:
             raise fail(where, f"rank {bad[0]} disagrees on the {what} ({table[bad[0], col].item()} "
                        f"vs {table[rank, col].item()} here): ranks run different models or "
                        "placements", group)
-    pairs, rows = table[:, _HEAD:_HEAD + W], table[:, _HEAD + W:]
-    return Sizes(lay.send, pairs[:, rank].tolist(), lay.row_send, rows[:, rank].tolist(), pairs, rows)
+    if table.shape[1] != _HEAD + 2 * W * len(lays):
+        raise fail(where, f"ranks split the layer into different numbers of chunks ({table.shape[1]} "
+                   f"counts, {_HEAD + 2 * W * len(lays)} here): give every rank the same degree", group)
+    counts = table[:, _HEAD:].view(W, len(lays), 2, W)                     # [W src, chunk, 2, W dst]
+    out = []
+    for c, lay in enumerate(lays):
+        pairs, rows = counts[:, c, 0], counts[:, c, 1]                      # [W src, W dst]
+        out.append(Sizes(lay.send, pairs[:, rank].tolist(), lay.row_send, rows[:, rank].tolist(),
+                         pairs, rows))
+    return out
+
+
+def check_world(placement: LayerPlacement, group) -> None:
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) != placement.world:
+        raise fail(f"layer {placement.name}", f"placement is for {placement.world} ranks, the process "
+                   f"group has {dist.get_world_size(group)}", group)
+
+
+def exchange_sizes(lay: Layout, placement: LayerPlacement, group, layer: int, hidden: int,
+                   dtype: torch.dtype) -> Sizes:
+    """All ranks gather every rank's send counts (one all_gather) and check them (read_sizes)."""
+    check_world(placement, group)
+    vec = size_vector([lay], placement, layer, hidden, dtype)
+    table = agree(vec, group, f"layer {placement.name}: split sizes")     # [W, 4 + 2W]
+    return read_sizes(table, [lay], placement, group)[0]
 
 
 def _descending_sum(g: Tensor, lay: Layout, ids: Tensor) -> Tensor:
@@ -172,31 +203,42 @@ class Dispatched:
     _sizes: Sizes
     _group: object
     _where: str
-    _pending: tuple
+    _pending: Pending
+
+    def done(self) -> bool:
+        return self._pending.done()
 
     def wait(self) -> Received:
-        rows, w, meta = (p.wait() for p in self._pending)
-        W = len(self._sizes.recv)
+        s = self._sizes
+        rows, meta = unpack_dispatch(self._pending.wait(), s.row_recv, s.recv, self._x.shape[-1],
+                                     self._x.dtype)
+        w = meta[:, :1].view(torch.float64).to(self._weights.dtype)                # [N, 1]
+        W = len(s.recv)
         src = torch.repeat_interleave(torch.arange(W, device=meta.device),
-                                      torch.tensor(self._sizes.recv, device=meta.device))
-        start = torch.tensor([0, *self._sizes.row_recv], device=meta.device).cumsum(0)[:-1]
-        pair_row = meta[:, 1] + start[src]                                   # [N] into rows
-        args = (self._lay, self._sizes, self._group, self._where)
+                                      torch.tensor(s.recv, device=meta.device))
+        start = torch.tensor([0, *s.row_recv], device=meta.device).cumsum(0)[:-1]
+        pair_row = meta[:, 2] + start[src]                                   # [N] into rows
+        args = (self._lay, s, self._group, self._where)
         return Received(_Hidden.apply(self._x, rows, pair_row, self._ids, *args),
-                        _Weights.apply(self._weights, w, *args), meta[:, :1].contiguous())
+                        _Weights.apply(self._weights, w, *args), meta[:, 1:2].contiguous())
+
+
+def dispatch_buffer(x: Tensor, weights: Tensor, lay: Layout) -> tuple[Tensor, list[int]]:
+    """What a dispatch sends: (uint8 buffer, bytes per destination rank) (pack_dispatch)."""
+    w = weights.detach()[lay.token, lay.slot].to(torch.float64).view(torch.int64)   # [N_send] bits
+    meta = torch.stack([w, lay.local_id, lay.pair_row], dim=1)              # [N_send, META]
+    return pack_dispatch(x.detach()[lay.row_token].contiguous(), meta, lay.row_send, lay.send)
 
 
 def dispatch(x: Tensor, weights: Tensor, ids: Tensor, lay: Layout, sizes: Sizes, group,
              where: str = "dispatch", async_op: bool = False) -> Dispatched:
-    """x [T, H], weights [T, S], ids [T, S] -> the pairs this rank's experts compute. Three
-    all-to-alls: hidden rows (one per (token, rank)), routing weights and (local id, row) per pair.
-    async_op: in flight until wait()."""
-    w = weights.detach()[lay.token, lay.slot].unsqueeze(-1)                 # [N_send, 1]
-    meta = torch.stack([lay.local_id, lay.pair_row], dim=1)                 # [N_send, 2]
-    pending = (all_to_all(x.detach()[lay.row_token], sizes.row_send, sizes.row_recv, group,
-                          where + ": dispatch hidden", async_op),
-               all_to_all(w, sizes.send, sizes.recv, group, where + ": dispatch weights", async_op),
-               all_to_all(meta, sizes.send, sizes.recv, group, where + ": dispatch ids", async_op))
+    """x [T, H], weights [T, S], ids [T, S] -> the pairs this rank's experts compute, in ONE
+    all-to-all (pack_dispatch): hidden rows (one per (token, rank)) and per pair (routing weight,
+    local id, row). async_op: in flight until wait()."""
+    buf, nbytes = dispatch_buffer(x, weights, lay)
+    row_bytes = x.shape[-1] * x.element_size()
+    recv = [r * row_bytes + m * META * 8 for r, m in zip(sizes.row_recv, sizes.recv)]
+    pending = all_to_all(buf, nbytes, recv, group, where + ": dispatch hidden rows + pairs", async_op)
     return Dispatched(x, weights, ids, lay, sizes, group, where, pending)
 
 
@@ -217,6 +259,9 @@ class Combined:
     _group: object
     _where: str
     _pending: Pending
+
+    def done(self) -> bool:
+        return self._pending.done()
 
     def wait(self) -> Tensor:
         back = self._pending.wait()

@@ -4,9 +4,9 @@ message sizes counted from the expert ids, for the cost model's schedule (costmo
     ids [W, T, k] (global expert ids per rank's tokens; -1 empty)  ⇒  Costs
 
 What moecc.distributed.ep sends per layer call (or per chunk): split sizes (one all_gather of
-4 + 2W int64 per rank), a dispatch of three all-to-alls — hidden rows once per (token, destination
-rank), the routing weight per (token, slot), the (local id, row) pair per (token, slot) as int64 —
-and a combine of one all-to-all, an output row per (token, slot). Each collective takes
+4 + 2W int64 per rank and chunk: one α, its bytes negligible), a dispatch of ONE all-to-all — hidden rows once per (token,
+destination rank) and per (token, slot) its (weight, local id, row) as 3 int64, packed — and a
+combine of one all-to-all, an output row per (token, slot). Each collective takes
 alpha + max over ranks of max(sent, received) bytes over the link (own rows free; intra- vs
 inter-node links as in costmodel.a2a_time); the busiest rank's received pairs set the GEMM time.
 Routing without a trace: top-k sampled without replacement from Zipf popularities (Gumbel top-k).
@@ -18,7 +18,8 @@ import numpy as np
 from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, a2a_time, expert_time, shared_time,
                                          zipf_probs)
 
-DISPATCH_MSGS, COMBINE_MSGS = 3, 1
+DISPATCH_MSGS, COMBINE_MSGS = 1, 1
+META_BYTES = 24         # per pair in a dispatch: weight (float64), local id, row (int64)
 
 
 def sample_ids(world: int, tokens: int, experts: int, top_k: int, skew: float, seed: int = 0,
@@ -51,7 +52,7 @@ def _matrices(ids: np.ndarray, experts: int):
     return pairs, rows, pairs.sum(0)
 
 
-def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float) -> float:
+def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> float:
     """Bottleneck time of one all-to-all whose rank i sends mat[i, j] rows of row_bytes to rank j."""
     W, G = mat.shape[0], cluster.devices
     node = np.arange(W) // G
@@ -76,8 +77,7 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts)
     H, W = layer.hidden, cluster.world
     b = layer.dispatch_bytes
-    dispatch = (_collective(cluster, rows, H * b) + _collective(cluster, pairs, b)
-                + _collective(cluster, pairs, 2 * index_bytes))
+    dispatch = _collective(cluster, rows * (H * b) + pairs * META_BYTES)        # one packed message
     combine = _collective(cluster, pairs, H * layer.combine_bytes)
     sizes = a2a_time(cluster, (W - 1) * (4 + 2 * W) * index_bytes, (W - 1) * (4 + 2 * W) * index_bytes)
     return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, float(received.max())),

@@ -1,21 +1,26 @@
 """Chunked expert-parallel MoE layer: the all-to-all of one chunk in flight while another computes.
 
-    experts ⇒ split the rank's tokens into d chunks; plan each (layout); exchange split sizes (two collectives);
-              dispatch × d (async, issued at once); shared expert (d >= 2: half of it) fills the
-              first dispatch wait; per chunk: wait its dispatch → local experts → combine (async);
-              (d >= 2: the other half of the shared expert fills the last combine wait);
-              per chunk: wait its combine (= weigh and sum its tokens); + shared expert
+    experts ⇒ split the rank's tokens into d chunks; plan each (layout); split sizes of all chunks
+              (one collective); dispatch × d (one all-to-all each, async, issued at once);
+              per chunk: [shared-expert blocks while its dispatch is in flight] → wait → local
+              experts → combine (async); per chunk: [shared-expert blocks while its combine is in
+              flight] → wait → weigh and sum its tokens; the shared-expert blocks left; + shared
 
-Built from moecc.distributed.ep's steps (layout, exchange_sizes, dispatch, local_experts, combine);
-the order is the one moecc.distributed.costmodel.pipeline predicts. overlap=False runs the same
-steps at d = 1 waiting for each collective at once (the baseline without overlap).
+The shared expert (compute independent of the exchanged tokens) is cut into fixed row blocks (one at
+d = 1, 2d above) and run greedily, a block at a time, whenever the schedule would otherwise wait for
+a collective that has not arrived: it fills the first dispatch wait, then any later wait, the last
+combine's above all. Every wait is placed as late as the data allows (a chunk's dispatch right
+before its experts, its combine right before its sum). moecc.distributed.costmodel.pipeline
+predicts exactly this order. overlap=False runs the same steps at d = 1, waiting for each
+collective at once and computing the shared expert after them (the baseline without overlap).
 
 Numerics: chunks are contiguous token ranges and keep their global token numbers, so every
 (token, slot) goes to the same device; each expert sees its rows in (source rank, token, slot)
 order and each token sums its outputs in ascending expert id (ep.py), so d = 1 equals the
-single-process reference bit for bit (the shared expert on the rank's row block); d > 1 changes only
-GEMM shapes (expert rows split by chunk, the shared expert in two row blocks): equal within 1e-6
-relative in float32, 1e-12 in float64 (tests/distributed/test_overlap.py).
+single-process reference bit for bit (the shared expert on the rank's row block, whole); d > 1
+changes only GEMM shapes (expert rows split by chunk, the shared expert in 2d row blocks — fixed
+blocks, so when each block runs never changes the result): equal within 1e-6 relative in float32,
+1e-12 in float64 (tests/distributed/test_overlap.py).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch
 from torch import Tensor
 
 from moecc.distributed.comm import agree
-from moecc.distributed.ep import Sizes, combine, dispatch, exchange_sizes, local_experts, token_numbers
+from moecc.distributed.ep import (check_world, combine, dispatch, local_experts, read_sizes, size_vector,
+                                  token_numbers)
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
 from moecc.spec import MoESpec
@@ -41,31 +47,45 @@ def _span(timeline, name: str):
     return timeline.span("compute", name) if timeline is not None else nullcontext()
 
 
-def _exchange_all(lays, placement, group, layer: int, x: Tensor, where: str) -> list[Sizes]:
-    """Split sizes of every chunk in two collectives, whatever d: chunk 0 through ep.exchange_sizes
-    (which also checks that all ranks run the same layer, placement, hidden size and dtype), the
-    other chunks' counts in one all_gather."""
-    import torch.distributed as dist
+def shared_blocks(tokens: int, degree: int) -> list[tuple[int, int]]:
+    """Row blocks the shared expert is computed in: the whole batch at d = 1 (bit-identical to the
+    reference), 2d blocks above (each small enough to fill a chunk's wait without delaying it much)."""
+    return [b for b in chunk_bounds(tokens, 1 if degree == 1 else 2 * degree) if b[1] > b[0]]
 
-    first = exchange_sizes(lays[0], placement, group, layer, x.shape[-1], x.dtype)
-    if len(lays) == 1:
-        return [first]
-    W, rank = placement.world, dist.get_rank(group)
-    vec = torch.tensor([n for lay in lays[1:] for n in (*lay.send, *lay.row_send)], dtype=torch.int64)
-    table = agree(vec, group, where + ": chunk split sizes").view(W, len(lays) - 1, 2, W)
-    out = [first]
-    for c, lay in enumerate(lays[1:]):
-        pairs, rows = table[:, c, 0], table[:, c, 1]                        # [W src, W dst]
-        out.append(Sizes(lay.send, pairs[:, rank].tolist(), lay.row_send, rows[:, rank].tolist(), pairs, rows))
-    return out
+
+class _Filler:
+    """Compute independent of the exchanged tokens (the shared expert, in fixed row blocks), run a
+    block at a time while a collective the schedule must wait for is still in flight."""
+
+    def __init__(self, x, shared, spec, blocks, timeline, where):
+        self.x, self.shared, self.spec, self.timeline, self.where = x, shared, spec, timeline, where
+        self.todo = list(range(len(blocks))) if shared is not None else []
+        self.blocks, self.out = blocks, {}
+
+    def _one(self) -> None:
+        i = self.todo.pop(0)
+        lo, hi = self.blocks[i]
+        with _span(self.timeline, f"{self.where} shared[{i}]"):
+            self.out[i] = shared_expert(self.x[lo:hi], *self.shared, self.spec)        # [rows, H]
+
+    def until(self, handle) -> None:
+        """Blocks while `handle` (Dispatched / Combined) has not arrived (greedy: the wait it fills
+        is the earliest one left)."""
+        while self.todo and not handle.done():
+            self._one()
+
+    def rest(self) -> None:
+        while self.todo:
+            self._one()
+
+    def result(self):
+        return torch.cat([self.out[i] for i in range(len(self.blocks))]) if self.out else None
 
 
 def _arrived(handle) -> None:
-    """Block until a Dispatched / Combined handle's collectives have arrived (not counted as
+    """Block until a Dispatched / Combined handle's collective has arrived (not counted as
     compute: what its wait() does afterwards is)."""
-    pending = handle._pending
-    for p in pending if isinstance(pending, tuple) else (pending,):
-        p.wait()
+    handle._pending.wait()
 
 
 def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
@@ -75,6 +95,52 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
     """x [T, H], ids/weights [T, S] (global expert ids), this rank's experts w_in [E_r, R, H],
     w_out [E_r, H, F]; shared = (w_in, w_out, gate) of the shared expert or None; tokens [T]: the
     tokens' global numbers (default: rank-major, one all_gather) -> y [T, H]."""
+    return issue(x, ids, weights, w_in, w_out, spec, placement, group, degree, overlap, b_in, b_out,
+                 shared, tokens, layer, kernel, timeline).finish()
+
+
+class LayerInFlight:
+    """A layer whose dispatches are in flight (issue); finish() -> y [T, H]. Whatever runs between
+    the two (the graph's ops independent of this layer's output: its shared expert, ...) fills the
+    first dispatch wait (passes/expert_parallel splits the layer's node in two for that)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def finish(self) -> Tensor:
+        d, tl, where, fill, pend = self.d, self.timeline, self.where, self.fill, self.pend
+        back = []
+        for c in range(d):
+            if self.overlap:
+                fill.until(pend[c])              # the shared expert fills the dispatch wait
+            _arrived(pend[c])
+            with _span(tl, f"{where} experts[{c}]"):
+                r = pend[c].wait()
+                y_local = local_experts(r, self.w_in, self.w_out, self.b_in, self.b_out, self.js,
+                                        self.kernel)                                     # [N_c, H]
+            back.append(combine(y_local, self.ids[self.sl[c]], self.lays[c], self.sizes[c], self.group,
+                                f"{where} [{c}]", async_op=True))
+            if not self.overlap:
+                _arrived(back[c])
+        if not self.overlap:
+            fill.rest()                          # baseline: nothing runs while a collective flies
+        out = []
+        for c in range(d):
+            fill.until(back[c])                  # ... and the combine waits (the last one above all)
+            _arrived(back[c])
+            with _span(tl, f"{where} sum[{c}]"):
+                out.append(back[c].wait())                                  # [T_c, H]
+        fill.rest()
+        y = torch.cat(out) if d > 1 else out[0]
+        ys = fill.result()
+        return y if ys is None else y + ys
+
+
+def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
+          placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
+          b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
+          kernel: str = "reference", timeline=None) -> LayerInFlight:
+    """moe_layer up to its dispatches in flight (plan, split sizes, d dispatches issued)."""
     import torch.distributed as dist
 
     rank, T = dist.get_rank(group), x.shape[0]
@@ -87,34 +153,16 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
         tokens = token_numbers(T, group, where)
     d = degree if overlap else 1
     bounds = chunk_bounds(T, d)
+    check_world(placement, group)
     with _span(timeline, f"{where} plan"):
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
-    sizes = _exchange_all(lays, placement, group, layer, x, where)
+        vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype)
+    sizes = read_sizes(agree(vec, group, where + ": split sizes"), lays, placement, group)   # 1 collective
     sl = [slice(lo, hi) for lo, hi in bounds]
-    pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
-            for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
-    half = T // 2 if d > 1 else T
-    ys = []
-    if shared is not None and overlap:
-        with _span(timeline, f"{where} shared"):
-            ys.append(shared_expert(x[:half], *shared, spec))               # [T/2 or T, H]
-    back = []
-    for c in range(d):
-        _arrived(pend[c])
-        with _span(timeline, f"{where} experts[{c}]"):
-            r = pend[c].wait()
-            y_local = local_experts(r, w_in, w_out, b_in, b_out, js, kernel)   # [N_c, H]
-        back.append(combine(y_local, ids[sl[c]], lays[c], sizes[c], group, f"{where} [{c}]",
-                            async_op=True))
-        if not overlap:
-            _arrived(back[c])
-    if shared is not None and (d > 1 or not overlap):
-        with _span(timeline, f"{where} shared"):
-            ys.append(shared_expert(x if not overlap else x[half:], *shared, spec))
-    out = []
-    for c in range(d):
-        _arrived(back[c])
-        with _span(timeline, f"{where} sum[{c}]"):
-            out.append(back[c].wait())                                      # [T_c, H]
-    y = torch.cat(out) if d > 1 else out[0]
-    return y + torch.cat(ys) if ys else y
+    with _span(timeline, f"{where} pack"):      # gather + pack each chunk's rows: compute
+        pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
+                for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
+    fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
+    return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap,
+                         w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,
+                         sl=sl, lays=lays, sizes=sizes, group=group)

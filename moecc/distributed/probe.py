@@ -7,7 +7,8 @@ they compete for the machine as the layers will):
                          exchanges of `rows` hidden rows with every peer
         flops, chunk     the local experts (torch.ops.moecc.experts) timed at two row counts: GEMM
                          throughput from the slope, the fixed cost per call from the intercept
-        plan, plan_fixed the send layout (layout.layout) per token and per call
+        plan, plan_fixed the send layout (layout.layout) and the packed dispatch buffer
+                         (ep.dispatch_buffer), per token and per call
         sums, sums_fixed the combine's weigh-and-sum per token and per call
     The slowest rank's value of each is kept (one all_gather): the bottleneck rank sets the step.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from moecc.distributed import comm
-from moecc.distributed.ep import Received, _sum_slots, local_experts
+from moecc.distributed.ep import Received, _sum_slots, dispatch_buffer, local_experts
 from moecc.distributed.layout import layout
 
 
@@ -96,7 +97,11 @@ def measure_compute(spec, w_in, w_out, placement, rank: int, tokens: int, repeat
         ids = torch.as_tensor(np.argsort(rng.random((n, E)), 1)[:, :k])
         lay = layout(ids, placement, rank, np.arange(n))
         back = torch.randn(int(lay.token.numel()), H, dtype=dtype)
-        return (lambda: layout(ids, placement, rank, np.arange(n))), (lambda: _sum_slots(back, ids, lay))
+        x, w = torch.randn(n, H, dtype=dtype), torch.rand(n, k, dtype=dtype)
+
+        def plan():                                   # the send layout, then the packed dispatch
+            dispatch_buffer(x, w, layout(ids, placement, rank, np.arange(n)))
+        return plan, (lambda: _sum_slots(back, ids, lay))
     m1, m2 = max(tokens // 8, 1), max(tokens, 2)
     (l1, s1), (l2, s2) = lay_and_sum(m1), lay_and_sum(m2)
     plan = _line(m1, _fastest(l1, repeats), m2, _fastest(l2, repeats))

@@ -50,7 +50,7 @@ def configure(gm, group, warmup, degree="auto", out: Path | None = None):
     for m in mods:
         s = parse_spec(m.spec)
         layers.append(LayerShape(m.placement.name, max(tokens.get(m.placement.name, 1), 1), s.hidden, s.ffn,
-                                 s.num_experts, s.top_k, s.gated, 0, m.w_in.element_size()))
+                                 s.num_experts, s.top_k, s.gated, s.shared_ffn, m.w_in.element_size()))
     plan = plan_layers(layers, dist.get_world_size(group), measured,
                        None if degree == "auto" else int(degree))
     apply(gm, plan)

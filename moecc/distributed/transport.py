@@ -41,6 +41,9 @@ class DelayedPending:
     def __init__(self, future: Future, where: str):
         self._f, self.where = future, where
 
+    def done(self) -> bool:
+        return self._f.done()
+
     def wait(self) -> Tensor:
         return self._f.result()
 

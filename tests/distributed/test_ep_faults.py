@@ -20,8 +20,7 @@ import cases as C
 import harness
 
 TIMEOUT_S = 2.0
-PHASES = ("split sizes", "dispatch hidden", "dispatch weights", "dispatch ids",
-          "combine", "combine backward", "dispatch backward", "weights backward")
+PHASES = ("split sizes", "dispatch hidden", "combine", "combine backward", "dispatch backward", "weights backward")
 
 
 @pytest.fixture(scope="module", autouse=True)

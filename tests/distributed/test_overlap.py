@@ -31,9 +31,8 @@ def test_chunked_equals_reference(tmp_path):
                 assert v["equal"], f"rank {r['rank']} {key}: d=1 not bit-identical (err {v['err']:.3e})"
             assert not (v["err"] > BAR[dtype] * v["scale"]) and v["err"] == v["err"], \
                 f"rank {r['rank']} {case} {key}: max err {v['err']:.3e} > {BAR[dtype]} x {v['scale']:.3g}"
-        # counts + d dispatches + d combines per degree and dtype
-        # per run: split sizes (1 all_gather at d = 1, 2 above), 3 all-to-alls per dispatch, 1 per
-        # combine; with gradients (random routing, d = 1 and 4): forward + 2 backward per dispatch
-        # (hidden rows, weights) and 1 per combine
-        fwd = 5 + 5 + sum(2 + 4 * d for d in range(2, 9))
-        assert r["calls"] == len(CASES) * 2 * fwd + 2 * ((5 + 3) + (2 + 4 * 4 + 3 * 4))
+        # per run: split sizes (1 all_gather), 1 all-to-all per dispatch (rows and pairs packed),
+        # 1 per combine; with gradients (random routing, d = 1 and 4): forward + 2 backward per
+        # dispatch (hidden rows, weights) and 1 per combine
+        fwd = 3 + 3 + sum(1 + 2 * d for d in range(2, 9))
+        assert r["calls"] == len(CASES) * 2 * fwd + 2 * ((3 + 3) + (1 + 2 * 4 + 3 * 4))

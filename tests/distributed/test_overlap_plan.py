@@ -119,8 +119,8 @@ def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
     finally:
         use_transport(None)
         tr.close()
-    # per layer: token numbers + split sizes + 3 dispatch + 1 combine; chunked: 2 sizes, 4 per chunk
-    assert calls == [2 * (1 + 1 + 4), 2 * (1 + 2 + 3 * 4)]
+    # per layer: token numbers + split sizes + 1 dispatch + 1 combine; chunked: 1 sizes, 2 per chunk
+    assert calls == [2 * (1 + 1 + 2), 2 * (1 + 1 + 3 * 2)]
     bar = 1e-6 * float(ys[0].detach().abs().max())
     assert float((ys[1] - ys[0]).abs().max()) <= bar
     for y in ys:
@@ -174,3 +174,28 @@ def test_cli_overlap_degree_needs_ep(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert main(["compile", "samples/ep_toy.py:build", "--overlap-degree", "2", "--out", str(tmp_path / "a")]) == 2
     assert "--overlap-degree needs --ep" in capsys.readouterr().err
+
+
+def test_apply_splits_each_layer_around_its_shared_expert(one_rank_group):
+    """expert_parallel.apply turns each experts node into h = EPExperts(x, ids, weights) (dispatches
+    in flight) and y = ep_finish(h) right before y's first use: the shared expert's ops (independent
+    of the exchanged tokens) lie between the two, so they run while the first dispatch is in flight;
+    the split model equals the unsplit reference (one rank: d = 1 is the reference bit for bit)."""
+    import ep_toy
+
+    from moecc.distributed.module import ep_finish
+    from moecc.frontend import capture
+    from moecc.passes.expert_parallel import apply as ep_apply, plan as ep_plan
+    model, inputs = ep_toy.build()
+    ref = capture(model, inputs, recognize=False).gm(*inputs)
+    gm = capture(model, inputs, recognize=False).gm
+    gm = ep_apply(gm, ep_plan(gm, {"ep": 1}))
+    nodes = list(gm.graph.nodes)
+    issued = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target.startswith("moecc_ep_")]
+    assert len(issued) == 2
+    for i in issued:
+        fin = next(j for j, n in enumerate(nodes) if n.target is ep_finish and n.args[0] is nodes[i])
+        between = {str(a.target) for n in nodes[i + 1:fin] for a in n.all_input_nodes if a.op == "get_attr"}
+        assert any(t.endswith(".s_in") for t in between) and any(t.endswith(".s_out") for t in between), between
+        assert gm.get_submodule(nodes[i].target).split
+    torch.testing.assert_close(gm(*inputs), ref, rtol=0, atol=0)

@@ -54,3 +54,59 @@ def test_delayed_transport_is_a_fifo_channel(one_rank_group):
     assert tr.calls == 4 and len(comm) == 4
     assert all(b - a >= 0.02 for a, b in comm)                      # each call lasts >= alpha
     assert all(comm[i + 1][0] >= comm[i][0] + 0.02 for i in range(3))  # one at a time, in order
+
+
+def _layer_timeline(degree: int, alpha: float, overlap: bool = True):
+    """One rank, the chunked layer with a shared expert through the delayed transport -> (y,
+    reference, timeline events sorted by start)."""
+    from moecc.distributed.comm import use_transport
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.distributed.overlap import moe_layer
+    from moecc.distributed.transport import DelayedTransport
+    from moecc.ops import experts_reference, shared_expert
+    from moecc.spec import MoESpec, RouterSpec
+
+    E, K, H, F, T = 4, 2, 8, 16, 24
+    g = torch.Generator().manual_seed(3)
+    spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=K), shared_ffn=F)
+    w_in, w_out = torch.randn(E, 2 * F, H, generator=g), torch.randn(E, H, F, generator=g)
+    sh = (torch.randn(2 * F, H, generator=g), torch.randn(H, F, generator=g), None)
+    x, ids = torch.randn(T, H, generator=g), torch.topk(torch.rand(T, E, generator=g), K, 1).indices
+    wts = torch.rand(T, K, generator=g)
+    tl = Timeline(0)
+    tr = DelayedTransport(alpha=alpha, beta=0.0, timeline=tl)
+    use_transport(tr)
+    try:
+        y = moe_layer(x, ids, wts, w_in, w_out, spec, LayerPlacement.contiguous("m", E, 1), degree=degree,
+                      overlap=overlap, shared=sh, tokens=torch.arange(T).numpy(), timeline=tl)
+    finally:
+        use_transport(None)
+        tr.close()
+    ref = experts_reference(x, ids, wts, w_in, w_out, None, None, spec) + shared_expert(x, *sh, spec)
+    return y, ref, sorted(tl.events, key=lambda e: e[2])
+
+
+def test_shared_expert_fills_the_first_dispatch_wait(one_rank_group):
+    """The schedule runs the shared expert (compute independent of the exchanged tokens) while the
+    first dispatch is in flight: its first block starts before that dispatch is delivered and before
+    any experts chunk; each chunk's experts start only after its dispatch arrived (the wait placed
+    right before them). The delayed transport holds each collective alpha = 0.2 s (a sleep), far
+    longer than a block of this tiny shared expert. Without overlap, the shared expert runs after
+    every collective."""
+    y, ref, ev = _layer_timeline(degree=2, alpha=0.2)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    disp = {n: (a, b) for k, n, a, b in ev if "dispatch" in n}
+    shared = [(a, b) for k, n, a, b in ev if "shared[" in n]
+    experts = {n: (a, b) for k, n, a, b in ev if "experts[" in n}
+    assert len(shared) == 4                                       # 2d row blocks at d = 2
+    d0 = disp["layer m [0]: dispatch hidden rows + pairs"]
+    assert shared[0][0] < d0[1], "the shared expert did not start while dispatch[0] was in flight"
+    assert shared[0][0] < min(a for a, _ in experts.values())
+    for c in range(2):
+        assert experts[f"layer m experts[{c}]"][0] >= disp[f"layer m [{c}]: dispatch hidden rows + pairs"][1]
+    # waits as late as possible: chunk 0 computes while chunk 1's dispatch is still in flight
+    assert experts["layer m experts[0]"][0] < disp["layer m [1]: dispatch hidden rows + pairs"][1]
+    y, ref, ev = _layer_timeline(degree=1, alpha=0.05, overlap=False)
+    assert torch.equal(y, ref)                                    # d = 1: bit-identical
+    last_comm = max(b for k, _, _, b in ev if k == "comm")
+    assert all(a >= last_comm for k, n, a, _ in ev if "shared" in n)
