@@ -23,7 +23,9 @@ not depend on weight size, and the runtime (runtime.py) loads the weights once.
 
 Options: target ("llvm" default: generic x86-64; "host": this CPU; a JSON dict), kernel (force one
 "tvm.*" kernel on every layer), kernels ({layer: kernel}), tokens (the token count the cost model
-plans for; default the example's), decompose (always decompose to core ATen first).
+plans for; default the example's), decompose (always decompose to core ATen first), tune_trials
+(measure at most N schedule candidates of the expert GEMMs, tune.py; the database goes into
+DIR/tvm_tuning.json and moecc's cache; None: default schedules), tune_cache (False: ignore the cache).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from moecc.ops import EXPERTS_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
-from . import importer, kernels, tir
+from . import importer, kernels, tir, tune
 from .importer import message
 from .kernels import dims
 from .runtime import FORMAT, META, sha256
@@ -70,7 +72,8 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         program = program.run_decompositions()                  # they are; decomposing (slow) is the
         check_supported(program)                                # fallback for the ones it lacks
     choices: list = []
-    convert = experts_converter(options, choices, tir.lanes_of(target))
+    tuner = tuner_for(program, options, target)
+    convert = experts_converter(options, choices, tir.lanes_of(target), tuner)
     try:
         mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
                                     custom_convert_map=importer.guarded({EXPERTS_KEY: convert}))
@@ -93,6 +96,10 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
         t2 = time.perf_counter()
         executable.export_library(str(out_dir / LIBRARY))
     np.savez(out_dir / PARAMS, **dict(zip(names, params)))
+    files = [LIBRARY, PARAMS, META]
+    if tuner is not None:
+        tuner.save(out_dir / tune.DATABASE)
+        files.append(tune.DATABASE)
     meta = {
         "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
         "library": LIBRARY, "params": PARAMS,
@@ -103,7 +110,34 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     notes = {"target": str(target), "tvm": tvm.__version__, "import_s": round(t1 - t0, 3),
              "compile_s": round(t2 - t1, 3), "weights": f"{PARAMS} (main's inputs after the user inputs)"}
-    return Lowered(files=[LIBRARY, PARAMS, META], kernels=choices, notes=notes)
+    if tuner is not None:
+        notes["tuning"] = {"database": tune.DATABASE, "trials": tuner.measured, "reused": tuner.reused,
+                           "workloads": len(tuner.records), "rows": tuner.rows}
+    return Lowered(files=files, kernels=choices, notes=notes)
+
+
+def tuner_for(program, options: dict, target):
+    """A Tuner when options["tune_trials"] asks for one (tune.py), else None: default schedules."""
+    trials = options.get("tune_trials")
+    if trials is None:
+        log.info("TVM: expert GEMMs on their default schedules (no tuning; --tune-trials N tunes them)")
+        return None
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise MoeccError(f"--tune-trials must be a whole number >= 0, got {trials!r}")
+    layers = [n for n in program.graph.nodes if n.op == "call_function"
+              and getattr(n.target, "__name__", "") == EXPERTS_KEY]
+    tokens = int(options.get("tokens") or max([example_tokens(n) for n in layers] or [1]))
+    slots = max([len_slots(n) for n in layers] or [1])
+    log.info("TVM: tuning the expert GEMMs of %d layer(s), at most %d trials, for %d rows (%d tokens)",
+             len(layers), trials, tokens * slots, tokens)
+    return tune.Tuner(target, trials, tokens * slots, 2 * max(1, len(layers)),
+                      cache=options.get("tune_cache", True))
+
+
+def len_slots(node) -> int:
+    """S of the experts node's ids [T, S] (routing slots per token)."""
+    val = node.args[1].meta.get("val") if len(node.args) > 1 and hasattr(node.args[1], "meta") else None
+    return int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 1
 
 
 class interrupts_noted:
@@ -131,7 +165,7 @@ class interrupts_noted:
 # ---------------------------------------------------------------- the experts op
 
 
-def experts_converter(options: dict, choices: list, lanes: int):
+def experts_converter(options: dict, choices: list, lanes: int, tuner=None):
     """fn(node, importer) -> relax var, for the importer's custom_convert_map."""
     forced = options.get("kernel") or None
     if forced and not str(forced).startswith("tvm."):
@@ -146,13 +180,13 @@ def experts_converter(options: dict, choices: list, lanes: int):
         choice = kernels.select(spec, {"tokens": tokens, "dtype": str(env["x"].ty.dtype)},
                                 (options.get("kernels") or {}).get(spec.name, forced))
         choices.append(choice)
-        return emit_experts(imp.block_builder, env, spec, choice.kernel, lanes)
+        return emit_experts(imp.block_builder, env, spec, choice.kernel, lanes, tuner)
     return convert
 
 
-def emit_experts(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4):
+def emit_experts(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4, tuner=None):
     """experts(x [T, H], ids [T, S], weights [T, S], w_in, w_out, b_in?, b_out?) -> y [T, H]."""
-    return kernels.KERNELS[kernel].emit(bb, t["x"], t["weights"], t["ids"], t, spec, lanes)
+    return kernels.KERNELS[kernel].emit(bb, t["x"], t["weights"], t["ids"], t, spec, lanes, tuner)
 
 
 def op_args(node) -> dict:
