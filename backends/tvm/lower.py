@@ -231,7 +231,8 @@ def resolve_target(spec) -> tvm.target.Target:
     AVX-512 where present, ~2x faster GEMMs, not portable to older CPUs), a JSON dict string or a dict
     -> Target, if this TVM build and machine can run it."""
     if spec == "host":
-        spec = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+        import os
+        spec = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
     text = spec if isinstance(spec, str) else json.dumps(spec)
     try:
         target = tvm.target.Target(json.loads(text) if text.strip().startswith("{") else text)
