@@ -152,6 +152,16 @@ class Tuner:
             log.warning("TVM tuning: cannot write the cache %s (%s); the artifact keeps its database", path, e)
 
 
+def save_all(tuners: list[Tuner], path) -> None:
+    """One artifact database for the tuners of every bucket (their records merged), each cache updated."""
+    from moecc.artifact import write_json
+    records = {k: v for t in tuners for k, v in t.records.items()}
+    write_json(path, {"format": FORMAT, "scope": tuners[0].scope, "records": records})
+    for t in tuners:
+        if t.cache and t.measured:
+            t._write_cache()
+
+
 def _bar(total: int, label: str):
     """One tick per trial: tqdm on a terminal, else an INFO line per trial."""
     if sys.stderr.isatty():
