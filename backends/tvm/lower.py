@@ -5,6 +5,13 @@
                      ⇒  from_exported_program(custom_convert_map={"experts.default": experts lowering})
                      ⇒  tvm.compile(mod, target)  ⇒  DIR/model.so + DIR/params.npz + DIR/tvm_meta.json
 
+Run-time kernel choice (dispatch.py): with no token count planned and no kernel forced, where the
+cheapest kernel changes with the token count (backends/buckets.py, as the ONNX If), one library per token
+bucket (DIR/model.below<T>.so ..., the open last bucket DIR/model.so), all on the same params.npz; the
+runtime runs the library of the call's bucket; the manifest names each layer's kernel per bucket
+("tvm.by_tokens:tvm.gather@16:tvm.grouped_gemm"). Tuning (tune.py) tunes each bucket's GEMMs at a token
+count inside the bucket.
+
 Everything but the experts goes through TVM's own PyTorch importer, routing included (this backend
 defines no router: aten.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
 Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py).
