@@ -169,7 +169,9 @@ def tuner_for(program, options: dict, target, tune_tokens: int | None = None):
     slots = max([len_slots(n) for n in layers] or [1])
     log.info("TVM: tuning the expert GEMMs of %d layer(s), at most %d trials, for %d rows (%d tokens)",
              len(layers), trials, tokens * slots, tokens)
-    return tune.Tuner(target, trials, tokens * slots, 2 * max(1, len(layers)),
+    shapes = {tuple(tuple(a.meta["val"].shape) for a in n.args[3:5] if hasattr(a, "meta") and "val" in a.meta)
+              for n in layers}                          # layers of equal weight shapes share their GEMMs
+    return tune.Tuner(target, trials, tokens * slots, 2 * max(1, len(shapes)),
                       cache=options.get("tune_cache", True))
 
 

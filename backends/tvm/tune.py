@@ -75,6 +75,7 @@ class Tuner:
         self.cached = self._read_cache() if cache else {}
         self.cache = cache
         self.measured = self.reused = 0
+        self.untuned: set[str] = set()
 
     def __call__(self, kind: str, E: int, R: int, K: int, dtype: str) -> dict | None:
         key = workload(kind, E, R, K, dtype, self.rows, self.lanes)
@@ -85,10 +86,14 @@ class Tuner:
             self.reused += 1
             log.info("TVM tuning: reusing the tuned schedule of %s from the cache (%s)", key, self.cache_path())
             return self.records[key]["knobs"]
+        if key in self.untuned:
+            return None
         allot = self.left // self.tasks_left if self.tasks_left else 0
         self.tasks_left = max(1, self.tasks_left - 1)
         if allot < 1:
-            log.info("TVM tuning: no trials left for %s: default schedule", key)
+            if key not in self.untuned:
+                log.info("TVM tuning: no trials left for %s: default schedule", key)
+            self.untuned.add(key)
             return None
         record = self._search(kind, E, R, K, dtype, allot, key)
         self.records[key] = record
