@@ -1,6 +1,6 @@
 """Best TVM kernel / best torch kernel on the bench grid, before and after tuning, in ONE run (1 thread).
 
-    python samples/bench_tvm_tuned.py [--out samples/results/tvm_tuned.md] [--trials 6] [--repeats 3]
+    python samples/bench_tvm_tuned.py [--out samples/results/tvm_tuned_grid.md] [--trials 6] [--repeats 3]
 
 Shapes: moecc.bench.grid.SHAPES (Mixtral-, DeepSeek-, Switch-like), T = 1, 8, 64, 512, 2048. Per shape:
     torch:<kernel>        every torch experts kernel (router Linear, routing, experts, shared expert)
@@ -130,7 +130,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="samples/results/tvm_tuned.md")
+    ap.add_argument("--out", default="samples/results/tvm_tuned_grid.md")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--tokens", default=",".join(map(str, grid.TOKENS)))
