@@ -41,8 +41,8 @@ def compiled(tmp_path_factory):
     torch.manual_seed(2)
     model = MoE(spec("moe", E=4, H=H, F=128, act="swiglu", top_k=2), init_std=H ** -0.5).eval()
     out = tmp_path_factory.mktemp("dispatch") / "art"
-    api.compile(model, (torch.randn(1, 6, H),), backend="tvm", out=out, progress=False)
-    return model, out
+    api.compile(model, (torch.randn(1, 6, H),), backend="tvm", out=out, progress=False, verify=False)
+    return model, out                                  # (check_dispatch compares every bucket to the model)
 
 
 def test_manifest_names_each_buckets_kernel(compiled):
@@ -81,7 +81,8 @@ def test_no_dispatch_when_one_kernel_is_asked_for(tmp_path):
     torch.manual_seed(2)
     model = MoE(spec("moe", E=4, H=H, F=128, act="swiglu", top_k=2), init_std=H ** -0.5).eval()
     out = tmp_path / "art"
-    api.compile(model, (torch.randn(1, 6, H),), backend="tvm", out=out, options={"tokens": 64}, progress=False)
+    api.compile(model, (torch.randn(1, 6, H),), backend="tvm", out=out, options={"tokens": 64}, progress=False,
+                verify=False)
     meta = json.loads((out / runtime.META).read_text())
     assert "dispatch" not in meta and not (out / "model.below16.so").exists()
     assert json.loads((out / "manifest.json").read_text())["backend"]["kernels"][0]["kernel"] == "tvm.grouped_gemm"

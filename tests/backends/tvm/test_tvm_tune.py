@@ -50,9 +50,9 @@ def _layer(kind: str) -> torch.nn.Module:
     return MoE(spec("moe", E=8, H=H, F=24, act=act, top_k=2), init_std=H ** -0.5).eval()
 
 
-def _compile(model, out, options):
+def _compile(model, out, options, verify=False):
     x = torch.randn(1, 6, H)
-    api.compile(model, (x,), backend="tvm", out=out, options=options, progress=False)
+    api.compile(model, (x,), backend="tvm", out=out, options=options, progress=False, verify=verify)
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -62,7 +62,7 @@ def test_tuned_artifact_matches_untuned_and_reference(kernel, tmp_path, monkeypa
     model = _layer(kernel)
     plain = _compile(model, tmp_path / "plain", {"kernel": kernel})
     assert "tuning" not in plain["backend"]["notes"]
-    tuned = _compile(model, tmp_path / "tuned", {"kernel": kernel, "tune_trials": 4})
+    tuned = _compile(model, tmp_path / "tuned", {"kernel": kernel, "tune_trials": 4}, verify=True)
     notes = tuned["backend"]["notes"]["tuning"]
     assert notes["trials"] == 4 and notes["reused"] == 0 and notes["workloads"] == 2
     db = tmp_path / "tuned" / tune.DATABASE
