@@ -73,6 +73,9 @@ def _add_compile(sub) -> None:
     g.add_argument("--target", default="llvm", help="tvm target (default llvm)")
     g.add_argument("--kernel", help="force one MoE kernel for every layer (e.g. torch.grouped_gemm)")
     g.add_argument("--autotune", action="store_true", help="measure kernel candidates per token bucket")
+    g.add_argument("--tune-trials", type=int, metavar="N",
+                   help="tvm: measure at most N schedule candidates of the expert GEMMs (database in the "
+                        "artifact and the cache; default: no tuning)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, type=Path, help="artifact directory (must not exist)")
     g.add_argument("--force", action="store_true", help="replace an existing artifact directory")
@@ -122,6 +125,8 @@ def cmd_compile(a) -> int:
     for _, opts in passes:
         opts.setdefault("tokenize", tokenize)
     options = {"onnx_moe": a.onnx_moe, "target": a.target, "kernel": a.kernel, "autotune": a.autotune}
+    if a.tune_trials is not None:
+        options["tune_trials"] = a.tune_trials
     out = api.compile(model, inputs, passes=passes, backend=a.backend, out=a.out, options=options,
                       verify=not a.no_verify, force=a.force, tolerance=a.tolerance, source=a.model)
     from .inspect_model import inspect

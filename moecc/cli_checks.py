@@ -151,6 +151,12 @@ def check_compile(a) -> None:
     if a.autotune and a.backend != "torch":
         raise MoeccError(f"--autotune measures the torch kernels only; --to {a.backend} chooses its kernels "
                          "by cost model (drop --autotune)")
+    trials = getattr(a, "tune_trials", None)
+    if trials is not None and a.backend != "tvm":
+        raise MoeccError(f"--tune-trials tunes the TVM expert GEMMs only; --to {a.backend} has no TVM kernels "
+                         "(drop --tune-trials or compile with --to tvm)")
+    if trials is not None and trials < 0:
+        raise MoeccError(f"--tune-trials must be >= 0, got {trials}")
     if a.autotune and a.kernel:
         raise MoeccError("--autotune and --kernel contradict each other: --kernel forces one kernel")
     if a.passes:

@@ -30,12 +30,13 @@ from moecc.errors import MoeccError
 from moecc.routing import expected_load
 from moecc.spec import MoESpec
 
+from .. import buckets as token_buckets
 from ..base import KernelChoice
 from . import dispatch, fused, portable
 
 MODES = ("portable", "fused", "auto")
 BY_TOKENS = "onnx.by_tokens"        # "onnx.by_tokens:<k0>@<T1>:<k1>": k0 for T < T1, k1 from T1 on
-SCAN = tuple(2 ** i for i in range(17))
+SCAN = token_buckets.SCAN
 # Calibrated on one CPU core, onnxruntime 1.32, E=8 H=64 F=128 swiglu k=2, T = 1 .. 2048: dense_masked
 # 57 / 122 / 453 / 3478 µs at T = 1 / 8 / 64 / 512; gather 81 / 106 / 197 / 931 µs (this model: 57 / 102 /
 # 469 / 3405 and 86 / 97 / 189 / 923). The fused op measured 26 / 73 / 236 / 2322 µs, 20 ms at T = 2048.
@@ -131,26 +132,13 @@ def split(name: str) -> tuple[int | None, str | None]:
 
 def buckets_of(name: str) -> list[tuple[str, int | None]]:
     """"onnx.by_tokens:<k0>@<T1>:<k1>@<T2>:<k2>" -> [(k0, T1), (k1, T2), (k2, None)]: k_i below T_(i+1)."""
-    out = []
-    for part in name[len(BY_TOKENS) + 1:].split(":"):
-        k, _, T = part.partition("@")
-        out.append((k, int(T) if T else None))
-    return out
+    return token_buckets.decode(BY_TOKENS, name)
 
 
 def buckets(spec: MoESpec, names: list[str]) -> list[tuple[str, int | None]]:
     """The cheapest of `names` per token bucket (powers of two up to 2^16), as [(kernel, below T), ...,
     (kernel, None)]: consecutive buckets with the same kernel merged; the fused op, if at all, first."""
-    out: list[tuple[str, int | None]] = []
-    for T in SCAN:
-        if out and out[-1][0] != FUSED:              # the fused op only for the smallest counts
-            names = [n for n in names if n != FUSED]
-        best = min((cost(n, spec, T), n) for n in names)[1]
-        if not out or out[-1][0] != best:
-            if out:
-                out[-1] = (out[-1][0], T)
-            out.append((best, None))
-    return out
+    return token_buckets.plan(names, lambda n, T: cost(n, spec, T), first_only={FUSED}, scan=SCAN)
 
 
 def choose(spec: MoESpec, shapes: dict, mode: str = "auto", tokens: int = 64,
@@ -183,8 +171,8 @@ def choose(spec: MoESpec, shapes: dict, mode: str = "auto", tokens: int = 64,
     exact = [n for n in KERNELS if ok[n] is True]
     plan = buckets(spec, exact) if mode == "auto" and dispatch_by_tokens else []
     if len(plan) > 1:
-        name = BY_TOKENS + ":" + ":".join(k if T is None else f"{k}@{T}" for k, T in plan)
-        lo = [1] + [T for _, T in plan[:-1]]
+        name = token_buckets.encode(BY_TOKENS, plan)
+        lo = token_buckets.lows(plan)
         where = ", ".join(f"{k} for {a} ≤ T < {T}" if T else f"{k} from T = {a} on" for (k, T), a in zip(plan, lo))
         used = {k for k, _ in plan}
         return KernelChoice(layer, name, f"run-time dispatch on the token count T (ONNX If; cheapest per "

@@ -118,6 +118,11 @@ def combine(bb, o, weights, ids, spec: MoESpec):
     return bb.emit_te(fn, o, weights, ids, primfunc_name_hint="moe_combine")
 
 
+def knobs(tuned, kind: str, E: int, R: int, K: int, dtype: str) -> dict | None:
+    """The tuned schedule knobs of one expert GEMM (tune.py), or None: the default schedule."""
+    return None if tuned is None else tuned(kind, int(E), int(R), int(K), dtype)
+
+
 def call(bb, func, name: str, args: list, shape, dtype: str):
     gv = bb.add_func(func, name)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
@@ -126,19 +131,19 @@ def call(bb, func, name: str, args: list, shape, dtype: str):
 # ---------------------------------------------------------------- the three kernels
 
 
-def emit_gather(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
+def emit_gather(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int, tuned=None):
     T, S = dims(ids)
     E, H, F, R, dt = int(dims(p["w_in"])[0]), spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)   # E' experts held
     flat = bb.emit(op.reshape(ids, (T * S,)))                             # [N]
-    h = call(bb, tir.gather_gemv(E, R, H, int(S), dt, lanes), "moe_gather_in",
+    h = call(bb, tir.gather_gemv(E, R, H, int(S), dt, lanes, knobs(tuned, "gather_gemv", E, R, H, dt)), "moe_gather_in",
              [x, flat, p["w_in"], bias_or_zeros(p["b_in"], E, R, dt)], (T * S, R), dt)     # [N, R]
     a = activation(bb, h, spec)                                           # [N, F]
-    o = call(bb, tir.gather_gemv(E, H, F, 1, dt, lanes), "moe_gather_out",
+    o = call(bb, tir.gather_gemv(E, H, F, 1, dt, lanes, knobs(tuned, "gather_gemv", E, H, F, dt)), "moe_gather_out",
              [a, flat, p["w_out"], bias_or_zeros(p["b_out"], E, H, dt)], (T * S, H), dt)   # [N, H]
     return combine(bb, o, weights, ids, spec)
 
 
-def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
+def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int, tuned=None):
     T, S = dims(ids)
     N = T * S
     E, H, F, R, dt = int(dims(p["w_in"])[0]), spec.hidden, spec.ffn, spec.in_rows, dtype_of(x)   # E' experts held
@@ -153,15 +158,15 @@ def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
     ends = bb.emit(op.cumsum(counts, axis=0, dtype="int64"))             # [E] segment ends
     token = bb.emit(op.floor_divide(order, relax.const(int(S), "int64")))   # [N] source token per row
     rows = bb.emit(op.arange(0, N, dtype="int64"))
-    h = call(bb, tir.segment_gemm(E, R, H, dt, lanes), "moe_segment_in",
+    h = call(bb, tir.segment_gemm(E, R, H, dt, lanes, knobs(tuned, "segment_gemm", E, R, H, dt)), "moe_segment_in",
              [x, token, rows, counts, ends, p["w_in"], bias_or_zeros(p["b_in"], E, R, dt)], (N, R), dt)
     a = activation(bb, h, spec)                                           # [N, F] sorted rows
-    o = call(bb, tir.segment_gemm(E, H, F, dt, lanes), "moe_segment_out",
+    o = call(bb, tir.segment_gemm(E, H, F, dt, lanes, knobs(tuned, "segment_gemm", E, H, F, dt)), "moe_segment_out",
              [a, rows, order, counts, ends, p["w_out"], bias_or_zeros(p["b_out"], E, H, dt)], (N, H), dt)
     return combine(bb, o, weights, ids, spec)                             # o back in token order
 
 
-def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int):
+def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int, tuned=None):
     """Every one of the E experts on every token: x [T, H] -> o [E·T, H] (row e·T + t)."""
     T, H = dims(x)
     E, R, F = int(dims(w_in)[0]), int(dims(w_in)[1]), int(dims(w_out)[2])
@@ -175,15 +180,15 @@ def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int):
     segs = bb.emit_te(segments, x, primfunc_name_hint="dense_segments")
     counts, ends, token = (bb.emit(relax.TupleGetItem(segs, i)) for i in range(3))
     rows = bb.emit(op.arange(0, E * T, dtype="int64"))                   # [E*T]
-    h = call(bb, tir.segment_gemm(E, R, int(H), dt, lanes), "moe_dense_in",
+    h = call(bb, tir.segment_gemm(E, R, int(H), dt, lanes, knobs(tuned, "segment_gemm", E, R, int(H), dt)), "moe_dense_in",
              [x, token, rows, counts, ends, w_in, bias_or_zeros(b_in, E, R, dt)], (E * T, R), dt)
     a = activation(bb, h, spec)                                           # [E*T, F]
-    return call(bb, tir.segment_gemm(E, int(H), F, dt, lanes), "moe_dense_out",
+    return call(bb, tir.segment_gemm(E, int(H), F, dt, lanes, knobs(tuned, "segment_gemm", E, int(H), F, dt)), "moe_dense_out",
                 [a, rows, rows, counts, ends, w_out, bias_or_zeros(b_out, E, int(H), dt)], (E * T, H), dt)
 
 
-def emit_dense(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int):
-    o = dense_ffn(bb, x, p["w_in"], p["w_out"], p["b_in"], p["b_out"], spec, lanes)   # [E*T, H]
+def emit_dense(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int, tuned=None):
+    o = dense_ffn(bb, x, p["w_in"], p["w_out"], p["b_in"], p["b_out"], spec, lanes, tuned)   # [E*T, H]
     E, H = int(dims(p["w_in"])[0]), spec.hidden
 
     def fn(o_t, w_t, ids_t):                                              # y = Σ_e gate[t, e] · o[e·T + t]

@@ -5,6 +5,13 @@
                      ⇒  from_exported_program(custom_convert_map={"experts.default": experts lowering})
                      ⇒  tvm.compile(mod, target)  ⇒  DIR/model.so + DIR/params.npz + DIR/tvm_meta.json
 
+Run-time kernel choice (dispatch.py): with no token count planned and no kernel forced, where the
+cheapest kernel changes with the token count (backends/buckets.py, as the ONNX If), one library per token
+bucket (DIR/model.below<T>.so ..., the open last bucket DIR/model.so), all on the same params.npz; the
+runtime runs the library of the call's bucket; the manifest names each layer's kernel per bucket
+("tvm.by_tokens:tvm.gather@16:tvm.grouped_gemm"). Tuning (tune.py) tunes each bucket's GEMMs at a token
+count inside the bucket.
+
 Everything but the experts goes through TVM's own PyTorch importer, routing included (this backend
 defines no router: aten.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
 Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py).
@@ -23,7 +30,9 @@ not depend on weight size, and the runtime (runtime.py) loads the weights once.
 
 Options: target ("llvm" default: generic x86-64; "host": this CPU; a JSON dict), kernel (force one
 "tvm.*" kernel on every layer), kernels ({layer: kernel}), tokens (the token count the cost model
-plans for; default the example's), decompose (always decompose to core ATen first).
+plans for; default the example's), decompose (always decompose to core ATen first), tune_trials
+(measure at most N schedule candidates of the expert GEMMs, tune.py; the database goes into
+DIR/tvm_tuning.json and moecc's cache; None: default schedules), tune_cache (False: ignore the cache).
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ from moecc.ops import EXPERTS_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
-from . import importer, kernels, tir
+from . import dispatch, importer, kernels, tir, tune
 from .importer import message
 from .kernels import dims
 from .runtime import FORMAT, META, sha256
@@ -59,8 +68,6 @@ LIBRARY, PARAMS = "model.so", "params.npz"
 
 
 def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -> Lowered:
-    from tvm.relax.frontend.torch import from_exported_program
-
     out_dir = Path(out_dir)
     if not isinstance(program, torch.export.ExportedProgram):
         raise MoeccError(f"TVM backend: expected a torch.export.ExportedProgram, got {type(program).__name__}")
@@ -70,8 +77,62 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     if options.get("decompose") or unsupported(program):       # the importer takes most ATen ops as
         program = program.run_decompositions()                  # they are; decomposing (slow) is the
         check_supported(program)                                # fallback for the ones it lacks
+    t_decompose = time.perf_counter() - t0
+    segs = dispatch.segments(program, options)           # token buckets, one library each ([]: one)
+    runs = [(None, None)] if not segs else segs
+    trials = options.get("tune_trials")
+    per_segment, tuners, libraries, mod, t_import, t_compile = [], [], [], None, 0.0, 0.0
+    for lo, below in runs:
+        seg = dict(options) if lo is None else dict(options, tokens=lo)
+        if trials is not None and lo is not None:
+            seg["tune_trials"] = trials // len(runs)
+        tuner = tuner_for(program, seg, target, None if lo is None else dispatch.tune_tokens(lo, below))
+        library = dispatch.library_name(below, LIBRARY)
+        mod, choices, ti, tc = build(program, seg, target, tuner, out_dir / library)
+        per_segment.append(choices)
+        tuners += [tuner] if tuner is not None else []
+        libraries.append({"below": below, "library": library, "kernels": {c.layer: c.kernel for c in choices}})
+        t_import, t_compile = t_import + ti, t_compile + tc
+    names, params = parameters(program, mod)
+    np.savez(out_dir / PARAMS, **dict(zip(names, params)))
+    inputs = [var_info(v) for v in mod["main"].params[:num_inputs(mod)]]
+    tokens = dispatch.token_dims(program, mod, inputs) if segs else None
+    if segs and tokens is None:                         # T is no product of input dims: the last library
+        log.info("TVM: the experts' token count is not a product of input dims; one library, no dispatch")
+        for entry in libraries[:-1]:
+            (out_dir / entry["library"]).unlink()
+        segs, per_segment, libraries = [], per_segment[-1:], libraries[-1:]
+    files = [e["library"] for e in libraries] + [PARAMS, META]
+    if tuners:
+        tune.save_all(tuners, out_dir / tune.DATABASE)
+        files.append(tune.DATABASE)
+    meta = {
+        "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
+        "library": LIBRARY, "params": PARAMS, "inputs": inputs,
+        "param_names": names, "param_dtypes": [str(a.dtype) for a in params],
+        "sha256": {f: sha256(out_dir / f) for f in [e["library"] for e in libraries] + [PARAMS]},
+    }
+    if segs:
+        meta["dispatch"] = {"tokens": tokens, "libraries": libraries}
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    notes = {"target": str(target), "tvm": tvm.__version__, "import_s": round(t_import + t_decompose, 3),
+             "compile_s": round(t_compile, 3), "weights": f"{PARAMS} (main's inputs after the user inputs)"}
+    if segs:
+        notes["dispatch"] = {"tokens": tokens, "libraries": libraries}
+    if tuners:
+        notes["tuning"] = {"database": tune.DATABASE, "trials": sum(t.measured for t in tuners),
+                           "reused": sum(t.reused for t in tuners),
+                           "workloads": sum(len(t.records) for t in tuners), "rows": [t.rows for t in tuners]}
+    kernels_chosen = dispatch.layer_choices(per_segment, segs) if segs else per_segment[0]
+    return Lowered(files=files, kernels=kernels_chosen, notes=notes)
+
+
+def build(program, options: dict, target, tuner, library: Path):
+    """Import (experts lowered by kernels.py, tuned knobs if any), compile, export one library."""
+    from tvm.relax.frontend.torch import from_exported_program
     choices: list = []
-    convert = experts_converter(options, choices, tir.lanes_of(target))
+    convert = experts_converter(options, choices, tir.lanes_of(target), tuner)
+    t0 = time.perf_counter()
     try:
         mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
                                     custom_convert_map=importer.guarded({EXPERTS_KEY: convert}))
@@ -82,7 +143,6 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
                          f"{type(e).__name__}: {message(e)}") from e
     mod = importer.bounded_takes(mod)                   # no gather reads out of bounds (issue 18)
     t1 = time.perf_counter()
-    names, params = parameters(program, mod)
     log.info("tvm.compile for target %s", target.kind.name)
     with interrupts_noted():           # Ctrl-C during TVM's C++ work is an interrupt, not a TVM failure
         try:
@@ -92,19 +152,34 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
             raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
                              f"{type(e).__name__}: {message(e)}") from e
         t2 = time.perf_counter()
-        executable.export_library(str(out_dir / LIBRARY))
-    np.savez(out_dir / PARAMS, **dict(zip(names, params)))
-    meta = {
-        "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
-        "library": LIBRARY, "params": PARAMS,
-        "inputs": [var_info(v) for v in mod["main"].params[:num_inputs(mod)]],
-        "param_names": names, "param_dtypes": [str(a.dtype) for a in params],
-        "sha256": {f: sha256(out_dir / f) for f in (LIBRARY, PARAMS)},
-    }
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
-    notes = {"target": str(target), "tvm": tvm.__version__, "import_s": round(t1 - t0, 3),
-             "compile_s": round(t2 - t1, 3), "weights": f"{PARAMS} (main's inputs after the user inputs)"}
-    return Lowered(files=[LIBRARY, PARAMS, META], kernels=choices, notes=notes)
+        executable.export_library(str(library))
+    return mod, choices, t1 - t0, t2 - t1
+
+
+def tuner_for(program, options: dict, target, tune_tokens: int | None = None):
+    """A Tuner when options["tune_trials"] asks for one (tune.py), else None: default schedules."""
+    trials = options.get("tune_trials")
+    if trials is None:
+        log.info("TVM: expert GEMMs on their default schedules (no tuning; --tune-trials N tunes them)")
+        return None
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise MoeccError(f"--tune-trials must be a whole number >= 0, got {trials!r}")
+    layers = [n for n in program.graph.nodes if n.op == "call_function"
+              and getattr(n.target, "__name__", "") == EXPERTS_KEY]
+    tokens = int(tune_tokens or options.get("tokens") or max([example_tokens(n) for n in layers] or [1]))
+    slots = max([len_slots(n) for n in layers] or [1])
+    log.info("TVM: tuning the expert GEMMs of %d layer(s), at most %d trials, for %d rows (%d tokens)",
+             len(layers), trials, tokens * slots, tokens)
+    shapes = {tuple(tuple(a.meta["val"].shape) for a in n.args[3:5] if hasattr(a, "meta") and "val" in a.meta)
+              for n in layers}                          # layers of equal weight shapes share their GEMMs
+    return tune.Tuner(target, trials, tokens * slots, 2 * max(1, len(shapes)),
+                      cache=options.get("tune_cache", True))
+
+
+def len_slots(node) -> int:
+    """S of the experts node's ids [T, S] (routing slots per token)."""
+    val = node.args[1].meta.get("val") if len(node.args) > 1 and hasattr(node.args[1], "meta") else None
+    return int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 1
 
 
 class interrupts_noted:
@@ -132,7 +207,7 @@ class interrupts_noted:
 # ---------------------------------------------------------------- the experts op
 
 
-def experts_converter(options: dict, choices: list, lanes: int):
+def experts_converter(options: dict, choices: list, lanes: int, tuner=None):
     """fn(node, importer) -> relax var, for the importer's custom_convert_map."""
     forced = options.get("kernel") or None
     if forced and not str(forced).startswith("tvm."):
@@ -147,13 +222,13 @@ def experts_converter(options: dict, choices: list, lanes: int):
         choice = kernels.select(spec, {"tokens": tokens, "dtype": str(env["x"].ty.dtype)},
                                 (options.get("kernels") or {}).get(spec.name, forced))
         choices.append(choice)
-        return emit_experts(imp.block_builder, env, spec, choice.kernel, lanes)
+        return emit_experts(imp.block_builder, env, spec, choice.kernel, lanes, tuner)
     return convert
 
 
-def emit_experts(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4):
+def emit_experts(bb: relax.BlockBuilder, t: dict, spec: MoESpec, kernel: str, lanes: int = 4, tuner=None):
     """experts(x [T, H], ids [T, S], weights [T, S], w_in, w_out, b_in?, b_out?) -> y [T, H]."""
-    return kernels.KERNELS[kernel].emit(bb, t["x"], t["weights"], t["ids"], t, spec, lanes)
+    return kernels.KERNELS[kernel].emit(bb, t["x"], t["weights"], t["ids"], t, spec, lanes, tuner)
 
 
 def op_args(node) -> dict:
@@ -198,7 +273,8 @@ def resolve_target(spec) -> tvm.target.Target:
     AVX-512 where present, ~2x faster GEMMs, not portable to older CPUs), a JSON dict string or a dict
     -> Target, if this TVM build and machine can run it."""
     if spec == "host":
-        spec = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+        import os
+        spec = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
     text = spec if isinstance(spec, str) else json.dumps(spec)
     try:
         target = tvm.target.Target(json.loads(text) if text.strip().startswith("{") else text)

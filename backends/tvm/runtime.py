@@ -2,6 +2,8 @@
 
     load(DIR, manifest) -> run(inputs: list[np.ndarray]) -> list[np.ndarray]
     DIR/tvm_meta.json (inputs, parameter order, hashes) + DIR/model.so + DIR/params.npz
+    with "dispatch" (one library per token bucket, lower.py / dispatch.py): every call runs the first
+    library whose bucket holds T = the product of the input dims "dispatch.tokens" names
 
 tvm_ffi imports torch eagerly when torch is installed; `import_tvm` hides torch during that import
 so a serving process stays torch-free (tvm_ffi treats a missing torch as optional).
@@ -59,7 +61,7 @@ def read_meta(artifact: Path) -> dict:
         raise MoeccError(f"TVM artifact {artifact}: {META} is corrupted ({e}); recompile it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MoeccError(f"TVM artifact {artifact}: {META} is not a {FORMAT} description; recompile it")
-    for name in (meta["library"], meta["params"]):
+    for name in [*libraries(meta), meta["params"]]:
         file = artifact / name
         if not file.exists():
             raise MoeccError(f"TVM artifact {artifact} is incomplete: {name} is missing; recompile it")
@@ -79,12 +81,9 @@ def load(artifact_dir, manifest: dict | None = None):
     if meta["device"] != "cpu":
         raise MoeccError(f"TVM artifact {artifact} targets {meta['device']}; this runtime runs CPU artifacts")
     dev = tvm.cpu()
-    try:
-        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(artifact / meta["library"])), dev)
-        main = vm["main"]
-    except Exception as e:
-        raise MoeccError(f"TVM artifact {artifact}: {meta['library']} does not load with TVM "
-                         f"{tvm.__version__} ({type(e).__name__}); recompile it") from None
+    mains = [_main(tvm, artifact, name, dev) for name in libraries(meta)]
+    buckets = [e["below"] for e in (meta.get("dispatch") or {}).get("libraries", [{"below": None}])]
+    token_dims = (meta.get("dispatch") or {}).get("tokens") or []
     with np.load(artifact / meta["params"]) as data:
         missing = [n for n in meta["param_names"] if n not in data]
         if missing:
@@ -92,12 +91,35 @@ def load(artifact_dir, manifest: dict | None = None):
         dtypes = meta.get("param_dtypes") or [None] * len(meta["param_names"])
         params = [tvm.runtime.tensor(as_dtype(data[n], d), dev) for n, d in zip(meta["param_names"], dtypes)]
 
+    def library_for(tokens: int) -> str:
+        """The library a call with `tokens` tokens runs (the first bucket with tokens < below)."""
+        return libraries(meta)[pick(tokens)]
+
+    def pick(tokens: int) -> int:
+        return next(j for j, below in enumerate(buckets) if below is None or tokens < below)
+
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
         check(inputs, specs)
         arrays = check_inputs(inputs, meta["inputs"])
+        T = int(np.prod([arrays[i].shape[axis] for i, axis in token_dims], dtype=np.int64))
+        main = mains[pick(T)]
         out = main(*[tvm.runtime.tensor(a, dev) for a in arrays], *params)
         return [np.asarray(o.numpy()) for o in flatten(out)]
+    run.library_for = library_for
     return run
+
+
+def libraries(meta: dict) -> list[str]:
+    """The artifact's libraries: one per token bucket (dispatch), else meta["library"]."""
+    return [e["library"] for e in (meta.get("dispatch") or {}).get("libraries", [])] or [meta["library"]]
+
+
+def _main(tvm, artifact: Path, name: str, dev):
+    try:
+        return tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(artifact / name)), dev)["main"]
+    except Exception as e:
+        raise MoeccError(f"TVM artifact {artifact}: {name} does not load with TVM "
+                         f"{tvm.__version__} ({type(e).__name__}); recompile it") from None
 
 
 def _manifest(artifact: Path) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-TM = 4              # token rows per tile in segment_gemm (each weight vector serves TM rows)
+TM = TILE_ROWS = 4  # token rows per tile in segment_gemm (each weight vector serves TM rows)
 L2_BLOCK = 1 << 16  # bytes of weight rows kept hot while every tile of a segment passes over them
 
 
@@ -42,16 +42,17 @@ def chains(k: int, v: int) -> int:
     return next(u for u in (4, 2, 1) if (k // v) % u == 0)
 
 
-def row_block(r: int, k: int) -> int:
-    """Largest divisor of R whose RB rows of K floats fit L2_BLOCK (at least 1)."""
-    fit = max(1, L2_BLOCK // (4 * k))
+def row_block(r: int, k: int, l2_block: int = L2_BLOCK) -> int:
+    """Largest divisor of R whose RB rows of K floats fit l2_block bytes (at least 1)."""
+    fit = max(1, l2_block // (4 * k))
     return max(d for d in range(1, min(r, fit) + 1) if r % d == 0)
 
 
-def gather_gemv(E: int, R: int, K: int, S: int, dtype: str, lanes: int):
-    """out [N, R] for N = rows(ids) * S: each row's own expert, weights read once per row (decode)."""
+def gather_gemv(E: int, R: int, K: int, S: int, dtype: str, lanes: int, knobs: dict | None = None):
+    """out [N, R] for N = rows(ids) * S: each row's own expert, weights read once per row (decode).
+    knobs (tune.py): {"chains": U} independent partial sums (must divide K / V); default chains()."""
     V = vector_width(K, lanes)
-    U = chains(K, V)
+    U = int((knobs or {}).get("chains") or chains(K, V))
     KU = K // (V * U)
 
     @T.prim_func(private=True)
@@ -84,10 +85,15 @@ def gather_gemv(E: int, R: int, K: int, S: int, dtype: str, lanes: int):
     return gather
 
 
-def segment_gemm(E: int, R: int, K: int, dtype: str, lanes: int):
-    """out [N_out, R]: expert e multiplies the rows of its segment; weights blocked, rows tiled (prefill)."""
-    V, RB = vector_width(K, lanes), row_block(R, K)
-    KV, RU = K // V, 2 if RB % 2 == 0 else 1
+def segment_gemm(E: int, R: int, K: int, dtype: str, lanes: int, knobs: dict | None = None):
+    """out [N_out, R]: expert e multiplies the rows of its segment; weights blocked, rows tiled (prefill).
+    knobs (tune.py): {"tm": token rows per tile, "l2_block": bytes of weight rows kept hot, "ru": weight
+    rows per step (1 or 2)}; defaults TM, L2_BLOCK, 2 where RB is even."""
+    knobs = knobs or {}
+    TM = int(knobs.get("tm") or TILE_ROWS)
+    V, RB = vector_width(K, lanes), row_block(R, K, int(knobs.get("l2_block") or L2_BLOCK))
+    KV = K // V
+    RU = 2 if RB % 2 == 0 and int(knobs.get("ru") or 2) == 2 else 1
 
     @T.prim_func(private=True)
     def segment(var_src: T.handle, var_srcidx: T.handle, var_dst: T.handle, counts: T.Buffer((E,), "int64"),
