@@ -190,8 +190,14 @@ def _spawn(f, backends, hf_onnx, timeout) -> dict:
                 break
         return row
     rows = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
     if rows:
-        return json.loads(rows[-1])
+        row = json.loads(rows[-1])
+        for stage in [*backends, *(["hf_onnx"] if hf_onnx else [])]:
+            if "build_error" not in row and stage not in row:          # the child died in this stage
+                row[stage] = {"ok": False, "err": None, "error": f"the process died (exit {p.returncode}): {tail[:200]}"}
+                break
+        return row
     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return {"model_type": f.model_type, "build_error": f"exit {p.returncode}: {tail[:300]}"}
 
