@@ -22,9 +22,11 @@ What is trained (`params`):
 - "all" (default): also attention, embeddings and norms: the layers around the MoE absorb what the
   sparse FFNs lose. Measured on MiniLM (samples/results/moefy_curve.md): clearly better held-out quality
   for the same steps.
-Routers are not trained: a `topk_unit` router weighs every chosen expert 1, so its logits get no gradient
-from the output (moe's backward returns zeros for them); they stay the least-squares fit to the
-oracle drop error made by moefy.
+Routers are not trained by default: a `topk_unit` router weighs every chosen expert 1, so its logits get
+no gradient from the output (moe's backward returns zeros for them); they stay the least-squares fit to
+the oracle drop error made by moefy. `routers=True` trains them through straight-through gates
+(`gated_moe`: forward unchanged, gradient as if each chosen expert were weighted by its softmax
+probability); measured on MiniLM E=8 k=2 it did not help (samples/results/moefy_heal.md, session 2).
 Deterministic for a seed (the batch order and nothing else is random) at a fixed thread count.
 """
 from __future__ import annotations
