@@ -22,9 +22,11 @@ What is trained (`params`):
 - "all" (default): also attention, embeddings and norms: the layers around the MoE absorb what the
   sparse FFNs lose. Measured on MiniLM (samples/results/moefy_curve.md): clearly better held-out quality
   for the same steps.
-Routers are not trained: a `topk_unit` router weighs every chosen expert 1, so its logits get no gradient
-from the output (moe's backward returns zeros for them); they stay the least-squares fit to the
-oracle drop error made by moefy.
+Routers are not trained by default: a `topk_unit` router weighs every chosen expert 1, so its logits get
+no gradient from the output (moe's backward returns zeros for them); they stay the least-squares fit to
+the oracle drop error made by moefy. `routers=True` trains them through straight-through gates
+(`gated_moe`: forward unchanged, gradient as if each chosen expert were weighted by its softmax
+probability); measured on MiniLM E=8 k=2 it did not help (samples/results/moefy_heal.md, session 2).
 Deterministic for a seed (the batch order and nothing else is random) at a fixed thread count.
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ from torch import fx
 
 from moecc import calibration as calib
 from moecc.errors import MoeccError
-from moecc.pipeline import moe_nodes
+from moecc.ops import parse_spec
+from moecc.pipeline import MOE_OP, SPEC_ARG, moe_nodes
 
 from .ffn_match import find_ffns
 
@@ -73,17 +76,39 @@ def check_params(params: str) -> str:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps the values of `wanted` nodes (with autograd if it is on)."""
+    """Runs a graph and keeps the values of `wanted` nodes (with autograd if it is on).
+    gate=True: `topk_unit` MoE nodes run with straight-through gates (`gated_moe`), so routers learn."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: list[fx.Node]):
+    def __init__(self, gm: fx.GraphModule, wanted: list[fx.Node], gate: bool = False):
         super().__init__(gm)
-        self.wanted, self.values = set(wanted), {}
+        self.wanted, self.values, self.gate = set(wanted), {}, gate
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
         if n in self.wanted:
             self.values[n] = value
         return value
+
+    def call_function(self, target, args, kwargs):
+        if self.gate and target is MOE_OP and torch.is_grad_enabled():
+            spec = parse_spec(args[SPEC_ARG])
+            if spec.router.kind == "topk_unit" and args[7] is None and spec.router.capacity_factor is None \
+                    and not spec.router.capacity:
+                return gated_moe(*args[:6], spec)
+        return super().call_function(target, args, kwargs)
+
+
+def gated_moe(x, logits, w_in, w_out, b_in, b_out, spec) -> torch.Tensor:
+    """A `topk_unit` moe with gates g = 1 + p − sg(p) on the chosen experts, p = softmax(logits):
+    the same output as the op (g = 1 exactly), and a gradient for the logits: how much the loss
+    would change if a chosen expert's output were scaled up, through p to every expert's logit."""
+    xt = x.reshape(-1, x.shape[-1])                                         # [T, H]
+    lt = logits.reshape(xt.shape[0], -1).float()                           # [T, E]
+    ids = torch.topk(lt, spec.router.top_k, dim=-1).indices                # [T, k]
+    p = lt.softmax(-1).gather(1, ids)                                       # [T, k]
+    weights = (1 + (p - p.detach())).to(x.dtype)                          # exactly 1 forward
+    y = torch.ops.moecc.experts(xt, ids, weights, w_in, w_out, b_in, b_out, spec.to_json(), "reference")
+    return y.reshape(x.shape)
 
 
 def _outputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -146,8 +171,8 @@ def _pairs(gm: fx.GraphModule, names: list[str], dense: bool) -> list[tuple[fx.N
     return [by[n] for n in names]
 
 
-def _values(gm, pairs, outs, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    rec = _Recorder(gm, [n for p in pairs for n in p] + outs)
+def _values(gm, pairs, outs, batch, gate: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rec = _Recorder(gm, [n for p in pairs for n in p] + outs, gate)
     rec.run(*batch)
     hidden = [rec.values[x] + rec.values[y] for x, y in pairs]
     return hidden, [rec.values[o].float() for o in outs]
@@ -168,7 +193,7 @@ def _cosine(student_out, target_out) -> float:
     return torch.nn.functional.cosine_similarity(a.float(), b, dim=1).sum().item()
 
 
-def trainable(gm: fx.GraphModule, params: str) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable(gm: fx.GraphModule, params: str, routers: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters healing trains: never the routers (see the module docstring), nor embedding
     tables (a calibration set sees few of their rows; their dense gradient alone costs more than a step)."""
     moe = {n.target for node, _ in moe_nodes(gm) for n in node.args[2:6] if isinstance(n, fx.Node)}
@@ -176,16 +201,17 @@ def trainable(gm: fx.GraphModule, params: str) -> list[tuple[str, torch.nn.Param
         u.op == "call_function" and u.target is torch.ops.aten.embedding.default for u in n.users)}
     chosen = []
     for name, p in gm.named_parameters():
-        if not p.is_floating_point() or name in frozen or name.rsplit(".", 1)[-1].startswith("router"):
+        router = name.rsplit(".", 1)[-1].startswith("router")
+        if not p.is_floating_point() or name in frozen or (router and not routers):
             continue
-        if params == "all" or name in moe:
+        if params == "all" or name in moe or router:
             chosen.append((name, p))
     return chosen
 
 
 def heal(student: fx.GraphModule, teacher: fx.GraphModule, cal: calib.Calibration, steps: int,
          seed: int = 0, params: str = "all", lr: float | None = None, eval_every: int | None = None,
-         augment: float = AUGMENT, progress: bool = True) -> dict:
+         augment: float = AUGMENT, progress: bool = True, routers: bool = False) -> dict:
     """Train `student` (in place) towards `teacher` on `cal`; returns the facts (see module docstring)."""
     check_steps(steps)
     check_params(params)
@@ -202,7 +228,7 @@ def heal(student: fx.GraphModule, teacher: fx.GraphModule, cal: calib.Calibratio
     pool = _token_pool(train)
     lr = LR[params] if lr is None else lr
     eval_every = eval_every or max(1, min(25, steps // 10))
-    chosen = trainable(student, params)
+    chosen = trainable(student, params, routers)
     grad_was = {name: p.requires_grad for name, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
@@ -243,7 +269,7 @@ def heal(student: fx.GraphModule, teacher: fx.GraphModule, cal: calib.Calibratio
                     target = _values(teacher, t_pairs, t_outs, b)
             else:
                 target = targets[id(b)]
-            loss = _loss(_values(student, s_pairs, s_outs, b), target)
+            loss = _loss(_values(student, s_pairs, s_outs, b, routers), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in chosen], CLIP)

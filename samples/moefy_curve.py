@@ -83,15 +83,15 @@ def quality(emb: torch.Tensor, dense: torch.Tensor) -> dict:
             "nn_agreement": round(nn.item(), 4)}
 
 
-def cpu_time(fn, x, repeats: int) -> float:
-    """Fastest of `repeats` calls, in CPU time of this thread (with one torch thread the work runs
-    here), so other processes on a shared machine do not inflate it the way wall time does."""
+def cpu_time(fn, x, repeats: int, clock=time.thread_time) -> float:
+    """Fastest of `repeats` calls, by default in CPU time of this thread (with one torch thread the
+    work runs here), so other processes on a shared machine do not inflate it the way wall time does."""
     fn(x)
     times = []
     for _ in range(repeats):
-        t = time.thread_time()
+        t = clock()
         fn(x)
-        times.append(time.thread_time() - t)
+        times.append(clock() - t)
     return min(times)
 
 
@@ -120,16 +120,19 @@ def moe_ffn(gm, kernel: str):
 
 
 def speed(gm, dense_fn, x, repeats: int) -> dict:
+    """FFN (layer 0) MoE / dense: 1 thread (thread CPU time) and every core (wall time), per kernel."""
     out, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         for kernel in kernels():
             fn = moe_ffn(gm, kernel)
-            t_dense, t_moe = [], []
-            for _ in range(3):   # interleaved, so both see the same machine state
-                t_dense.append(cpu_time(dense_fn, x, repeats))
-                t_moe.append(cpu_time(fn, x, repeats))
-            out[kernel] = round(min(t_moe) / min(t_dense), 3)
+            for label, n, clock in ((kernel, 1, time.thread_time), (f"{kernel} {threads} threads", threads,
+                                                                    time.perf_counter)):
+                torch.set_num_threads(n)
+                t_dense, t_moe = [], []
+                for _ in range(3):   # interleaved, so both see the same machine state
+                    t_dense.append(cpu_time(dense_fn, x, repeats, clock))
+                    t_moe.append(cpu_time(fn, x, repeats, clock))
+                out[label] = round(min(t_moe) / min(t_dense), 3)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -160,10 +163,12 @@ def model_speed(gm, base, batches, repeats: int) -> dict:
 def heal_point(args, gm, base, cal, held_b, dense) -> dict:
     """Heal a copy of the MoEfied graph (moefy_heal) and measure it like the unhealed one."""
     healed = copy.deepcopy(gm)
-    facts = moefy_heal.heal(healed, base, cal, args.heal, seed=args.seed, params=args.heal_params)
-    return {**quality(embed(healed, held_b), dense), "model_time_ratio": model_speed(healed, base, held_b, 2),
+    facts = moefy_heal.heal(healed, base, cal, args.heal, seed=args.seed, params=args.heal_params,
+                            lr=args.heal_lr, routers=args.heal_routers)
+    return {**quality(embed(healed, held_b), dense),
             **{k: facts[k] for k in ("steps_run", "best_step", "seconds", "held_out_loss_before",
-                                     "held_out_loss_after", "params", "lr", "augment")}}
+                                     "held_out_loss_after", "params", "lr", "augment")},
+            "routers": args.heal_routers}
 
 
 def run(args) -> dict:
@@ -177,7 +182,9 @@ def run(args) -> dict:
     x0 = calib.collect(base.gm, [find_ffns(base.gm)[0][0].x], calib.load(held, minilm.tokenize))[0]
     x = x0.repeat(TOKENS // x0.shape[0] + 1, 1)[:TOKENS]                         # [512, H] real inputs
     dense_fn = dense_ffn(base.gm)
-    grid = [(E, k) for E in args.experts for k in (args.ks or ks_for(E, args.quick)) if k <= E]
+    grid = [(E, k) for E in args.experts for k in (
+        sorted({max(1, round(f * E)) for f in args.fractions}) if args.fractions else args.ks or ks_for(E, args.quick))
+        if k <= E]
     rows, bar = [], tqdm(total=len(grid) + len(args.upcycle_k), desc="moefy curve", unit="point")
     plans_for = {}
     for E, k in grid:
@@ -197,12 +204,13 @@ def run(args) -> dict:
         biases_only = moefy.apply(copy.deepcopy(base.gm), plans, k, refit=False)
         row = {"pass": "moefy", "E": E, "k": k, "active_fraction": facts["active_fraction"],
                **quality(embed(gm, held_b), dense), "no_refit": quality(embed(biases_only, held_b), dense),
-               "time_ratio": speed(gm, dense_fn, x, args.repeats),
+               "time_ratio": speed(gm, dense_fn, x, args.repeats) if args.time else {},
                "router_recall": round(statistics.mean(p.facts["router_recall"] for p in plans), 4),
                "plan_seconds": round(plan_s, 1)}
+        if args.time and k < E:
+            row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 2)
         if args.heal and E in args.heal_experts and 0.125 <= facts["active_fraction"] <= 0.5:
             bar.set_postfix_str(f"heal E={E} k={k}")
-            row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 2)
             row["healed"] = heal_point(args, gm, base.gm, cal, held_b, dense)
         rows.append(row)
         if args.partial is not None:           # a long run keeps what it has measured so far
@@ -212,7 +220,8 @@ def run(args) -> dict:
         gm = copy.deepcopy(base.gm)
         use_kernel(upcycle.upcycle(gm, num_experts=8, top_k=k).graph_module, kernels()[0])
         rows.append({"pass": "upcycle", "E": 8, "k": k, "active_fraction": float(k),
-                     **quality(embed(gm, held_b), dense), "time_ratio": speed(gm, dense_fn, x, args.repeats)})
+                     **quality(embed(gm, held_b), dense),
+                     "time_ratio": speed(gm, dense_fn, x, args.repeats) if args.time else {}})
         bar.update(1)
     bar.close()
     return {"model": "all-MiniLM-L6-v2 (samples/minilm.py)", "method": args.method, "router": args.router,
@@ -220,40 +229,53 @@ def run(args) -> dict:
             "held_out_sentences": len(held), "tokens_timed": TOKENS, "threads": 1,
             "clock": "thread CPU time, fastest of 3 x repeats, dense and MoE interleaved",
             "kernels": kernels(), "heal_steps": args.heal, "heal_params": args.heal_params,
+            "heal_routers": args.heal_routers,
             "threads_all": torch.get_num_threads(), "rows": rows}
 
 
 def _heal_cells(r: dict) -> list[str]:
     h = r.get("healed")
     if not h:
-        return ["—", "—", "—"]
-    t = h["model_time_ratio"]
+        return ["—", "—"]
     return [f"{h['cos_mean']:.4f} / {h['cos_worst']:.4f} / {h['nn_agreement']:.1%}",
-            f"{h['steps_run']} ({h['best_step']}) / {h['seconds']:.0f}",
-            " / ".join(f"{v:.2f}×" for v in t.values())]
+            f"{h['steps_run']} ({h['best_step']}) / {h['seconds']:.0f}"]
+
+
+def merge_times(result: dict, timed: dict) -> dict:
+    """The time ratios of a timing run (same E, k) put into a quality run's rows."""
+    by = {(r["pass"], r["E"], r["k"]): r for r in timed["rows"]}
+    for r in result["rows"]:
+        t = by.get((r["pass"], r["E"], r["k"]), {})
+        r["time_ratio"], r["model_time_ratio"] = t.get("time_ratio", {}), t.get("model_time_ratio", {})
+    result["timing"] = {k: timed[k] for k in ("threads_all", "clock", "tokens_timed")}
+    return result
 
 
 def table(result: dict) -> str:
-    kern = result["kernels"]
+    ffn = sorted({k for r in result["rows"] for k in r.get("time_ratio", {})})
+    whole = sorted({k for r in result["rows"] for k in r.get("model_time_ratio", {})})
     head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree", "no refit: cos / NN"] + [
-        f"time {k}" for k in kern] + ["healed: cos / worst / NN", "heal steps (best) / s",
-                                      "model time 1 thread / all"]
+        f"FFN time {k}" for k in ffn] + [f"model time {k}" for k in whole] + [
+        "healed: cos / worst / NN", "heal steps (best) / s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["pass"], r["E"], r["k"], f"{r['active_fraction']:.0%}", f"{r['cos_mean']:.4f}",
                  f"{r['cos_worst']:.4f}", f"{r['nn_agreement']:.1%}",
-                 f"{r['no_refit']['cos_mean']:.4f} / {r['no_refit']['nn_agreement']:.1%}" if "no_refit" in r else "—"] + [f"{r['time_ratio'][k]:.2f}×" for k in kern] + _heal_cells(r)
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+                 f"{r['no_refit']['cos_mean']:.4f} / {r['no_refit']['nn_agreement']:.1%}" if "no_refit" in r else "—"]
+        cells += [f"{r['time_ratio'][k]:.2f}×" if k in r.get("time_ratio", {}) else "—" for k in ffn]
+        cells += [f"{r['model_time_ratio'][k]:.2f}×" if k in r.get("model_time_ratio", {}) else "—" for k in whole]
+        lines.append("| " + " | ".join(map(str, cells + _heal_cells(r))) + " |")
+    heal = (f"Healed: --heal {result.get('heal_steps', 0)} steps, {result.get('heal_params', 'all')} parameters"
+            f"{', routers too (straight-through gates)' if result.get('heal_routers') else ''} (steps run, "
+            f"best step kept, seconds on the shared machine). " if result.get("heal_steps") else "")
     return (f"# MoEfication curve: {result['model']}\n\nmethod={result['method']}, router={result['router']}, "
             f"shared={result['shared_neurons']} neurons; calibration {result['calibration']['examples']} "
             f"sentences / {result['calibration']['tokens']} tokens; {result['held_out_sentences']} held-out "
-            f"sentences; moefy rows refit the output weights by least squares (\"no refit\": biases only); "
-            f"FFN time MoE/dense at {result['tokens_timed']} tokens, {result['threads']} thread, CPU time. "
-            f"Healed: --heal {result.get('heal_steps', 0)} steps, {result.get('heal_params', 'all')} "
-            f"parameters (steps run, best step kept, seconds); model time: whole model MoE/dense on the "
-            f"held-out sentences, healed weights, 1 thread (CPU time) / all {result.get('threads_all', '?')} "
-            f"threads (wall time). The machine was shared with other jobs.\n\n"
-            + "\n".join(lines) + "\n")
+            f"sentences; moefy rows refit the output weights by least squares (\"no refit\": biases only). "
+            f"FFN time: layer 0's router + MoE / dense FFN at {result['tokens_timed']} tokens; model time: "
+            f"the whole model MoE / dense on the held-out sentences (unhealed weights: the same work as "
+            f"healed ones); 1 thread: thread CPU time, N threads: wall time; torch eager, "
+            f"kernel {', '.join(result['kernels'])}. {heal}\n\n" + "\n".join(lines) + "\n")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -261,6 +283,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     kern = result["kernels"][0]
+    multi = next((k for r in result["rows"] for k in r.get("time_ratio", {}) if k.startswith(kern + " ")), None)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     moe_rows = [r for r in result["rows"] if r["pass"] == "moefy"]
     for E in sorted({r["E"] for r in moe_rows}):
@@ -272,7 +295,10 @@ def plot(result: dict, path: Path) -> None:
         color = axes[1].lines[-1].get_color()
         axes[0].plot(fr, [r["no_refit"]["cos_mean"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
         axes[1].plot(fr, [r["no_refit"]["nn_agreement"] for r in rs], "x--", color=color, lw=0.7, alpha=0.6)
-        axes[2].plot(fr, [r["time_ratio"][kern] for r in rs], "o-", label=f"moefy E={E}")
+        for key, style in ((kern, "o-"), (multi, "s--")):
+            ts = [(r["active_fraction"], r["time_ratio"][key]) for r in rs if key in r.get("time_ratio", {})]
+            if ts:
+                axes[2].plot(*zip(*ts), style, color=color, label=f"moefy E={E}" + (" (all cores)" if key == multi else ""))
         hs = [r for r in rs if r.get("healed")]
         if hs:
             hf = [r["active_fraction"] for r in hs]
@@ -280,12 +306,12 @@ def plot(result: dict, path: Path) -> None:
             axes[1].plot(hf, [r["healed"]["nn_agreement"] for r in hs], "*-", color=color, ms=10,
                          label=f"healed E={E}")
     up = [r for r in result["rows"] if r["pass"] == "upcycle"]
-    if up:
+    if up and all(kern in r.get("time_ratio", {}) for r in up):
         axes[2].plot([r["active_fraction"] for r in up], [r["time_ratio"][kern] for r in up], "k^--",
                      label="upcycle E=8 (at init = dense)")
     for ax, title in zip(axes, ["cosine to dense (— mean, ··· worst; × no refit; ★ healed)",
                                 "nearest-neighbour agreement (× no refit)",
-                                f"FFN time MoE / dense ({kern}, {result['tokens_timed']} tokens)"]):
+                                f"FFN time MoE / dense ({kern}, {result['tokens_timed']} tokens; — 1 thread, -- all cores)"]):
         ax.set_xlabel("fraction of FFN neurons active per token")
         ax.set_title(title, fontsize=10)
         ax.axvline(0.25, color="grey", lw=0.5)
@@ -313,10 +339,29 @@ def main(argv=None) -> None:
                    help="also heal the 12.5-50%%-active points of --heal-experts for up to STEPS steps")
     p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="only these top-k values (default: every k for E ≤ 16, a few with --quick)")
+    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                   help="only the k = fraction × E of these active fractions (e.g. 0.125,0.25,0.5)")
     p.add_argument("--heal-experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
     p.add_argument("--heal-params", default="all", choices=moefy_heal.PARAMS)
+    p.add_argument("--heal-lr", type=float, default=None)
+    p.add_argument("--heal-routers", action="store_true", help="train the routers too (straight-through gates)")
+    p.add_argument("--no-time", dest="time", action="store_false",
+                   help="quality only (healing on a shared machine); take the times from a --time-from run")
+    p.add_argument("--time-from", type=Path, default=None,
+                   help="curve.json of a timing run (--heal 0, quiet machine): its times fill this table")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="no run: the rows of these curve.json files (e.g. one run per E) into one table and plot")
     p.add_argument("--quick", action="store_true", help="a few k per E (and E in {4, 8} unless --experts)")
     args = p.parse_args(argv)
+    if args.combine:
+        parts = [json.loads(f.read_text()) for f in args.combine]
+        result = {**parts[0], "rows": [r for part in parts for r in part["rows"]]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "curve.json").write_text(json.dumps(result, indent=1))
+        (args.out / "curve.md").write_text(table(result))
+        plot(result, args.out / "curve.png")
+        print(table(result))
+        return
     args.experts = args.experts or ([4, 8] if args.quick else [4, 8, 16, 32])
     fits = sum(len(ks_for(E, args.quick)) for E in args.experts)
     print(f"moefy_curve: {len(args.experts)} partitions, {fits} (E, k) fits, each scored on the held-out corpus; "
@@ -328,6 +373,8 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args)
+    if args.time_from:
+        result = merge_times(result, json.loads(args.time_from.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curve.json").write_text(json.dumps(result, indent=1))
     (args.out / "curve.md").write_text(table(result))

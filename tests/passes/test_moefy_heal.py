@@ -122,3 +122,39 @@ def test_cli_heal_writes_its_facts(root, monkeypatch, tmp_path, capsys, bert):
     assert h["held_out_loss_after"] <= h["held_out_loss_before"]
     assert m["layers"][0]["heal"]["best_step"] == h["best_step"]
     assert m["passes"][-1]["stats"]["heal_steps"] == h["steps_run"]
+
+
+def test_straight_through_gates_give_routers_the_expert_gradient():
+    """gated_moe = the topk_unit moe op forward, and d loss / d logits = Σ_chosen s_e · ∂p_e/∂logits,
+    s_e = <∂loss/∂y, expert e's output> (what scaling a chosen expert would change)."""
+    from moecc.ops import call_moe, ffn
+    from moecc.spec import MoESpec, RouterSpec
+    g = torch.Generator().manual_seed(0)
+    E, H, m, T, k = 4, 8, 6, 10, 2
+    spec = MoESpec(num_experts=E, hidden=H, ffn=m, activation="gelu", expert_bias=True,
+                   router=RouterSpec("topk_unit", k, renormalize=False)).validate()
+    x, w_in, w_out = torch.randn(T, H, generator=g), torch.randn(E, m, H, generator=g), torch.randn(E, H, m, generator=g)
+    b_in, b_out, gy = torch.randn(E, m, generator=g), torch.randn(E, H, generator=g), torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g, requires_grad=True)
+    y = moefy_heal.gated_moe(x, logits, w_in, w_out, b_in, b_out, spec)
+    torch.testing.assert_close(y, call_moe(x, logits.detach(), w_in, w_out, spec, b_in=b_in, b_out=b_out),
+                               atol=0, rtol=0)
+    (y * gy).sum().backward()
+    with torch.no_grad():
+        s = torch.stack([(ffn(x, w_in[e], b_in[e], w_out[e], b_out[e], spec) * gy).sum(1) for e in range(E)], 1)
+        p = logits.softmax(1)                                                           # [T, E]
+        chosen = torch.zeros(T, E).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+        a = chosen * s * p                                                              # [T, E]
+        expected = a - p * a.sum(1, keepdim=True)                                       # softmax Jacobian
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(logits.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_routers_train_with_heal_routers(bert):
+    _, gm, cal, _ = bert
+    student, _ = _moefied(gm, cal, 1)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    moefy_heal.heal(student, gm, moefy.calib.load(cal), 3, params="experts", lr=1e-3, progress=False,
+                    routers=True, eval_every=1)
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.rsplit(".", 1)[-1].startswith("router") for n in moved), moved
