@@ -48,7 +48,7 @@ from moecc.ops import EXPERTS_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
-from . import importer, kernels, tir
+from . import importer, kernels, library, tir
 from .importer import message
 from .kernels import dims
 from .runtime import FORMAT, META, sha256
@@ -91,7 +91,7 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
             raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
                              f"{type(e).__name__}: {message(e)}") from e
         t2 = time.perf_counter()
-        executable.export_library(str(out_dir / LIBRARY))
+        library.export(executable, out_dir / LIBRARY)      # a failed write is an error, not an exit
     np.savez(out_dir / PARAMS, **dict(zip(names, params)))
     meta = {
         "format": FORMAT, "tvm": tvm.__version__, "target": str(target), "device": device_of(target),
