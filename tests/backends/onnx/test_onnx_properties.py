@@ -2,37 +2,12 @@
 capacity) through both portable kernels and auto, at a random token count, match moe_reference."""
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from moecc.errors import MoeccError
-from moecc.routing import check
-from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
 from numerics import assert_numerically_equal
 from onnx_cases import H, Side, eager, inputs, lower, run
-
-
-@st.composite
-def layers(draw, name: str) -> MoESpec:
-    E = draw(st.sampled_from([2, 4, 6, 8]))
-    kind = draw(st.sampled_from(sorted(ROUTER_KINDS)))
-    grouped = kind == "hierarchical" or (kind in ("softmax_topk", "sigmoid_topk") and draw(st.booleans()))
-    G = draw(st.sampled_from([g for g in (2, 4) if E % g == 0 and g < E] or [1])) if grouped else 1
-    router = RouterSpec(
-        kind=kind, top_k=draw(st.integers(1, min(E, 3))), renormalize=draw(st.booleans()),
-        scaling=draw(st.sampled_from([1.0, 2.5])), n_groups=G, topk_groups=draw(st.integers(1, G)),
-        group_score=draw(st.sampled_from(["top2_sum", "max"])),
-        capacity_factor=draw(st.sampled_from([None, None, 0.5, 1.25])))
-    act = draw(st.sampled_from(ACTIVATIONS))
-    shared = draw(st.sampled_from([0, 0, 3]))
-    spec = MoESpec(E, H, draw(st.integers(2, 7)), act, router, expert_bias=draw(st.booleans()),
-                   interleaved=draw(st.booleans()), act_limit=0.9, shared_ffn=shared,
-                   shared_gated=bool(shared) and draw(st.booleans()), name=name)
-    try:
-        check(spec)
-    except MoeccError:
-        assume(False)
-    return spec
+from random_layers import layers
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
