@@ -1,5 +1,6 @@
 """Properties: random layers (E, k, F, router kind and options, activation, biases, shared expert,
-capacity) through both portable kernels and auto, at a random token count, match moe_reference."""
+capacity) through both portable kernels and auto, at 0, 1 and a random number of tokens, match the eager
+model (moe_reference). The layer strategy is tests/random_layers.py (shared with the TVM test)."""
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -19,11 +20,12 @@ def test_random_layers_match_the_reference(tmp_path_factory, specs, mode, B, S, 
     model = Side(list(specs), seed=seed)
     low, path = lower(model, inputs(2, 3, seed=seed), tmp_path_factory.mktemp("prop"),
                       onnx_moe=mode[0], onnx_kernel=mode[1])
-    args = inputs(B, S, seed=seed + 1)
-    with torch.no_grad():
-        expected = eager(model, args)
-    for s, c, g, e in zip(specs, low.kernels, run(path, args), expected):
-        assert_numerically_equal(g, e, atol=1e-5, what=f"{c.kernel} {s.to_json()} at {B}x{S}")
+    for shape in ((1, 0), (1, 1), (B, S)):                   # 0 and 1 tokens, then a random count
+        args = inputs(*shape, seed=seed + 1)
+        with torch.no_grad():
+            expected = eager(model, args)
+        for s, c, g, e in zip(specs, low.kernels, run(path, args), expected):
+            assert_numerically_equal(g, e, atol=1e-5, what=f"{c.kernel} {s.to_json()} at {shape}")
 
 
 @pytest.mark.slow
