@@ -30,7 +30,7 @@ def flat_tokens(x, width: int):
     T = op.ReduceProd(op.Shape(x, start=0, end=-1), keepdims=1)           # [1]
     rank = len(x.shape) if x.shape is not None else 2
     rows = op.Max(op.ReduceProd(op.Shape(x, start=0, end=-2), keepdims=1), ints(1)) if rank > 2 else ints(1)
-    return op.Reshape(x, shape(T, width), allowzero=1), T, rows        # T = 0 is 0 rows, not 'copy'
+    return op.Reshape(x, shape(T, width)), T, rows
 
 
 # ---------------------------------------------------------------- experts (moecc/ops.py)
