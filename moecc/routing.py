@@ -264,7 +264,9 @@ def apply_capacity(weights: Tensor, ids: Tensor, spec: MoESpec, rows: int = 1) -
     R = rows if spec.router.capacity_per_row and rows > 0 else 1
     cap = token_capacity(T // R, spec)
     flat = ids.reshape(R, T // R, k).transpose(1, 2).reshape(R, -1)       # [R, k*S] slot-major per row
-    onehot = torch.nn.functional.one_hot(flat.clamp(min=0), spec.num_experts) * (flat >= 0).unsqueeze(-1)
+    # [R, k*S, E]; an empty slot (-1) matches no expert. A comparison, not F.one_hot: its decomposition
+    # asserts min(ids) >= 0, a data-dependent check that TVM evaluated on garbage at T = 0
+    onehot = (flat.unsqueeze(-1) == torch.arange(spec.num_experts, device=flat.device)).long()
     position = (onehot.cumsum(1) * onehot).sum(-1) - 1                    # [R, k*S] place in its queue
     keep = ((position < cap) & (flat >= 0)).reshape(R, k, -1).transpose(1, 2).reshape(T, k)  # [T, k]
     return weights * keep, torch.where(keep, ids, -1)

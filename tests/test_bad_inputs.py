@@ -106,14 +106,33 @@ def _compile_in_subprocess(out: Path, prelude: str = "", extra=()):
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+DISK_FULL = ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))")
+
+
 def test_disk_full_is_one_line_and_writes_nothing(tmp_path):
-    prelude = ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))")
-    p = _compile_in_subprocess(tmp_path / "art", prelude)
+    p = _compile_in_subprocess(tmp_path / "art", DISK_FULL)
     _, err = p.communicate(timeout=600)
     lines = err.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], err[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_disk_full_with_force_keeps_the_old_artifact(backend, art, tmp_path):
+    """onnx and tvm compiles on a full disk, replacing an artifact (--force): one line, exit 2, no temp dir,
+    the old artifact intact (LLVM exited the process on a failed write: TVM's library is written in a
+    child process, backends/tvm/library.py)."""
+    import shutil
+    out = tmp_path / "art"
+    shutil.copytree(art, out)
+    before = {q.name: q.read_bytes() for q in out.iterdir()}
+    p = _compile_in_subprocess(out, DISK_FULL, extra=["--to", backend, "--force"])
+    _, err = p.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], err[-3000:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]
+    assert {q.name: q.read_bytes() for q in out.iterdir()} == before
 
 
 def test_ctrl_c_mid_compile_keeps_the_old_artifact(art, tmp_path):

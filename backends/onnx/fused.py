@@ -103,7 +103,7 @@ def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_
     register_schema()
     msft = values.Opset(DOMAIN, 1)
     xt, T, _ = portable.flat_tokens(x, spec.hidden)                        # [T, H]
-    lt = op.Reshape(logits, shape(T, spec.num_experts))                    # [T, E]
+    lt = op.Reshape(logits, shape(T, spec.num_experts), allowzero=1)       # [T, E] (T = 0: 0, not 'copy')
     if logits.dtype != ir.DataType.FLOAT:
         lt = op.Cast(lt, to=ir.DataType.FLOAT)
     attrs = dict(k=spec.top_k, activation_type=ACTIVATION[spec.activation],
@@ -120,4 +120,4 @@ def moe(x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_
         y = op.Mul(y, scalar(spec.router.scaling, xt))
     if shared_w_in is not None:
         y = op.Add(y, portable.shared_expert(xt, shared_w_in, shared_w_out, shared_gate, spec))
-    return op.Reshape(y, op.Shape(x))
+    return op.Reshape(y, op.Shape(x), allowzero=1)        # a 0 in x's shape is a 0 (no tokens), not 'copy'

@@ -59,6 +59,7 @@ from moecc.spec import MoESpec
 
 from ..base import Lowered
 from . import dispatch, importer, kernels, tir, tune
+from . import library as library_file
 from .importer import message
 from .kernels import dims
 from .runtime import FORMAT, META, sha256
@@ -152,7 +153,7 @@ def build(program, options: dict, target, tuner, library: Path):
             raise MoeccError(f"TVM backend: tvm.compile for target {target.kind.name} failed: "
                              f"{type(e).__name__}: {message(e)}") from e
         t2 = time.perf_counter()
-        executable.export_library(str(library))
+        library_file.export(executable, Path(library))      # a failed write is an error, not an exit
     return mod, choices, t1 - t0, t2 - t1
 
 

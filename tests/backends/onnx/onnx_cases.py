@@ -10,8 +10,8 @@ from torch import nn
 
 from moecc.backends.onnx import lower as onnx_lower
 from moecc.backends.onnx.runtime import run_onnx
-from moecc.nn import MoE
 from moecc.spec import MoESpec, RouterSpec
+from random_layers import Side, randomized  # noqa: F401  (shared with the other backends' tests)
 
 H, F = 8, 6
 AUTO = torch.export.Dim.AUTO
@@ -21,27 +21,6 @@ def spec(name: str, E: int = 4, act: str = "relu", **router) -> MoESpec:
     kw = {k: router.pop(k) for k in ("expert_bias", "interleaved", "act_limit", "act_alpha",
                                      "shared_ffn", "shared_gated") if k in router}
     return MoESpec(E, H, F, act, RouterSpec(**router), name=name, **kw).validate()
-
-
-def randomized(layer: MoE, seed: int) -> MoE:
-    """Every parameter O(1)-ish (logits ~1, outputs ~1), so a wrong route or weight shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            scale = 0.3 if name.startswith("correction") else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return layer.eval()
-
-
-class Side(nn.Module):
-    """Independent MoE layers on the same input; returns every layer's output."""
-
-    def __init__(self, specs: list[MoESpec], seed: int = 0):
-        super().__init__()
-        self.layers = nn.ModuleList(randomized(MoE(s), seed + i) for i, s in enumerate(specs))
-
-    def forward(self, x, token_ids):
-        return tuple(layer(x, token_ids) for layer in self.layers)
 
 
 def inputs(B: int, S: int, seed: int = 0, vocab: int = 1000):

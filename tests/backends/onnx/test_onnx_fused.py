@@ -62,7 +62,7 @@ def test_fusable_layers_all_take_the_fused_op(fused_model):
     assert low.notes["opset_imports"]["com.microsoft"] == 1
 
 
-@pytest.mark.parametrize("B,S", [(2, 3), (3, 7), (1, 1)])
+@pytest.mark.parametrize("B,S", [(2, 3), (3, 7), (1, 1), (1, 0), (0, 2)])   # 0 tokens: reshapes allowzero
 def test_fused_matches_the_reference(fused_model, B, S):
     model, _, path = fused_model
     args = inputs(B, S, seed=B + S)

@@ -1,38 +1,14 @@
 """Properties: random layers (E, k, F, router kind and options, activation, biases, shared expert,
-capacity) through both portable kernels and auto, at a random token count, match moe_reference."""
+capacity) through both portable kernels and auto, at 0, 1 and a random number of tokens, match the eager
+model (moe_reference). The layer strategy is tests/random_layers.py (shared with the TVM test)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from moecc.errors import MoeccError
-from moecc.routing import check
-from moecc.spec import ACTIVATIONS, ROUTER_KINDS, MoESpec, RouterSpec
 from numerics import assert_numerically_equal
 from onnx_cases import H, Side, eager, inputs, lower, run
-
-
-@st.composite
-def layers(draw, name: str) -> MoESpec:
-    E = draw(st.sampled_from([2, 4, 6, 8]))
-    kind = draw(st.sampled_from(sorted(ROUTER_KINDS)))
-    grouped = kind == "hierarchical" or (kind in ("softmax_topk", "sigmoid_topk") and draw(st.booleans()))
-    G = draw(st.sampled_from([g for g in (2, 4) if E % g == 0 and g < E] or [1])) if grouped else 1
-    router = RouterSpec(
-        kind=kind, top_k=draw(st.integers(1, min(E, 3))), renormalize=draw(st.booleans()),
-        scaling=draw(st.sampled_from([1.0, 2.5])), n_groups=G, topk_groups=draw(st.integers(1, G)),
-        group_score=draw(st.sampled_from(["top2_sum", "max"])),
-        capacity_factor=draw(st.sampled_from([None, None, 0.5, 1.25])))
-    act = draw(st.sampled_from(ACTIVATIONS))
-    shared = draw(st.sampled_from([0, 0, 3]))
-    spec = MoESpec(E, H, draw(st.integers(2, 7)), act, router, expert_bias=draw(st.booleans()),
-                   interleaved=draw(st.booleans()), act_limit=0.9, shared_ffn=shared,
-                   shared_gated=bool(shared) and draw(st.booleans()), name=name)
-    try:
-        check(spec)
-    except MoeccError:
-        assume(False)
-    return spec
+from random_layers import layers
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
@@ -44,11 +20,12 @@ def test_random_layers_match_the_reference(tmp_path_factory, specs, mode, B, S, 
     model = Side(list(specs), seed=seed)
     low, path = lower(model, inputs(2, 3, seed=seed), tmp_path_factory.mktemp("prop"),
                       onnx_moe=mode[0], onnx_kernel=mode[1])
-    args = inputs(B, S, seed=seed + 1)
-    with torch.no_grad():
-        expected = eager(model, args)
-    for s, c, g, e in zip(specs, low.kernels, run(path, args), expected):
-        assert_numerically_equal(g, e, atol=1e-5, what=f"{c.kernel} {s.to_json()} at {B}x{S}")
+    for shape in ((1, 0), (1, 1), (B, S)):                   # 0 and 1 tokens, then a random count
+        args = inputs(*shape, seed=seed + 1)
+        with torch.no_grad():
+            expected = eager(model, args)
+        for s, c, g, e in zip(specs, low.kernels, run(path, args), expected):
+            assert_numerically_equal(g, e, atol=1e-5, what=f"{c.kernel} {s.to_json()} at {shape}")
 
 
 @pytest.mark.slow
