@@ -46,6 +46,7 @@ FAMILY = {
     # 64 in the real config); 256 zero-compute (identity) experts by default would drown the 8 routed
     # ones: keep the real model's ratio (512 routed + 256 zero)
     "longcat_flash": dict(head_dim=SMALL["qk_rope_head_dim"], zero_expert_num=4),
+    "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),     # product keys: 4 × 4
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
@@ -125,7 +126,12 @@ def _has(config, key: str) -> bool:
         return False
 
 
-def build(model_type: str, seed: int = 0, batch: int = 2, seq: int = 8, **overrides):
+# Doge views its router logits as (2, B·S, -1): an example batch of 2 lets export tie B to that literal
+# and fix it (the graph then takes batch 2 only); any other example batch keeps it dynamic
+EXAMPLE_BATCH = {"doge": 3}
+
+
+def build(model_type: str, seed: int = 0, batch: int | None = None, seq: int = 8, **overrides):
     """(model, (input_ids,)) for a tiny random `model_type` causal LM, HF eager everywhere."""
     from transformers import AutoModelForCausalLM
     cfg = config(model_type, **overrides)
@@ -134,6 +140,7 @@ def build(model_type: str, seed: int = 0, batch: int = 2, seq: int = 8, **overri
                                              dtype=torch.float32).eval()
     _perturb(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
+    batch = EXAMPLE_BATCH.get(model_type, 2) if batch is None else batch
     return model, (torch.randint(2, VOCAB, (batch, seq), generator=gen),)
 
 

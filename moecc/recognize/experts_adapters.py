@@ -9,6 +9,10 @@
       ⇒ logits = router.layer(x).float(); top-k logits → softmax over k → weights (x's dtype)
         experts(x, ids, weights, input_linear.weight [E, 2F, H], output_linear.weight [E, H, F]) + bias
 
+    DogeCDMoE.forward(x)  (product-key retrieval experts of one neuron: down_embed, up_embed [E, H])
+      ⇒ its router as is; experts(x, ids, weights, down_embed [E, 1, H], up_embed [E, H, 1]) (F = 1,
+        not gated) + its shared FFN
+
     JetMoeMoA.map / .reduce (a mixture of attention: not an FFN MoE, no moecc node)
       ⇒ the same top-k softmax, every expert's projection computed and the chosen gathered: static
         shapes (its .tolist() left unbacked sizes that TVM's decomposition refused); reported as refused
@@ -42,6 +46,7 @@ from .experts_interface import ExpertsPlan, InterfaceReport, combine, probe_gate
 log = logging.getLogger("moecc.recognize.experts_adapters")
 
 _GATED = ("swiglu", "geglu", "geglu_tanh")
+_PLAIN = ("relu", "gelu", "gelu_tanh", "silu")
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,36 @@ def _jetmoe_forward(block: nn.Module, a: Adapted, layer_input: Tensor) -> Tensor
     return y.view(bsz, length, H) + block.bias
 
 
+def _doge(block: nn.Module, path: str) -> Adapted:
+    """Doge's cross-domain MoE: E retrieval experts of ONE neuron each (down_embed [E, H], up_embed [E, H]),
+    routed by product keys: expert e(x) = up_e · act(down_e · x), i.e. experts of F = 1."""
+    down, up = block.down_embed.weight, block.up_embed.weight
+    E, H = down.shape
+    if tuple(up.shape) != (E, H):
+        raise MoeccError(f"{path} (DogeCDMoE): up_embed {tuple(up.shape)} is not down_embed's [E, H] = [{E}, {H}]")
+    swaps = ((block.down_embed, "weight", _param(down.detach().unsqueeze(1), down)),      # [E, 1, H]
+             (block.up_embed, "weight", _param(up.detach().unsqueeze(-1), up)))          # [E, H, 1]
+    return _adapted(block.act_fn, down.dtype, E, H, 1, path, "DogeCDMoE", _doge_forward, swaps, gated=False)
+
+
+def _doge_forward(block: nn.Module, a: Adapted, hidden_states: Tensor, **kwargs):
+    """DogeCDMoE.forward with its routed experts as one experts node (its router and shared FFN as they are)."""
+    bsz, seq_len, H = hidden_states.shape
+    router_logits = block.router_gate(hidden_states).view(2, bsz * seq_len, -1)            # [2, T, keys]
+    (scores_x, scores_y), (indices_x, indices_y) = router_logits.topk(block.num_keys, dim=-1)
+    all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).flatten(-2)           # [T, keys²]
+    all_indices = (indices_x.unsqueeze(-1) * block.num_keys + indices_y.unsqueeze(-2)).flatten(-2)
+    scores, position_indices = all_scores.topk(block.top_k, dim=-1)                      # [T, k]
+    ids = all_indices.gather(-1, position_indices)                                       # [T, k]
+    weights = torch.softmax(scores, dim=-1)
+    if block.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    x = hidden_states.reshape(-1, H)                                                     # [T, H]
+    y = _experts(block, a, x, ids, weights, block.down_embed.weight, block.up_embed.weight)
+    shared = block.down_proj(block.act_fn(block.gate_proj(hidden_states)) * block.up_proj(hidden_states))
+    return shared + y.view(bsz, seq_len, H), router_logits
+
+
 def _moa_map(moa: nn.Module, layer_input: Tensor):
     """JetMoeMoA.map without .tolist(): each token's k query projections, every expert computed and the
     chosen gathered ([T, E, D]: E is small), so sizes stay static."""
@@ -142,7 +177,7 @@ def _moa_reduce(moa: nn.Module, layer_input: Tensor, topo_info):
 
 
 ADAPTERS: dict[str, Callable[[nn.Module, str], Adapted]] = {
-    "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe}
+    "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe, "DogeCDMoE": _doge}
 # not an FFN MoE, so no moecc node: only rewritten as static-shape ordinary ops (reported as refused)
 REWRITES: dict[str, tuple[str, dict[str, Callable]]] = {
     "JetMoeMoA": ("a mixture of attention (query/output projections as experts) is not an FFN MoE; it stays "
@@ -152,16 +187,20 @@ REWRITES: dict[str, tuple[str, dict[str, Callable]]] = {
 # ---- shared pieces ---------------------------------------------------------------------------
 
 def _adapted(act_fn, dtype: torch.dtype, E: int, H: int, F: int, path: str, name: str, forward,
-             swaps) -> Adapted:
-    """Gated experts computing act_fn(gate) · up on [gate; up]: the activation probed bit for bit
-    (refused with the reason when no MoESpec activation equals it)."""
-    def gate(h):                                                                    # [n, 2F] -> [n, F]
+             swaps, gated: bool = True) -> Adapted:
+    """Gated experts computing act_fn(gate) · up on [gate; up] (or, not gated, act_fn(h)): the activation
+    probed bit for bit (refused with the reason when no MoESpec activation equals it)."""
+    def gate(h):                                                                    # [n, R] -> [n, F]
+        if not gated:
+            return act_fn(h)
         g, u = h.chunk(2, dim=-1)
         return act_fn(g) * u
+    names = _GATED if gated else _PLAIN
     try:
-        act, extra = probe_gate(gate, dtype, 2 * F, True, [(a, {"interleaved": False}) for a in _GATED],
+        act, extra = probe_gate(gate, dtype, 2 * F if gated else F, gated,
+                                [(a, {"interleaved": False} if gated else {}) for a in names],
                                 f"{path} ({name})", f"{path}: activation {type(act_fn).__name__} of {name} "
-                                f"({dtype})", f"gated {', '.join(_GATED)}")
+                                f"({dtype})", f"{'gated ' if gated else ''}{', '.join(names)}")
     except MoeccError as e:
         return Adapted(None, forward, swaps, gate, str(e))
     spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation=act, router=RouterSpec(top_k=1, fp32=False),

@@ -27,7 +27,8 @@ import coverage_models as cm  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 TOL = 1e-5
 EXPERTS = torch.ops.moecc.experts.default
-LAYERS = {"dbrx": ("DbrxExperts", 2), "longcat_flash": ("LongcatFlashExperts", 1), "jetmoe": ("JetMoeMoE", 2)}
+LAYERS = {"dbrx": ("DbrxExperts", 2), "longcat_flash": ("LongcatFlashExperts", 1), "jetmoe": ("JetMoeMoE", 2),
+          "doge": ("DogeCDMoE", 2)}
 
 
 def _logits(model, ids):
@@ -64,7 +65,8 @@ def test_adapter_captures_every_layer_and_matches_hf(captured):
     assert len(nodes) == layers
     for node in nodes:
         spec = node.meta["moecc.spec"]
-        assert spec.num_experts == 8 and spec.activation == "swiglu" and not spec.interleaved
+        E, act, F = (16, "silu", 1) if family == "doge" else (8, "swiglu", spec.ffn)   # Doge: one-neuron experts
+        assert spec.num_experts == E and spec.activation == act and spec.ffn == F and not spec.interleaved
         assert spec.router.top_k == 2
     # the user's model is put back: its own forward and weights, bit for bit
     assert not any(k in vars(m) for m in hf.modules() for k in ("forward", "map", "reduce"))
