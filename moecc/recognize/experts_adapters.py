@@ -240,7 +240,10 @@ _traced: dict[int, MoESpec] = {}                    # id(module) -> the spec its
 
 
 def is_adapted(module: nn.Module) -> bool:
-    return type(module).__name__ in ADAPTERS or type(module).__name__ in REWRITES
+    """A module an adapter knows, unless its (newer) transformers put it behind the ExpertsInterface:
+    transformers 5.25 decorates LongcatFlashExperts, which the interface then captures."""
+    from .experts_interface import is_hf_experts
+    return (type(module).__name__ in ADAPTERS or type(module).__name__ in REWRITES) and not is_hf_experts(module)
 
 
 def contains_adapted(module: nn.Module) -> bool:

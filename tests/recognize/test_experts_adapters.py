@@ -47,6 +47,9 @@ def _experts_nodes(gm):
 @pytest.fixture(scope="module", params=sorted(LAYERS))
 def captured(request):
     hf, inputs = cm.build(request.param)
+    if not any(xa.is_adapted(m) for m in hf.modules() if type(m).__name__ == LAYERS[request.param][0]):
+        pytest.skip(f"this transformers puts {LAYERS[request.param][0]} behind its ExpertsInterface, which "
+                    f"captures it (tests/recognize/test_experts_interface.py)")
     state = {k: v.clone() for k, v in hf.state_dict().items()}
     cap = capture(hf, inputs, source=request.param)
     return request.param, hf, state, cap
