@@ -67,7 +67,8 @@ def activate(h: Tensor, spec: MoESpec) -> Tensor:
     if a == "swiglu_clamp":     # Hunyuan-V4: silu(min(gate, L)) * clamp(up, -L, L)
         return F.silu(gate.clamp(max=spec.act_limit)) * up.clamp(min=-spec.act_limit, max=spec.act_limit)
     if a == "swiglu_softcap":   # Inkling-2: cap_g·tanh(gate/cap_g) · sigmoid(gate) · cap_u·tanh(up/cap_u), in fp32
-        g, u = gate.float(), up.float()
+        dt = torch.promote_types(gate.dtype, torch.float32)      # half types in float32, as Inkling-2
+        g, u = gate.to(dt), up.to(dt)
         cg, cu = spec.act_limit, spec.act_alpha
         return (torch.tanh(g / cg) * cg * torch.sigmoid(g) * (torch.tanh(u / cu) * cu)).to(h.dtype)
     # swiglu_oai (GPT-OSS): clamped, (up + 1) * gate * sigmoid(alpha * gate)
