@@ -41,12 +41,11 @@ from torch import Tensor, nn
 from ..errors import MoeccError
 from ..ops import call_experts
 from ..spec import MoESpec, RouterSpec
-from .experts_interface import ExpertsPlan, InterfaceReport, combine, probe_gate
+from .experts_interface import _PLAIN, ExpertsPlan, InterfaceReport, combine, probe_gate
 
 log = logging.getLogger("moecc.recognize.experts_adapters")
 
 _GATED = ("swiglu", "geglu", "geglu_tanh")
-_PLAIN = ("relu", "gelu", "gelu_tanh", "silu")
 
 
 @dataclass(frozen=True)
