@@ -220,6 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moecc: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:                       # Ctrl-C that landed inside an import or a library is
+        if not _interrupted(e):                  # wrapped (dataclasses' __set_name__ wraps it in a
+            raise                                # RuntimeError): still an interrupt, not a crash
+        print("moecc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _interrupted(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 if __name__ == "__main__":

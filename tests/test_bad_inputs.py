@@ -154,3 +154,29 @@ def test_ctrl_c_mid_compile_keeps_the_old_artifact(art, tmp_path):
         assert {q.name: q.read_bytes() for q in out.iterdir()} == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]          # no temp dir left
     json.loads((out / "manifest.json").read_text())
+
+
+def test_ctrl_c_wrapped_by_a_library_is_still_an_interrupt(monkeypatch, capsys):
+    """A SIGINT that lands inside an import is re-raised by dataclasses' __set_name__ as a RuntimeError
+    caused by the KeyboardInterrupt (the fresh-clone CI hit it): exit 130 and one line, no traceback."""
+    from moecc import cli
+
+    def wrapped(_args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+
+    def crash(_args):
+        raise RuntimeError("a real bug")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for p in parser._subparsers._group_actions[0].choices.values():
+        p.set_defaults(func=wrapped)
+    assert cli.main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "moecc: interrupted"
+    for p in parser._subparsers._group_actions[0].choices.values():
+        p.set_defaults(func=crash)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["inspect", "x"])
