@@ -100,7 +100,7 @@ def markdown(res: dict) -> str:
     lines = [f"# Best TVM kernel / best torch kernel, before and after tuning (1 thread, CPU time, median of "
              f"{res['repeats']}; {res['trials']} trials per tuned kernel)", "",
              f"Run {res['started']}–{res['finished']}, load average before {res['load_before'][0]:.2f}, "
-             f"after {res['load_after'][0]:.2f} (`flock -x`: no other job of ours on the 2 cores).", "",
+             f"after {res['load_after'][0]:.2f} (run alone: nothing else of ours on the 2 cores).", "",
              "before = today's artifact (`--target llvm`, default schedules); after = `--target host "
              "--tune-trials N` (AVX2 + tuned knobs); `host` = host target, default schedules.", "",
              "| shape | T | best torch (ms) | best TVM before (ms) | ratio before | TVM host untuned | "
