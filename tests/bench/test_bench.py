@@ -69,6 +69,8 @@ def test_tvm_kernels_join_the_same_run():
 def test_report_files(results, tmp_path):
     paths = bench_report.write(results, tmp_path / "out")
     md = paths["md"].read_text()
+    assert not any(n.startswith("tvm:") for p in results["points"] for n in p["times"])
+    assert "tvm not measured" in md and "tvm 3/" not in md       # no TVM run is not "TVM met"
     assert "| shape | T | limit ms" in md and "mixtral-tiny" in md and f"threads={results['threads']}" in md
     data = json.loads(paths["json"].read_text())
     assert data["threads"] == results["threads"] and len(data["summary"]) == 8
