@@ -142,6 +142,19 @@ def breakdown(runs: list[dict], timelines: dict) -> None:
                       + " ".join(f"{x * 1e3:.1f}" for x in comm))
 
 
+def ablations(runs: list[dict]) -> None:
+    """The run's own constants with one measured term taken out at a time, and the probe before
+    2026-12-03 in the same runs (predicted_base), against the same measured steps."""
+    if all("predicted_base" in r for r in runs):
+        base = [({k: r["predicted_base"][k] for k in KEYS}, r["chosen_base"]) for r in runs]
+        print(f"  old probe, same runs: {fmt(score(runs, base))}")
+    for name, drop in (("the floor (busy)", {"busy": 0.0}), ("the wake-up (lone)", {"lone": 0.0}),
+                       ("the dispatch reading", {"unpack": 0.0, "unpack_fixed": 0.0})):
+        if any(r["constants"].get(k) for r in runs for k in drop):
+            preds = [predict(r, consts={**r["constants"], **drop}) for r in runs]
+            print(f"  without {name:20s} {fmt(score(runs, preds))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", type=Path, default=Path(__file__).parent / "results" / "overlap.json")
@@ -160,6 +173,7 @@ def main() -> None:
     for name in ("W=2", "W=4"):
         sub = [r for r in runs if r["config"]["world"] == int(name[2:])]
         print(f"  {name}: {fmt(score(sub, [predict(r) for r in sub]))}")
+    ablations(runs)
     if a.no_fit:
         return
     fit_half, test_half = runs[0::2], runs[1::2]

@@ -169,6 +169,8 @@ class Costs:
     sizes_chunk: float = 0.0        # the split-size exchange's bytes per chunk beyond the first (s)
     wake: float = 0.0               # what a wait that blocks costs beyond the collective (s): a lone
                                     # exchange's latency beyond a burst's (probe: lone - alpha)
+    floor: float = 0.0              # the least time a collective holds the channel (s): the real
+                                    # exchange's pace while the cores also compute (probe: busy)
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -223,8 +225,9 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     plans all chunks, exchanges split sizes (one collective, synchronous), issues the d dispatches,
     then per chunk: runs shared-expert blocks while its dispatch is in flight, waits for it,
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
-    is in flight, wait, sum; the blocks left. One FIFO comm channel, one compute stream; a wait
-    for a collective that has not arrived yet resumes c.wake after its arrival.
+    is in flight, wait, sum; the blocks left. One FIFO comm channel (a collective holds it at least
+    c.floor), one compute stream; a wait for a collective that has not arrived yet resumes c.wake
+    after its arrival.
     overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps).
     shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
     2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
@@ -233,10 +236,11 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
     d = degree if overlap else 1
     per_chunk = lambda total, msgs: msgs * c.alpha + (total - msgs * c.alpha) / d     # noqa: E731
-    t_disp, t_comb = per_chunk(c.dispatch, c.dispatch_msgs), per_chunk(c.combine, c.combine_msgs)
+    t_disp = max(per_chunk(c.dispatch, c.dispatch_msgs), c.floor)
+    t_comb = max(per_chunk(c.combine, c.combine_msgs), c.floor)
     t_exp = chunk_overhead + c.experts / d + c.unpack_fixed + c.unpack / d
     t_sum = c.sums_fixed + c.sums / d
-    sizes = c.sizes + (d - 1) * c.sizes_chunk if c.sizes > 0 else 0.0
+    sizes = max(c.sizes + (d - 1) * c.sizes_chunk, c.floor) if c.sizes > 0 else 0.0
     comm, comp = [], []
     t = c.plan + d * c.plan_fixed
     comp.append((0.0, t))

@@ -69,11 +69,12 @@ def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> fl
 def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
-                  wake: float = 0.0) -> Costs:
+                  wake: float = 0.0, floor: float = 0.0) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
-    that blocks costs beyond the collective (probe: a lone exchange's time minus alpha)."""
+    that blocks costs beyond the collective (probe: a lone exchange's time minus alpha); floor: the
+    least time a collective takes (probe: an exchange's while the cores compute)."""
     cluster.validate()
     layer.validate(cluster.world)
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts)
@@ -89,7 +90,7 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                  dispatch_msgs=DISPATCH_MSGS, combine_msgs=COMBINE_MSGS, sizes=sizes, plan=plan,
                  plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed, unpack=unpack,
                  unpack_fixed=unpack_fixed, sizes_chunk=a2a_time(cluster, per_chunk, per_chunk) - alpha,
-                 wake=wake)
+                 wake=wake, floor=floor)
 
 
 def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict) -> tuple[Cluster, Costs]:
@@ -101,4 +102,4 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict) -> t
     return cluster, runtime_costs(layer, cluster, ids, plan=k["plan"] * T, plan_fixed=k["plan_fixed"],
                                   sums=k["sums"] * T, sums_fixed=k["sums_fixed"],
                                   unpack=k.get("unpack", 0.0) * T, unpack_fixed=k.get("unpack_fixed", 0.0),
-                                  wake=max(k.get("lone", 0.0) - k["alpha"], 0.0))
+                                  wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0))

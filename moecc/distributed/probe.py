@@ -9,6 +9,8 @@ they compete for the machine as the layers will):
         lone             per call of empty exchanges each waited for at once (as the split sizes, and
                          every collective of the unchunked schedule): a lone exchange's own latency
                          (waking the threads that run it and the one that waits) beyond a burst's
+        busy             per call of a burst of empty exchanges issued while every rank computes: the
+                         real exchange's pace when its threads compete with compute for the cores
         flops, chunk     the local experts (torch.ops.moecc.experts) timed at two row counts: GEMM
                          throughput from the slope, the fixed cost per call from the intercept
         plan, plan_fixed the send layout (layout.layout) and the packed dispatch buffer
@@ -52,6 +54,7 @@ class Measured:
     lone: float = 0.0           # s per exchange waited for at once (>= alpha when measured)
     unpack: float = 0.0         # s per token (reading a received dispatch)
     unpack_fixed: float = 0.0   # s per call
+    busy: float = 0.0           # s per exchange of a burst issued while every rank computes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,6 +143,29 @@ def measure_comm(group, hidden: int, dtype, rows: int = 256, repeats: int = 5, b
     return alpha, beta, (max(timed(empty, 0, True), alpha) if aligned else 0.0)
 
 
+def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: int = 6) -> float:
+    """Per call of a burst of empty exchanges issued back to back while every rank computes (GEMMs
+    of `rows` rows through the first local expert's input weights, until the burst is delivered):
+    the exchanges' real threads then compete with the compute for the cores, as in the chunked
+    schedule; granularity: one GEMM."""
+    import torch.distributed as dist
+
+    W = dist.get_world_size(group)
+    x = torch.randn(rows, hidden, dtype=w_in.dtype)
+    empty = torch.zeros(0, hidden, dtype=w_in.dtype)
+    best = math.inf
+    for _ in range(repeats):
+        together(group)
+        t0 = time.perf_counter()
+        pend = [comm.all_to_all(empty, [0] * W, [0] * W, group, "probe", async_op=True) for _ in range(burst)]
+        while not pend[-1].done():
+            x @ w_in[0].T                                                     # [rows, R]
+        best = min(best, (time.perf_counter() - t0) / burst)
+        for p in pend:
+            p.wait()
+    return best
+
+
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
                     seed: int = 0, aligned: bool = True) -> list[float]:
     """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed] of this rank
@@ -192,9 +218,10 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     exchange, no dispatch reading), kept to compare the two in one run (samples/overlap_bench.py)."""
     alpha, beta, lone = measure_comm(group, spec.hidden, w_in.dtype, repeats=repeats, aligned=aligned)
     c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
+    busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
     if not aligned:
         lone, c[6:] = 0.0, [0.0, 0.0]
-    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:]], dtype=torch.float64)
+    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:], busy], dtype=torch.float64)
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
     return Measured(worst[0], worst[1], 1.0 / worst[2], *worst[3:])
 

@@ -60,7 +60,7 @@ def test_measured_costs_take_the_probe_fields():
     cl, old = measured_costs(layer, 2, ids, K)
     ref = runtime_costs(layer, cl, ids, plan=K["plan"] * 64, plan_fixed=K["plan_fixed"], sums=K["sums"] * 64,
                         sums_fixed=K["sums_fixed"])
-    assert old == ref and old.wake == 0.0 and old.unpack == 0.0
+    assert old == ref and old.wake == 0.0 and old.unpack == 0.0 and old.floor == 0.0
     _, new = measured_costs(layer, 2, ids, {**K, "lone": 3e-3, "unpack": 1e-6, "unpack_fixed": 5e-5})
     assert new.wake == pytest.approx(2e-3)
     assert new.unpack == pytest.approx(64e-6) and new.unpack_fixed == 5e-5
@@ -97,3 +97,15 @@ def test_probe_reads_a_dispatch_as_the_layer_receives_it(one_rank_group):
     probed = _reader(x, w, ids, lay, None)()
     assert torch.equal(probed.x, real.x) and torch.equal(probed.weights, real.weights)
     assert torch.equal(probed.ids, real.ids)
+
+
+def test_floor_is_the_least_time_a_collective_holds_the_channel():
+    """floor 2 (the real exchange's pace while the cores compute) above the modelled .5 per chunk:
+    D1 [0, 2), D2 [2, 4), R1 [4, 6), R2 [6, 8) -> step 8 (2 without the floor)."""
+    c = Costs(dispatch=1.0, combine=1.0, experts=0.0, shared=0.0, alpha=0.0, floor=2.0)
+    s = pipeline(c, 2)
+    assert s.step == pytest.approx(8.0) and s.comm == pytest.approx(8.0)
+    assert pipeline(replace(c, floor=0.0), 2).step == pytest.approx(2.0)
+    layer = LayerShape(tokens=64, hidden=16, ffn=32, experts=8, top_k=2, gated=True)
+    _, m = measured_costs(layer, 2, sample_ids(2, 64, 8, 2, 0.0), {**K, "busy": 4e-3})
+    assert m.floor == 4e-3
