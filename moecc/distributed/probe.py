@@ -151,7 +151,7 @@ def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: i
     import torch.distributed as dist
 
     W = dist.get_world_size(group)
-    x = torch.randn(rows, hidden, dtype=w_in.dtype)
+    x = torch.randn(rows, hidden, dtype=w_in.dtype, device=w_in.device)
     empty = torch.zeros(0, hidden, dtype=w_in.dtype)
     best = math.inf
     for _ in range(repeats):
