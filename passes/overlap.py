@@ -106,7 +106,7 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
                 skew: float = 0.0, seed: int = 0) -> OverlapPlan:
     """constants: moecc.distributed.probe.Measured (or its dict), or None (degree "auto")."""
     from moecc.distributed import costmodel as cm
-    from moecc.distributed.ep_costs import runtime_costs, sample_ids
+    from moecc.distributed.ep_costs import measured_costs, sample_ids
 
     degree = _check_degree(degree)
     if constants is not None and not isinstance(constants, dict):
@@ -116,18 +116,14 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
         if constants is None:
             out.append(LayerSchedule(lay.name, lay.tokens, degree or "auto", degree is not None))
             continue
-        k = constants
-        link = cm.Link(k["alpha"], 1.0 / k["beta"] if k["beta"] > 0 else float("inf"))
-        cluster = cm.Cluster(1, world, link, link, k["flops"], k["chunk"])
         shape = cm.LayerShape(lay.tokens, lay.hidden, lay.ffn, lay.experts, lay.top_k, lay.gated,
                               lay.shared_ffn, lay.bytes, lay.bytes)
         ids = sample_ids(world, lay.tokens, lay.experts, lay.top_k, skew, seed)
-        c = runtime_costs(shape, cluster, ids, plan=k["plan"] * lay.tokens, plan_fixed=k["plan_fixed"],
-                          sums=k["sums"] * lay.tokens, sums_fixed=k["sums_fixed"])
+        cluster, c = measured_costs(shape, world, ids, constants)
         # the graph's shared expert runs whole between the layer's two nodes (expert_parallel.apply)
-        chosen = (cm.pipeline(c, degree, k["chunk"], shared_blocks=1) if degree
-                  else cm.choose_degree(c, k["chunk"], shared_blocks=1))
-        serial = cm.pipeline(c, 1, k["chunk"], overlap=False)
+        chosen = (cm.pipeline(c, degree, cluster.chunk_overhead, shared_blocks=1) if degree
+                  else cm.choose_degree(c, cluster.chunk_overhead, shared_blocks=1))
+        serial = cm.pipeline(c, 1, cluster.chunk_overhead, overlap=False)
         log.info("overlap: layer %s d=%d%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
                  chosen.degree, " (forced)" if degree else "", chosen.step * 1e3, serial.step * 1e3)
         out.append(LayerSchedule(lay.name, lay.tokens, chosen.degree, degree is not None, serial.step,

@@ -5,16 +5,19 @@
     python samples/overlap_bench.py [--quick] [--configs N] [--out samples/results]   (make bench-overlap)
 
 Per configuration (tokens, hidden, experts, k, α, comm:compute ratio, skew, shared expert, ranks):
-  1. constants measured at start-up on the ranks (moecc.distributed.probe): GEMM throughput, fixed
-     costs, the transport's α and β; β is set so that the modelled comm of a serial run is the
+  1. constants measured at start-up on the ranks (moecc.distributed.probe): GEMM throughput and fixed
+     costs timed while every rank computes (4 ranks share the 2 cores), the transport's α and β, a
+     lone exchange's latency; β is set so that the modelled comm of a serial run is the
      configured ratio × the compute of the slowest rank in warm-up serial runs, then measured again
      by the probe; the report gives the comm : compute measured in the timed serial run itself;
   2. the cost model (costmodel + ep_costs on the run's own routing) predicts the step time without
      overlap and at d = 1..8 and picks d*;
-  3. every variant is run (1 warm-up + 3 timed; the step = the slowest rank's time; the fastest of
-     the 3, least disturbed by other jobs), with per-rank timelines: overlap fraction = hidden comm / comm by interval union, summed over ranks.
+  3. every variant is run (1 warm-up + 3 timed, each started on every rank at one agreed instant:
+     probe.together; the step = the slowest rank's time; the fastest of the 3, least disturbed by
+     other jobs), with per-rank timelines: overlap fraction = hidden comm / comm by interval union, summed over ranks.
 Writes OUT/overlap.md (tables), OUT/overlap.json (every run), OUT/overlap_trace.json (Chrome trace of
-the balanced headline run at d*; open in ui.perfetto.dev).
+the balanced headline run at d*; open in ui.perfetto.dev), with --timelines every configuration's
+per-rank timelines (OUT/overlap_timelines.json; samples/overlap_model_check.py --timelines reads them).
 """
 from __future__ import annotations
 
@@ -51,15 +54,15 @@ def grid(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
+def run_config(cfg: dict, rank: int, tr, tl, reps: int, keep: bool = False, aligned: bool = True) -> dict:
     import torch
 
     from moecc.distributed import comm
-    from moecc.distributed.costmodel import Cluster, LayerShape, Link, choose_degree, pipeline
-    from moecc.distributed.ep_costs import runtime_costs, sample_ids
+    from moecc.distributed.costmodel import LayerShape, choose_degree, pipeline
+    from moecc.distributed.ep_costs import measured_costs, sample_ids
     from moecc.distributed.layout import LayerPlacement
     from moecc.distributed.overlap import moe_layer
-    from moecc.distributed.probe import measure, measure_comm
+    from moecc.distributed.probe import measure, measure_comm, together
     from moecc.spec import MoESpec, RouterSpec
 
     W, T, H, E, k = cfg["world"], cfg["tokens"], cfg["hidden"], cfg["experts"], cfg["top_k"]
@@ -81,12 +84,13 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
     layer = LayerShape(T, H, F, E, k, gated=True, shared_ffn=spec.shared_ffn, dispatch_bytes=4, combine_bytes=4)
 
     def model(m):
-        link = Link(m.alpha, 1.0 / m.beta if m.beta > 0 else float("inf"))
-        cl = Cluster(1, W, link, link, m.flops, m.chunk)
-        return cl, runtime_costs(layer, cl, ids_all, plan=m.plan * T, plan_fixed=m.plan_fixed,
-                                 sums=m.sums * T, sums_fixed=m.sums_fixed)
+        return measured_costs(layer, W, ids_all, m.to_dict())
+
     def run(key):
-        comm.agree(torch.zeros(1, dtype=torch.int64), None, "barrier")
+        if aligned:
+            together(None)
+        else:                                     # the delayed barrier alone (--plain-barrier)
+            comm.agree(torch.zeros(1, dtype=torch.int64), None, "barrier")
         tl.clear()
         t0 = time.perf_counter()
         moe_layer(x, ids, wts, w_in, w_out, spec, placement, degree=1 if key == "serial" else int(key),
@@ -107,14 +111,21 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
     per_byte = (c1.dispatch + c1.combine) - (c0.dispatch + c0.combine)
     tr.beta = max(cfg["ratio"] * busy - (c0.sizes + c0.dispatch + c0.combine), 0.0) / per_byte
     ab = comm.agree(torch.tensor(measure_comm(None, H, torch.float32), dtype=torch.float64), None, "probe")
-    m = replace(m0, alpha=ab[:, 0].max().item(), beta=ab[:, 1].max().item())
+    m = replace(m0, alpha=ab[:, 0].max().item(), beta=ab[:, 1].max().item(), lone=ab[:, 2].max().item())
     cl, c = model(m)
     # 2. predictions
     pred = {"serial": pipeline(c, 1, m.chunk, overlap=False)}
     pred.update({str(d): pipeline(c, d, m.chunk) for d in range(1, 9)})
     best = choose_degree(c, m.chunk)
+    # the same with the probe before 2026-12-03 (compute timed uncontended, no lone exchange, no
+    # dispatch reading), measured now: the two models against the same runs
+    mb = replace(measure(spec, w_in, w_out, placement, None, T, aligned=False), alpha=m.alpha, beta=m.beta)
+    _, cb = model(mb)
+    pred_base = {"serial": pipeline(cb, 1, mb.chunk, overlap=False).step}
+    pred_base.update({str(d): pipeline(cb, d, mb.chunk).step for d in range(1, 9)})
     # 3. runs
     measured, fractions, fastest_rep, late0, per_rank, ratio = {}, {}, {}, tr.late, {}, []
+    late_s0 = tr.late_s
     for key in ["serial"] + [str(d) for d in range(1, 9)]:
         times, hid = [], []
         for rep in range(reps + 1):
@@ -123,7 +134,7 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
                 times.append(t)
                 o = tl.overlap()
                 hid.append((o["hidden"], o["comm"], o["compute"]))
-            if rep and not cfg["name"].startswith("g"):
+            if rep and (keep or not cfg["name"].startswith("g")):
                 cfg.setdefault("_timelines", {}).setdefault(key, []).append(tl.to_dict())
         vec = torch.tensor(times + [h[i] for i in range(3) for h in hid], dtype=torch.float64)
         allr = comm.agree(vec, None, "times").view(-1, 4, reps)                # [W, 4, reps]
@@ -137,7 +148,10 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int) -> dict:
             ratio = (allr[:, 2, fastest] / allr[:, 3, fastest]).tolist()
     return {"config": {k_: v for k_, v in cfg.items() if not k_.startswith("_")}, "constants": m.to_dict(),
             "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
+            "late_s": tr.late_s - late_s0,
             "predicted": {k_: v.step for k_, v in pred.items()},
+            "predicted_base": pred_base, "chosen_base": choose_degree(cb, mb.chunk).degree,
+            "constants_base": mb.to_dict(),
             "predicted_overlap": {k_: v.overlap for k_, v in pred.items()},
             "measured": measured, "overlap": fractions, "overlap_per_rank": per_rank,
             "ratio_measured": ratio, "fastest": fastest_rep,
@@ -170,7 +184,8 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
     sys.setswitchinterval(2e-4)              # a woken delivery thread gets the GIL within 0.2 ms
     out = []
     for cfg in spec["configs"]:
-        r = run_config(cfg, rank, tr, tl, spec["reps"])
+        r = run_config(cfg, rank, tr, tl, spec["reps"], spec.get("timelines", False),
+                       spec.get("aligned", True))
         out.append(r)
         if rank == 0:
             print(f"[{cfg['name']}] W={world} d*={r['chosen']} serial {r['measured']['serial'] * 1e3:.1f} ms "
@@ -180,11 +195,12 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
 
 
 def launch(configs: list[dict], world: int, out: Path, reps: int, pin: bool = False,
-           nice: int = 0) -> list[list[dict]]:
+           nice: int = 0, timelines: bool = False, aligned: bool = True) -> list[list[dict]]:
     from moecc.distributed.comm import free_port
     job = out / f"job{world}.json"
     job.write_text(json.dumps({"configs": configs, "reps": reps, "out": str(out / f"runs{world}"),
-                               "pin": pin, "nice": nice}))
+                               "pin": pin, "nice": nice, "timelines": timelines,
+                               "aligned": aligned}))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--job", str(job)]) for r in range(world)]
@@ -214,6 +230,11 @@ def main() -> None:
                     help="niceness of each rank's compute thread above its communication threads (0: off)")
     ap.add_argument("--note", default="", help="a sentence on the machine's state, for the report")
     ap.add_argument("--only", help="comma list of config names to run (default: all)")
+    ap.add_argument("--plain-barrier", action="store_true",
+                    help="start each timed run after the delayed barrier alone (ranks up to ~α apart) "
+                         "instead of at one agreed instant")
+    ap.add_argument("--timelines", action="store_true",
+                    help="keep every configuration's per-rank timelines: OUT/overlap_timelines.json")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
     ap.add_argument("--port", type=int), ap.add_argument("--job")
     a = ap.parse_args()
@@ -231,7 +252,11 @@ def main() -> None:
     for world in (4, 2):
         mine = [c for c in configs if c["world"] == world]
         if mine:
-            runs += launch(mine, world, a.out, a.reps, a.pin, a.nice)
+            runs += launch(mine, world, a.out, a.reps, a.pin, a.nice, a.timelines, not a.plain_barrier)
+    if a.timelines:                 # {config: {key: [per repeat: [per rank: timeline]]}}
+        (a.out / "overlap_timelines.json").write_text(json.dumps(
+            {r["config"]["name"]: {k: [list(x) for x in zip(*[t[k] for t in r["timelines"]])]
+                                   for k in r["timelines"][0]} for r in runs if r.get("timelines")}))
     from overlap_report import write_report
     setup = (f"Setup: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 1 torch thread per rank, "
              f"{'each rank pinned to core rank mod ' + str(os.cpu_count()) if a.pin else 'ranks not pinned'}, "

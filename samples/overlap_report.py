@@ -23,10 +23,19 @@ def _ratio(run) -> str:
 
 
 def summarize(runs: list[dict]) -> dict:
-    within5 = [r["measured"][str(r["chosen"])] <= 1.05 * r["measured"][_best(r)] for r in runs]
-    errs = [r["predicted"][k] / r["measured"][k] - 1 for r in runs for k in ["serial", *DEGREES]]
-    errs_star = [r["predicted"][str(r["chosen"])] / r["measured"][str(r["chosen"])] - 1 for r in runs]
-    errs_serial = [r["predicted"]["serial"] / r["measured"]["serial"] - 1 for r in runs]
+    out = _summary(runs, "predicted", "chosen")
+    if all("predicted_base" in r for r in runs):         # the probe before 2026-12-03, same runs
+        base = _summary(runs, "predicted_base", "chosen_base")
+        out.update({f"base_{k}": base[k] for k in ("degree_within_5pct", "pred_within_10pct",
+                                                   "pred_median_abs_err")})
+    return out
+
+
+def _summary(runs: list[dict], pred: str, chosen: str) -> dict:
+    within5 = [r["measured"][str(r[chosen])] <= 1.05 * r["measured"][_best(r)] for r in runs]
+    errs = [r[pred][k] / r["measured"][k] - 1 for r in runs for k in ["serial", *DEGREES]]
+    errs_star = [r[pred][str(r[chosen])] / r["measured"][str(r[chosen])] - 1 for r in runs]
+    errs_serial = [r[pred]["serial"] / r["measured"]["serial"] - 1 for r in runs]
     return {"configs": len(runs), "degree_within_5pct": sum(within5),
             "pred_within_10pct": sum(abs(e) <= 0.10 for e in errs), "predictions": len(errs),
             "pred_median_abs_err": statistics.median(abs(e) for e in errs),
@@ -78,6 +87,10 @@ def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -
               f"{s['predictions']} predictions (serial and d = 1..8; median |error| "
               f"{s['pred_median_abs_err']:.1%}); at d*: {s['pred_within_10pct_at_chosen']}/{s['configs']}; "
               f"serial: {s['pred_within_10pct_serial']}/{s['configs']}",
+              *([f"- the same runs against the probe before 2026-12-03 (compute timed uncontended, no lone "
+                  f"exchange, no dispatch reading): d* within 5% {s['base_degree_within_5pct']}/{s['configs']}, "
+                  f"within ±10% {s['base_pred_within_10pct']}/{s['predictions']} (median |error| "
+                  f"{s['base_pred_median_abs_err']:.1%})"] if "base_pred_within_10pct" in s else []),
               f"- collectives whose real gloo exchange outlasted the α–β model (late): {s['late_calls']}", "",
               "## Every configuration", ""]
     rows = []

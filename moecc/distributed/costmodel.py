@@ -164,6 +164,13 @@ class Costs:
     plan_fixed: float = 0.0         # ... fixed part per chunk
     sums: float = 0.0               # combine: weigh and sum the returned rows, all tokens
     sums_fixed: float = 0.0         # ... fixed part per chunk
+    unpack: float = 0.0             # reading the received dispatches (rows, pairs), all tokens
+    unpack_fixed: float = 0.0       # ... fixed part per chunk
+    sizes_chunk: float = 0.0        # the split-size exchange's bytes per chunk beyond the first (s)
+    wake: float = 0.0               # what a wait that blocks costs beyond the collective (s): a lone
+                                    # exchange's latency beyond a burst's (probe: lone - alpha)
+    floor: float = 0.0              # the least time a collective holds the channel (s): the real
+                                    # exchange's pace while the cores also compute (probe: busy)
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -218,7 +225,9 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     plans all chunks, exchanges split sizes (one collective, synchronous), issues the d dispatches,
     then per chunk: runs shared-expert blocks while its dispatch is in flight, waits for it,
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
-    is in flight, wait, sum; the blocks left. One FIFO comm channel, one compute stream.
+    is in flight, wait, sum; the blocks left. One FIFO comm channel (a collective holds it at least
+    c.floor), one compute stream; a wait for a collective that has not arrived yet resumes c.wake
+    after its arrival.
     overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps).
     shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
     2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
@@ -227,19 +236,21 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
     d = degree if overlap else 1
     per_chunk = lambda total, msgs: msgs * c.alpha + (total - msgs * c.alpha) / d     # noqa: E731
-    t_disp, t_comb = per_chunk(c.dispatch, c.dispatch_msgs), per_chunk(c.combine, c.combine_msgs)
-    t_exp = chunk_overhead + c.experts / d
+    t_disp = max(per_chunk(c.dispatch, c.dispatch_msgs), c.floor)
+    t_comb = max(per_chunk(c.combine, c.combine_msgs), c.floor)
+    t_exp = chunk_overhead + c.experts / d + c.unpack_fixed + c.unpack / d
     t_sum = c.sums_fixed + c.sums / d
+    sizes = max(c.sizes + (d - 1) * c.sizes_chunk, c.floor) if c.sizes > 0 else 0.0
     comm, comp = [], []
     t = c.plan + d * c.plan_fixed
     comp.append((0.0, t))
-    if c.sizes > 0:                                              # split sizes, synchronous
-        comm.append((t, t + c.sizes))
-    t += c.sizes
+    if sizes > 0:                                                # split sizes, synchronous
+        comm.append((t, t + sizes))
+        t += sizes + c.wake
     if not overlap:
         for kind, dur in (("comm", t_disp), ("comp", t_exp), ("comm", t_comb), ("comp", c.shared + t_sum)):
             (comm if kind == "comm" else comp).append((t, t + dur))
-            t += dur
+            t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(0, t, comm, comp)
     comm_free, disp_end = t, []
     for _ in range(d):                                           # all dispatches issued now
@@ -256,10 +267,13 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
             dur = blocks.pop()
             comp.append((comp_free, comp_free + dur))
             comp_free += dur
+
+    def resume(arrival: float) -> float:                         # the wait, and its wake-up
+        return comp_free if comp_free >= arrival else arrival + c.wake
     comb_end = []
     for i in range(d):
         fill(disp_end[i])
-        start = max(comp_free, disp_end[i])
+        start = resume(disp_end[i])
         comp_free = start + t_exp
         comp.append((start, comp_free))
         r0 = max(comm_free, comp_free)
@@ -268,7 +282,7 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         comb_end.append(comm_free)
     for i in range(d):
         fill(comb_end[i])
-        start = max(comp_free, comb_end[i])
+        start = resume(comb_end[i])
         comp_free = start + t_sum
         comp.append((start, comp_free))
     fill(float("inf"))

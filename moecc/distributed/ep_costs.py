@@ -4,7 +4,7 @@ message sizes counted from the expert ids, for the cost model's schedule (costmo
     ids [W, T, k] (global expert ids per rank's tokens; -1 empty)  ⇒  Costs
 
 What moecc.distributed.ep sends per layer call (or per chunk): split sizes (one all_gather of
-4 + 2W int64 per rank and chunk: one α, its bytes negligible), a dispatch of ONE all-to-all — hidden rows once per (token,
+4 + 2W·d int64 per rank: one α, its bytes almost nothing), a dispatch of ONE all-to-all — hidden rows once per (token,
 destination rank) and per (token, slot) its (weight, local id, row) as 3 int64, packed — and a
 combine of one all-to-all, an output row per (token, slot). Each collective takes
 alpha + max over ranks of max(sent, received) bytes over the link (own rows free; intra- vs
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, a2a_time, expert_time, shared_time,
-                                         zipf_probs)
+from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, a2a_time, expert_time,
+                                         shared_time, zipf_probs)
 
 DISPATCH_MSGS, COMBINE_MSGS = 1, 1
 META_BYTES = 24         # per pair in a dispatch: weight (float64), local id, row (int64)
@@ -68,10 +68,13 @@ def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> fl
 
 def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
-                  sums_fixed: float = 0.0) -> Costs:
+                  sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
+                  wake: float = 0.0, floor: float = 0.0) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
-    plan/sums: measured compute of building the send layout and summing the combine (s, all tokens
-    of a rank), and their fixed cost per chunk."""
+    plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
+    a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
+    that blocks costs beyond the collective (probe: a lone exchange's time minus alpha); floor: the
+    least time a collective takes (probe: an exchange's while the cores compute)."""
     cluster.validate()
     layer.validate(cluster.world)
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts)
@@ -79,8 +82,24 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     b = layer.dispatch_bytes
     dispatch = _collective(cluster, rows * (H * b) + pairs * META_BYTES)        # one packed message
     combine = _collective(cluster, pairs, H * layer.combine_bytes)
-    sizes = a2a_time(cluster, (W - 1) * (4 + 2 * W) * index_bytes, (W - 1) * (4 + 2 * W) * index_bytes)
+    head, per_chunk = (W - 1) * (4 + 2 * W) * index_bytes, (W - 1) * 2 * W * index_bytes
+    sizes = a2a_time(cluster, head, head)
+    alpha = a2a_time(cluster, 0.0, 0.0)
     return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, float(received.max())),
-                 shared=shared_time(layer, cluster), alpha=a2a_time(cluster, 0.0, 0.0),
+                 shared=shared_time(layer, cluster), alpha=alpha,
                  dispatch_msgs=DISPATCH_MSGS, combine_msgs=COMBINE_MSGS, sizes=sizes, plan=plan,
-                 plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed)
+                 plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed, unpack=unpack,
+                 unpack_fixed=unpack_fixed, sizes_chunk=a2a_time(cluster, per_chunk, per_chunk) - alpha,
+                 wake=wake, floor=floor)
+
+
+def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict) -> tuple[Cluster, Costs]:
+    """(one-node cluster, Costs) of this runtime on `world` ranks from the constants the probe
+    measured at start-up (moecc.distributed.probe.Measured.to_dict(); the fields it lacks count 0)."""
+    link = Link(k["alpha"], 1.0 / k["beta"] if k["beta"] > 0 else float("inf"))
+    cluster = Cluster(1, world, link, link, k["flops"], k["chunk"])
+    T = layer.tokens
+    return cluster, runtime_costs(layer, cluster, ids, plan=k["plan"] * T, plan_fixed=k["plan_fixed"],
+                                  sums=k["sums"] * T, sums_fixed=k["sums_fixed"],
+                                  unpack=k.get("unpack", 0.0) * T, unpack_fixed=k.get("unpack_fixed", 0.0),
+                                  wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0))

@@ -3,19 +3,31 @@ they compete for the machine as the layers will):
 
     measure(spec, w_in, w_out, placement, group, tokens, rows=...) -> Measured
         alpha, beta      of the group's all-to-all (through moecc.distributed.comm: the installed
-                         transport if any): per call of a burst of empty exchanges, then of
-                         exchanges of `rows` hidden rows with every peer
+                         transport if any): per call of a burst of empty exchanges issued back to back
+                         (as the chunked schedule issues its dispatches), then of exchanges of `rows`
+                         hidden rows with every peer
+        lone             per call of empty exchanges each waited for at once (as the split sizes, and
+                         every collective of the unchunked schedule): a lone exchange's own latency
+                         (waking the threads that run it and the one that waits) beyond a burst's
+        busy             per call of a burst of empty exchanges issued while every rank computes: the
+                         real exchange's pace when its threads compete with compute for the cores
         flops, chunk     the local experts (torch.ops.moecc.experts) timed at two row counts: GEMM
                          throughput from the slope, the fixed cost per call from the intercept
         plan, plan_fixed the send layout (layout.layout) and the packed dispatch buffer
                          (ep.dispatch_buffer), per token and per call
         sums, sums_fixed the combine's weigh-and-sum per token and per call
-    The slowest rank's value of each is kept (one all_gather): the bottleneck rank sets the step.
+        unpack, unpack_fixed  reading a received dispatch (Dispatched.wait: unpack the rows and
+                         pairs, index them for autograd), per token and per call
+    The compute is timed on every rank in the same instants (together(): an agreed start on the
+    machine's monotonic clock), in bursts of calls long enough to overlap: where ranks share cores
+    (4 gloo ranks on 2 cores) each call is timed as stretched as the layer's will be. The slowest
+    rank's value of each is kept (one all_gather): the bottleneck rank sets the step.
 
 The fastest of a few repeats (least disturbed by other jobs); never used in tests as assertions (benchmarks only).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,8 +35,10 @@ import numpy as np
 import torch
 
 from moecc.distributed import comm
-from moecc.distributed.ep import Received, _sum_slots, dispatch_buffer, local_experts
+from moecc.distributed.ep import Dispatched, Received, Sizes, _sum_slots, dispatch_buffer, local_experts
 from moecc.distributed.layout import layout
+
+BURST_S = 4e-3          # a timed burst of compute calls lasts at least this long (s)
 
 
 @dataclass(frozen=True)
@@ -37,18 +51,31 @@ class Measured:
     plan_fixed: float
     sums: float                 # s per token (combine sum)
     sums_fixed: float
+    lone: float = 0.0           # s per exchange waited for at once (>= alpha when measured)
+    unpack: float = 0.0         # s per token (reading a received dispatch)
+    unpack_fixed: float = 0.0   # s per call
+    busy: float = 0.0           # s per exchange of a burst issued while every rank computes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _fastest(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+def together(group) -> None:
+    """Return on every rank of `group` at about the same instant: the ranks agree on a start time
+    on time.perf_counter (CLOCK_MONOTONIC: one clock for every process of a machine) later than any
+    of them can leave the agreeing collectives, and sleep until it. Ranks on different machines
+    (clocks that disagree by more than a second) only get the collectives' barrier."""
+    t0 = time.perf_counter()
+    clocks = comm.agree(torch.tensor([t0], dtype=torch.float64), group, "probe: clocks")
+    took = comm.agree(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), group, "probe: clocks")
+    start = clocks.max().item() + 2.0 * took.max().item() + 1e-3
+    left = start - time.perf_counter()
+    if not 0 < left < 1.0:
+        return
+    if left > 2e-4:
+        time.sleep(left - 2e-4)
+    while time.perf_counter() < start:            # the last 0.2 ms: a sleep's wake-up is coarser
+        pass
 
 
 def _line(x1, t1, x2, t2) -> tuple[float, float]:
@@ -57,30 +84,95 @@ def _line(x1, t1, x2, t2) -> tuple[float, float]:
     return slope, max(t1 - slope * x1, 0.0)
 
 
-def measure_comm(group, hidden: int, dtype, rows: int = 256, repeats: int = 5, burst: int = 6
-                 ) -> tuple[float, float]:
-    """(alpha s, beta s/byte) of this rank's all-to-all through moecc.distributed.comm, per call of
-    a burst issued back to back (async), as the chunked schedule issues them."""
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rounds(fns: list, group, repeats: int, aligned: bool = True) -> list[float]:
+    """Per call of each fn: every round starts on all ranks together and times each fn in a burst
+    of calls (as many as the fastest rank needs to fill BURST_S, agreed: every rank runs as many);
+    the fastest round of each. aligned=False: one call per timing, no common start (the probe
+    before 2026-12-03, kept to compare: it times mostly uncontended calls)."""
+    if not aligned:
+        return [min(_once(fn) for _ in range(repeats)) for fn in fns]
+    once = [_once(fn) for fn in fns]
+    mine = torch.tensor([max(1, math.ceil(BURST_S / max(t, 1e-7))) for t in once], dtype=torch.float64)
+    calls = [int(n) for n in comm.agree(mine, group, "probe: burst sizes").max(0).values.tolist()]
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        together(group)
+        for i, (fn, n) in enumerate(zip(fns, calls)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / n)
+    return best
+
+
+def measure_comm(group, hidden: int, dtype, rows: int = 256, repeats: int = 5, burst: int = 6,
+                 aligned: bool = True) -> tuple[float, float, float]:
+    """(alpha s, beta s/byte, lone s) of this rank's all-to-all through moecc.distributed.comm: alpha,
+    beta per call of a burst issued back to back (async), as the chunked schedule issues them; lone
+    per call of exchanges each waited for at once."""
     import torch.distributed as dist
 
     W = dist.get_world_size(group)
 
-    def per_call(t, n):
-        def run():
-            for p in [comm.all_to_all(t, [n] * W, [n] * W, group, "probe", async_op=True)
-                      for _ in range(burst)]:
-                p.wait()
-        return _fastest(run, repeats) / burst
-    t_a = per_call(torch.zeros(0, hidden, dtype=dtype), 0)
+    def timed(t, n, lone):
+        best = math.inf
+        for _ in range(repeats):
+            if aligned:
+                together(group)
+            t0 = time.perf_counter()
+            if lone:
+                for _ in range(burst):
+                    comm.all_to_all(t, [n] * W, [n] * W, group, "probe").wait()
+            else:
+                for p in [comm.all_to_all(t, [n] * W, [n] * W, group, "probe", async_op=True)
+                          for _ in range(burst)]:
+                    p.wait()
+            best = min(best, (time.perf_counter() - t0) / burst)
+        return best
+    empty = torch.zeros(0, hidden, dtype=dtype)
+    t_a = timed(empty, 0, False)
     big = torch.zeros(rows * W, hidden, dtype=dtype)
-    t_b = per_call(big, rows)
+    t_b = timed(big, rows, False)
     beta, alpha = _line(0, t_a, rows * (W - 1) * hidden * big.element_size(), t_b)
-    return alpha, beta
+    return alpha, beta, (max(timed(empty, 0, True), alpha) if aligned else 0.0)
 
 
-def measure_compute(spec, w_in, w_out, placement, rank: int, tokens: int, repeats: int = 5,
-                    seed: int = 0) -> list[float]:
-    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed] of this rank (module docstring)."""
+def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: int = 6) -> float:
+    """Per call of a burst of empty exchanges issued back to back while every rank computes (GEMMs
+    of `rows` rows through the first local expert's input weights, until the burst is delivered):
+    the exchanges' real threads then compete with the compute for the cores, as in the chunked
+    schedule; granularity: one GEMM."""
+    import torch.distributed as dist
+
+    W = dist.get_world_size(group)
+    x = torch.randn(rows, hidden, dtype=w_in.dtype, device=w_in.device)
+    empty = torch.zeros(0, hidden, dtype=w_in.dtype)
+    best = math.inf
+    for _ in range(repeats):
+        together(group)
+        t0 = time.perf_counter()
+        pend = [comm.all_to_all(empty, [0] * W, [0] * W, group, "probe", async_op=True) for _ in range(burst)]
+        while not pend[-1].done():
+            x @ w_in[0].T                                                     # [rows, R]
+        best = min(best, (time.perf_counter() - t0) / burst)
+        for p in pend:
+            p.wait()
+    return best
+
+
+def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
+                    seed: int = 0, aligned: bool = True) -> list[float]:
+    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed] of this rank
+    (module docstring), timed while every rank computes."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
     H, k, E = spec.hidden, spec.top_k, spec.num_experts
     dtype, E_r, js = w_in.dtype, w_in.shape[0], spec.to_json()
     g = torch.Generator().manual_seed(seed + rank)
@@ -90,10 +182,10 @@ def measure_compute(spec, w_in, w_out, placement, rank: int, tokens: int, repeat
                      (torch.arange(n) % E_r).unsqueeze(1))
         return lambda: local_experts(r, w_in, w_out, None, None, js)
     n1, n2 = max(tokens * k // 8, E_r), max(tokens * k, E_r + 1)
-    per_row, chunk = _line(n1, _fastest(experts(n1), repeats), n2, _fastest(experts(n2), repeats))
     rng = np.random.default_rng(seed)
 
-    def lay_and_sum(n):
+    def steps(n):
+        """(plan, sum, read) on n tokens routed at random."""
         ids = torch.as_tensor(np.argsort(rng.random((n, E)), 1)[:, :k])
         lay = layout(ids, placement, rank, np.arange(n))
         back = torch.randn(int(lay.token.numel()), H, dtype=dtype)
@@ -101,22 +193,35 @@ def measure_compute(spec, w_in, w_out, placement, rank: int, tokens: int, repeat
 
         def plan():                                   # the send layout, then the packed dispatch
             dispatch_buffer(x, w, layout(ids, placement, rank, np.arange(n)))
-        return plan, (lambda: _sum_slots(back, ids, lay))
+        return plan, (lambda: _sum_slots(back, ids, lay)), _reader(x, w, ids, lay, group)
     m1, m2 = max(tokens // 8, 1), max(tokens, 2)
-    (l1, s1), (l2, s2) = lay_and_sum(m1), lay_and_sum(m2)
-    plan = _line(m1, _fastest(l1, repeats), m2, _fastest(l2, repeats))
-    sums = _line(m1, _fastest(s1, repeats), m2, _fastest(s2, repeats))
+    a, b = steps(m1), steps(m2)
+    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2]], group, repeats, aligned)
+    per_row, chunk = _line(n1, t[0], n2, t[1])
     inv_flops = per_row / (2.0 * H * (w_in.shape[1] + w_out.shape[2]))
-    return [inv_flops, chunk, plan[0], plan[1], sums[0], sums[1]]
+    return [inv_flops, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7])]
 
 
-def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5) -> Measured:
-    """Both parts on every rank; the slowest rank's value of each (one all_gather)."""
-    import torch.distributed as dist
+def _reader(x, w, ids, lay, group):
+    """Dispatched.wait() (unpack the rows and pairs, index them for autograd) on a buffer laid out
+    as received: this rank's own packed dispatch, its piece for rank j read as if rank j sent it."""
+    buf, _ = dispatch_buffer(x, w, lay)
+    sizes = Sizes(list(lay.send), list(lay.send), list(lay.row_send), list(lay.row_send), None, None)
+    pending = comm.Pending(buf, None, group, "probe")
+    return lambda: Dispatched(x, w, ids, lay, sizes, group, "probe", pending).wait()
 
-    alpha, beta = measure_comm(group, spec.hidden, w_in.dtype, repeats=repeats)
-    mine = torch.tensor([alpha, beta, *measure_compute(spec, w_in, w_out, placement,
-                                                       dist.get_rank(group), tokens, repeats)],
-                        dtype=torch.float64)
+
+def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
+            aligned: bool = True) -> Measured:
+    """Both parts on every rank; the slowest rank's value of each (one all_gather). aligned=False:
+    the probe before 2026-12-03 (compute timed one call at a time with no common start, no lone
+    exchange, no dispatch reading), kept to compare the two in one run (samples/overlap_bench.py)."""
+    alpha, beta, lone = measure_comm(group, spec.hidden, w_in.dtype, repeats=repeats, aligned=aligned)
+    c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
+    busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
+    if not aligned:
+        lone, c[6:] = 0.0, [0.0, 0.0]
+    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:], busy], dtype=torch.float64)
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
     return Measured(worst[0], worst[1], 1.0 / worst[2], *worst[3:])
+

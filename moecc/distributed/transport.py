@@ -59,6 +59,7 @@ class DelayedTransport:
         self.timeline = timeline
         self.calls = 0
         self.late = 0                       # calls whose real exchange outlasted the model
+        self.late_s = 0.0                   # ... and by how much, in all (s)
         self._q: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name="moecc-delayed-a2a", daemon=True)
@@ -142,6 +143,7 @@ class DelayedTransport:
                 time.sleep(left)
             else:
                 self.late += 1
+                self.late_s -= left
             self.calls += 1
             if self.timeline is not None:
                 self.timeline.add("comm", where, start, max(end, time.perf_counter()))
