@@ -1,6 +1,7 @@
 """Best TVM kernel / best torch kernel on the bench grid, before and after tuning, in ONE run (1 thread).
 
     python samples/bench_tvm_tuned.py [--out samples/results/tvm_tuned_grid.md] [--trials 6] [--repeats 3]
+                                      [--shapes deepseek-like,...] [--tokens 1,8,...] [--note TEXT]
 
 Shapes: moecc.bench.grid.SHAPES (Mixtral-, DeepSeek-, Switch-like), T = 1, 8, 64, 512, 2048. Per shape:
     torch:<kernel>        every torch experts kernel (router Linear, routing, experts, shared expert)
@@ -63,13 +64,13 @@ def _program(spec, w):
     return torch.export.export(model, (torch.randn(1, 8, spec.hidden),), dynamic_shapes=({1: torch.export.Dim.AUTO},))
 
 
-def run(tokens=grid.TOKENS, repeats: int = 3, trials: int = 6) -> dict:
+def run(tokens=grid.TOKENS, repeats: int = 3, trials: int = 6, shapes=tuple(grid.SHAPES), note: str = "") -> dict:
     torch.set_num_threads(1)
     alts.tvm_threads(1)
     res = {"repeats": repeats, "trials": trials, "shapes": {}, "started": time.strftime("%H:%M:%S"),
-           "load_before": os.getloadavg()}
+           "load_before": os.getloadavg(), "note": note}
     with torch.inference_mode():
-        for sname, spec in grid.SHAPES.items():
+        for sname, spec in ((n, grid.SHAPES[n]) for n in shapes):
             with torch.inference_mode(False):
                 w = grid.make_weights(spec)
                 with tempfile.TemporaryDirectory() as work:
@@ -100,7 +101,7 @@ def markdown(res: dict) -> str:
     lines = [f"# Best TVM kernel / best torch kernel, before and after tuning (1 thread, CPU time, median of "
              f"{res['repeats']}; {res['trials']} trials per tuned kernel)", "",
              f"Run {res['started']}–{res['finished']}, load average before {res['load_before'][0]:.2f}, "
-             f"after {res['load_after'][0]:.2f} (run alone: nothing else of ours on the 2 cores).", "",
+             f"after {res['load_after'][0]:.2f}" + (f" ({res['note']})" if res.get("note") else "") + ".", "",
              "before = today's artifact (`--target llvm`, default schedules); after = `--target host "
              "--tune-trials N` (AVX2 + tuned knobs); `host` = host target, default schedules.", "",
              "| shape | T | best torch (ms) | best TVM before (ms) | ratio before | TVM host untuned | "
@@ -134,8 +135,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--tokens", default=",".join(map(str, grid.TOKENS)))
+    ap.add_argument("--shapes", default=",".join(grid.SHAPES), help=f"some of {', '.join(grid.SHAPES)}")
+    ap.add_argument("--note", default="", help="how the machine was used during the run (goes into the header)")
     a = ap.parse_args(argv)
-    res = run(tuple(int(t) for t in a.tokens.split(",")), a.repeats, a.trials)
+    shapes = [n.strip() for n in a.shapes.split(",") if n.strip()]
+    unknown = [n for n in shapes if n not in grid.SHAPES]
+    if unknown or not shapes:
+        ap.error(f"--shapes: unknown {', '.join(unknown) or '(none given)'}; one or more of {', '.join(grid.SHAPES)}")
+    res = run(tuple(int(t) for t in a.tokens.split(",")), a.repeats, a.trials, shapes, a.note)
     text = markdown(res)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

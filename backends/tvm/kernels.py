@@ -166,19 +166,24 @@ def emit_grouped(bb, x, weights, ids, p: dict, spec: MoESpec, lanes: int, tuned=
     return combine(bb, o, weights, ids, spec)                             # o back in token order
 
 
-def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int, tuned=None):
-    """Every one of the E experts on every token: x [T, H] -> o [E·T, H] (row e·T + t)."""
-    T, H = dims(x)
-    E, R, F = int(dims(w_in)[0]), int(dims(w_in)[1]), int(dims(w_out)[2])
-    dt = dtype_of(x)
-
-    def segments(x_t):                                                    # expert e: rows [e·T, (e+1)·T)
+def every_token(bb, x, E: int):
+    """Segments of E experts that each take every row of x [T, H]: expert e has rows [e·T, (e+1)·T).
+    -> counts [E], ends [E], token [E·T] (the source row of each)."""
+    def segments(x_t):
         n = x_t.shape[0]
         return [te.compute((E,), lambda e: n, name="counts"),
                 te.compute((E,), lambda e: (e + 1) * n, name="ends"),
                 te.compute((E * n,), lambda i: i % n, name="token")]
     segs = bb.emit_te(segments, x, primfunc_name_hint="dense_segments")
-    counts, ends, token = (bb.emit(relax.TupleGetItem(segs, i)) for i in range(3))
+    return tuple(bb.emit(relax.TupleGetItem(segs, i)) for i in range(3))
+
+
+def dense_ffn(bb, x, w_in, w_out, b_in, b_out, spec: MoESpec, lanes: int, tuned=None):
+    """Every one of the E experts on every token: x [T, H] -> o [E·T, H] (row e·T + t)."""
+    T, H = dims(x)
+    E, R, F = int(dims(w_in)[0]), int(dims(w_in)[1]), int(dims(w_out)[2])
+    dt = dtype_of(x)
+    counts, ends, token = every_token(bb, x, E)
     rows = bb.emit(op.arange(0, E * T, dtype="int64"))                   # [E*T]
     h = call(bb, tir.segment_gemm(E, R, int(H), dt, lanes, knobs(tuned, "segment_gemm", E, R, int(H), dt)), "moe_dense_in",
              [x, token, rows, counts, ends, w_in, bias_or_zeros(b_in, E, R, dt)], (E * T, R), dt)

@@ -14,7 +14,8 @@ count inside the bucket.
 
 Everything but the experts goes through TVM's own PyTorch importer, routing included (this backend
 defines no router: aten.py only adds generic ATen translations TVM 0.27 lacks or gets wrong).
-Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py).
+Each `moecc::experts` node is lowered here to the kernel chosen by cost for the layer (kernels.py);
+every Linear (router, shared expert, dense layers) runs on the experts' GEMM kernel (linear.py).
 Token dims stay symbolic (torch.export Dim → tirx.Var), so one module serves any batch × sequence;
 token-count dependent capacities stay symbolic expressions of them.
 
@@ -58,7 +59,7 @@ from moecc.ops import EXPERTS_ARGS
 from moecc.spec import MoESpec
 
 from ..base import Lowered
-from . import dispatch, importer, kernels, tir, tune
+from . import dispatch, importer, kernels, linear, tir, tune
 from . import library as library_file
 from .importer import message
 from .kernels import dims
@@ -143,6 +144,7 @@ def build(program, options: dict, target, tuner, library: Path):
         raise MoeccError(f"TVM backend: TVM {tvm.__version__}'s PyTorch importer failed: "
                          f"{type(e).__name__}: {message(e)}") from e
     mod = importer.bounded_takes(mod)                   # no gather reads out of bounds (issue 18)
+    mod = linear.dense_linears(mod, tir.lanes_of(target))   # x @ W.T on the GEMM kernel, not TVM's loops
     t1 = time.perf_counter()
     log.info("tvm.compile for target %s", target.kind.name)
     with interrupts_noted():           # Ctrl-C during TVM's C++ work is an interrupt, not a TVM failure

@@ -9,7 +9,8 @@ at the end, so no weight transpose is ever needed. `segment_gemm` walks expert e
 [ends[e] - counts[e], ends[e]) (data-dependent loop extents) in tiles of TM rows, for one L2-sized
 block of RB weight rows at a time: each weight vector loaded serves TM rows, each block of weights is
 read from memory once per expert (the grouped GEMM of MLC-LLM's `moe_matmul`, with a CPU schedule:
-experts in parallel, weight rows blocked, token rows tiled, K vectorized). Rows outside every segment
+(expert, block of weight rows) pairs in parallel, token rows tiled, K vectorized); with E = 1 and one
+segment of every row it is a dense Linear (linear.py). Rows outside every segment
 are left unwritten: callers mask them. GPU-bound TIR (threadIdx/blockIdx) does not compile for `llvm`.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def segment_gemm(E: int, R: int, K: int, dtype: str, lanes: int, knobs: dict | N
     knobs = knobs or {}
     TM = int(knobs.get("tm") or TILE_ROWS)
     V, RB = vector_width(K, lanes), row_block(R, K, int(knobs.get("l2_block") or L2_BLOCK))
-    KV = K // V
+    KV, NRB = K // V, R // RB
     RU = 2 if RB % 2 == 0 and int(knobs.get("ru") or 2) == 2 else 1
 
     @T.prim_func(private=True)
@@ -107,30 +108,31 @@ def segment_gemm(E: int, R: int, K: int, dtype: str, lanes: int, knobs: dict | N
         srcidx = T.match_buffer(var_srcidx, (n,), "int64")
         dst = T.match_buffer(var_dst, (n,), "int64")
         out = T.match_buffer(var_out, (n_out, R), dtype)
-        for e in T.parallel(E):
+        for job in T.parallel(E * NRB):                    # (expert, block of RB weight rows) per job:
+            e = job // NRB                                 # parallel even with one expert (a Linear)
+            rb = job % NRB                                 # RB weight rows stay in cache for all tiles
             acc = T.alloc_buffer((RU, TM, V), "float32", scope="local")
             row = T.alloc_buffer((TM,), "int64", scope="local")
-            for rb in range(R // RB):                      # RB weight rows stay in cache for all tiles
-                for tile in range(T.ceildiv(counts[e], T.int64(TM))):
-                    for t in T.unroll(TM):                 # a short last tile recomputes its last row
-                        row[t] = ends[e] - counts[e] + T.min(tile * TM + t, counts[e] - 1)
-                    for r0 in range(RB // RU):             # RU weight rows x TM token rows per step
+            for tile in range(T.ceildiv(counts[e], T.int64(TM))):
+                for t in T.unroll(TM):             # a short last tile recomputes its last row
+                    row[t] = ends[e] - counts[e] + T.min(tile * TM + t, counts[e] - 1)
+                for r0 in range(RB // RU):         # RU weight rows x TM token rows per step
+                    for q in T.unroll(RU):
+                        for t in T.unroll(TM):
+                            for v in T.vectorized(V):
+                                acc[q, t, v] = T.float32(0)
+                    for k0 in range(KV):
                         for q in T.unroll(RU):
                             for t in T.unroll(TM):
                                 for v in T.vectorized(V):
-                                    acc[q, t, v] = T.float32(0)
-                        for k0 in range(KV):
-                            for q in T.unroll(RU):
-                                for t in T.unroll(TM):
-                                    for v in T.vectorized(V):
-                                        acc[q, t, v] = acc[q, t, v] \
-                                            + T.Cast("float32", w[e, rb * RB + r0 * RU + q, k0 * V + v]) \
-                                            * T.Cast("float32", src[srcidx[row[t]], k0 * V + v])
-                        for q in T.unroll(RU):
-                            for t in T.unroll(TM):
-                                for v in range(1, V):
-                                    acc[q, t, 0] = acc[q, t, 0] + acc[q, t, v]
-                                out[dst[row[t]], rb * RB + r0 * RU + q] = T.Cast(
-                                    dtype, acc[q, t, 0] + T.Cast("float32", b[e, rb * RB + r0 * RU + q]))
+                                    acc[q, t, v] = acc[q, t, v] \
+                                        + T.Cast("float32", w[e, rb * RB + r0 * RU + q, k0 * V + v]) \
+                                        * T.Cast("float32", src[srcidx[row[t]], k0 * V + v])
+                    for q in T.unroll(RU):
+                        for t in T.unroll(TM):
+                            for v in range(1, V):
+                                acc[q, t, 0] = acc[q, t, 0] + acc[q, t, v]
+                            out[dst[row[t]], rb * RB + r0 * RU + q] = T.Cast(
+                                dtype, acc[q, t, 0] + T.Cast("float32", b[e, rb * RB + r0 * RU + q]))
 
     return segment
