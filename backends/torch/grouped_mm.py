@@ -3,8 +3,9 @@
     (token, slot) pairs, stably by expert (dropped first)  ⇒  kept [N], offs [E'] (end of each expert's rows)
     xs [N, H] = x[token of each kept pair]                                      (one index_select)
     h  [N, R] = torch._grouped_mm(xs, w_inᵀ, offs) (+ b_in of each row's expert) → activation
-    o  [N, H] = torch._grouped_mm(a, w_outᵀ, offs) (+ b_out) (· weight, skipped when every weight is 1)
+    o  [N, H] = torch._grouped_mm(a, w_outᵀ, offs) (· weight, skipped when every weight is 1)
     y  [T, H] = Σ_slots o[row of (t, slot)], a token's slots in ascending expert order (gather + adds)
+              + [T, E'] routing weights · b_out                         (b_out once per token, not per row)
 
 Why (issue 17, a MoEfied MiniLM FFN, E=8 of 192 neurons, k=2, 1 thread): grouped_gemm runs 6-8 torch
 ops per expert in Python (gather, two GEMMs, activation, scale, index_add_: a scatter_add_ on CPU) and
@@ -16,8 +17,9 @@ the batching saved at every T (random routing: the busiest of 8 experts has ~1.2
 
 Numerics as experts_reference: each expert's output weighed by `weigh` (spec.combine) and summed in
 ascending expert order, token (slot) order within an expert; the sum starts from the first product
-instead of 0 + it (the same value; -0.0 becomes +0.0). The GEMMs are MKL's sgemm as F.linear's, the
-bias added to the product (not inside the GEMM): float32 rounding of it. torch._grouped_mm takes
+instead of 0 + it (the same value; -0.0 becomes +0.0). The GEMMs are MKL's sgemm as F.linear's, b_in
+added to the product (not inside the GEMM), b_out's weighed sum added to the tokens' sums (not per
+pair before weighing): float32 rounding of the reference's order. torch._grouped_mm takes
 float32 (and half) rows of 16-byte strides: H, R, F multiples of 4 (the checker says so); other
 dtypes (float64; half types, whose bits the reference's per-expert F.linear keeps) and non-contiguous
 weights run `fallback` (kernels.grouped_gemm), logged at debug.
@@ -91,13 +93,11 @@ def grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec, fal
         return torch.zeros_like(xt)
     kept, offs, pos, w, dropped = lay
     N = kept.numel()
-    se = None if b_in is None and b_out is None else ids.reshape(-1).index_select(0, kept)   # [N] experts
+    E = w_in.shape[0]
     h = torch._grouped_mm(xt.index_select(0, kept // S), w_in.transpose(1, 2), offs)        # [N, R]
     if b_in is not None:
-        h.add_(b_in.index_select(0, se))
+        _add_rows(h, b_in, ids, kept, offs)
     o = torch._grouped_mm(activate(h, spec), w_out.transpose(1, 2), offs)                   # [N, H]
-    if b_out is not None:
-        o.add_(b_out.index_select(0, se))
     if w is not None:
         weigh(o, w.unsqueeze(-1), spec, inplace=True)
     if dropped:                                                              # empty slots: row 0, then zeroed
@@ -106,12 +106,30 @@ def grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec, fal
     g = o.index_select(0, pos.reshape(-1)).view(T, S, H)                     # [T, S, H]
     if dropped:
         g.masked_fill_(empty.unsqueeze(-1), 0.0)
-    if S == 1:
-        return g[:, 0]
-    y = torch.add(g[:, 0], g[:, 1])                                          # [T, H]
+    y = g[:, 0] if S == 1 else torch.add(g[:, 0], g[:, 1])                   # [T, H]
     for s in range(2, S):
         y.add_(g[:, s])
+    if b_out is not None:        # Σ_slots weight · b_out[expert] in one [T, E'] · [E', H] GEMM (column 0: empty)
+        per = weights.new_zeros(T, E + 1).scatter_add_(1, ids + 1, weights)[:, 1:]       # [T, E']
+        y.addmm_(per.to(y.dtype), b_out)
     return y
+
+
+BIAS_ROWS = 32           # experts with at least this many rows on average: b_in added per expert's rows
+
+
+def _add_rows(h: Tensor, b: Tensor, ids: Tensor, kept: Tensor, offs: Tensor) -> None:
+    """h [N, R] += b [E', R] of each row's expert: per expert's rows (E' broadcast adds) when they are
+    many, else one gather of the bias rows."""
+    E = b.shape[0]
+    if h.shape[0] >= BIAS_ROWS * E:
+        lo = 0
+        for e, hi in enumerate(offs.tolist()):
+            if hi > lo:
+                h[lo:hi].add_(b[e])
+            lo = hi
+    else:
+        h.add_(b.index_select(0, ids.reshape(-1).index_select(0, kept)))
 
 
 __all__ = ["grouped_mm", "layout", "check", "fits", "available"]

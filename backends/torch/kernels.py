@@ -325,9 +325,10 @@ DNN_GAIN = 1.3         # oneDNN over MKL for ≥ 4096 weight rows at m < 384 (ge
 def _cost_grouped_mm(spec: MoESpec, tokens: int) -> float:
     """grouped_gemm's GEMMs (in MKL's form) without its per-expert ops: ~24 torch ops in all (sort,
     gather, two grouped GEMMs, biases, activation, combine), but every intermediate is a whole [N, ·]
-    tensor (grouped_gemm's stay in cache per expert), floats moved per row: x gathered (2H), bias rows
-    gathered and added to h (4R) and o (4H), o gathered for the combine (2H). Measured on the MoEfied
-    MiniLM shape (experts level, 1 thread): 1.15x faster than grouped_gemm at T=256, 1.2x slower at T=1024."""
+    tensor (grouped_gemm's stay in cache per expert). Priced at 8H + 4R floats moved per row (the x
+    gather and the combine's gather of o are 4H; the rest stands for the [N, ·] intermediates leaving
+    the cache), calibrated on the MoEfied MiniLM shape (experts level, 1 thread, loaded machine): 1.15x
+    faster than grouped_gemm at T=128-256, about equal at 512, 1.2x slower at T=1024."""
     hit, m = expected_load(spec, tokens)
     H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
     t = _expert_time(spec, max(m, MKL_MIN_ROWS))
