@@ -317,8 +317,8 @@ def _cost_packed(spec: MoESpec, tokens: int) -> float:
 MKL_MIN_ROWS = 8       # MKL packs the whole weight per call: fewer rows cost about what 8 do (H=384, R=192,
                        # 1 thread: 66 µs at m = 8, 85 at 16; gemm.linear's gemv/skinny stream it at m = 1)
 SKINNY_GAIN = 1.3      # skinny.py over MKL at m = 2..32 on weights of ≥ 2^20 elements (skinny.py: 1.3-2x);
-SMALL_MKL_GAIN = 0.75  # on smaller ones MKL was faster: MiniLM's 384 x 192 at m = 16, two GEMMs per expert,
-                       # torch._grouped_mm 0.33 of the dense FFN's time, skinny.gemm 0.43 (1 thread, one run)
+                       # on smaller ones about even (MiniLM's 384 x 192 at m = 16: MKL's GEMMs alone 0.75x of
+                       # skinny.gemm's, but grouped_gemm's one skinny.moe C call beat grouped_mm's ~25 ops at T=64)
 DNN_GAIN = 1.3         # oneDNN over MKL for ≥ 4096 weight rows at m < 384 (gemm.py: 1.1-1.6x)
 
 
@@ -333,7 +333,7 @@ def _cost_grouped_mm(spec: MoESpec, tokens: int) -> float:
     H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
     t = _expert_time(spec, max(m, MKL_MIN_ROWS))
     if m <= skinny.MAX_M and machine.constants().get("skinny"):     # what gemm_time prices at these rows
-        t *= SKINNY_GAIN if min(H * R, H * Fw) >= machine.MIN_SHAPE_ELEMENTS else SMALL_MKL_GAIN
+        t *= SKINNY_GAIN if min(H * R, H * Fw) >= machine.MIN_SHAPE_ELEMENTS else 1.0
     if max(R, H) >= gemm.DNN_MIN_ROWS and m < gemm.DNN_MAX_M:
         t *= DNN_GAIN
     return (_common_time(spec, tokens) + machine.op_time(24 + 2 * _slots(spec)) + hit * t

@@ -118,3 +118,23 @@ def test_what_grouped_mm_cannot_take_runs_grouped_gemm(monkeypatch, caplog):
     xo = torch.randn(6, 6, generator=g)
     kernels.grouped_mm(xo, ids, torch.ones(6, 2), torch.randn(4, 5, 6), torch.randn(4, 6, 5), None, None, spec=odd)
     assert calls[-1] == torch.float32 and len(calls) == 4
+
+
+def test_selection_picks_it_between_the_skinny_path_and_large_t(tmp_path, monkeypatch):
+    """With the constants of test_torch_select's 2-core machine (skinny.py available): the MoEfied MiniLM
+    layer runs grouped_gemm's one C call up to T=64, grouped_mm at 128-512 (no per-expert ops), grouped_gemm
+    again at 2048 (its intermediates stay in cache); an odd shape is refused with the reason."""
+    from test_torch_select import CONSTS
+
+    from moecc.backends.torch import machine
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    machine.use({**CONSTS, "skinny": True})
+    try:
+        picks = {t: select.choose(MOEFIED, t) for t in (64, 128, 512, 2048)}
+        assert {t: c.kernel for t, c in picks.items()} == {64: "torch.grouped_gemm", 128: "torch.grouped_mm",
+                                                          512: "torch.grouped_mm", 2048: "torch.grouped_gemm"}
+        assert picks[512].reason.startswith("cost model") and "cost model" in picks[512].rejected["torch.grouped_gemm"]
+        odd = select.choose(MoESpec(8, 6, 5, "gelu", RouterSpec(top_k=2)), 512)
+        assert "needs rows of 16 bytes" in odd.rejected["torch.grouped_mm"]
+    finally:
+        machine.use(None)
