@@ -2,7 +2,7 @@
 
     dense:   x [T, 384] → Linear 384→1536 → GELU → Linear 1536→384
     moefied: router Linear 384→E → topk_unit → moe(E experts of 1536/E neurons), one column per kernel
-             (--kernels; default torch.grouped_gemm (before), torch.padded_bmm (issue 17), torch.auto
+             (--kernels; default torch.grouped_gemm (before), torch.grouped_mm (issue 17), torch.auto
              (what the backend's selection picks at this T, named in the table))
     bound:   the experts' GEMMs + GELU alone, on balanced contiguous rows (T·k/E each): what no
              routing, sorting, gathering or scattering would cost; per expert (F.linear) and batched (bmm)
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", default="64,128,256,512,1024")
     p.add_argument("--profile", type=int, default=512, help="T of the profiler table (0: none)")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--kernels", default="torch.grouped_gemm,torch.padded_bmm,torch.auto")
+    p.add_argument("--kernels", default="torch.grouped_gemm,torch.grouped_mm,torch.auto")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -7,11 +7,12 @@
     y  [T, H] = Σ_slots o[row of (t, slot)], a token's slots in ascending expert order (gather + adds)
               + [T, E'] routing weights · b_out                         (b_out once per token, not per row)
 
-Why (issue 17, a MoEfied MiniLM FFN, E=8 of 192 neurons, k=2, 1 thread): grouped_gemm runs 6-8 torch
-ops per expert in Python (gather, two GEMMs, activation, scale, index_add_: a scatter_add_ on CPU) and
-at T ≤ ~100 skinny.py's C GEMM, which on this short-row shape (K = 384) is slower than MKL's; here the op
-count does not grow with E', both GEMMs are one ATen op each (its CPU path loops over the groups in C++
-with MKL sgemm, no padding), and nothing is scattered. Measured against padding every expert to the
+Why (issue 17, a MoEfied MiniLM FFN, E=8 of 192 neurons, k=2, 1 thread): beyond skinny.py's rows
+(≤ 32 per expert: one C call) grouped_gemm runs 6-8 torch ops per expert in Python (gather, two GEMMs,
+activation, scale, index_add_: a scatter_add_ on CPU); here the op count does not grow with E', both
+GEMMs are one ATen op each (its CPU path loops over the groups in C++ with MKL sgemm, no padding), and
+nothing is scattered: faster from T ≈ 128 to 512 on that layer; beyond, grouped_gemm's per-expert
+intermediates staying in cache win (the cost model prices both, kernels.py). Measured against padding every expert to the
 busiest one's rows for two torch.bmm (samples/results/moefy_ffn_profile.md): the padding cost more than
 the batching saved at every T (random routing: the busiest of 8 experts has ~1.2-1.5x the mean load).
 
