@@ -1,11 +1,14 @@
 """Where a MoEfied FFN's time goes: MiniLM's FFN shape split into E experts, top-k, against the dense FFN.
 
     dense:   x [T, 384] → Linear 384→1536 → GELU → Linear 1536→384
-    moefied: router Linear 384→E → topk_unit → moe(E experts of 1536/E neurons)  (torch.grouped_gemm)
+    moefied: router Linear 384→E → topk_unit → moe(E experts of 1536/E neurons), one column per kernel
+             (--kernels; default torch.grouped_gemm (before), torch.grouped_mm (issue 17), torch.auto
+             (what the backend's selection picks at this T, named in the table))
     bound:   the experts' GEMMs + GELU alone, on balanced contiguous rows (T·k/E each): what no
-             routing, sorting, gathering or scattering would cost
-    → per T: time MoE / dense, bound / dense (1 thread, thread CPU time, fastest of repeats);
-      a torch.profiler table of the MoE op at one T (self CPU per aten op)
+             routing, sorting, gathering or scattering would cost; per expert (F.linear) and batched (bmm)
+    → per T: time MoE / dense, bound / dense (1 thread, thread CPU time, fastest of repeats, the
+      candidates measured in turn within each repeat so a load change hits them alike);
+      a torch.profiler table of each kernel's MoE op at one T (self CPU per aten op)
 
     python samples/moefy_ffn_profile.py [--experts 8] [--top-k 2] [--tokens 64,128,256,512] [--profile 512]
 Random weights and router: the experts get balanced loads (a fitted router's are less even).
@@ -18,19 +21,23 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moecc.backends.torch import select
 from moecc.ops import call_moe
 from moecc.spec import MoESpec, RouterSpec
 
 H, FF = 384, 1536
 
 
-def cpu_time(fn, x, repeats: int) -> float:
-    fn(x)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.thread_time()
+def cpu_times(fns: dict, x, repeats: int) -> dict:
+    """{name: fastest thread CPU time of fn(x)}, the fns called in turn within each repeat."""
+    for fn in fns.values():
         fn(x)
-        best = min(best, time.thread_time() - t)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.thread_time()
+            fn(x)
+            best[name] = min(best[name], time.thread_time() - t)
     return best
 
 
@@ -41,7 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", default="64,128,256,512,1024")
     p.add_argument("--profile", type=int, default=512, help="T of the profiler table (0: none)")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--kernel", default="torch.grouped_gemm")
+    p.add_argument("--kernels", default="torch.grouped_gemm,torch.grouped_mm,torch.auto")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -57,28 +64,44 @@ def main(argv=None) -> None:
     def dense(x):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
-    def moe(x):
-        return call_moe(x, F.linear(x, router), w_in, w_out, spec, b_in=b_in, b_out=b_out, kernel=a.kernel)
+    kernels = a.kernels.split(",")
 
-    print(f"E={E} k={k} ({k / E:.0%} active), kernel {a.kernel}, 1 thread\n")
-    print("| T | dense ms | MoE / dense | experts' GEMMs alone / dense |\n|---|---|---|---|")
+    def moe(kernel):
+        return lambda x: call_moe(x, F.linear(x, router), w_in, w_out, spec, b_in=b_in, b_out=b_out, kernel=kernel)
+
+    names = [kn.removeprefix("torch.") for kn in kernels]
+    print(f"E={E} k={k} ({k / E:.0%} active), 1 thread; MoE / dense per kernel (auto: the kernel "
+          f"torch.auto dispatches to at this T)\n")
+    print(f"| T | dense ms | {' | '.join(names)} | auto picks | GEMMs alone (F.linear) | GEMMs alone (bmm) |")
+    print("|---" * (len(names) + 5) + "|")
     for T in (int(t) for t in a.tokens.split(",")):
         x = torch.randn(T, H, generator=g)
         xe = torch.randn(max(1, T * k // E), H, generator=g)
+        xb = torch.randn(E, *xe.shape, generator=g)                          # [E, T·k/E, H]
 
         def bound(_):
             for e in range(E):
                 F.linear(F.gelu(F.linear(xe, w_in[e], b_in[e])), w_out[e], b_out[e])
-        d = cpu_time(dense, x, a.repeats)
-        print(f"| {T} | {d * 1e3:.2f} | {cpu_time(moe, x, a.repeats) / d:.3f} | {cpu_time(bound, x, a.repeats) / d:.3f} |")
+
+        def bound_bmm(_):
+            h = torch.baddbmm(b_in.unsqueeze(1), xb, w_in.transpose(1, 2))
+            torch.baddbmm(b_out.unsqueeze(1), F.gelu(h), w_out.transpose(1, 2))
+        fns = {"dense": dense, **{kn: moe(kn) for kn in kernels}, "bound": bound, "bound_bmm": bound_bmm}
+        t = cpu_times(fns, x, a.repeats)
+        d = t["dense"]
+        picked = select.dispatch(spec, T).removeprefix("torch.")
+        cols = " | ".join(f"{t[kn] / d:.3f}" for kn in kernels)
+        print(f"| {T} | {d * 1e3:.2f} | {cols} | {picked} | {t['bound'] / d:.3f} | {t['bound_bmm'] / d:.3f} |")
     if a.profile:
         from torch.profiler import profile
         x = torch.randn(a.profile, H, generator=g)
-        with profile() as prof:
-            for _ in range(a.repeats):
-                moe(x)
-        print(f"\nprofile at T={a.profile}, {a.repeats} calls:\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+        for kn in kernels:
+            fn = moe(kn)
+            with profile() as prof:
+                for _ in range(a.repeats):
+                    fn(x)
+            print(f"\n{kn}: profile at T={a.profile}, {a.repeats} calls:\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

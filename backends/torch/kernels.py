@@ -1,4 +1,4 @@
-"""PyTorch experts kernels: five ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
+"""PyTorch experts kernels: six ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
 
     fn(xt [T, H], ids [T, S] int64 (-1 = empty slot), weights [T, S], w_in [E', R, H], w_out [E', H, F],
        b_in?, b_out?, spec=MoESpec) -> y [T, H]
@@ -18,6 +18,10 @@
                         once per weight tensor and cached (packed.py; F.linear's bits, also where
                         grouped_gemm would use oneDNN): where an expert's rows go to a BLAS GEMM
                         (> skinny.MAX_M rows at 1 thread), the weights are not repacked per call
+    torch.grouped_mm    grouped_gemm's sort, then ONE gather, two torch._grouped_mm ops over all experts
+                        (MKL sgemm per expert inside ATen), the k slots summed in ascending expert order
+                        by a gather + adds (grouped_mm.py; no per-expert Python op, no scatter); float32
+                        with H, R, F multiples of 4, else grouped_gemm runs
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
                         the k chosen experts, copies no weight                                (decode)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E'·R, H]ᵀ → activation → per-expert bmm with the
@@ -44,7 +48,8 @@ from moecc.ops import activate, route_tokens, weigh
 from moecc.routing import HALF, expected_load   # HALF: where the kernels follow the reference's rounding
 from moecc.spec import MoESpec
 
-from . import machine, packed, skinny
+from . import gemm, machine, packed, skinny
+from . import grouped_mm as gmm
 from .gemm import linear
 from .parallel import balance, run_groups
 
@@ -179,6 +184,10 @@ def packed_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) ->
     return grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, lin=packed.linear)
 
 
+def grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+    return gmm.grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, fallback=grouped_gemm)
+
+
 def gather(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
     size = float(w_in[0].numel() + w_out[0].numel())
     half = xt.dtype in HALF
@@ -304,6 +313,33 @@ def _cost_packed(spec: MoESpec, tokens: int) -> float:
     return base - (1 - PACKED_GAIN) * hit * (machine.gemm_time(m, H, R) + machine.gemm_time(m, Fw, H))
 
 
+# torch._grouped_mm runs MKL's sgemm for every group, where gemm.linear picks a faster form for the shape:
+MKL_MIN_ROWS = 8       # MKL packs the whole weight per call: fewer rows cost about what 8 do (H=384, R=192,
+                       # 1 thread: 66 µs at m = 8, 85 at 16; gemm.linear's gemv/skinny stream it at m = 1)
+SKINNY_GAIN = 1.3      # skinny.py over MKL at m = 2..32 on weights of ≥ 2^20 elements (skinny.py: 1.3-2x);
+                       # on smaller ones about even (MiniLM's 384 x 192 at m = 16: MKL's GEMMs alone 0.75x of
+                       # skinny.gemm's, but grouped_gemm's one skinny.moe C call beat grouped_mm's ~25 ops at T=64)
+DNN_GAIN = 1.3         # oneDNN over MKL for ≥ 4096 weight rows at m < 384 (gemm.py: 1.1-1.6x)
+
+
+def _cost_grouped_mm(spec: MoESpec, tokens: int) -> float:
+    """grouped_gemm's GEMMs (in MKL's form) without its per-expert ops: ~24 torch ops in all (sort,
+    gather, two grouped GEMMs, biases, activation, combine), but every intermediate is a whole [N, ·]
+    tensor (grouped_gemm's stay in cache per expert). Priced at 8H + 4R floats moved per row (the x
+    gather and the combine's gather of o are 4H; the rest stands for the [N, ·] intermediates leaving
+    the cache), calibrated on the MoEfied MiniLM shape (experts level, 1 thread, loaded machine): 1.15x
+    faster than grouped_gemm at T=128-256, about equal at 512, 1.2x slower at T=1024."""
+    hit, m = expected_load(spec, tokens)
+    H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
+    t = _expert_time(spec, max(m, MKL_MIN_ROWS))
+    if m <= skinny.MAX_M and machine.constants().get("skinny"):     # what gemm_time prices at these rows
+        t *= SKINNY_GAIN if min(H * R, H * Fw) >= machine.MIN_SHAPE_ELEMENTS else 1.0
+    if max(R, H) >= gemm.DNN_MIN_ROWS and m < gemm.DNN_MAX_M:
+        t *= DNN_GAIN
+    return (_common_time(spec, tokens) + machine.op_time(24 + 2 * _slots(spec)) + hit * t
+            + machine.elementwise_time(4 * hit * m * (8 * H + 4 * R)))
+
+
 def _cost_gather(spec: MoESpec, tokens: int) -> float:
     pairs = tokens * _slots(spec)
     return _common_time(spec, tokens) + pairs * (_expert_time(spec, 1) + machine.op_time(12))
@@ -331,6 +367,8 @@ KERNELS: dict[str, Kernel] = {
                                  "sort by expert, contiguous segments, one gather and one scatter"),
     "torch.packed_gemm": Kernel(packed_gemm, _always, _cost_packed,
                                 "grouped_gemm on MKL-packed expert weights, packed once per weight tensor"),
+    "torch.grouped_mm": Kernel(grouped_mm, gmm.check, _cost_grouped_mm,
+                               "sort by expert, one gather, two torch._grouped_mm, an ordered combine"),
     "torch.gather": Kernel(gather, _check_gather, _cost_gather, "per (token, slot) on weight views (decode)"),
     "torch.dense_masked": Kernel(dense_masked, _check_dense, _cost_dense, "all experts on all tokens (tiny E)"),
 }
