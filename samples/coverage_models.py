@@ -53,6 +53,9 @@ FAMILY = {
     # artifact, transformers' own exporter's too, was 0.3 off). 8 heads (the real model has 64) leave no
     # zero score on the check input
     "deepseek_v32": dict(index_n_heads=8),
+    # LFM2-MoE: no default layer_types (checkpoints give them: short convolutions and attention), and its
+    # 2 leading dense layers would leave 2 layers no MoE: one conv and one attention layer, both MoE
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
