@@ -51,6 +51,8 @@ def activate(h: Tensor, spec: MoESpec) -> Tensor:
     a = spec.activation
     if a == "relu":
         return F.relu(h)
+    if a == "relu2":            # squared ReLU (Nemotron-H's experts): relu(h)², as torch.square
+        return torch.square(F.relu(h))
     if a == "gelu":
         return F.gelu(h)
     if a == "gelu_tanh":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import MoeccError
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai",
+ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai",
                "swiglu_clamp", "swiglu_softcap")
 GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamp", "swiglu_softcap")
 ROUTER_KINDS = {

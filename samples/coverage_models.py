@@ -47,6 +47,15 @@ FAMILY = {
     # ones: keep the real model's ratio (512 routed + 256 zero)
     "longcat_flash": dict(head_dim=SMALL["qk_rope_head_dim"], zero_expert_num=4),
     "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),     # product keys: 4 × 4
+    # DeepSeek-V3.2's sparse-attention indexer scores keys by Σ_heads w·ReLU(q·k): with 2 index heads
+    # (SMALL) both ReLUs are often 0, so keys tie at score 0 and which of them the indexer's top-k keeps
+    # is each backend's tie order (the 1×5 check input has such a tie at the top-4 cut, and every ONNX/TVM
+    # artifact, transformers' own exporter's too, was 0.3 off). 8 heads (the real model has 64) leave no
+    # zero score on the check input
+    "deepseek_v32": dict(index_n_heads=8),
+    # LFM2-MoE: no default layer_types (checkpoints give them: short convolutions and attention), and its
+    # 2 leading dense layers would leave 2 layers no MoE: one conv and one attention layer, both MoE
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",

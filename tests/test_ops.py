@@ -7,7 +7,7 @@ from moecc.ops import call_moe, ffn, moe_reference, record_routing
 from moecc.spec import MoESpec, RouterSpec
 from numerics import assert_numerically_equal
 
-ACTS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamp", "swiglu_softcap"]
+ACTS = ["relu", "relu2", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamp", "swiglu_softcap"]
 
 
 def _dense_moe(x, logits, w_in, w_out, spec):

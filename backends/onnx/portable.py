@@ -40,6 +40,9 @@ def activate(h, spec: MoESpec, F: int):
     a = spec.activation
     if a == "relu":
         return op.Relu(h)
+    if a == "relu2":
+        r = op.Relu(h)
+        return op.Mul(r, r)
     if a in ("gelu", "gelu_tanh"):
         return _gelu(h, a == "gelu_tanh")
     if a == "silu":

@@ -130,10 +130,12 @@ static void activate(const float *h, long R, float *a, long F, long c, int act, 
         const float *hi = h + i * R;
         float *ai = a + i * F;
         for (long j = 0; j < F; j++) {
-            float g = act >= 4 ? (il ? hi[2 * j] : hi[j]) : hi[j];
-            float u = act >= 4 ? (il ? hi[2 * j + 1] : hi[F + j]) : 1.0f, v;
+            int gated = act >= 4 && act != 10;                                                  /* 10: relu2 */
+            float g = gated ? (il ? hi[2 * j] : hi[j]) : hi[j];
+            float u = gated ? (il ? hi[2 * j + 1] : hi[F + j]) : 1.0f, v;
             switch (act) {
             case 0: v = g > 0.0f ? g : 0.0f; break;                                          /* relu */
+            case 10: v = g > 0.0f ? g * g : 0.0f; break;                                     /* relu2 */
             case 1: case 5: v = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); break;    /* gelu, geglu */
             case 2: case 7: v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))); break;
             case 6: g = g < limit ? g : limit; u = u < -limit ? -limit : (u > limit ? limit : u);   /* swiglu_oai */
@@ -371,7 +373,7 @@ def gemm(a: Tensor, w: Tensor) -> Tensor:
     return y
 
 
-ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6, "geglu_tanh": 7, "swiglu_clamp": 8, "swiglu_softcap": 9}
+ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 4, "geglu": 5, "swiglu_oai": 6, "geglu_tanh": 7, "swiglu_clamp": 8, "swiglu_softcap": 9, "relu2": 10}
 
 
 def _f32(*ts) -> bool:

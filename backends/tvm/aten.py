@@ -13,6 +13,8 @@ translations it lacks (EXTRA). No MoE or router code: routing reaches TVM as the
             constant_pad_nd  symbolic widths (relax pads by static ones)  ->  crop + concatenated blocks
             clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
             masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
+            div            floor division of an int64 tensor by a Python int (an int32 constant)  ->
+                           the constant in the tensor's dtype
     EXTRA   amax, t, where with a scalar; math.ceil / sym_float / truediv / sym_max / sym_min /
             sym_numel on symbolic sizes (PrimExprs in, PrimExpr out)
     with_scalar_tensors   a symbolic scalar (SymInt/SymFloat) beside a tensor  ->  a 0-d tensor
@@ -188,7 +190,20 @@ def full_like(node, importer, original):
     return importer.block_builder.emit(relax.op.broadcast_to(relax.const(value, dtype), x.ty.shape))
 
 
-FIXES = {"_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
+def div(node, importer, original):
+    """div.Tensor_mode(x, number, rounding_mode): the number as a constant of x's dtype (TVM makes an int
+    an int32 constant, which floor_divide refuses beside an int64 tensor: Llama 4's attention chunks)."""
+    x = importer.env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    b = node.args[1] if len(node.args) > 1 else None
+    dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+    if not dtype or isinstance(b, bool) or not isinstance(b, (int, float)) or mode != "floor" \
+            or (isinstance(b, float) and "int" in dtype):
+        return original(node)
+    return importer.block_builder.emit(relax.op.floor_divide(x, relax.const(b, dtype)))
+
+
+FIXES = {"_div": div, "_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
          "_clamp": clamp, "_constant_pad_nd": constant_pad_nd, "_pad": pad, "_masked_fill": masked_fill, "_full_like": full_like}
 
 

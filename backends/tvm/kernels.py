@@ -56,6 +56,9 @@ def activation(bb: relax.BlockBuilder, h, spec: MoESpec):
     a = spec.activation
     if a == "relu":
         return bb.emit(op.nn.relu(h))
+    if a == "relu2":
+        r = bb.emit(op.nn.relu(h))
+        return bb.emit(op.multiply(r, r))
     if a == "gelu":
         return bb.emit(op.nn.gelu(h))
     if a == "gelu_tanh":

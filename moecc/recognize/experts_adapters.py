@@ -13,6 +13,11 @@
       ⇒ its router as is; experts(x, ids, weights, down_embed [E, 1, H], up_embed [E, H, 1]) (F = 1,
         not gated) + its shared FFN
 
+    Llama4TextMoe.forward(x)  (each chosen expert's INPUT scaled by its sigmoid score, every expert run)
+      ⇒ its router op for op: top-k logits, s = sigmoid; the T·k (slot, token) rows s·x through
+        experts(rows [k·T, H], ids [k·T, 1], weights 1, gate_up_projᵀ [E, 2F, H], down_projᵀ [E, H, F]),
+        summed over the k slots, + its shared expert (as HF: unchosen experts add exact zeros)
+
     JetMoeMoA.map / .reduce (a mixture of attention: not an FFN MoE, no moecc node)
       ⇒ the same top-k softmax, every expert's projection computed and the chosen gathered: static
         shapes (its .tolist() left unbacked sizes that TVM's decomposition refused); reported as refused
@@ -138,7 +143,9 @@ def _doge(block: nn.Module, path: str) -> Adapted:
 def _doge_forward(block: nn.Module, a: Adapted, hidden_states: Tensor, **kwargs):
     """DogeCDMoE.forward with its routed experts as one experts node (its router and shared FFN as they are)."""
     bsz, seq_len, H = hidden_states.shape
-    router_logits = block.router_gate(hidden_states).view(2, bsz * seq_len, -1)            # [2, T, keys]
+    # its .view(2, B·S, -1) (the halves of the flat logits: tokens mixed, as HF) written as a view of the
+    # flat logits: the same values, without the guard B·S % 2 == 0 export adds for the 3-D view
+    router_logits = block.router_gate(hidden_states).reshape(-1).view(2, -1, block.num_keys)   # [2, T, keys]
     (scores_x, scores_y), (indices_x, indices_y) = router_logits.topk(block.num_keys, dim=-1)
     all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).flatten(-2)           # [T, keys²]
     all_indices = (indices_x.unsqueeze(-1) * block.num_keys + indices_y.unsqueeze(-2)).flatten(-2)
@@ -151,6 +158,34 @@ def _doge_forward(block: nn.Module, a: Adapted, hidden_states: Tensor, **kwargs)
     y = _experts(block, a, x, ids, weights, block.down_embed.weight, block.up_embed.weight)
     shared = block.down_proj(block.act_fn(block.gate_proj(hidden_states)) * block.up_proj(hidden_states))
     return shared + y.view(bsz, seq_len, H), router_logits
+
+
+def _llama4(block: nn.Module, path: str) -> Adapted:
+    ex = block.experts
+    w_in, w_out = ex.gate_up_proj, ex.down_proj                                     # [E, H, 2F], [E, F, H]
+    E, H, R = w_in.shape
+    F = w_out.shape[1]
+    if R != 2 * F or tuple(w_out.shape) != (E, F, H) or block.router.weight.shape[0] != E:
+        raise MoeccError(f"{path} (Llama4TextMoe): weights {tuple(w_in.shape)} / {tuple(w_out.shape)} are not "
+                         f"[E, H, 2F] / [E, F, H] with a router of E rows")
+    swaps = ((ex, "gate_up_proj", _param(w_in.detach().transpose(1, 2), w_in)),       # [E, 2F, H]
+             (ex, "down_proj", _param(w_out.detach().transpose(1, 2), w_out)))         # [E, H, F]
+    return _adapted(ex.act_fn, w_in.dtype, E, H, F, path, "Llama4TextMoe", _llama4_forward, swaps)
+
+
+def _llama4_forward(block: nn.Module, a: Adapted, hidden_states: Tensor):
+    """Llama4TextMoe.forward: y = shared(x) + Σ_slots expert_id(s · x), the router (Llama4Router) op for op."""
+    H = block.hidden_dim
+    x = hidden_states.reshape(-1, H)                                                # [T, H]
+    router_logits = nn.Linear.forward(block.router, x)                              # [T, E]
+    top, ids = torch.topk(router_logits, block.router.top_k, dim=1)                 # [T, k]
+    scores = torch.sigmoid(top.float()).to(top.dtype)                               # [T, k]
+    k = ids.shape[1]
+    rows = (x.unsqueeze(0) * scores.t().unsqueeze(-1)).reshape(-1, H)               # [k·T, H], slot-major
+    slot_ids = ids.t().reshape(-1, 1)                                               # [k·T, 1]
+    ones = torch.ones(slot_ids.shape, dtype=x.dtype, device=x.device)               # [k·T, 1]
+    y = _experts(block, a, rows, slot_ids, ones, block.experts.gate_up_proj, block.experts.down_proj)
+    return block.shared_expert(x) + y.view(k, -1, H).sum(0), router_logits          # [T, H], [T, E]
 
 
 def _moa_map(moa: nn.Module, layer_input: Tensor):
@@ -176,7 +211,8 @@ def _moa_reduce(moa: nn.Module, layer_input: Tensor, topo_info):
 
 
 ADAPTERS: dict[str, Callable[[nn.Module, str], Adapted]] = {
-    "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe, "DogeCDMoE": _doge}
+    "DbrxExperts": _dbrx, "LongcatFlashExperts": _longcat, "JetMoeMoE": _jetmoe, "DogeCDMoE": _doge,
+    "Llama4TextMoe": _llama4}
 # not an FFN MoE, so no moecc node: only rewritten as static-shape ordinary ops (reported as refused)
 REWRITES: dict[str, tuple[str, dict[str, Callable]]] = {
     "JetMoeMoA": ("a mixture of attention (query/output projections as experts) is not an FFN MoE; it stays "

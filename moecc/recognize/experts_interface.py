@@ -40,7 +40,7 @@ FALLBACK = "batched_mm"
 MARK = "_moecc_experts"                      # per-module attribute holding the ExpertsPlan while capturing
 TRACED = "_moecc_traced_spec"                # ... and the spec its traced call used (top_k, combine)
 FLAGS = ("has_gate", "is_transposed", "is_concatenated", "has_bias", "has_post_expert_norm")
-_PLAIN = ("relu", "gelu", "gelu_tanh", "silu")
+_PLAIN = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
 _ALPHA = ("alpha", "swiglu_alpha")           # GPT-OSS / MiniMax-M3 / privacy-filter spellings
 _LIMIT = ("limit", "swiglu_limit")
 

@@ -1,6 +1,6 @@
 """Experts modules outside transformers' ExpertsInterface, adapted while capturing (experts_adapters.py).
 
-Tiny DBRX, LongCat-Flash and JetMoE causal LMs (samples/coverage_models.py, fp32, HF eager) captured
+Tiny DBRX, LongCat-Flash, JetMoE, Doge and Llama 4 causal LMs (samples/coverage_models.py, fp32, HF eager) captured
 by moecc: every MoE layer is one moecc::experts node, the graph equals HF eager at token counts the
 example did not have (1e-5), the user's model is unchanged afterwards, and exchanging two experts in
 the captured program breaks the match. LongCat's check input routes tokens to its identity experts, so
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 TOL = 1e-5
 EXPERTS = torch.ops.moecc.experts.default
 LAYERS = {"dbrx": ("DbrxExperts", 2), "longcat_flash": ("LongcatFlashExperts", 1), "jetmoe": ("JetMoeMoE", 2),
-          "doge": ("DogeCDMoE", 2)}
+          "doge": ("DogeCDMoE", 2), "llama4": ("Llama4TextMoe", 2)}
+MODEL_TYPE = {"llama4": "llama4_text"}          # the text model (the "llama4" config is the multimodal one)
 
 
 def _logits(model, ids):
@@ -46,7 +47,7 @@ def _experts_nodes(gm):
 
 @pytest.fixture(scope="module", params=sorted(LAYERS))
 def captured(request):
-    hf, inputs = cm.build(request.param)
+    hf, inputs = cm.build(MODEL_TYPE.get(request.param, request.param))
     if not any(xa.is_adapted(m) for m in hf.modules() if type(m).__name__ == LAYERS[request.param][0]):
         pytest.skip(f"this transformers puts {LAYERS[request.param][0]} behind its ExpertsInterface, which "
                     f"captures it (tests/recognize/test_experts_interface.py)")
@@ -70,7 +71,7 @@ def test_adapter_captures_every_layer_and_matches_hf(captured):
         spec = node.meta["moecc.spec"]
         E, act, F = (16, "silu", 1) if family == "doge" else (8, "swiglu", spec.ffn)   # Doge: one-neuron experts
         assert spec.num_experts == E and spec.activation == act and spec.ffn == F and not spec.interleaved
-        assert spec.router.top_k == 2
+        assert spec.router.top_k == (1 if family == "llama4" else 2)      # Llama 4: one slot per (token, slot) row
     # the user's model is put back: its own forward and weights, bit for bit
     assert not any(k in vars(m) for m in hf.modules() for k in ("forward", "map", "reduce"))
     after = hf.state_dict()
@@ -132,3 +133,13 @@ def test_a_gate_moecc_cannot_express_is_refused_and_runs_as_ordinary_ops():
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
     assert not any(n.target is EXPERTS for n in ep.graph.nodes)
     assert "forward" not in vars(ex) and tuple(ex.mlp.w1.shape) == (8 * cfg.ffn_hidden_size, cfg.hidden_size)
+
+
+def test_exported_program_runs_at_odd_token_counts(captured):
+    """The torch artifact is the re-exported program with its guards: it must take 1×5 and 1×1 (Doge's
+    router view made export guard B·S even until the view was taken of the flat logits)."""
+    _, hf, _, cap = captured
+    gm = cap.export().module()
+    for seed, (batch, seq) in enumerate([(1, 5), (1, 1)]):
+        ids = _ids(seed, batch, seq)
+        torch.testing.assert_close(_logits(gm, ids), _logits(hf, ids), atol=TOL, rtol=0)

@@ -134,3 +134,31 @@ def test_post_expert_norm_is_refused():
     ex.has_post_expert_norm = True
     with pytest.raises(Exception, match="has_post_expert_norm"):
         xi.plan_experts(ex, "layer0")
+
+
+@pytest.mark.parametrize("act, want", [("relu2", "relu2"), ("relu", "relu")])
+def test_ungated_squared_relu_experts_are_one_node(act, want):
+    """Nemotron-H's ungated experts (act relu² = torch.square(relu)): planned as "relu2", and the
+    moecc::experts call equals the module's own loop; the probe tells relu² from relu."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+    cfg = NemotronHConfig(hidden_size=16, moe_intermediate_size=12, n_routed_experts=4, mlp_hidden_act=act)
+    torch.manual_seed(0)
+    ex = NemotronHExperts(cfg)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.5)
+    plan = xi.plan_experts(ex, "experts")
+    assert plan.spec.activation == want and not plan.spec.gated
+    x = torch.randn(7, 16)
+    ids = torch.randint(0, 4, (7, 2))
+    weights = torch.rand(7, 2)
+    with torch.no_grad():
+        want_y = ex(x, ids, weights)
+        setattr(ex, xi.MARK, plan)
+        try:
+            got = xi.experts_forward(ex, x, ids, weights)
+        finally:
+            delattr(ex, xi.MARK)
+            delattr(ex, xi.TRACED)
+    torch.testing.assert_close(got, want_y, atol=TOL, rtol=0)

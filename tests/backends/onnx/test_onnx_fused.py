@@ -33,6 +33,7 @@ FUSABLE = [
 REFUSED = [  # (spec, words the reason must contain)
     (spec("exact_gelu", act="gelu"), "tanh approximation"),
     (spec("geglu", act="geglu"), "geglu"),
+    (spec("relu2", act="relu2"), "relu2"),
     (spec("geglu_tanh", act="geglu_tanh"), "geglu_tanh"),
     (spec("swiglu_clamp", act="swiglu_clamp"), "clamped swiglu"),
     (spec("swiglu_softcap", act="swiglu_softcap"), "soft-capped"),

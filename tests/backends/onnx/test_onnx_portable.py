@@ -34,6 +34,7 @@ SPECS = [
     spec("gelu_bias", act="gelu", top_k=2, expert_bias=True),
     spec("gelu_tanh", act="gelu_tanh", top_k=1),
     spec("silu", act="silu", top_k=2),
+    spec("relu2_bias", act="relu2", top_k=2, expert_bias=True),
     spec("swiglu", act="swiglu", top_k=2),
     spec("swiglu_interleaved_bias", act="swiglu", top_k=2, interleaved=True, expert_bias=True),
     spec("geglu", act="geglu", top_k=2),

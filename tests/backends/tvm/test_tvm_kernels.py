@@ -21,6 +21,7 @@ ALL_KERNELS = {   # cases every kernel runs
 }
 ONE_KERNEL = {    # activations and routers, through one kernel each
     "relu": ("tvm.gather", spec("relu", act="relu", top_k=1)),
+    "relu2": ("tvm.grouped_gemm", spec("relu2", act="relu2", top_k=2)),
     "silu": ("tvm.grouped_gemm", spec("silu", act="silu", top_k=3, renormalize=False)),
     "gelu_tanh": ("tvm.dense_masked", spec("gelu_tanh", act="gelu_tanh", top_k=2)),
     "geglu": ("tvm.gather", spec("geglu", act="geglu", top_k=2, kind="topk_softmax")),

@@ -176,3 +176,23 @@ def test_symbolic_pads_and_unsorted_topk(tmp_path):
     for S in (3, 4, 9):                                                       # grows, equal, crops
         x = torch.randn(1, S, H, generator=torch.Generator().manual_seed(S))
         assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what=f"S={S}")
+
+
+class ChunkedPositions(nn.Module):
+    """Llama 4's chunked attention: int64 positions floor-divided by a Python int (TVM's importer made
+    the int an int32 constant, which floor_divide refuses beside int64)."""
+
+    def forward(self, x):                                                     # [B, S, H]
+        pos = torch.arange(x.shape[1], device=x.device)                       # [S] int64
+        chunk = torch.div(pos, 3, rounding_mode="floor")                      # [S]
+        same = chunk[:, None] == chunk[None, :]                               # [S, S]
+        return same.to(x.dtype) @ x + chunk.to(x.dtype)[None, :, None]
+
+
+def test_floor_division_of_int64_by_a_python_int(tmp_path):
+    model = ChunkedPositions()
+    lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    run = runtime.load(tmp_path)
+    for S in (1, 5, 11):
+        x = torch.randn(1, S, H, generator=torch.Generator().manual_seed(S))
+        assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what=f"S={S}")
