@@ -68,15 +68,6 @@ def test_measured_costs_take_the_probe_fields():
     assert fast.wake == 0.0
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from moecc.distributed.comm import free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def test_probe_reads_a_dispatch_as_the_layer_receives_it(one_rank_group):
     """The probe times Dispatched.wait() on a buffer laid out as received without a collective

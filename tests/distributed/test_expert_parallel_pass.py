@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 import moecc
 import moecc.spec
@@ -108,12 +107,6 @@ def test_refuses_a_graph_without_moe_layers():
     with pytest.raises(MoeccError, match="no MoE layer to split"):
         plan(c.gm, {"ep": 2})
 
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_apply_on_one_rank_is_the_unsplit_graph(one_rank_group):

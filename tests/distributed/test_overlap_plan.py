@@ -81,15 +81,6 @@ def test_pass_finds_experts_layers_and_records_the_plan():
 
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from moecc.distributed.comm import free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def test_ep_module_runs_chunked_when_the_plan_says(one_rank_group):
     """expert_parallel.apply, then overlap.apply with d=3: the EP experts modules run the chunked

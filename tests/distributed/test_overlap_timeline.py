@@ -27,15 +27,6 @@ def test_overlap_fraction_by_interval_union(tmp_path):
         tl.add("io", "z", 0, 1)
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from moecc.distributed.comm import free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def test_delayed_transport_is_a_fifo_channel(one_rank_group):
     from moecc.distributed.transport import DelayedTransport
