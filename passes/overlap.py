@@ -10,8 +10,8 @@ cost model.
         measured on the ranks at start-up (moecc.distributed.probe.measure)
     apply(module, plan) -> n      sets `overlap_degree` on each EP experts module (by layer name)
 
-The choice: the degree with the smallest predicted step time (costmodel.choose_degree) on balanced
-routing of the layer's tokens per rank, with this runtime's message accounting (ep_costs);
+The choice: the smallest degree predicted within DEGREE_TOLERANCE (8%) of the fastest
+(costmodel.choose_degree; why 8%: its docstring, measured on the overlap grid) on balanced routing of the layer's tokens per rank, with this runtime's message accounting (ep_costs);
 `overlap_degree` (`--overlap-degree`) overrides it for every layer. Without measured constants (at
 compile time: no process group yet) the layers are recorded with degree "auto" and no predictions;
 with them, schedule.json holds each layer's predicted serial and overlapped step time, hidden

@@ -73,12 +73,22 @@ def test_pipeline_fills_waits_greedily_with_shared_blocks():
 
 def test_choose_degree_is_argmin_and_alpha_limits_it():
     c = Costs(dispatch=4.0, combine=4.0, experts=8.0, shared=1.0, alpha=0.0)
-    best = choose_degree(c)
+    best = choose_degree(c, tolerance=0.0)
     assert best.step == min(pipeline(c, d).step for d in range(1, 9))
     assert best.degree == 8                    # no per-chunk cost: more chunks never hurt
-    costly = choose_degree(c, chunk_overhead=1.0)
+    costly = choose_degree(c, chunk_overhead=1.0, tolerance=0.0)
     assert costly.degree < 8
     assert costly.step == min(pipeline(c, d, 1.0).step for d in range(1, 9))
+
+
+def test_choose_degree_takes_the_smallest_degree_within_the_tolerance():
+    c = Costs(dispatch=4.0, combine=4.0, experts=8.0, shared=1.0, alpha=0.0)
+    steps = {d: pipeline(c, d).step for d in range(1, 9)}
+    for tol in (0.0, 0.05, 0.2, 10.0):
+        want = min(d for d, s in steps.items() if s <= min(steps.values()) * (1 + tol))
+        assert choose_degree(c, tolerance=tol).degree == want
+    assert choose_degree(c, tolerance=10.0).degree == 1      # everything within: the fewest chunks
+    assert choose_degree(c).degree < 8                       # the default tolerance is not 0
 
 
 def test_skew_moves_rows_to_the_hot_rank():
