@@ -5,12 +5,14 @@ translations it lacks (EXTRA). No MoE or router code: routing reaches TVM as the
     FIXES   reshape/view   identity check compares symbolic dims with `==` (raises)  ->  reshape directly
             cumsum         bool/int input without dtype stays bool (torch: int64); unknown-shape input
                            fails in DispatchSortScan  ->  dtype int64, shape made symbolic by match_cast
-            slice          a negative dim reaches strided_slice as is (fails in legalization)  ->  dim + rank
+            slice          a negative dim reaches strided_slice as is (fails in legalization)  ->  dim + rank;
+                           bounds provably inside the dim  ->  assume_inbound (no T.min/T.max shapes)
             empty          symbolic sizes reach ShapeExpr as Python objects  ->  PrimExprs
             topk           a symbolic k (expert choice's capacity)  ->  descending argsort, first k;
                            bfloat16 input (TVM orders it wrongly)  ->  topk in float32 (exact);
                            sorted=False (TVM refuses it; torch leaves the order open)  ->  sorted
             constant_pad_nd  symbolic widths (relax pads by static ones)  ->  crop + concatenated blocks
+                           (a width provably ≥ 0, a pad to a multiple: the block alone)
             clamp          a missing bound becomes ±inf, which an integer tensor cannot hold  ->  max/min
             masked_fill, full_like   full_like(x, value) fails to legalize  ->  where / broadcast_to
             div            floor division of an int64 tensor by a Python int (an int32 constant)  ->
@@ -60,7 +62,30 @@ def slice_(node, importer, original):
         args = list(node.args)
         args[1] = dim + importer.env[node.args[0]].ty.ndim
         node = _with_args(node, args)
-    return original(node)
+    inbound = _inbound_slice(node, importer)
+    return original(node) if inbound is None else inbound
+
+
+def _inbound_slice(node, importer):
+    """A unit-step slice whose 0 <= start <= end <= size TVM can prove: strided_slice with
+    assume_inbound, so its dim is end - start (the importer's clamps leave T.min/T.max of symbols,
+    which later passes cannot compare and TVM 0.27's KillAfterLastUse recursed forever on)."""
+    import sys
+    x = importer.env[node.args[0]]
+    a = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = (a[1] or 0), a[2], a[3], (1 if a[4] is None else a[4])
+    if step != 1 or not isinstance(dim, int) or x.ty.shape is None:
+        return None
+    size = x.ty.shape[dim]
+    start = prim_expr(0 if start is None else scalar(importer, start))
+    end = scalar(importer, end)
+    end = size if end is None or (isinstance(end, int) and end >= sys.maxsize) else prim_expr(end)
+    zero = tirx.IntImm("int64", 0)
+    if not provable([start >= zero, start <= end, end <= size]):
+        return None
+    if provable([start == zero, end == size]):
+        return x
+    return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [end], assume_inbound=True))
 
 
 def empty(node, importer, original):
@@ -141,16 +166,45 @@ def _pad_constant(node, importer, pad, value):
         dim = x.ty.ndim - 1 - i // 2
         for side, w in (("before", pad[i]), ("after", pad[i + 1])):
             w = prim_expr(w)
-            zero = tirx.IntImm("int64", 0)
-            grow, crop = tirx.max(w, zero), tirx.max(-w, zero)
+            grow, crop = _sides(w)
             n = x.ty.shape[dim]
-            x = bb.emit(relax.op.strided_slice(x, [dim], [crop], [n]) if side == "before"
-                        else relax.op.strided_slice(x, [dim], [0], [n - crop]))
+            if crop is not None:
+                x = bb.emit(relax.op.strided_slice(x, [dim], [crop], [n]) if side == "before"
+                            else relax.op.strided_slice(x, [dim], [0], [n - crop]))
+            if grow is None:
+                continue
             shape = list(x.ty.shape)
             shape[dim] = grow
             block = bb.emit(relax.op.full(relax.ShapeExpr(shape), relax.const(value or 0.0, dt), dt))
             x = bb.emit(relax.op.concat([block, x] if side == "before" else [x, block], axis=dim))
     return x
+
+
+def _sides(w):
+    """(grow, crop) of a pad width w: max(w, 0) and max(-w, 0), None where provably 0. A width that
+    is provably ≥ 0 (a pad to a multiple, `(C - S % C) % C`) grows by w itself: no T.max enters the
+    shapes (TVM 0.27 cannot compare T.max shapes, and its KillAfterLastUse recursed forever on them)."""
+    zero = tirx.IntImm("int64", 0)
+    if provable([w >= zero]):
+        return (None if provable([w == zero]) else w), None
+    if provable([w <= zero]):
+        return None, -w
+    return tirx.max(w, zero), tirx.max(-w, zero)
+
+
+def provable(conditions: list) -> bool:
+    """Whether TVM's analyzer proves every condition over sizes: each symbol in them taken as ≥ 0."""
+    from contextlib import ExitStack
+    from tvm.sym.analyzer import Analyzer
+    conditions = [tirx.const(c, "bool") if isinstance(c, bool) else c for c in conditions]
+    analyzer = Analyzer()
+    with ExitStack() as scopes:
+        names = {}
+        for c in conditions:
+            names.update({v.name: v for v in tirx.analysis.undefined_vars(c)})
+        for v in names.values():
+            scopes.enter_context(analyzer.constraint_scope(v >= tirx.IntImm(str(v.ty.dtype), 0)))
+        return all(analyzer.can_prove(c) for c in conditions)
 
 
 def clamp(node, importer, original):

@@ -63,7 +63,7 @@ def repair_shape(node, importer, out):
     torch's own shape for the node, written with the importer's symbols (a checked match_cast)."""
     ty = getattr(out, "ty", None)
     if not isinstance(ty, relax.TensorType) or (ty.shape is not None and not any(
-            isinstance(d, (tirx.Min, tirx.Max)) for d in ty.shape.values)):
+            _min_max(d) for d in ty.shape.values)):
         return out
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() != ty.ndim:
@@ -76,8 +76,24 @@ def repair_shape(node, importer, out):
     return importer.block_builder.match_cast(out, relax.TensorType(dims, str(ty.dtype)))
 
 
+def _min_max(e) -> bool:
+    """Whether a shape expression holds a T.min / T.max anywhere (TVM could not simplify it: a later
+    broadcast or reshape cannot prove it equal to anything)."""
+    if isinstance(e, (tirx.Min, tirx.Max)):
+        return True
+    parts = [getattr(e, a) for a in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, a)]
+    return any(_min_max(p) for p in list(parts) + list(getattr(e, "args", None) or []))
+
+
+# torch's sympy functions of sizes (torch.utils._sympy.functions) -> tirx; sizes are ≥ 0, where C and
+# Python modulo agree with floormod
+_SYMPY_BINARY = {"FloorDiv": tirx.floordiv, "Mod": tirx.floormod, "PythonMod": tirx.floormod,
+                 "Max": tirx.max, "Min": tirx.min}
+
+
 def symbolic(size, symbols: dict):
-    """A torch size (int or SymInt of symbols, +, *) -> PrimExpr over the importer's tirx.Vars, or None."""
+    """A torch size (int or SymInt of symbols, +, *, //, %, max, min) -> PrimExpr over the importer's
+    tirx.Vars, or None (a symbol the importer does not know, another function)."""
     import sympy
     if not isinstance(size, torch.SymInt):
         return tirx.IntImm("int64", int(size))
@@ -88,7 +104,15 @@ def symbolic(size, symbols: dict):
         if isinstance(e, sympy.Symbol):
             return symbols.get(str(e))
         parts = [convert(a) for a in e.args]
-        if any(p is None for p in parts) or not isinstance(e, (sympy.Add, sympy.Mul)):
+        if any(p is None for p in parts) or not parts:
+            return None
+        binary = _SYMPY_BINARY.get(type(e).__name__)
+        if binary is not None:
+            acc = parts[0]
+            for p in parts[1:]:                 # Max / Min may take more than two
+                acc = binary(acc, p)
+            return acc
+        if not isinstance(e, (sympy.Add, sympy.Mul)):
             return None
         acc = parts[0]
         for p in parts[1:]:

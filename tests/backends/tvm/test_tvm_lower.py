@@ -196,3 +196,43 @@ def test_floor_division_of_int64_by_a_python_int(tmp_path):
     for S in (1, 5, 11):
         x = torch.randn(1, S, H, generator=torch.Generator().manual_seed(S))
         assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what=f"S={S}")
+
+
+class ChunkedScan(nn.Module):
+    """Kimi-Linear / Qwen3-Next's chunked linear attention: the sequence padded to a multiple of the
+    chunk (`(-S) % C`: torch's symbolic Mod / FloorDiv in the shapes), reshaped to chunks, scanned
+    within each chunk, cropped back to S."""
+
+    def forward(self, x):                                                     # [B, S, H]
+        B, S, H_ = x.shape
+        pad = (4 - S % 4) % 4
+        chunks = nn.functional.pad(x, (0, 0, 0, pad)).reshape(B, -1, 4, H_)   # [B, ceil(S/4), 4, H]
+        y = chunks.cumsum(2) * (torch.arange(chunks.shape[1]) + 1.0)[None, :, None, None]
+        return y.reshape(B, -1, H_)[:, :S] + x
+
+
+def test_symbolic_modulo_and_floor_division_in_shapes(tmp_path):
+    model = ChunkedScan()
+    lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    run = runtime.load(tmp_path)
+    for S in (1, 4, 7, 13):                                                   # pad 3, 0, 1, 3
+        x = torch.randn(2, S, H, generator=torch.Generator().manual_seed(S))
+        assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what=f"S={S}")
+
+
+def test_torch_size_functions_become_tvm_expressions():
+    """torch's Mod / FloorDiv of sizes (the pad and chunk count above) convert to tirx floormod /
+    floordiv that evaluate like Python's at every length: repair_shape matches results to them."""
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+    from moecc.backends.tvm import importer
+    program = export(ChunkedScan(), torch.randn(2, 6, H))
+    sizes = {n.name: n.meta["val"] for n in program.graph.nodes if n.name in ("mod_1", "floordiv")}
+    assert set(sizes) == {"mod_1", "floordiv"}
+    seq = str(program.graph_module.graph.find_nodes(op="placeholder")[0].meta["val"].shape[1])
+    symbols = {seq: tirx.Var(seq, "int64")}
+    for S in range(1, 14):
+        analyzer = Analyzer()
+        analyzer.bind(symbols[seq], tirx.IntImm("int64", S))
+        got = {name: analyzer.simplify(importer.symbolic(size, symbols)) for name, size in sizes.items()}
+        assert [int(got["mod_1"]), int(got["floordiv"])] == [(4 - S % 4) % 4, (S + (4 - S % 4) % 4) // 4], S
