@@ -172,6 +172,11 @@ def tvm_threads(n: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, n)      # 1 = kBig: n threads on the big cores
 
 
+TVM_TARGET, TVM_TUNE_TRIALS = "host", 8    # what a user deploys: this CPU, expert GEMMs tuned (the
+                                           # database is cached, so a second shape/thread count reuses it)
+TVM_TUNE_TOKENS = {"tvm.gather": 8, "tvm.grouped_gemm": 512}   # the token count each kernel is tuned at
+
+
 def tvm_kernels(spec: MoESpec, weights: dict, work_dir) -> dict | str:
     import pathlib
     try:
@@ -193,7 +198,10 @@ def tvm_kernels(spec: MoESpec, weights: dict, work_dir) -> dict | str:
             continue
         d = pathlib.Path(work_dir) / name
         d.mkdir(parents=True, exist_ok=True)
-        backends.get("tvm").lower(program, d, {"kernel": name, "target": "llvm"})
+        options = {"kernel": name, "target": TVM_TARGET}
+        if name in TVM_TUNE_TOKENS:
+            options.update(tune_trials=TVM_TUNE_TRIALS, tokens=TVM_TUNE_TOKENS[name])
+        backends.get("tvm").lower(program, d, options)
         run = backends.runtime("tvm").load(d, {})
         check = lambda T, k=kernel: k.checker(spec, {"tokens": T})           # noqa: E731
         out[f"tvm:{name.split('.', 1)[1]}"] = (lambda x, run=run: run([x[None]])[0][0], check)
