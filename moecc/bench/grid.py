@@ -43,6 +43,7 @@ SHAPES = {
 }
 TOKENS = (1, 8, 64, 512, 2048)
 QUICK = {"tokens": (1, 64, 512), "repeats": 3}
+SETTLE_S = 0.05                        # pause before each timed call (see _time)
 FULL_REPEATS = 5
 SLOW = 8.0            # an implementation this many times slower than the best kernel is timed once
 
@@ -137,7 +138,10 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _time(impls: dict, repeats: int, tick, clock=time.perf_counter) -> dict:
-    """Interleaved rounds (order rotated per round); median seconds per implementation."""
+    """Interleaved rounds (order rotated per round), each call after a SETTLE_S pause; median seconds
+    per implementation. The pause lets the thread pools of the runtime timed before (onnxruntime's and
+    TVM's spin after a call) go idle: measured here, a torch kernel timed right after an ORT call at
+    2 threads ran 1.4x slower (88 -> 125 ms at mixtral-like T=512)."""
     names = list(impls)
     first = {}
     for n in names:                                    # warm-up round, also finds the slow ones
@@ -152,6 +156,7 @@ def _time(impls: dict, repeats: int, tick, clock=time.perf_counter) -> dict:
         for n in names[r % len(names):] + names[: r % len(names)]:
             if n in slow and times[n]:
                 continue
+            time.sleep(SETTLE_S)
             t0 = clock()
             impls[n]()
             times[n].append(clock() - t0)
@@ -177,7 +182,7 @@ def run_bench(shapes: dict | None = None, tokens=TOKENS, repeats: int = FULL_REP
     consts = machine.remeasure()                       # fresh constants: the cost model's choices below
     results = {"threads": threads, "clock": clock, "load_before": os.getloadavg(),
                "machine": machine.machine_key(), "constants": consts,
-               "versions": _versions(), "repeats": repeats, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "versions": _versions(), "repeats": repeats, "settle_ms": SETTLE_S * 1e3, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "shapes": {}, "points": []}
     bar = tqdm(total=len(shapes) * len(tokens) * (repeats + 2), disable=not progress, desc="moecc bench")
     with torch.inference_mode():

@@ -122,7 +122,7 @@ def markdown(results: dict) -> str:
 def _run_markdown(results: dict) -> list[str]:
     lines = [f"## {results['threads']} thread(s)", "",
              f"threads={results['threads']}, {results.get('clock', 'wall')} clock, median of {results['repeats']} "
-             f"interleaved repeats, started {results['started']}, load average before/after "
+             f"interleaved repeats{_settle(results)}, started {results['started']}, load average before/after "
              f"{_load(results.get('load_before'))} / {_load(results.get('load_after'))} "
              f"(on {os.cpu_count()} CPUs); versions {results['versions']}", ""]
     for name, s in results["shapes"].items():
@@ -222,3 +222,8 @@ def write(results: dict, out_dir) -> dict:
     paths["json"].write_text(json.dumps(results, indent=1, default=str))
     plot(results, paths["png"])
     return paths
+
+
+def _settle(results: dict) -> str:
+    ms = results.get("settle_ms")
+    return "" if ms is None else f" (each after a {ms:.0f} ms pause; ORT and TVM thread pools not spinning)"
