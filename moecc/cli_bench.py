@@ -17,7 +17,7 @@ EPILOG = """examples:
                                          #   and every core: ~10 min on this project's 2 cores shared
                                          #   with other jobs (5 repeats took 7 min per thread count)
   moecc bench --out bench_out            # full grid: T in 1, 8, 64, 512, 2048, 5 repeats, TVM,
-                                         #   at 1 thread and at every core (an hour or more, shared)
+                                         #   at 1 thread and at every core (17 min quiet on 2 cores, longer shared)
   moecc bench --threads 1 --clock cpu    # a machine shared with other jobs: CPU seconds, 1 thread
   moecc bench --threads 1 --shapes mixtral-like --tokens 1,8 --no-tvm
 writes DIR/bench.md (table), DIR/bench.json, DIR/bench.png; the table is also printed."""

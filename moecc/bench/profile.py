@@ -88,11 +88,11 @@ def profile_point(spec: MoESpec, tokens: int, kernel: str, threads: int, repeats
         run = layer(spec, w, x, kernel)
         with torch.inference_mode():
             run()
-            t0 = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()            # the profiler's own start and stop left out
                 for _ in range(repeats):
                     run()
-            wall = (time.perf_counter() - t0) / repeats * 1e3
+                wall = (time.perf_counter() - t0) / repeats * 1e3
     finally:
         torch.set_num_threads(before)
     cats = dict.fromkeys(list(CATEGORIES) + ["other"], 0.0)
