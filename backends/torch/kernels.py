@@ -1,4 +1,4 @@
-"""PyTorch experts kernels: six ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
+"""PyTorch experts kernels: seven ways to compute `moecc.ops.experts_reference`, each with a checker and a cost.
 
     fn(xt [T, H], ids [T, S] int64 (-1 = empty slot), weights [T, S], w_in [E', R, H], w_out [E', H, F],
        b_in?, b_out?, spec=MoESpec) -> y [T, H]
@@ -18,6 +18,9 @@
                         once per weight tensor and cached (packed.py; F.linear's bits, also where
                         grouped_gemm would use oneDNN): where an expert's rows go to a BLAS GEMM
                         (> skinny.MAX_M rows at 1 thread), the weights are not repacked per call
+    torch.dnn_gemm      the same on oneDNN's reordered weights (packed.dnn_linear; not F.linear's bits):
+                        where MKL takes a slower path than oneDNN (AVX-512 AMD: 2-3.6x at m ≥ 64),
+                        chosen by the measured machine.constants()["dnn_gain"]
     torch.grouped_mm    grouped_gemm's sort, then ONE gather, two torch._grouped_mm ops over all experts
                         (MKL sgemm per expert inside ATen), the k slots summed in ascending expert order
                         by a gather + adds (grouped_mm.py; no per-expert Python op, no scatter); float32
@@ -184,6 +187,10 @@ def packed_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) ->
     return grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, lin=packed.linear)
 
 
+def dnn_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+    return grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, lin=packed.dnn_linear)
+
+
 def grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
     return gmm.grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec, fallback=grouped_gemm)
 
@@ -303,14 +310,20 @@ def _cost_grouped(spec: MoESpec, tokens: int) -> float:
 PACKED_GAIN = 1.0
 
 
-def _cost_packed(spec: MoESpec, tokens: int) -> float:
-    """grouped_gemm's cost with its BLAS GEMMs PACKED_GAIN × as long; equal where skinny.py takes them."""
+def _cost_packed(spec: MoESpec, tokens: int, library: str = "mkl") -> float:
+    """grouped_gemm's cost with its BLAS GEMMs PACKED_GAIN × as long (oneDNN: 1 / the measured
+    dnn_gain); equal where skinny.py takes them."""
     hit, m = expected_load(spec, tokens)
     base = _cost_grouped(spec, tokens)
-    if not packed.available() or batched_expected(spec, tokens) or m <= skinny.MAX_M:
+    if not packed.available(library) or batched_expected(spec, tokens) or m <= skinny.MAX_M:
         return base
+    gain = PACKED_GAIN if library == "mkl" else 1 / max(machine.constants().get("dnn_gain", 1.0), 1e-3)
     H, R, Fw = spec.hidden, spec.in_rows, spec.ffn
-    return base - (1 - PACKED_GAIN) * hit * (machine.gemm_time(m, H, R) + machine.gemm_time(m, Fw, H))
+    return base - (1 - gain) * hit * (machine.gemm_time(m, H, R) + machine.gemm_time(m, Fw, H))
+
+
+def _cost_dnn(spec: MoESpec, tokens: int) -> float:
+    return _cost_packed(spec, tokens, "dnn")
 
 
 # torch._grouped_mm runs MKL's sgemm for every group, where gemm.linear picks a faster form for the shape:
@@ -367,6 +380,8 @@ KERNELS: dict[str, Kernel] = {
                                  "sort by expert, contiguous segments, one gather and one scatter"),
     "torch.packed_gemm": Kernel(packed_gemm, _always, _cost_packed,
                                 "grouped_gemm on MKL-packed expert weights, packed once per weight tensor"),
+    "torch.dnn_gemm": Kernel(dnn_gemm, _always, _cost_dnn,
+                             "grouped_gemm on oneDNN-reordered expert weights, reordered once per weight tensor"),
     "torch.grouped_mm": Kernel(grouped_mm, gmm.check, _cost_grouped_mm,
                                "sort by expert, one gather, two torch._grouped_mm, an ordered combine"),
     "torch.gather": Kernel(gather, _check_gather, _cost_gather, "per (token, slot) on weight views (decode)"),

@@ -5,7 +5,9 @@
                     "op_overhead": s per small torch op (dispatch + Python),
                     "gemm_curve": {m: s for an [m, 4096] x [4096, 4096] GEMM (gemm.linear),
                                    weights not cached},
-                    "skinny": whether skinny.py's kernel runs here (grouped_gemm's batched path)}
+                    "skinny": whether skinny.py's kernel runs here (grouped_gemm's batched path),
+                    "dnn_gain": gemm.linear's time / oneDNN's on a reordered weight (packed.dnn_linear),
+                                median over m = 128, 512 on an expert-sized [2048, 1024] weight}
     shape_curve(k, n) -> {m: s}   the small-m curve of one weight shape, measured on first use
     gemm_time(m, k, n) -> s     elementwise_time(bytes) -> s     op_time(ops) -> s
 
@@ -28,7 +30,7 @@ import torch
 from . import cache, skinny
 from .gemm import linear
 
-VERSION = 6               # bump when what is measured changes: old cache entries are measured again
+VERSION = 7               # bump when what is measured changes: old cache entries are measured again
 CURVE_M = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256)
 SHAPE_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)   # per weight shape, measured on first use
 MIN_SHAPE_ELEMENTS = 2 ** 20                   # smaller weights: the square curve, scaled
@@ -84,8 +86,22 @@ def measure(quick: bool = False) -> dict:
         curve[m] = best_time(lambda: linear(x, w), 5 if m < 128 else 3)
     return {"gemm_flops": gemm_flops, "bandwidth": bandwidth, "op_overhead": op_overhead,
             "gemm_curve": {str(m): t for m, t in curve.items()}, "curve_dim": dim,
-            "skinny": skinny.available(),
+            "skinny": skinny.available(), "dnn_gain": dnn_gain(quick),
             "key": machine_key(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def dnn_gain(quick: bool = False) -> float:
+    """gemm.linear's time over packed.dnn_linear's on an expert-sized weight (1.0: no oneDNN here)."""
+    from . import packed
+    if not packed.available("dnn"):
+        return 1.0
+    n, k = (256, 128) if quick else (2048, 1024)
+    w = torch.randn(n, k)
+    ratios = []
+    for m in (128, 512):
+        x = torch.randn(m, k)
+        ratios.append(best_time(lambda: linear(x, w), 3) / best_time(lambda: packed.dnn_linear(x, w), 3))
+    return float(sum(ratios) / len(ratios))
 
 
 def load_or_measure(path: pathlib.Path, key: str, measure_fn=measure, fresh: bool = False) -> dict:

@@ -1,7 +1,12 @@
-"""MKL's packed sgemm for expert weights: each weight packed ONCE (per loaded program), reused by every call.
+"""Packed expert weights: each weight packed ONCE (per loaded program), reused by every call.
 
-    linear(a [m, K], w [N, K], b [N]?) -> [m, N] = a · wᵀ (+ b), the same bits as F.linear
-    pack(w) -> packed | None      the cached pack of w (None: w cannot be packed, see below)
+    linear(a [m, K], w [N, K], b [N]?) -> [m, N] = a · wᵀ (+ b), MKL's packed sgemm: F.linear's bits
+    dnn_linear(a, w, b?)          the same on oneDNN's reordered weight (`mkldnn._reorder_linear_weight`
+                                  + `mkldnn._linear_pointwise`): not F.linear's bits (another summation
+                                  order), 2-3.6x F.linear's GFLOP/s on an AVX-512 AMD EPYC at 2 threads
+                                  (m = 64..2048, [7168, 1024]: 410-504 vs 123-198), where MKL keeps to
+                                  its AVX2 path; machine.py measures the gain on each machine
+    pack(w, library="mkl") -> packed | None      the cached pack (None: w cannot be packed, see below)
 
 `torch.ops.mkl._mkl_reorder_linear_weight(w, batch)` reorders w into MKL's packed GEMM layout;
 `torch.ops.mkl._mkl_linear(a, packed, w, b, batch)` multiplies with it. Checked on torch 2.13 CPU:
@@ -31,6 +36,8 @@ from . import gemm
 log = logging.getLogger("moecc.backends.torch.packed")
 
 _MKL = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
+_DNN = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None)
 BATCH = 64                      # the batch hint every pack is made with (one pack per weight)
 _PACKS: dict[int, tuple] = {}  # id(root) -> (weakref to root, {view key: (version, packed)})
 _LOCK = threading.Lock()         # parallel.py's expert threads pack different experts at once
@@ -45,21 +52,22 @@ def _packs_of(root: Tensor) -> dict:
         return entry[1]
 
 
-def available() -> bool:
-    return _MKL is not None
+def available(library: str = "mkl") -> bool:
+    return (_MKL if library == "mkl" else _DNN) is not None
 
 
-def _packable(w: Tensor) -> bool:
-    return (_MKL is not None and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
+def _packable(w: Tensor, library: str) -> bool:
+    return (available(library) and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
             and not w.is_inference() and not (w.requires_grad and torch.is_grad_enabled()))
 
 
-def pack(w: Tensor) -> Tensor | None:
-    """The packed form of w [N, K], made on first use and kept while w's root tensor lives."""
-    if not _packable(w):
+def pack(w: Tensor, library: str = "mkl") -> Tensor | None:
+    """The packed form of w [N, K] for `library` ("mkl" | "dnn"), made on first use and kept while
+    w's root tensor lives."""
+    if not _packable(w, library):
         return None
     root = w._base if w._base is not None else w
-    key = (w.storage_offset(), tuple(w.shape), w.stride())
+    key = (library, w.storage_offset(), tuple(w.shape), w.stride())
     version = root._version
     packs = _packs_of(root)
     hit = packs.get(key)
@@ -68,13 +76,17 @@ def pack(w: Tensor) -> Tensor | None:
     if hit is not None:
         log.debug("weight %s changed in place (version %d -> %d): repacking", key, hit[0], version)
     with torch.no_grad():
-        p = _reorder(w.contiguous())
+        p = _reorder(w.contiguous()) if library == "mkl" else _reorder_dnn(w.contiguous())
     packs[key] = (version, p)
     return p
 
 
 def _reorder(w: Tensor) -> Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(w, BATCH)
+
+
+def _reorder_dnn(w: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w)
 
 
 def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
@@ -90,9 +102,21 @@ def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = Fal
     return torch.ops.mkl._mkl_linear(a.contiguous(), p, w, b, BATCH)
 
 
+def dnn_linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
+    """gemm.linear, with oneDNN's reordered weight where gemm.linear would run a BLAS GEMM."""
+    if bias_after and b is not None:
+        return dnn_linear(a, w).add_(b)
+    if a.dtype != torch.float32 or gemm.form(a, w) in ("skinny", "small"):
+        return gemm.linear(a, w, b)
+    p = pack(w, "dnn")
+    if p is None:
+        return gemm.linear(a, w, b)
+    return _DNN(a.contiguous(), p, b, "none", [], "")
+
+
 def clear() -> None:
     """Drop every pack (tests; memory)."""
     _PACKS.clear()
 
 
-__all__ = ["linear", "pack", "available", "clear", "BATCH"]
+__all__ = ["linear", "dnn_linear", "pack", "available", "clear", "BATCH"]

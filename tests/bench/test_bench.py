@@ -19,7 +19,7 @@ TINY = {
     "switch-tiny": MoESpec(4, 16, 24, "relu", RouterSpec(top_k=1, renormalize=False)),
     "sigmoid-tiny": MoESpec(4, 16, 8, "gelu", RouterSpec("sigmoid_topk", top_k=2)),
 }
-ALL = {"moecc:torch.loop", "moecc:torch.grouped_gemm", "moecc:torch.packed_gemm", "moecc:torch.grouped_mm", "moecc:torch.gather", "moecc:torch.dense_masked",
+ALL = {"moecc:torch.loop", "moecc:torch.grouped_gemm", "moecc:torch.packed_gemm", "moecc:torch.dnn_gemm", "moecc:torch.grouped_mm", "moecc:torch.gather", "moecc:torch.dense_masked",
        "moecc:auto", "ref:dense_gemm", "ref:stream", "ort:fused", "hf:eager", "hf:grouped_mm"}
 
 

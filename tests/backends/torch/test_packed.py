@@ -98,3 +98,47 @@ def test_cost_model_scales_only_the_blas_path(monkeypatch):
     monkeypatch.setattr(kernels, "PACKED_GAIN", 0.8)
     assert cost(spec, 1) == grouped(spec, 1)                            # skinny.py's rows: nothing packed
     assert cost(spec, 2048) < grouped(spec, 2048)
+
+
+@pytest.fixture
+def counted_dnn(monkeypatch):
+    calls = []
+    real = packed._reorder_dnn
+    monkeypatch.setattr(packed, "_reorder_dnn", lambda w: calls.append(tuple(w.shape)) or real(w))
+    packed.clear()
+    yield calls
+    packed.clear()
+
+
+@pytest.mark.skipif(not packed.available("dnn"), reason="torch built without oneDNN")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dnn_gemm_matches_reference_reorders_once_and_again_after_an_update(threads, counted_dnn):
+    """torch.dnn_gemm: oneDNN's reordered weights (another summation order than F.linear: close, not
+    bit-equal), reordered once per expert weight, again after an in-place update."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = _inputs(300, seed=2)                    # ~150 rows per expert: the BLAS path
+        for _ in range(2):
+            got = select.run_experts("torch.dnn_gemm", *inputs, spec=SPEC)
+            assert_numerically_equal(got, experts_reference(*inputs, spec=SPEC), atol=1e-4, rtol=1e-4,
+                                     what="dnn_gemm")
+        assert sorted(counted_dnn) == sorted([(96, 32)] * 4 + [(32, 48)] * 4)
+        with torch.no_grad():
+            inputs[4].mul_(-0.5)                        # w_out updated in place: its reorders are stale
+        got = kernels.dnn_gemm(*inputs, spec=SPEC)
+        assert_numerically_equal(got, experts_reference(*inputs, spec=SPEC), atol=1e-4, rtol=1e-4,
+                                 what="dnn_gemm after update")
+        assert len(counted_dnn) == 8 + 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dnn_cost_follows_the_measured_gain(monkeypatch):
+    spec = MoESpec(8, 1024, 3584, "swiglu", RouterSpec(top_k=2))
+    dnn, grouped = kernels.KERNELS["torch.dnn_gemm"].cost, kernels.KERNELS["torch.grouped_gemm"].cost
+    consts = dict(kernels.machine.constants())
+    monkeypatch.setattr(kernels.machine, "constants", lambda: {**consts, "dnn_gain": 2.0})
+    assert dnn(spec, 2048) < 0.75 * grouped(spec, 2048)
+    monkeypatch.setattr(kernels.machine, "constants", lambda: {**consts, "dnn_gain": 0.5})
+    assert dnn(spec, 2048) > grouped(spec, 2048)
