@@ -72,7 +72,8 @@ def square_gemm_flops(n: int = 2048, repeats: int = 3, clock=time.perf_counter) 
     (packed.dnn_linear; 2x MKL on an AVX-512 AMD EPYC, where MKL keeps to AVX2): the limit is the
     machine's, not one library's."""
     from moecc.backends.torch import packed
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    with torch.inference_mode(False):          # ordinary tensors: packed.py reorders no inference tensor
+        a, b = torch.randn(n, n), torch.randn(n, n)
     runs = [lambda: a @ b]
     if packed.available("dnn"):
         runs.append(lambda: packed.dnn_linear(a, b))
