@@ -16,7 +16,9 @@ op's self CPU time into a category:
     alloc    empty / zeros / cat / stack / copy / contiguous / to   (memory traffic that is not GEMM)
     other    every other ATen op
     untracked  the wall time no ATen op accounts for: moecc's own C kernel (backends/torch/skinny.py,
-             the fused small-row experts path, invisible to torch.profiler), Python and dispatch
+             the fused small-row experts path, invisible to torch.profiler), Python and dispatch; at
+             2+ threads also the ops of parallel.py's expert threads, which this profile sees few of
+             (mixtral-like T=512, 2 threads: 0.2 ms of mm recorded in a 64 ms call)
 
 `gemm_gflops` = the point's active FLOPs / GEMM time: against the square-matmul rate of the same run
 it says whether the GEMMs themselves are slow (few rows per expert) or the time is outside them.
@@ -33,7 +35,8 @@ from moecc.backends.torch import select
 from moecc.spec import MoESpec
 
 CATEGORIES = {
-    "gemm": ("mm", "addmm", "bmm", "linear", "matmul", "_grouped_mm", "_mkl_linear", "baddbmm"),
+    "gemm": ("mm", "addmm", "bmm", "linear", "matmul", "_grouped_mm", "_mkl_linear", "baddbmm",
+             "_linear_pointwise"),                 # oneDNN (torch.dnn_gemm, gemm.linear's dnn form)
     "gather": ("index", "index_select", "gather", "scatter", "scatter_add", "index_add", "index_put",
                "sort", "argsort", "bincount", "cumsum", "take", "nonzero", "repeat_interleave",
                "masked_select", "where", "unique", "searchsorted", "histc"),
