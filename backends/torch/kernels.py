@@ -26,7 +26,8 @@
                         by a gather + adds (grouped_mm.py; no per-expert Python op, no scatter); float32
                         with H, R, F multiples of 4, else grouped_gemm runs
     torch.gather        per (token, slot): ffn on views of the chosen expert's weights; reads only
-                        the k chosen experts, copies no weight                                (decode)
+                        the k chosen experts, copies no weight                                (decode);
+                        bf16/fp16: grouped_gemm (a row's GEMM alone is not its bits in a batch on every CPU)
     torch.dense_masked  ONE GEMM x [T, H] · w_in[E'·R, H]ᵀ → activation → per-expert bmm with the
                         routing weights folded in → sum over experts                        (tiny E)
 
@@ -42,6 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,6 +58,8 @@ from . import gemm, machine, packed, skinny
 from . import grouped_mm as gmm
 from .gemm import linear
 from .parallel import balance, run_groups
+
+log = logging.getLogger("moecc.backends.torch.kernels")
 
 GATHER_MAX_PAIRS = 64          # gather re-reads an expert per (token, slot): decode only
 DENSE_MAX_EXPERTS = 8          # dense_masked computes every expert on every token
@@ -196,16 +201,17 @@ def grouped_mm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> 
 
 
 def gather(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
+    if xt.dtype in HALF:
+        # a row's bf16/fp16 GEMM alone is not that row's GEMM in the expert's batch on every CPU (an
+        # AVX-512 AMD EPYC: 2^-10 apart on Qwen3-MoE / OLMoE blocks), so the reference's bits need
+        # the reference's batches: grouped_gemm's per-expert segments
+        log.debug("torch.gather in %s: grouped_gemm (the reference's per-expert batches)", xt.dtype)
+        return grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
     size = float(w_in[0].numel() + w_out[0].numel())
-    half = xt.dtype in HALF
 
     def pair(t: int, s: int, e: int, w: float):
         def add(y: Tensor) -> None:     # the decode GEMM form: w · xᵀ streams the weight once
-            h = _expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec)                   # [1, H]
-            if half:                    # the reference's rounding: weigh (spec.combine), then add
-                y[t:t + 1].add_(weigh(h, weights[t:t + 1, s:s + 1], spec, inplace=True))
-            else:
-                y[t:t + 1].add_(h, alpha=w)
+            y[t:t + 1].add_(_expert(xt[t:t + 1], e, w_in, w_out, b_in, b_out, spec), alpha=w)   # [1, H]
         return _work(size, 1), add
     items = [pair(t, s, e, w) for t, (row, wrow) in enumerate(zip(ids.tolist(), weights.tolist()))
              for e, s, w in sorted((e, s, w) for s, (e, w) in enumerate(zip(row, wrow))) if e >= 0]
