@@ -43,6 +43,8 @@ def wrap(name: str):
         original = originals(importer)[name]
         fix = FIXES.get(getattr(original, "__name__", ""))
         node = with_scalar_tensors(node, importer)
+        if name in BROADCASTING:
+            agree_operands(node, importer)
         out = named(lambda n, imp: fix(n, imp, original) if fix else original(n))(node, importer)
         return repair_dtype(node, importer, repair_shape(node, importer, out))
     return convert
@@ -68,18 +70,82 @@ def repair_shape(node, importer, out):
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() != ty.ndim:
         return out
-    symbols = {v.name: v for var in importer.env.values() if isinstance(getattr(var, "ty", None), relax.TensorType)
-               and var.ty.shape is not None for v in var.ty.shape.values if isinstance(v, tirx.Var)}
+    symbols = _symbols(importer)
     dims = [symbolic(d, symbols) for d in val.shape]
     if any(d is None for d in dims):
         return out
     return importer.block_builder.match_cast(out, relax.TensorType(dims, str(ty.dtype)))
 
 
+BROADCASTING = {f"{op}.{kind}" for op in ("add", "sub", "mul", "div", "maximum", "minimum", "pow", "eq", "ne",
+                                           "lt", "le", "gt", "ge", "logical_and", "logical_or", "bitwise_and",
+                                           "bitwise_or", "remainder", "floor_divide")
+                for kind in ("Tensor", "default")} | {"where.self"}
+
+
+def agree_operands(node, importer) -> None:
+    """The tensor operands of a broadcasting op, where TVM cannot prove two of their dims equal (a
+    padded length's P // (P // 64) beside a 64: torch asserted them equal when it exported), are
+    match_cast to one shape: per dim, a static size torch knows for any of them, else torch's
+    result dim. Their env entries are replaced, so later users see the agreed shape too."""
+    val = node.meta.get("val")
+    args = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+            and isinstance(getattr(importer.env.get(a), "ty", None), relax.TensorType)
+            and importer.env[a].ty.shape is not None]
+    if not isinstance(val, torch.Tensor) or len(args) < 2 or _agreeing([importer.env[a] for a in args]):
+        return
+    rank = val.dim()
+    wanted = []
+    for i in range(1, rank + 1):
+        sizes = [a.meta["val"].shape[-i] for a in args if a.meta["val"].dim() >= i]
+        sizes = [d for d in sizes if not (isinstance(d, int) and d == 1)]
+        static = [d for d in sizes if isinstance(d, int)]
+        wanted.append(static[0] if static else val.shape[-i])
+    wanted.reverse()                                            # [rank] torch sizes, left to right
+    symbols = _symbols(importer)
+    from tvm.sym.analyzer import Analyzer
+    analyzer = Analyzer()
+    for a in args:
+        var, dims = importer.env[a], list(importer.env[a].ty.shape.values)
+        torch_dims = a.meta["val"].shape
+        new, changed = [], False
+        for j, d in enumerate(dims):
+            if isinstance(torch_dims[j], int) and torch_dims[j] == 1:
+                new.append(d)
+                continue
+            w = symbolic(wanted[rank - len(dims) + j], symbols)
+            if w is None:
+                return
+            if not analyzer.can_prove_equal(d, w):
+                changed = True
+            new.append(w if not analyzer.can_prove_equal(d, w) else d)
+        if changed:
+            importer.env[a] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
+
+
+def _agreeing(vars_) -> bool:
+    """Whether TVM proves the operands' aligned dims equal (1s broadcast), as its broadcast check will."""
+    from tvm.sym.analyzer import Analyzer
+    analyzer, shapes = Analyzer(), [list(v.ty.shape.values) for v in vars_]
+    for i in range(1, max(len(sh) for sh in shapes) + 1):
+        dims = [sh[-i] for sh in shapes if len(sh) >= i and not (isinstance(sh[-i], tirx.IntImm) and sh[-i].value == 1)]
+        if any(not analyzer.can_prove_equal(d, dims[0]) for d in dims[1:]):
+            return False
+    return True
+
+
+def _symbols(importer) -> dict:
+    return {v.name: v for var in importer.env.values() if isinstance(getattr(var, "ty", None), relax.TensorType)
+            and var.ty.shape is not None for v in var.ty.shape.values if isinstance(v, tirx.Var)}
+
+
 def _min_max(e) -> bool:
-    """Whether a shape expression holds a T.min / T.max anywhere (TVM could not simplify it: a later
-    broadcast or reshape cannot prove it equal to anything)."""
+    """Whether a shape expression holds a T.min / T.max, or a division by a symbolic size, anywhere
+    (TVM could not simplify it: a later broadcast or reshape cannot prove it equal to anything; a
+    reshape's -1 inferred as P // (P // 64) for a padded length P is 64 to torch, not to TVM)."""
     if isinstance(e, (tirx.Min, tirx.Max)):
+        return True
+    if isinstance(e, (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod)) and not isinstance(e.b, tirx.IntImm):
         return True
     parts = [getattr(e, a) for a in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, a)]
     return any(_min_max(p) for p in list(parts) + list(getattr(e, "args", None) or []))

@@ -236,3 +236,30 @@ def test_torch_size_functions_become_tvm_expressions():
         analyzer.bind(symbols[seq], tirx.IntImm("int64", S))
         got = {name: analyzer.simplify(importer.symbolic(size, symbols)) for name, size in sizes.items()}
         assert [int(got["mod_1"]), int(got["floordiv"])] == [(4 - S % 4) % 4, (S + (4 - S % 4) % 4) // 4], S
+
+
+class ChunkBias(nn.Module):
+    """Kimi-Linear's chunked attention: the padded length P split as reshape(B, P // 8, -1, H), whose -1
+    is P // (P // 8) to torch and TVM alike, added to a static [8, H] per-position term: torch asserted
+    the two equal when it exported, TVM's broadcast check cannot prove it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, H))
+
+    def forward(self, x):                                                     # [B, S, H]
+        B, S, H_ = x.shape
+        padded = nn.functional.pad(x, (0, 0, 0, (8 - S % 8) % 8))
+        P = padded.shape[1]
+        chunks = padded.reshape(B, P // 8, -1, H_) + self.pos                 # [B, P/8, 8, H]
+        return chunks.cumsum(1).reshape(B, P, H_)[:, :S]
+
+
+def test_broadcast_operands_agree_with_torch_on_unprovable_sizes(tmp_path):
+    model = ChunkBias()
+    program = export(model, torch.randn(2, 11, H))
+    lower.lower(program, tmp_path, {})
+    run = runtime.load(tmp_path)
+    for S in (3, 8, 13):
+        x = torch.randn(2, S, H, generator=torch.Generator().manual_seed(S))
+        assert_numerically_equal(run([x.numpy()])[0], model(x).detach().numpy(), atol=1e-5, what=f"S={S}")
