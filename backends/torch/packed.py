@@ -89,29 +89,26 @@ def _reorder_dnn(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w)
 
 
-def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
-    """gemm.linear, with MKL's packed weight where gemm.linear would run a BLAS GEMM (its mkl form, and its
-    dnn form for ≥ 4096 weight rows: MKL packed instead of oneDNN, F.linear's bits, not oneDNN's)."""
+def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False,
+           library: str = "mkl") -> Tensor:
+    """gemm.linear, with the weight packed for `library` where gemm.linear would run a BLAS GEMM. "mkl":
+    MKL's packed sgemm (gemm.linear's mkl form, and its dnn form for ≥ 4096 weight rows: MKL packed
+    instead of oneDNN, F.linear's bits, not oneDNN's); "dnn": oneDNN's reordered weight."""
     if bias_after and b is not None:
-        return linear(a, w).add_(b)
+        return linear(a, w, library=library).add_(b)
     if a.dtype != torch.float32 or gemm.form(a, w) in ("skinny", "small"):
         return gemm.linear(a, w, b)
-    p = pack(w)
+    p = pack(w, library)
     if p is None:
         return gemm.linear(a, w, b)
-    return torch.ops.mkl._mkl_linear(a.contiguous(), p, w, b, BATCH)
+    if library == "mkl":
+        return torch.ops.mkl._mkl_linear(a.contiguous(), p, w, b, BATCH)
+    return _DNN(a.contiguous(), p, b, "none", [], "")
 
 
 def dnn_linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False) -> Tensor:
-    """gemm.linear, with oneDNN's reordered weight where gemm.linear would run a BLAS GEMM."""
-    if bias_after and b is not None:
-        return dnn_linear(a, w).add_(b)
-    if a.dtype != torch.float32 or gemm.form(a, w) in ("skinny", "small"):
-        return gemm.linear(a, w, b)
-    p = pack(w, "dnn")
-    if p is None:
-        return gemm.linear(a, w, b)
-    return _DNN(a.contiguous(), p, b, "none", [], "")
+    """linear on oneDNN's reordered weight (grouped_gemm's `lin` for torch.dnn_gemm)."""
+    return linear(a, w, b, bias_after, "dnn")
 
 
 def clear() -> None:

@@ -65,7 +65,7 @@ def repair_shape(node, importer, out):
     torch's own shape for the node, written with the importer's symbols (a checked match_cast)."""
     ty = getattr(out, "ty", None)
     if not isinstance(ty, relax.TensorType) or (ty.shape is not None and not any(
-            _min_max(d) for d in ty.shape.values)):
+            _opaque(d) for d in ty.shape.values)):
         return out
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() != ty.ndim:
@@ -116,9 +116,9 @@ def agree_operands(node, importer) -> None:
             w = symbolic(wanted[rank - len(dims) + j], symbols)
             if w is None:
                 return
-            if not analyzer.can_prove_equal(d, w):
-                changed = True
-            new.append(w if not analyzer.can_prove_equal(d, w) else d)
+            same = analyzer.can_prove_equal(d, w)
+            changed |= not same
+            new.append(d if same else w)
         if changed:
             importer.env[a] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
 
@@ -139,7 +139,7 @@ def _symbols(importer) -> dict:
             and var.ty.shape is not None for v in var.ty.shape.values if isinstance(v, tirx.Var)}
 
 
-def _min_max(e) -> bool:
+def _opaque(e) -> bool:
     """Whether a shape expression holds a T.min / T.max, or a division by a symbolic size, anywhere
     (TVM could not simplify it: a later broadcast or reshape cannot prove it equal to anything; a
     reshape's -1 inferred as P // (P // 64) for a padded length P is 64 to torch, not to TVM)."""
@@ -148,7 +148,7 @@ def _min_max(e) -> bool:
     if isinstance(e, (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod)) and not isinstance(e.b, tirx.IntImm):
         return True
     parts = [getattr(e, a) for a in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(e, a)]
-    return any(_min_max(p) for p in list(parts) + list(getattr(e, "args", None) or []))
+    return any(_opaque(p) for p in list(parts) + list(getattr(e, "args", None) or []))
 
 
 # torch's sympy functions of sizes (torch.utils._sympy.functions) -> tirx; sizes are ≥ 0, where C and

@@ -25,14 +25,19 @@ def _inputs(T: int, seed: int = 0) -> list:
     return [x, ids, weights, rnd(4, 96, 32) * 0.2, rnd(4, 32, 48) * 0.2, rnd(4, 96), rnd(4, 32)]
 
 
-@pytest.fixture
-def counted(monkeypatch):
+def _counting(monkeypatch, reorder: str):
+    """The shapes packed.py's `reorder` function is called with, the pack cache empty before and after."""
     calls = []
-    real = packed._reorder
-    monkeypatch.setattr(packed, "_reorder", lambda w: calls.append(tuple(w.shape)) or real(w))
+    real = getattr(packed, reorder)
+    monkeypatch.setattr(packed, reorder, lambda w: calls.append(tuple(w.shape)) or real(w))
     packed.clear()
     yield calls
     packed.clear()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    yield from _counting(monkeypatch, "_reorder")
 
 
 @pytest.mark.parametrize("m", [5, 40, 100, 300])
@@ -102,12 +107,7 @@ def test_cost_model_scales_only_the_blas_path(monkeypatch):
 
 @pytest.fixture
 def counted_dnn(monkeypatch):
-    calls = []
-    real = packed._reorder_dnn
-    monkeypatch.setattr(packed, "_reorder_dnn", lambda w: calls.append(tuple(w.shape)) or real(w))
-    packed.clear()
-    yield calls
-    packed.clear()
+    yield from _counting(monkeypatch, "_reorder_dnn")
 
 
 @pytest.mark.skipif(not packed.available("dnn"), reason="torch built without oneDNN")
