@@ -146,14 +146,15 @@ def _child(args) -> None:
 
 
 def sweep(fams, backends: list[str], hf_onnx: bool, timeout: int, jobs: int = 1, done: dict | None = None,
-          on_row=None) -> list[dict]:
+          on_row=None, only=None) -> list[dict]:
     """One row per family (child processes, `jobs` at a time); `done`: rows kept from an earlier run
-    (not run again); on_row(rows) after each family (the results are written as they come)."""
+    (not run again); `only`: the names to run (others without a row are left out); on_row(rows) after
+    each family (the results are written as they come)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm import tqdm
     rows = {f.name: done[f.name] for f in fams if done and f.name in done}
-    todo = [f for f in fams if f.name not in rows]
+    todo = [f for f in fams if f.name not in rows and (not only or f.name in only)]
     for f in todo:
         if not f.text:
             rows[f.name] = {"family": f.name, "model_type": f.model_type, "text": False,
@@ -202,6 +203,18 @@ def _spawn(f, backends, hf_onnx, timeout) -> dict:
     return {"model_type": f.model_type, "build_error": f"exit {p.returncode}: {tail[:300]}"}
 
 
+def kept_hf_onnx(rows: list[dict], before: dict) -> list[dict]:
+    """Rows run without transformers' exporter (--no-hf-onnx) keep that column from the earlier run
+    of the same family (it does not depend on moecc), marked as carried over."""
+    out = []
+    for r in rows:
+        old = before.get(r["family"], {}).get("hf_onnx")
+        if "hf_onnx" not in r and "build_error" not in r and old is not None:
+            r = dict(r, hf_onnx=dict(old, carried=True))
+        out.append(r)
+    return out
+
+
 def summary(rows: list[dict], backends: list[str]) -> dict:
     text = [r for r in rows if r.get("text")]
     def exact(r):
@@ -220,9 +233,10 @@ def summary(rows: list[dict], backends: list[str]) -> dict:
 def _cell(v: dict | None) -> str:
     if not v:
         return "–"
+    mark = " (*)" if v.get("carried") else ""
     if v.get("ok"):
-        return f"ok {v['err']:.1e}"
-    return "error: " + _plain(v.get("error") or "?").replace("|", "/")
+        return f"ok {v['err']:.1e}{mark}"
+    return "error: " + _plain(v.get("error") or "?").replace("|", "/") + mark
 
 
 def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
@@ -258,6 +272,9 @@ def markdown(rows: list[dict], backends: list[str], meta: dict) -> str:
         cells = [_cell(r.get("reference"))] + [_cell(r.get(b)) for b in backends] + [_cell(r.get("hf_onnx"))]
         lines.append(f"| {r['family']} | {how} | " + " | ".join(cells) + " |")
     other = [r["family"] for r in rows if not r.get("text")]
+    if any(r.get("hf_onnx", {}).get("carried") for r in rows):
+        lines += ["", "(*) transformers' exporter was not run again for this row (`--no-hf-onnx`): its cell is "
+                      "from the family's earlier run (it does not depend on moecc)."]
     lines += ["", f"Not text families (listed, not built): {', '.join(other) or 'none'}.", ""]
     if pending:
         lines += [f"Not run yet (the sweep was stopped; `python samples/coverage.py --resume` runs them): "
@@ -298,12 +315,11 @@ def main(argv=None) -> int:
     backends = args.backends.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = None
+    done, before = None, {}
     if args.resume and (out / "coverage.json").exists():     # keep the other rows; run `wanted` again
-        done = {r["family"]: r for r in json.loads((out / "coverage.json").read_text())["rows"]
-                if (not wanted or r["family"] not in wanted) and not (r.get("text") and "build_error" in r)}
-    if wanted:
-        fams = [f for f in fams if f.name in wanted or (done and f.name in done)]
+        before = {r["family"]: r for r in json.loads((out / "coverage.json").read_text())["rows"]}
+        done = {name: r for name, r in before.items()
+                if (not wanted or name not in wanted) and not (r.get("text") and "build_error" in r)}
     meta = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "tolerance": TOL, "check_input": CHECK,
             "backends": backends}
@@ -321,8 +337,9 @@ def main(argv=None) -> int:
         write(old["rows"])
         print(json.dumps(meta["summary"]))
         return 0
-    rows = sweep(fams, backends, not args.no_hf_onnx, args.timeout, args.jobs, done, on_row=write)
-    write(rows)
+    rows = sweep(fams, backends, not args.no_hf_onnx, args.timeout, args.jobs, done,
+                 on_row=lambda rows: write(kept_hf_onnx(rows, before)), only=wanted)
+    write(kept_hf_onnx(rows, before))
     print(json.dumps(meta["summary"]))
     return 0
 

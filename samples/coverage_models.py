@@ -56,6 +56,8 @@ FAMILY = {
     # LFM2-MoE: no default layer_types (checkpoints give them: short convolutions and attention), and its
     # 2 leading dense layers would leave 2 layers no MoE: one conv and one attention layer, both MoE
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+    # ZAYA: its config refuses anything but top-1 routing (the real model's)
+    "zaya": dict(num_experts_per_tok=1),
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",

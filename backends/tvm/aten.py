@@ -81,11 +81,24 @@ def _inbound_slice(node, importer):
     end = scalar(importer, end)
     end = size if end is None or (isinstance(end, int) and end >= sys.maxsize) else prim_expr(end)
     zero = tirx.IntImm("int64", 0)
-    if not provable([start >= zero, start <= end, end <= size]):
+    if not (provable([start >= zero, start <= end, end <= size], node) or _torch_inbound(node, dim, start, end)):
         return None
-    if provable([start == zero, end == size]):
+    if provable([start == zero, end == size], node):
         return x
     return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [end], assume_inbound=True))
+
+
+def _torch_inbound(node, dim, start, end) -> bool:
+    """Whether torch's own result for the slice is end - start long (a number, or the size S of [:S]):
+    torch found the bounds in range (its export asserts what it assumed), where TVM cannot prove it (end ≤ P // (P // 8))."""
+    val = node.meta.get("val")
+    length = val.shape[dim] if isinstance(val, torch.Tensor) and val.dim() > dim else None
+    if not isinstance(start, tirx.IntImm) or int(start) < 0:
+        return False
+    if isinstance(length, int):
+        return isinstance(end, tirx.IntImm) and length == int(end) - int(start)
+    return int(start) == 0 and isinstance(end, tirx.Var) and isinstance(length, torch.SymInt) \
+        and str(length.node.expr) == end.name                     # [:S] is S long: S ≤ the padded P
 
 
 def empty(node, importer, original):
@@ -192,19 +205,44 @@ def _sides(w):
     return tirx.max(w, zero), tirx.max(-w, zero)
 
 
-def provable(conditions: list) -> bool:
-    """Whether TVM's analyzer proves every condition over sizes: each symbol in them taken as ≥ 0."""
+def provable(conditions: list, node=None) -> bool:
+    """Whether TVM's analyzer proves every condition over sizes: each symbol in them taken as ≥ 0, and
+    within the range torch's export gave it (`node`'s shape environment: S ≤ 64 where the export
+    unrolled one 64-token chunk)."""
     from contextlib import ExitStack
     from tvm.sym.analyzer import Analyzer
     conditions = [tirx.const(c, "bool") if isinstance(c, bool) else c for c in conditions]
-    analyzer = Analyzer()
+    analyzer, known = Analyzer(), ranges(node)
     with ExitStack() as scopes:
         names = {}
         for c in conditions:
             names.update({v.name: v for v in tirx.analysis.undefined_vars(c)})
-        for v in names.values():
-            scopes.enter_context(analyzer.constraint_scope(v >= tirx.IntImm(str(v.ty.dtype), 0)))
+        for name, v in names.items():
+            lo, hi = known.get(name, (0, None))
+            dt = str(v.ty.dtype)
+            scopes.enter_context(analyzer.constraint_scope(v >= tirx.IntImm(dt, max(lo, 0))))
+            if hi is not None:
+                scopes.enter_context(analyzer.constraint_scope(v <= tirx.IntImm(dt, hi)))
         return all(analyzer.can_prove(c) for c in conditions)
+
+
+def ranges(node) -> dict:
+    """{symbol name: (lower, upper or None)} of the sizes torch's export bounded (range constraints and
+    guards), read from the shape environment of `node`'s fake tensors; {} without one."""
+    vals = [getattr(node, "meta", {}).get("val")] + [getattr(a, "meta", {}).get("val") for a in
+                                                      getattr(node, "args", ()) if isinstance(a, torch.fx.Node)]
+    for val in vals:
+        for d in getattr(val, "shape", ()):
+            if isinstance(d, torch.SymInt):
+                env = d.node.shape_env
+                return {str(k): (_finite(r.lower) or 0, _finite(r.upper)) for k, r in env.var_to_range.items()}
+    return {}
+
+
+def _finite(bound):
+    """A sympy range bound as an int; None for ±∞ (torch's int_oo claims is_finite)."""
+    from torch.utils._sympy.numbers import int_oo
+    return None if bound in (int_oo, -int_oo) or not bound.is_finite else int(bound)
 
 
 def clamp(node, importer, original):
@@ -257,8 +295,56 @@ def div(node, importer, original):
     return importer.block_builder.emit(relax.op.floor_divide(x, relax.const(b, dtype)))
 
 
+OPEN_END = 2 ** 62                  # torch writes an open slice end as 2^63 - 1 (TVM's analyzer proves
+                                    # nothing about it beside a symbolic size)
+
+
+def slice_scatter(node, importer, original):
+    """slice_scatter (what functionalization makes of `y[..., a:b] = src`) where TVM 0.27's legalization
+    fails, on an axis whose size is not a constant (it wants one): over the whole axis at unit step,
+    src itself; else where(a ≤ i < b on the step, take(src, (i - a) // step), y) along the axis."""
+    args = importer.retrieve_args(node)
+    x, src = args[:2]
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+    start = args[3] if len(args) > 3 else node.kwargs.get("start", 0)
+    end = args[4] if len(args) > 4 else node.kwargs.get("end")
+    step = args[5] if len(args) > 5 else node.kwargs.get("step", 1)
+    shape = getattr(x.ty, "shape", None)
+    if shape is None or getattr(src.ty, "shape", None) is None or x.ty.ndim != src.ty.ndim \
+            or str(x.ty.dtype) != str(src.ty.dtype) or not all(isinstance(v, int) for v in (dim, start, step)) \
+            or not (end is None or isinstance(end, int)) or start < 0 or step < 1 or (end is not None and end < 0):
+        return original(node)
+    axis = dim % x.ty.ndim
+    size = shape.values[axis]
+    if isinstance(size, tirx.IntImm):
+        return original(node)
+    end = size if end is None or end >= OPEN_END else prim_expr(end)
+    if start == 0 and step == 1 and provable([end >= size], node) and \
+            provable([tirx.EQ(a, b) for a, b in zip(shape.values, src.ty.shape.values)], node):
+        return src
+    bb, op, i64 = importer.block_builder, relax.op, "int64"
+    i = bb.emit(op.arange(tirx.IntImm(i64, 0), size, tirx.IntImm(i64, 1), i64))               # [size]
+    rel = bb.emit(op.subtract(i, relax.const(start, i64)))
+    inside = bb.emit(op.logical_and(op.greater_equal(rel, relax.const(0, i64)), op.less(i, _size_tensor(bb, end))))
+    if step != 1:
+        inside = bb.emit(op.logical_and(inside, op.equal(op.floor_mod(rel, relax.const(step, i64)),
+                                                         relax.const(0, i64))))
+    picked = bb.emit(op.take(src, bb.emit(op.floor_divide(rel, relax.const(step, i64))), axis, mode="clip"))
+    along = [tirx.IntImm(i64, 1)] * x.ty.ndim
+    along[axis] = size
+    return bb.emit(op.where(bb.emit(op.reshape(inside, along)), picked, x))
+
+
+def _size_tensor(bb, size):
+    """A size (PrimExpr) as a [1] int64 tensor, to compare index tensors with."""
+    if isinstance(size, tirx.IntImm):
+        return relax.const([int(size)], "int64")
+    return bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([size])))
+
+
 FIXES = {"_div": div, "_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
-         "_clamp": clamp, "_constant_pad_nd": constant_pad_nd, "_pad": pad, "_masked_fill": masked_fill, "_full_like": full_like}
+         "_clamp": clamp, "_constant_pad_nd": constant_pad_nd, "_pad": pad, "_masked_fill": masked_fill, "_full_like": full_like,
+         "_slice_scatter": slice_scatter}
 
 
 # ---------------------------------------------------------------- symbolic scalars

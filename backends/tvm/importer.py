@@ -18,7 +18,7 @@ from tvm import relax, tirx
 
 from moecc.errors import MoeccError
 
-from .aten import EXTRA, FIXES, with_scalar_tensors
+from .aten import EXTRA, FIXES, ranges, with_scalar_tensors
 
 ORIGINALS = "_moecc_originals"
 
@@ -45,6 +45,8 @@ def wrap(name: str):
         node = with_scalar_tensors(node, importer)
         if name in BROADCASTING:
             agree_operands(node, importer)
+        elif name == "expand.default":
+            agree_expanded(node, importer)
         out = named(lambda n, imp: fix(n, imp, original) if fix else original(n))(node, importer)
         return repair_dtype(node, importer, repair_shape(node, importer, out))
     return convert
@@ -61,20 +63,63 @@ def repair_dtype(node, importer, out):
 
 
 def repair_shape(node, importer, out):
-    """A result whose shape TVM lost or left unsimplified (T.min(1, s) with s >= 1 unknown to it) gets
+    """A result whose shape TVM lost or left unsimplified (T.min(1, s) with s >= 1 unknown to it), or
+    left symbolic where torch's size is one number over the range the export allowed (a padded
+    length's chunk count (S + pad) // 64 is 1, and P // (P // 64) is 64, for every S ≤ 64), gets
     torch's own shape for the node, written with the importer's symbols (a checked match_cast)."""
     ty = getattr(out, "ty", None)
-    if not isinstance(ty, relax.TensorType) or (ty.shape is not None and not any(
-            _opaque(d) for d in ty.shape.values)):
-        return out
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() != ty.ndim:
+    if not isinstance(ty, relax.TensorType) or not isinstance(val, torch.Tensor) or val.dim() != ty.ndim:
+        return out
+    known = ranges(node)
+    sizes = [constant(d, known) for d in val.shape]
+    ours = list(ty.shape.values) if ty.shape is not None else [None] * len(sizes)
+    lost = [d is None or _opaque(d) or (isinstance(t, int) and not isinstance(d, tirx.IntImm))
+            for d, t in zip(ours, sizes)]
+    if not any(lost):
         return out
     symbols = _symbols(importer)
-    dims = [symbolic(d, symbols) for d in val.shape]
+    dims = [symbolic(t, symbols) if bad else d for d, t, bad in zip(ours, sizes, lost)]
     if any(d is None for d in dims):
         return out
     return importer.block_builder.match_cast(out, relax.TensorType(dims, str(ty.dtype)))
+
+
+_CONSTANT: dict = {}
+MAX_POINTS = 4096            # sizes enumerated over at most this many values of their symbols
+
+
+def constant(size, known: dict):
+    """A torch size as an int where it is one: a SymInt of one value at every point of the ranges
+    `known` of its symbols (≤ MAX_POINTS points), or, of one unbounded symbol, at the MAX_POINTS first
+    values of its range (the padded P // (P // 64) is 64 for every S; torch and TVM cannot simplify
+    it). The caller's match_cast checks the number at run time: a size that is not one fails there."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.expr
+    key = (expr, tuple(sorted((str(s), known.get(str(s))) for s in expr.free_symbols)))
+    if key not in _CONSTANT:
+        _CONSTANT[key] = _one_value(expr, known)
+    return size if _CONSTANT[key] is None else _CONSTANT[key]
+
+
+def _one_value(expr, known: dict):
+    import itertools
+    import math
+    symbols = sorted(expr.free_symbols, key=str)
+    spans = [known.get(str(s), (0, None)) for s in symbols]
+    if len(spans) == 1 and spans[0][1] is None:
+        spans = [(spans[0][0], spans[0][0] + MAX_POINTS - 1)]
+    if not symbols or any(hi is None for _, hi in spans) or \
+            math.prod(hi - lo + 1 for lo, hi in spans) > MAX_POINTS:
+        return None
+    values = set()
+    for point in itertools.product(*(range(lo, hi + 1) for lo, hi in spans)):
+        v = expr.xreplace(dict(zip(symbols, point)))
+        if not (isinstance(v, int) or getattr(v, "is_Integer", False)) or (values and int(v) not in values):
+            return None
+        values.add(int(v))
+    return values.pop()
 
 
 BROADCASTING = {f"{op}.{kind}" for op in ("add", "sub", "mul", "div", "maximum", "minimum", "pow", "eq", "ne",
@@ -121,6 +166,34 @@ def agree_operands(node, importer) -> None:
             new.append(d if same else w)
         if changed:
             importer.env[a] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
+
+
+def agree_expanded(node, importer) -> None:
+    """The input of an expand whose dims TVM cannot prove 1 or the target size (a chunk count
+    (S + pad) // 64 expanded to torch's 1: torch's export guarded S ≤ 64) is match_cast to the sizes
+    torch has: 1 where torch expands to 1 or knows the input dim is 1, else the target size."""
+    src, val = node.args[0], node.meta.get("val")
+    var = importer.env.get(src) if isinstance(src, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(getattr(var, "ty", None), relax.TensorType) \
+            or var.ty.shape is None or not isinstance(src.meta.get("val"), torch.Tensor):
+        return
+    from tvm.sym.analyzer import Analyzer
+    analyzer, symbols = Analyzer(), _symbols(importer)
+    dims, torch_in = list(var.ty.shape.values), src.meta["val"].shape
+    offset, new, changed = val.dim() - len(dims), [], False
+    for j, d in enumerate(dims):
+        out = val.shape[offset + j]
+        if isinstance(torch_in[j], int) and torch_in[j] == 1 or isinstance(out, int) and out == 1:
+            want = tirx.IntImm("int64", 1)
+        else:
+            want = symbolic(out, symbols)
+        if want is None:
+            return
+        same = analyzer.can_prove_equal(d, want) or analyzer.can_prove_equal(d, 1)
+        changed |= not same
+        new.append(d if same else want)
+    if changed:
+        importer.env[src] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
 
 
 def _agreeing(vars_) -> bool:

@@ -76,8 +76,12 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     target = resolve_target(options.get("target") or "llvm")
     t0 = time.perf_counter()
     program = complex_to_real(decompose(program))      # moe nodes ⇒ routing (ATen) + experts; no complex
-    if options.get("decompose") or unsupported(program):       # the importer takes most ATen ops as
-        program = program.run_decompositions()                  # they are; decomposing (slow) is the
+    mutated = mutating(program)
+    if mutated:
+        log.info("TVM: %d in-place op(s) (first: %s, %s) write through views: the program is functionalized "
+                 "first (TVM's importer would drop the write)", len(mutated), mutated[0].name, mutated[0].target)
+    if options.get("decompose") or unsupported(program) or mutated:   # the importer takes most ATen ops
+        program = program.run_decompositions()                  # as they are; decomposing (slow) is the
         check_supported(program)                                # fallback for the ones it lacks
     t_decompose = time.perf_counter() - t0
     segs = dispatch.segments(program, options)           # token buckets, one library each ([]: one)
@@ -258,6 +262,13 @@ def unsupported(program: torch.export.ExportedProgram) -> list:
     known = set(ExportedProgramImporter().convert_map) | set(importer.EXTRA) | {EXPERTS_KEY}
     return [n for n in program.graph.nodes
             if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in known]
+
+
+def mutating(program: torch.export.ExportedProgram) -> list:
+    """The call nodes that write into an input (`y[:, i] = v` is copy_ into a view of y: TVM's importer
+    binds the result to the view alone, and y keeps its old values)."""
+    return [n for n in program.graph.nodes if n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
 
 
 def check_supported(program: torch.export.ExportedProgram) -> None:

@@ -263,3 +263,78 @@ def test_broadcast_operands_agree_with_torch_on_unprovable_sizes(tmp_path):
     for S in (3, 8, 13):
         x = torch.randn(2, S, H, generator=torch.Generator().manual_seed(S))
         assert_numerically_equal(run([x.numpy()])[0], model(x).detach().numpy(), atol=1e-5, what=f"S={S}")
+
+
+class OneChunkDelta(nn.Module):
+    """Qwen3-Next / Kimi-Linear's chunked delta rule as transformers writes it for export: the sequence
+    padded to the chunk C and reshaped to [B, n, C, H], a triangular system solved by in-place row
+    updates, and a scan `for i in range(n)` over chunks that export unrolls once (S ≤ C, checked):
+    torch knows n = 1 and P // (P // C) = C, TVM's importer does not; `out[:, i] = ...` writes through
+    a view. `bounded`: the model checks S ≤ C (else export only asserts n = 1 at run time, and TVM
+    sees sizes like P // (P // C) it cannot simplify)."""
+
+    def __init__(self, bounded: bool):
+        super().__init__()
+        self.bounded = bounded
+
+    def forward(self, x):                                                     # [B, S, H]
+        B, S, H_ = x.shape
+        if self.bounded:
+            torch._check(S <= CHUNK)
+        c = nn.functional.pad(x, (0, 0, 0, (CHUNK - S % CHUNK) % CHUNK)).reshape(B, -1, CHUNK, H_)
+        attn = (c @ c.transpose(-1, -2)).tril()                               # [B, n, C, C]
+        for i in range(1, CHUNK):
+            row = attn[..., i, :i].clone()
+            attn[..., i, :i] = row + (row.unsqueeze(-1) * attn[..., :i, :i]).sum(-2)
+        v = attn @ c
+        out, state = torch.zeros_like(c), torch.zeros(B, H_, H_)
+        for i in range(c.shape[1]):
+            out[:, i] = v[:, i] + c[:, i] @ state
+            state = state + c[:, i].transpose(-1, -2) @ c[:, i]
+        return out.reshape(B, -1, H_)[:, :S]
+
+
+CHUNK = 8
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_one_chunk_scan_with_in_place_writes(tmp_path, caplog, bounded):
+    """In-place writes are functionalized before import (the importer would keep `out` zeros); bounded:
+    sizes torch knows as one number over the export's range (n = 1, P // (P // 8) = 8 for S ≤ 8) are
+    that number to TVM too, and the crop [:, :S] is in bounds by that range; unbounded: the row updates
+    scatter into an axis of size P // (P // 8) (TVM's own slice_scatter wants a constant)."""
+    model = OneChunkDelta(bounded)
+    program = export(model, torch.randn(2, 6, H))
+    with caplog.at_level("INFO", logger="moecc"):
+        lower.lower(program, tmp_path, {})
+    assert "functionalized" in caplog.text
+    run = runtime.load(tmp_path)
+    for B, S in ((1, 1), (3, 5), (2, 8))[:3 if bounded else 2]:    # unbounded: torch's export rejects
+        x = 0.3 * torch.randn(B, S, H, generator=torch.Generator().manual_seed(S))
+        want = model(x)
+        assert want.abs().max() > 0.5
+        assert_numerically_equal(run([x.numpy()])[0], want.numpy(), atol=1e-5, what=f"B={B} S={S}")
+
+
+class WriteIntoSequence(nn.Module):
+    """`y[:, 1:5:2] = z` into an axis of dynamic length: functionalized to slice_scatter on a symbolic
+    axis, which TVM 0.27's own legalization refuses (it wants a constant size)."""
+
+    def forward(self, x, z):                                                  # [B, S, H], [B, 2, H]
+        y = x.clone()
+        y[:, 1:5:2] = z * 2.0
+        y[:, :1] = 0.0
+        return y + 1.0
+
+
+def test_write_into_a_slice_of_a_dynamic_axis(tmp_path):
+    model = WriteIntoSequence()
+    program = torch.export.export(model, (torch.randn(2, 7, H), torch.randn(2, 2, H)),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
+                                                  {0: torch.export.Dim.AUTO}))
+    lower.lower(program, tmp_path, {})
+    run = runtime.load(tmp_path)
+    for B, S in ((1, 5), (3, 9)):
+        x, z = torch.randn(B, S, H), torch.randn(B, 2, H)
+        assert_numerically_equal(run([x.numpy(), z.numpy()])[0], model(x, z).numpy(), atol=1e-6,
+                                 what=f"B={B} S={S}")
