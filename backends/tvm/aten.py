@@ -335,6 +335,26 @@ def slice_scatter(node, importer, original):
     return bb.emit(op.where(bb.emit(op.reshape(inside, along)), picked, x))
 
 
+def cat(node, importer, original):
+    """aten.cat without its empty operands (a DeepSeek-V4 cache of 0 compressed keys beside the keys):
+    TVM 0.27's RewriteDataflowReshape turns the expand_dims of a [B, 0, D] tensor into an undefined
+    variable. torch's meta says which operands are empty along the axis (a static 0)."""
+    tensors = node.args[0]
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    empty = [isinstance(t, torch.fx.Node) and isinstance(t.meta.get("val"), torch.Tensor)
+             and t.meta["val"].dim() > 0 and _is_zero(t.meta["val"].shape[axis]) for t in tensors]
+    kept = [t for t, e in zip(tensors, empty) if not e]
+    if not any(empty) or not kept:
+        return original(node)
+    if len(kept) == 1:
+        return importer.env[kept[0]]
+    return importer.block_builder.emit(relax.op.concat([importer.env[t] for t in kept], axis=axis))
+
+
+def _is_zero(size) -> bool:
+    return isinstance(size, int) and size == 0
+
+
 def _size_tensor(bb, size):
     """A size (PrimExpr) as a [1] int64 tensor, to compare index tensors with."""
     if isinstance(size, tirx.IntImm):
@@ -344,7 +364,7 @@ def _size_tensor(bb, size):
 
 FIXES = {"_div": div, "_reshape": reshape, "_cumsum": cumsum, "_slice": slice_, "_empty": empty, "_topk": topk,
          "_clamp": clamp, "_constant_pad_nd": constant_pad_nd, "_pad": pad, "_masked_fill": masked_fill, "_full_like": full_like,
-         "_slice_scatter": slice_scatter}
+         "_slice_scatter": slice_scatter, "_cat": cat}
 
 
 # ---------------------------------------------------------------- symbolic scalars

@@ -338,3 +338,22 @@ def test_write_into_a_slice_of_a_dynamic_axis(tmp_path):
         x, z = torch.randn(B, S, H), torch.randn(B, 2, H)
         assert_numerically_equal(run([x.numpy(), z.numpy()])[0], model(x, z).numpy(), atol=1e-6,
                                  what=f"B={B} S={S}")
+
+
+class EmptyCache(nn.Module):
+    """DeepSeek-V4's attention: keys of the sequence concatenated with a cache of 0 compressed keys
+    (a [B, 0, D] tensor made per call); TVM 0.27 compiles the empty operand's expand_dims into an
+    undefined variable ("Var ... is not defined")."""
+
+    def forward(self, x):                                                     # [B, S, H]
+        cache = torch.zeros(x.shape[0], 0, H)
+        keys = torch.cat([x.unsqueeze(1), cache.unsqueeze(1)], dim=2)          # [B, 1, S, H]
+        return (keys.expand(-1, 4, -1, -1) * torch.arange(1.0, 5.0)[None, :, None, None]).sum(1)
+
+
+def test_concatenation_with_an_empty_operand(tmp_path):
+    model = EmptyCache()
+    lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    run = runtime.load(tmp_path)
+    x = torch.randn(3, 5, H)
+    assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what="B=3 S=5")
