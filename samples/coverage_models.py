@@ -58,6 +58,8 @@ FAMILY = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
     # ZAYA: its config refuses anything but top-1 routing (the real model's)
     "zaya": dict(num_experts_per_tok=1),
+    # Kolibri-1.1: its indexer scores keys with the query heads of key head 0 (4 heads / 2 kv heads here)
+    "kolibri1_1": dict(index_num_heads=2),
 }
 # layer-type / sparsity lists cut or rewritten to the new depth
 _SPARSE_HINTS = ("mlp_only_layers", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
