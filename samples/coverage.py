@@ -330,8 +330,8 @@ def main(argv=None) -> int:
     done, before = None, {}
     if args.resume and (out / "coverage.json").exists():     # keep the other rows; run `wanted` again
         before = {r["family"]: r for r in json.loads((out / "coverage.json").read_text())["rows"]}
-        done = {name: r for name, r in before.items()
-                if (not wanted or name not in wanted) and not (r.get("text") and "build_error" in r)}
+        done = {name: r for name, r in before.items()      # a full resume retries the ones that did not build
+                if (name not in wanted if wanted else not (r.get("text") and "build_error" in r))}
     meta = {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "tolerance": TOL, "check_input": CHECK,
             "backends": backends}

@@ -35,6 +35,20 @@ def test_coverage_two_families(tmp_path):
     md = (tmp_path / "coverage.md").read_text()
     assert "| dots1 | interface (1 layers)" in md and "| mixtral | recognizer (2 layers)" in md
 
+    # --resume --families mixtral: mixtral runs again, dots1's row and a row that did not build stay,
+    # and transformers' exporter cell (not run again: --no-hf-onnx) is carried over, marked
+    data["rows"] = [dict(r, hf_onnx={"ok": True, "err": 1e-6}) if r["family"] == "mixtral" else r
+                    for r in data["rows"]] + [{"family": "jamba", "model_type": "jamba", "text": True,
+                                               "build_error": "RuntimeError: fixed length"}]
+    (tmp_path / "coverage.json").write_text(json.dumps(data))
+    assert coverage.main(["--families", "mixtral", "--backends", "torch", "--no-hf-onnx", "--resume",
+                          "--out", str(tmp_path), "--timeout", "600"]) == 0
+    again = {r["family"]: r for r in json.loads((tmp_path / "coverage.json").read_text())["rows"]}
+    assert set(again) == {"mixtral", "dots1", "jamba"} and again["dots1"] == rows["dots1"]
+    assert again["mixtral"]["hf_onnx"] == {"ok": True, "err": 1e-6, "carried": True}
+    md = (tmp_path / "coverage.md").read_text()
+    assert "ok 1.0e-06 (*)" in md and "jamba: its Mamba layers" in md
+
 
 def test_unknown_family_is_one_line(tmp_path, capsys):
     assert coverage.main(["--families", "not_a_family", "--out", str(tmp_path)]) == 2
