@@ -35,8 +35,6 @@ REASONS = {
     "jamba": "its Mamba layers' torch path scans token by token (`for index in range(seq_len)` in "
              "`mamba_selective_scan`), so torch.export fixes the sequence length to the example's: no "
              "exporter gets a graph for another length (transformers' own was not run for it either)",
-    "zaya": "TVM: the process dies in tvm.compile (SIGSEGV in TVM 0.27's C++); torch and ONNX are exact. "
-            "Not investigated yet",
 }
 CHECK = (1, 5)                    # batch, seq of the check input (the example is 2×8)
 

@@ -81,6 +81,10 @@ def _inbound_slice(node, importer):
     end = scalar(importer, end)
     end = size if end is None or (isinstance(end, int) and end >= sys.maxsize) else prim_expr(end)
     zero = tirx.IntImm("int64", 0)
+    if provable([start < zero], node):              # x[:, -k:] and x[:, :-1]: from the end, as torch counts
+        start = start + size
+    if provable([end < zero], node):
+        end = end + size
     if not (provable([start >= zero, start <= end, end <= size], node) or _torch_inbound(node, dim, start, end)):
         return None
     if provable([start == zero, end == size], node):

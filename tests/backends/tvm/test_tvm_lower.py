@@ -357,3 +357,21 @@ def test_concatenation_with_an_empty_operand(tmp_path):
     run = runtime.load(tmp_path)
     x = torch.randn(3, 5, H)
     assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-5, what="B=3 S=5")
+
+
+class FromTheEnd(nn.Module):
+    """ZAYA's shifts: x[:, :-1] and x[:, -S:] (bounds counted from the end; TVM left T.min / T.max /
+    if_then_else shapes that crashed its KillAfterLastUse)."""
+
+    def forward(self, x):                                                     # [B, S, H]
+        shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return shifted * 2.0 + x[:, -x.shape[1]:]
+
+
+def test_slices_counted_from_the_end(tmp_path):
+    model = FromTheEnd()
+    lower.lower(export(model, torch.randn(2, 6, H)), tmp_path, {})
+    run = runtime.load(tmp_path)
+    for S in (2, 7):
+        x = torch.randn(2, S, H)
+        assert_numerically_equal(run([x.numpy()])[0], model(x).numpy(), atol=1e-6, what=f"S={S}")
