@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moecc.backends.torch import select
+from moecc.backends.torch import packed, select
 from moecc.ops import call_moe
 from moecc.spec import MoESpec, RouterSpec
 
@@ -64,6 +64,9 @@ def main(argv=None) -> None:
     def dense(x):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
+    def dense_dnn(x):                    # the same dense FFN on oneDNN's reordered weights (packed once)
+        return packed.dnn_linear(F.gelu(packed.dnn_linear(x, w1, b1)), w2, b2)
+
     kernels = a.kernels.split(",")
 
     def moe(kernel):
@@ -72,8 +75,9 @@ def main(argv=None) -> None:
     names = [kn.removeprefix("torch.") for kn in kernels]
     print(f"E={E} k={k} ({k / E:.0%} active), 1 thread; MoE / dense per kernel (auto: the kernel "
           f"torch.auto dispatches to at this T)\n")
-    print(f"| T | dense ms | {' | '.join(names)} | auto picks | GEMMs alone (F.linear) | GEMMs alone (bmm) |")
-    print("|---" * (len(names) + 5) + "|")
+    print(f"| T | dense ms | {' | '.join(names)} | auto picks | GEMMs alone (F.linear) | GEMMs alone (bmm) "
+          f"| dense on oneDNN ms | auto / dense on oneDNN |")
+    print("|---" * (len(names) + 7) + "|")
     for T in (int(t) for t in a.tokens.split(",")):
         x = torch.randn(T, H, generator=g)
         xe = torch.randn(max(1, T * k // E), H, generator=g)
@@ -86,12 +90,13 @@ def main(argv=None) -> None:
         def bound_bmm(_):
             h = torch.baddbmm(b_in.unsqueeze(1), xb, w_in.transpose(1, 2))
             torch.baddbmm(b_out.unsqueeze(1), F.gelu(h), w_out.transpose(1, 2))
-        fns = {"dense": dense, **{kn: moe(kn) for kn in kernels}, "bound": bound, "bound_bmm": bound_bmm}
+        fns = {"dense": dense, "dense_dnn": dense_dnn, **{kn: moe(kn) for kn in kernels}, "bound": bound, "bound_bmm": bound_bmm}
         t = cpu_times(fns, x, a.repeats)
         d = t["dense"]
         picked = select.dispatch(spec, T).removeprefix("torch.")
         cols = " | ".join(f"{t[kn] / d:.3f}" for kn in kernels)
-        print(f"| {T} | {d * 1e3:.2f} | {cols} | {picked} | {t['bound'] / d:.3f} | {t['bound_bmm'] / d:.3f} |")
+        print(f"| {T} | {d * 1e3:.2f} | {cols} | {picked} | {t['bound'] / d:.3f} | {t['bound_bmm'] / d:.3f} "
+              f"| {t['dense_dnn'] * 1e3:.2f} | {t.get('torch.auto', float('nan')) / t['dense_dnn']:.3f} |")
     if a.profile:
         from torch.profiler import profile
         x = torch.randn(a.profile, H, generator=g)

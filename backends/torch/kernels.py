@@ -10,7 +10,7 @@
     torch.grouped_gemm  ONE sort of the (token, slot) pairs by expert → per expert's contiguous
                         segment: its rows (gathered once for all if [N, H] fits in cache), GEMM →
                         activation → GEMM (intermediates stay in cache), weighted index_add_  (prefill);
-                        when no expert has more than skinny.MAX_M rows (float32): the routed experts in
+                        when no expert has more than skinny.moe_max_rows (float32): the routed experts in
                         ONE skinny.moe C call per thread (counting sort, gather, GEMM, activation, GEMM,
                         weighted scatter, all in C; no per-expert Python or torch ops: decode and
                         fine-grained experts at T = 1..64)
@@ -102,8 +102,12 @@ def _work(size: float, rows: int) -> float:
 def _expert(x: Tensor, e: int, w_in, w_out, b_in, b_out, spec: MoESpec, lin=linear) -> Tensor:
     """ops.ffn for expert e with gemm.linear's GEMM forms (or packed.linear's): [c, H] -> [c, H]."""
     after = spec.bias_add == "after_gemm"
-    h = lin(x, w_in[e], None if b_in is None else b_in[e], after)             # [c, R]
-    return lin(activate(h, spec), w_out[e], None if b_out is None else b_out[e], after)
+    a = None
+    if lin is packed.dnn_linear and not (after and b_in is not None):       # oneDNN: activation as post-op
+        a = packed.dnn_linear_act(x, w_in[e], None if b_in is None else b_in[e], spec.activation)
+    if a is None:
+        a = activate(lin(x, w_in[e], None if b_in is None else b_in[e], after), spec)     # [c, R] -> [c, F]
+    return lin(a, w_out[e], None if b_out is None else b_out[e], after)
 
 
 def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESpec):
@@ -135,7 +139,7 @@ def _accumulate(xt: Tensor, items: list) -> Tensor:
 
 def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, w_out, b_in, b_out,
            spec: MoESpec) -> Tensor:
-    """Every expert hit by ≤ skinny.MAX_M rows (float32): the routed experts in ONE skinny.moe C call
+    """Every expert hit by ≤ skinny.moe_max_rows (float32): the routed experts in ONE skinny.moe C call
     per intra-op thread (a contiguous run of experts each, balanced by cost; no sort, gather, scatter
     or activation as torch ops). Decode: 1 C call."""
     E = w_in.shape[0]
@@ -160,11 +164,12 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
 def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec, lin=linear) -> Tensor:
     E, S = w_in.shape[0], ids.shape[1]
     fused = spec.ffn >= 8 and skinny.fits_moe(xt, w_in, w_out, b_in, b_out, spec)
-    if fused and xt.shape[0] <= skinny.MAX_M:                                # no expert can exceed MAX_M rows
+    max_rows = skinny.moe_max_rows((w_in[0].numel() + w_out[0].numel()) * w_in.element_size())
+    if fused and xt.shape[0] <= max_rows:                                    # no expert can exceed max_rows
         return _fused(xt, weights, ids, None, w_in, w_out, b_in, b_out, spec)
     flat = ids.reshape(-1)                                                   # [T*S]
     counts = torch.bincount(flat + 1, minlength=E + 1).tolist()             # [1 + E]; [0] = dropped
-    if fused and max(counts[1:]) <= skinny.MAX_M:
+    if fused and max(counts[1:]) <= max_rows:
         return _fused(xt, weights, ids, counts[1:], w_in, w_out, b_in, b_out, spec)
     dropped, counts = counts[0], counts[1:]
     order = torch.argsort(flat, stable=True)[dropped:]                       # [N] pairs by expert
@@ -294,10 +299,11 @@ def _cost_loop(spec: MoESpec, tokens: int) -> float:
 
 
 def batched_expected(spec: MoESpec, tokens: int) -> bool:
-    """Whether grouped_gemm's batched path (every expert ≤ skinny.MAX_M rows) is expected at this T
+    """Whether grouped_gemm's batched path (every expert ≤ skinny.moe_max_rows) is expected at this T
     (the busiest expert ~ mean + 3 standard deviations; float32 assumed)."""
     hit, m = expected_load(spec, tokens)
-    return bool(machine.constants().get("skinny")) and m + 3 * m ** 0.5 <= skinny.MAX_M
+    rows = skinny.moe_max_rows(4 * (spec.in_rows * spec.hidden + spec.hidden * spec.ffn))
+    return bool(machine.constants().get("skinny")) and m + 3 * m ** 0.5 <= rows
 
 
 def _cost_grouped(spec: MoESpec, tokens: int) -> float:

@@ -31,7 +31,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from . import gemm
+from . import gemm, skinny
 
 log = logging.getLogger("moecc.backends.torch.packed")
 
@@ -39,6 +39,13 @@ _MKL = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_avai
 _DNN = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None)
 BATCH = 64                      # the batch hint every pack is made with (one pack per weight)
+# m·N·K (and m ≥ DNN_MIN_M) from which oneDNN's reordered GEMM beats skinny.py (1 thread, AVX-512 AMD EPYC,
+# 2026-12-04, quiet): oneDNN costs ~10 µs a call, then a third of 8-lane skinny's time per FLOP. skinny at 16
+# lanes vs oneDNN, µs: [192, 384] m = 8 10.6 / 14.9, 16: 18.1 / 18.2, 32: 33.8 / 27.5; [1536, 384] m = 2 28.1 /
+# 34.7, 4: 37.2 / 36.2, 8: 71.0 / 55.0. At 8 lanes: [192, 384] m = 8 14.5 / 15.2, 16: 27.5 / 19.4
+DNN_OVER_SKINNY = 2 ** 20 if skinny.LANES == 16 else 2 ** 19
+DNN_MIN_M = 4
+DNN_ACTS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 _PACKS: dict[int, tuple] = {}  # id(root) -> (weakref to root, {view key: (version, packed)})
 _LOCK = threading.Lock()         # parallel.py's expert threads pack different experts at once
 
@@ -89,16 +96,26 @@ def _reorder_dnn(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w)
 
 
+def _blas(a: Tensor, w: Tensor, library: str) -> bool:
+    """Whether a [m, K] · w [N, K]ᵀ goes to the packed library (else gemm.linear): where gemm.linear
+    would run a BLAS GEMM, and for oneDNN also where skinny.py would but oneDNN is faster."""
+    if a.dtype != torch.float32:
+        return False
+    f = gemm.form(a, w)
+    if f == "small" or (f == "skinny" and library == "mkl"):
+        return False
+    return f != "skinny" or (a.shape[0] >= DNN_MIN_M and a.shape[0] * w.numel() >= DNN_OVER_SKINNY)
+
+
 def linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool = False,
            library: str = "mkl") -> Tensor:
     """gemm.linear, with the weight packed for `library` where gemm.linear would run a BLAS GEMM. "mkl":
     MKL's packed sgemm (gemm.linear's mkl form, and its dnn form for ≥ 4096 weight rows: MKL packed
-    instead of oneDNN, F.linear's bits, not oneDNN's); "dnn": oneDNN's reordered weight."""
+    instead of oneDNN, F.linear's bits, not oneDNN's); "dnn": oneDNN's reordered weight (also where
+    gemm.linear would run skinny.py and oneDNN is faster: DNN_OVER_SKINNY)."""
     if bias_after and b is not None:
         return linear(a, w, library=library).add_(b)
-    if a.dtype != torch.float32 or gemm.form(a, w) in ("skinny", "small"):
-        return gemm.linear(a, w, b)
-    p = pack(w, library)
+    p = pack(w, library) if _blas(a, w, library) else None
     if p is None:
         return gemm.linear(a, w, b)
     if library == "mkl":
@@ -111,9 +128,18 @@ def dnn_linear(a: Tensor, w: Tensor, b: Tensor | None = None, bias_after: bool =
     return linear(a, w, b, bias_after, "dnn")
 
 
+def dnn_linear_act(a: Tensor, w: Tensor, b: Tensor | None, activation: str) -> Tensor | None:
+    """act(a · wᵀ + b) in ONE oneDNN call (the activation fused as its post-op: the [m, N] result is
+    written once), for the activations in DNN_ACTS; None where oneDNN would not run this GEMM (the
+    caller computes it unfused)."""
+    attr = DNN_ACTS.get(activation)
+    p = pack(w, "dnn") if attr is not None and _blas(a, w, "dnn") else None
+    return None if p is None else _DNN(a.contiguous(), p, b, attr[0], [], attr[1])
+
+
 def clear() -> None:
     """Drop every pack (tests; memory)."""
     _PACKS.clear()
 
 
-__all__ = ["linear", "dnn_linear", "pack", "available", "clear", "BATCH"]
+__all__ = ["linear", "dnn_linear", "dnn_linear_act", "pack", "available", "clear", "BATCH"]

@@ -122,7 +122,7 @@ def test_what_grouped_mm_cannot_take_runs_grouped_gemm(monkeypatch, caplog):
 
 def test_selection_picks_it_between_the_skinny_path_and_large_t(tmp_path, monkeypatch):
     """With the constants of test_torch_select's 2-core machine (skinny.py available): the MoEfied MiniLM
-    layer runs grouped_gemm's one C call up to T=64, grouped_mm at 128-512 (no per-expert ops), grouped_gemm
+    layer runs grouped_gemm's one C call up to T=64 (T=128 with the 16-lane kernel), grouped_mm at 128-512 (no per-expert ops), grouped_gemm
     again at 2048 (its intermediates stay in cache); an odd shape is refused with the reason."""
     from test_torch_select import CONSTS
 
@@ -130,9 +130,12 @@ def test_selection_picks_it_between_the_skinny_path_and_large_t(tmp_path, monkey
     monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
     machine.use({**CONSTS, "skinny": True})
     try:
+        from moecc.backends.torch import skinny
         picks = {t: select.choose(MOEFIED, t) for t in (64, 128, 512, 2048)}
-        assert {t: c.kernel for t, c in picks.items()} == {64: "torch.grouped_gemm", 128: "torch.grouped_mm",
-                                                          512: "torch.grouped_mm", 2048: "torch.grouped_gemm"}
+        wide = skinny.LANES == 16       # 16-lane C kernel: its one call up to 96 rows per expert (T=128: ~32)
+        assert {t: c.kernel for t, c in picks.items()} == {
+            64: "torch.grouped_gemm", 128: "torch.grouped_gemm" if wide else "torch.grouped_mm",
+            512: "torch.grouped_mm", 2048: "torch.grouped_gemm"}
         assert picks[512].reason.startswith("cost model") and "cost model" in picks[512].rejected["torch.grouped_gemm"]
         odd = select.choose(MoESpec(8, 6, 5, "gelu", RouterSpec(top_k=2)), 512)
         assert "needs rows of 16 bytes" in odd.rejected["torch.grouped_mm"]

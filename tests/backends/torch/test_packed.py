@@ -142,3 +142,33 @@ def test_dnn_cost_follows_the_measured_gain(monkeypatch):
     assert dnn(spec, 2048) < 0.75 * grouped(spec, 2048)
     monkeypatch.setattr(kernels.machine, "constants", lambda: {**consts, "dnn_gain": 0.5})
     assert dnn(spec, 2048) > grouped(spec, 2048)
+
+
+@pytest.mark.skipif(not packed.available("dnn"), reason="torch built without oneDNN")
+def test_dnn_linear_takes_rows_skinny_would_from_its_work_on(counted_dnn):
+    """At 1 thread gemm.linear runs ≤ skinny.MAX_M rows in skinny.py; dnn_linear gives oneDNN the ones
+    with m ≥ DNN_MIN_M and m·N·K ≥ DNN_OVER_SKINNY (oneDNN is faster there on this kind of CPU), and
+    the activation fused as its post-op (dnn_linear_act) where it runs; the numbers agree with F.linear."""
+    from moecc.backends.torch import skinny
+    from moecc.ops import activate
+    if not skinny.available():
+        pytest.skip("no C compiler or no AVX2/FMA here: gemm.linear has no skinny form to take rows from")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w, b = torch.randn(192, 384), torch.randn(192)
+        edge = packed.DNN_OVER_SKINNY // w.numel() + 1                          # first m oneDNN takes
+        for m, to_dnn in ((2, False), (edge - 1, False), (edge, True), (24, True)):
+            a = torch.randn(m, 384)
+            counted_dnn.clear()
+            packed.clear()
+            assert_numerically_equal(packed.dnn_linear(a, w, b), F.linear(a, w, b), atol=1e-4, rtol=1e-5)
+            assert bool(counted_dnn) == to_dnn, (m, counted_dnn)
+            assert gemm.form(a, w) == "skinny"                                  # what gemm.linear would do
+            fused = packed.dnn_linear_act(a, w, b, "gelu")
+            assert (fused is not None) == to_dnn
+            if fused is not None:
+                spec = MoESpec(2, 384, 192, "gelu", RouterSpec(top_k=1))
+                assert_numerically_equal(fused, activate(F.linear(a, w, b), spec), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
