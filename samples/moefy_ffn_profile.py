@@ -28,16 +28,17 @@ from moecc.spec import MoESpec, RouterSpec
 H, FF = 384, 1536
 
 
-def cpu_times(fns: dict, x, repeats: int) -> dict:
-    """{name: fastest thread CPU time of fn(x)}, the fns called in turn within each repeat."""
+def cpu_times(fns: dict, x, repeats: int, clock=time.thread_time) -> dict:
+    """{name: fastest time of fn(x)} (1 thread: this thread's CPU time; more: wall time), the fns called
+    in turn within each repeat."""
     for fn in fns.values():
         fn(x)
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.thread_time()
+            t = clock()
             fn(x)
-            best[name] = min(best[name], time.thread_time() - t)
+            best[name] = min(best[name], clock() - t)
     return best
 
 
@@ -48,9 +49,11 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", default="64,128,256,512,1024")
     p.add_argument("--profile", type=int, default=512, help="T of the profiler table (0: none)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (above 1: wall time)")
     p.add_argument("--kernels", default="torch.grouped_gemm,torch.grouped_mm,torch.auto")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    clock = time.thread_time if a.threads == 1 else time.perf_counter
     g = torch.Generator().manual_seed(0)
     E, k, m = a.experts, a.top_k, FF // a.experts
     w1, b1 = torch.randn(FF, H, generator=g) / 20, torch.randn(FF, generator=g) / 20
@@ -73,7 +76,7 @@ def main(argv=None) -> None:
         return lambda x: call_moe(x, F.linear(x, router), w_in, w_out, spec, b_in=b_in, b_out=b_out, kernel=kernel)
 
     names = [kn.removeprefix("torch.") for kn in kernels]
-    print(f"E={E} k={k} ({k / E:.0%} active), 1 thread; MoE / dense per kernel (auto: the kernel "
+    print(f"E={E} k={k} ({k / E:.0%} active), {a.threads} thread(s); MoE / dense per kernel (auto: the kernel "
           f"torch.auto dispatches to at this T)\n")
     print(f"| T | dense ms | {' | '.join(names)} | auto picks | GEMMs alone (F.linear) | GEMMs alone (bmm) "
           f"| dense on oneDNN ms | auto / dense on oneDNN |")
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
             h = torch.baddbmm(b_in.unsqueeze(1), xb, w_in.transpose(1, 2))
             torch.baddbmm(b_out.unsqueeze(1), F.gelu(h), w_out.transpose(1, 2))
         fns = {"dense": dense, "dense_dnn": dense_dnn, **{kn: moe(kn) for kn in kernels}, "bound": bound, "bound_bmm": bound_bmm}
-        t = cpu_times(fns, x, a.repeats)
+        t = cpu_times(fns, x, a.repeats, clock)
         d = t["dense"]
         picked = select.dispatch(spec, T).removeprefix("torch.")
         cols = " | ".join(f"{t[kn] / d:.3f}" for kn in kernels)

@@ -54,7 +54,7 @@ from moecc.ops import activate, route_tokens, weigh
 from moecc.routing import HALF, expected_load   # HALF: where the kernels follow the reference's rounding
 from moecc.spec import MoESpec
 
-from . import gemm, machine, packed, skinny
+from . import gemm, machine, packed, parallel, skinny
 from . import grouped_mm as gmm
 from .gemm import linear
 from .parallel import balance, run_groups
@@ -118,9 +118,10 @@ def _shared_item(xt: Tensor, shared_w_in, shared_w_out, shared_gate, spec: MoESp
     return _work(float(shared_w_in.numel() + shared_w_out.numel()), xt.shape[0]), add
 
 
-def _accumulate(xt: Tensor, items: list) -> Tensor:
-    """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads the items run
-    split over threads, one intra-op thread each (parallel.py); partial sums are added at the end.
+def _accumulate(xt: Tensor, items: list, split: bool = True) -> Tensor:
+    """y [T, H] = Σ over work items (cost, add(y)). With several intra-op threads (and split) the items
+    run split over threads, one intra-op thread each (parallel.py); partial sums are added at the end.
+    split=False: in turn on the caller's thread, each item's ops on all the intra-op threads.
     Half precision (bf16/fp16) keeps the reference's order, one item after another: partial sums
     rounded per thread would differ from moe_reference in ~1/3 of the outputs."""
     def work(group) -> Tensor:
@@ -128,8 +129,8 @@ def _accumulate(xt: Tensor, items: list) -> Tensor:
         for i in group:
             items[i][1](y)
         return y
-    threads = torch.get_num_threads()
-    if threads > 1 and len(items) > 1 and xt.dtype not in HALF:    # half: the reference's summation order
+    threads = parallel.threads()
+    if split and threads > 1 and len(items) > 1 and xt.dtype not in HALF:    # half: the reference's summation order
         parts = run_groups(work, balance([c for c, _ in items], threads))
         for p in parts[1:]:
             parts[0].add_(p)
@@ -144,7 +145,7 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
     or activation as torch ops). Decode: 1 C call."""
     E = w_in.shape[0]
     size = float(w_in[0].numel() + w_out[0].numel())
-    parts = torch.get_num_threads()
+    parts = parallel.threads()
     if parts > 1 and E > 1:
         counts = counts if counts is not None else torch.bincount(ids.reshape(-1) + 1, minlength=E + 1).tolist()[1:]
         cost = [_work(size, c) if c else 0.0 for c in counts]
@@ -154,7 +155,11 @@ def _fused(xt: Tensor, weights: Tensor, ids: Tensor, counts: list | None, w_in, 
             if len(bounds) < parts and acc >= total * len(bounds) / parts:
                 bounds.append(e + 1)
         bounds.append(E)
-        items = [(sum(cost[lo:hi]), (lo, hi)) for lo, hi in zip(bounds, bounds[1:]) if sum(cost[lo:hi]) > 0]
+        runs = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if sum(cost[lo:hi]) > 0]
+        if len(runs) > 1:                  # one C call, its runs on the OpenMP pool (no spinning rival)
+            return skinny.moe_parts(xt, ids, weights, w_in, w_out, b_in, b_out, spec,
+                                    [runs[0][0]] + [hi for _, hi in runs])
+        items = [(1.0, runs[0])] if runs else [(1.0, (0, E))]
     else:
         items = [(1.0, (0, E))]
     work = [(c, lambda y, r=r: skinny.moe(y, xt, ids, weights, w_in, w_out, b_in, b_out, spec, r)) for c, r in items]
@@ -190,7 +195,10 @@ def grouped_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec, l
         if c:
             items.append(segment(e, slice(start, start + c)))
             start += c
-    return _accumulate(xt, items)
+    # experts in turn, each GEMM on every intra-op thread: these rows are many enough for the BLAS to
+    # split them, and it keeps torch's OpenMP pool busy instead of spinning beside Python workers
+    # (MoEfied MiniLM at 2 threads, T = 512 / 1024: 2.3 / 4.4 ms vs 4.2 / 8.6 on parallel.py's workers)
+    return _accumulate(xt, items, split=False)
 
 
 def packed_gemm(xt, ids, weights, w_in, w_out, b_in, b_out, *, spec: MoESpec) -> Tensor:
@@ -385,6 +393,10 @@ class Kernel:
     cost: Callable[[MoESpec, int], float]
     summary: str
 
+
+# kernels whose experts run on parallel.run_groups' workers: their whole op runs in a parallel.section
+# (grouped_gemm's family splits on OpenMP threads instead: skinny.moe_parts, or each GEMM on all threads)
+WORKERS = {"torch.loop", "torch.gather"}
 
 KERNELS: dict[str, Kernel] = {
     "torch.loop": Kernel(loop, _always, _cost_loop, "per-expert loop (where, index_select, index_add_)"),

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from . import cache, skinny
+from . import cache, parallel, skinny
 from .gemm import linear
 
 VERSION = 7               # bump when what is measured changes: old cache entries are measured again
@@ -52,7 +52,7 @@ def machine_key() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|v{VERSION}"
+    return f"{cpu}|threads={parallel.threads()}|torch={torch.__version__}|v{VERSION}"
 
 
 def best_time(fn, repeats: int) -> float:

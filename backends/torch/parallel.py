@@ -2,6 +2,9 @@
 
     groups = balance(costs, parts)              [[i, ...], ...] by longest-processing-time first
     results = run_groups(fn, groups)            fn(group) on every group at once; main thread too
+    with section(): ...                         a whole MoE op (routing, sort, gathers, combine) at ONE
+                                                intra-op thread on the caller's thread, its experts on
+                                                threads() workers; threads(): the op's thread count
 
 With N intra-op threads, BLAS splits every expert's GEMM N ways; for the small GEMMs of MoE
 (tens of tokens per expert, or one at decode, where MKL's gemv stays single-threaded) that leaves
@@ -12,11 +15,19 @@ their experts with `torch.set_num_threads(1)` compute concurrently; outputs go t
 Grad mode and inference mode are thread-local: the workers run under the caller's inference mode,
 else under no_grad (the kernels are inference-only; the op's backward recomputes the reference).
 With one intra-op thread nothing here runs (kernels.py calls the work directly).
+
+Why a section: libgomp's pool threads spin after every parallel region (GOMP_SPINCOUNT, unless
+OMP_WAIT_POLICY=passive) for a while before they sleep. An op that ran its routing and sorting as
+2-thread ATen ops and then its experts on 2 workers had the workers compete with a spinning pool
+thread: measured on the 2-core machine, MoEfied MiniLM layer (E=8, k=2) at T=512: 2 threads 2.07 ms,
+1 thread 1.89 (cpu use 2.0: one core spinning); with OMP_WAIT_POLICY=passive 1.56. Inside a section no
+parallel region runs on the caller's thread, so no pool thread is woken to spin.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -25,6 +36,7 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_workers = 0
 _sections = 0                  # callers inside run_groups now (any thread)
 _base_threads = 0              # the process's intra-op thread count when the first of them entered
+_local = threading.local()     # .base: inside a section, the op's thread count (its caller runs at 1)
 
 
 def _worker_init() -> None:
@@ -72,6 +84,28 @@ def balance(costs: list[float], parts: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+def threads() -> int:
+    """The intra-op threads this MoE op has: inside `section()` the count before it, else torch's."""
+    return getattr(_local, "base", 0) or torch.get_num_threads()
+
+
+@contextmanager
+def section():
+    """A MoE op's body with N > 1 intra-op threads: the caller's thread at one intra-op thread (no
+    parallel region, no spinning pool thread), `threads()` = N for the kernels' run_groups."""
+    if getattr(_local, "base", 0) or torch.get_num_threads() == 1:
+        yield
+        return
+    base = _enter()
+    _local.base = base
+    try:
+        torch.set_num_threads(1)
+        yield
+    finally:
+        _local.base = 0
+        _leave(base)
+
+
 def run_groups(fn, groups: list) -> list:
     """fn(group) for every group concurrently (the caller's thread takes the first), each with
     one intra-op thread; the caller's thread count is restored afterwards. Every future is awaited
@@ -83,14 +117,10 @@ def run_groups(fn, groups: list) -> list:
     def job(group):
         with torch.inference_mode() if inference else torch.no_grad():
             return fn(group)
-    threads = _enter()
-    try:
-        torch.set_num_threads(1)
+    with section():                        # (already at one thread inside a section)
         futures = [_executor(len(groups) - 1).submit(job, g) for g in groups[1:]]
         try:
             first = fn(groups[0])
         finally:
             concurrent.futures.wait(futures)
         return [first] + [f.result() for f in futures]
-    finally:
-        _leave(threads)

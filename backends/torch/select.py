@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from contextlib import nullcontext
 import json
 import os
 import pathlib
@@ -31,8 +32,8 @@ from moecc.ops import route_tokens
 from moecc.routing import expected_load, logits_width, route
 from moecc.spec import MoESpec
 
-from . import machine
-from .kernels import KERNELS, shared
+from . import machine, parallel
+from .kernels import KERNELS, WORKERS, shared
 
 AUTO = "torch.auto"                        # per call: the kernel chosen for the token-count bucket
 BUCKETS = (1, 8, 64, 512, None)            # upper bounds; None = no bound
@@ -268,7 +269,8 @@ def run_experts(kernel: str, xt, ids, weights, w_in, w_out, b_in, b_out, *, spec
         kernel = dispatch(spec, xt.shape[0], kernel)
     if xt.numel() == 0:
         return torch.zeros_like(xt)
-    return KERNELS[kernel].fn(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+    with parallel.section() if kernel in WORKERS else nullcontext():
+        return KERNELS[kernel].fn(xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
 
 
 def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_in, shared_w_out,
@@ -277,8 +279,11 @@ def run(kernel: str, x, logits, w_in, w_out, b_in, b_out, router_bias, shared_w_
     experts kernel, the shared expert added last; [..., H] -> [..., H]."""
     if _known(kernel, spec) and x.numel() == 0:
         return torch.zeros_like(x)
-    xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
-    y = run_experts(kernel, xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
-    if shared_w_in is not None and xt.numel():
-        shared(y, xt, shared_w_in, shared_w_out, shared_gate, spec)
+    if kernel.startswith(AUTO):
+        kernel = dispatch(spec, x.numel() // x.shape[-1], kernel)
+    with parallel.section() if kernel in WORKERS else nullcontext():    # routing at one thread too
+        xt, weights, ids = route_tokens(x, logits, router_bias, token_ids, spec)   # [T, H], [T, S], [T, S]
+        y = run_experts(kernel, xt, ids, weights, w_in, w_out, b_in, b_out, spec=spec)
+        if shared_w_in is not None and xt.numel():
+            shared(y, xt, shared_w_in, shared_w_out, shared_gate, spec)
     return y.reshape(x.shape)

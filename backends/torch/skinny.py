@@ -294,6 +294,22 @@ int skinny_moe(const float *x, long T, long H, const long *ids, const float *wts
     return 0;
 }
 
+/* skinny_moe over `parts` runs of experts [bounds[i], bounds[i + 1]) at once, run i into ys + i * T * H
+   (zeroed by the caller; summed by it in run order): on the OpenMP pool of the process's libgomp
+   (torch's, already loaded: its threads are the ones spinning after torch's last parallel region) */
+int skinny_moe_parts(const float *x, long T, long H, const long *ids, const float *wts, long S, long E,
+                     const float *w_in, long R, const float *w_out, long F, const float *b_in, const float *b_out,
+                     int act, int il, float alpha, float limit, const long *bounds, long parts, float *ys) {
+    int bad = 0;
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(|: bad)
+#endif
+    for (long i = 0; i < parts; i++)
+        bad |= skinny_moe(x, T, H, ids, wts, S, E, w_in, R, w_out, F, b_in, b_out, act, il, alpha, limit,
+                          bounds[i], bounds[i + 1], ys + i * T * H) != 0;
+    return bad ? -1 : 0;
+}
+
 /* the shared expert on every row of x [T, H]: y += ffn(x) (scale 1; a gated one goes through torch) */
 int skinny_ffn_all(const float *x, long T, long H, const float *w_in, long R, const float *w_out, long F,
                    int act, int il, float alpha, float limit, float *y) {
@@ -325,7 +341,7 @@ def _flags() -> tuple:
         wide = torch.backends.cpu.get_cpu_capability() == "AVX512"
     except Exception:                                   # noqa: BLE001 - older torch: 8 lanes
         wide = False
-    return ("-O3", "-mavx2", "-mfma", *(("-mavx512f",) if wide else ()), "-shared", "-fPIC")
+    return ("-O3", "-mavx2", "-mfma", *(("-mavx512f",) if wide else ()), "-fopenmp", "-shared", "-fPIC")
 
 
 FLAGS = _flags()
@@ -339,7 +355,7 @@ def moe_max_rows(expert_bytes: int) -> int:
     moe at ≤ 96 rows vs oneDNN per expert above 32: T = 128 0.27-0.31x of dense vs 0.44; T = 256 0.26-0.31
     vs 0.32, measured 2026-12-04 on a quiet AVX-512 AMD EPYC)."""
     return 96 if LANES == 16 and expert_bytes <= MOE_CACHED_BYTES else MAX_M
-SYMBOLS = ("skinny_gemm", "skinny_moe", "skinny_ffn_all")
+SYMBOLS = ("skinny_gemm", "skinny_moe", "skinny_ffn_all", "skinny_moe_parts")
 log = logging.getLogger("moecc.kernels")
 _lock = threading.Lock()
 
@@ -448,14 +464,15 @@ def _lib():
             log.warning("the C skinny-GEMM kernel is unavailable (%s); using BLAS (slower for few tokens)", e)
             _loaded = None
             return None
-        fn, moe_fn, ffn_fn = lib.skinny_gemm, lib.skinny_moe, lib.skinny_ffn_all
+        fn, moe_fn, ffn_fn, parts_fn = lib.skinny_gemm, lib.skinny_moe, lib.skinny_ffn_all, lib.skinny_moe_parts
         L, P, I, Fl = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         fn.argtypes = [P, L, P, L, L, P, L, L]
         moe_fn.argtypes = [P, L, L, P, P, L, L, P, L, P, L, P, P, I, I, Fl, Fl, L, L, P]
+        parts_fn.argtypes = [P, L, L, P, P, L, L, P, L, P, L, P, P, I, I, Fl, Fl, P, L, P]
         ffn_fn.argtypes = [P, L, L, P, L, P, L, I, I, Fl, Fl, P]
         fn.restype = None
-        moe_fn.restype = ffn_fn.restype = ctypes.c_int
-        _loaded = (fn, moe_fn, ffn_fn)   # ctypes releases the GIL during the call (parallel.py threads)
+        moe_fn.restype = ffn_fn.restype = parts_fn.restype = ctypes.c_int
+        _loaded = (fn, moe_fn, ffn_fn, parts_fn)   # ctypes releases the GIL during the call (parallel.py threads)
         return _loaded
 
 
@@ -519,6 +536,28 @@ def moe(y: Tensor, xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out
                  E, w_in.data_ptr(), R, w_out.data_ptr(), Fw, p(b_in), p(b_out), *_act(spec), experts[0],
                  experts[1], y.data_ptr()):
         raise MemoryError("skinny.moe: out of memory")
+    return y
+
+
+def moe_parts(xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, b_in, b_out, spec,
+              bounds: list[int]) -> Tensor:
+    """Σ over runs i of moe(zeros, ..., experts=(bounds[i], bounds[i + 1])), the runs at once on the
+    OpenMP threads of torch's libgomp (one C call; no Python worker), their results added in run order
+    (what kernels._accumulate does with parallel.py's workers: the same sums)."""
+    ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    (T, H), (E, R, _), Fw = xt.shape, w_in.shape, w_out.shape[2]
+    parts = len(bounds) - 1
+    ys = torch.zeros(parts, T, H, dtype=torch.float32)
+    b = torch.tensor(bounds, dtype=torch.int64)
+    p = lambda t: None if t is None else t.data_ptr()      # noqa: E731
+    if _lib()[3](xt.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1] if ids.dim() == 2 else 1,
+                 E, w_in.data_ptr(), R, w_out.data_ptr(), Fw, p(b_in), p(b_out), *_act(spec), b.data_ptr(),
+                 parts, ys.data_ptr()):
+        raise MemoryError("skinny.moe_parts: out of memory")
+    y = ys[0]
+    for i in range(1, parts):
+        y.add_(ys[i])
     return y
 
 

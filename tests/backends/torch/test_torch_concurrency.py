@@ -147,3 +147,30 @@ def test_bf16_with_two_threads_keeps_the_reference_order(two_threads):
     for name in ("torch.loop", "torch.grouped_gemm"):
         got = select.run(name, *args, spec=spec)
         assert torch.equal(got, want), f"{name}: {(got != want).sum()} of {got.numel()} differ"
+
+
+def test_where_experts_split_over_threads(two_threads, monkeypatch):
+    """With 2 intra-op threads: grouped_gemm's family never hands work to parallel.py's Python workers
+    (they competed with torch's spinning OpenMP pool: a 2-thread op as slow as 1 thread); its C path
+    splits runs of experts on OpenMP threads in one call (skinny.moe_parts), its BLAS path runs experts
+    in turn with every GEMM on both threads. torch.loop still uses the workers, inside a section whose
+    own ops run at one thread; the process's count is 2 again after each. All equal the reference."""
+    from moecc.backends.torch import kernels, skinny
+    spec, w = _layer(E=8, H=32, F=48)
+    seen, real = [], parallel.run_groups
+    monkeypatch.setattr(kernels, "run_groups",
+                        lambda fn, groups: seen.append(torch.get_num_threads()) or real(fn, groups))
+    parts, real_parts = [], skinny.moe_parts
+    monkeypatch.setattr(skinny, "moe_parts", lambda *a: parts.append(a[-1]) or real_parts(*a))
+    for kernel, T in (("torch.grouped_gemm", 64), ("torch.grouped_gemm", 2048), ("torch.dnn_gemm", 2048),
+                      ("torch.loop", 64)):
+        seen.clear(), parts.clear()
+        args = _args(spec, w, T=T)
+        got = call_moe(*args[:4], spec, kernel=kernel)
+        assert_numerically_equal(got, moe_reference(*args, spec), atol=1e-5, rtol=1e-5, what=f"{kernel} T={T}")
+        assert torch.get_num_threads() == 2
+        if kernel == "torch.loop":
+            assert seen == [1], seen                       # inside the op's section: its thread at 1
+        else:
+            assert seen == [], (kernel, T, seen)
+            assert (len(parts) == 1) == (T == 64 and skinny.available()), (kernel, T, parts)

@@ -238,8 +238,9 @@ def test_grouped_gemm_batched_skinny_path(monkeypatch, threads):
     if not skinny.available():
         pytest.skip("no C compiler or no AVX2/FMA here")
     calls = []
-    real = skinny.moe
+    real, real_parts = skinny.moe, skinny.moe_parts
     monkeypatch.setattr(skinny, "moe", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(skinny, "moe_parts", lambda *a: calls.extend(zip(a[-1], a[-1][1:])) or real_parts(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -258,7 +259,7 @@ def test_grouped_gemm_batched_skinny_path(monkeypatch, threads):
             # float32 sums in another order (16 or 8 lanes): a few ulp of the output's scale (up to ~200 here)
             scale = expected.abs().max().item()
             assert_numerically_equal(got, expected, atol=1e-5 + 4e-7 * scale, rtol=1e-5, what=str(spec))
-            assert 1 <= len(calls) <= threads                # one run of experts per thread
+            assert 1 <= len(calls) <= threads                # one run of experts per thread (one C call)
             assert sorted(e for lo, hi in calls for e in range(lo, hi)) == sorted(
                 set(e for lo, hi in calls for e in range(lo, hi)))   # disjoint runs
     finally:
