@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 
 import torch
 import tvm
@@ -66,11 +67,14 @@ def slice_(node, importer, original):
     return original(node) if inbound is None else inbound
 
 
+OPEN_END = 2 ** 62       # torch writes an open slice end as 2^63 - 1 (TVM's analyzer proves nothing about it
+                         # beside a symbolic size): ends from here on are the axis size
+
+
 def _inbound_slice(node, importer):
     """A unit-step slice whose 0 <= start <= end <= size TVM can prove: strided_slice with
     assume_inbound, so its dim is end - start (the importer's clamps leave T.min/T.max of symbols,
     which later passes cannot compare and TVM 0.27's KillAfterLastUse recursed forever on)."""
-    import sys
     x = importer.env[node.args[0]]
     a = list(node.args) + [None] * (5 - len(node.args))
     dim, start, end, step = (a[1] or 0), a[2], a[3], (1 if a[4] is None else a[4])
@@ -79,7 +83,7 @@ def _inbound_slice(node, importer):
     size = x.ty.shape[dim]
     start = prim_expr(0 if start is None else scalar(importer, start))
     end = scalar(importer, end)
-    end = size if end is None or (isinstance(end, int) and end >= sys.maxsize) else prim_expr(end)
+    end = size if end is None or (isinstance(end, int) and end >= OPEN_END) else prim_expr(end)
     zero = tirx.IntImm("int64", 0)
     if provable([start < zero], node):              # x[:, -k:] and x[:, :-1]: from the end, as torch counts
         start = start + size
@@ -239,8 +243,15 @@ def ranges(node) -> dict:
         for d in getattr(val, "shape", ()):
             if isinstance(d, torch.SymInt):
                 env = d.node.shape_env
-                return {str(k): (_finite(r.lower) or 0, _finite(r.upper)) for k, r in env.var_to_range.items()}
+                cached = _RANGES.get(env)
+                if cached is None or cached[0] != len(env.var_to_range):    # one dict per program
+                    cached = _RANGES[env] = (len(env.var_to_range), {
+                        str(k): (_finite(r.lower) or 0, _finite(r.upper)) for k, r in env.var_to_range.items()})
+                return cached[1]
     return {}
+
+
+_RANGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # ShapeEnv -> (symbols, ranges)
 
 
 def _finite(bound):
@@ -299,10 +310,6 @@ def div(node, importer, original):
     return importer.block_builder.emit(relax.op.floor_divide(x, relax.const(b, dtype)))
 
 
-OPEN_END = 2 ** 62                  # torch writes an open slice end as 2^63 - 1 (TVM's analyzer proves
-                                    # nothing about it beside a symbolic size)
-
-
 def slice_scatter(node, importer, original):
     """slice_scatter (what functionalization makes of `y[..., a:b] = src`) where TVM 0.27's legalization
     fails, on an axis whose size is not a constant (it wants one): over the whole axis at unit step,
@@ -346,17 +353,14 @@ def cat(node, importer, original):
     tensors = node.args[0]
     axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     empty = [isinstance(t, torch.fx.Node) and isinstance(t.meta.get("val"), torch.Tensor)
-             and t.meta["val"].dim() > 0 and _is_zero(t.meta["val"].shape[axis]) for t in tensors]
+             and t.meta["val"].dim() > 0 and isinstance(t.meta["val"].shape[axis], int)
+             and t.meta["val"].shape[axis] == 0 for t in tensors]
     kept = [t for t, e in zip(tensors, empty) if not e]
     if not any(empty) or not kept:
         return original(node)
     if len(kept) == 1:
         return importer.env[kept[0]]
     return importer.block_builder.emit(relax.op.concat([importer.env[t] for t in kept], axis=axis))
-
-
-def _is_zero(size) -> bool:
-    return isinstance(size, int) and size == 0
 
 
 def _size_tensor(bb, size):

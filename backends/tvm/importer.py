@@ -147,25 +147,13 @@ def agree_operands(node, importer) -> None:
         static = [d for d in sizes if isinstance(d, int)]
         wanted.append(static[0] if static else val.shape[-i])
     wanted.reverse()                                            # [rank] torch sizes, left to right
-    symbols = _symbols(importer)
     from tvm.sym.analyzer import Analyzer
-    analyzer = Analyzer()
+    analyzer, symbols = Analyzer(), _symbols(importer)
     for a in args:
-        var, dims = importer.env[a], list(importer.env[a].ty.shape.values)
-        torch_dims = a.meta["val"].shape
-        new, changed = [], False
-        for j, d in enumerate(dims):
-            if isinstance(torch_dims[j], int) and torch_dims[j] == 1:
-                new.append(d)
-                continue
-            w = symbolic(wanted[rank - len(dims) + j], symbols)
-            if w is None:
-                return
-            same = analyzer.can_prove_equal(d, w)
-            changed |= not same
-            new.append(d if same else w)
-        if changed:
-            importer.env[a] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
+        n, torch_dims = len(importer.env[a].ty.shape.values), a.meta["val"].shape
+        want = [None if isinstance(t, int) and t == 1 else wanted[rank - n + j] for j, t in enumerate(torch_dims)]
+        if not _cast_dims(importer, a, want, symbols, analyzer):
+            return
 
 
 def agree_expanded(node, importer) -> None:
@@ -178,22 +166,31 @@ def agree_expanded(node, importer) -> None:
             or var.ty.shape is None or not isinstance(src.meta.get("val"), torch.Tensor):
         return
     from tvm.sym.analyzer import Analyzer
-    analyzer, symbols = Analyzer(), _symbols(importer)
-    dims, torch_in = list(var.ty.shape.values), src.meta["val"].shape
-    offset, new, changed = val.dim() - len(dims), [], False
-    for j, d in enumerate(dims):
-        out = val.shape[offset + j]
-        if isinstance(torch_in[j], int) and torch_in[j] == 1 or isinstance(out, int) and out == 1:
-            want = tirx.IntImm("int64", 1)
-        else:
-            want = symbolic(out, symbols)
-        if want is None:
-            return
-        same = analyzer.can_prove_equal(d, want) or analyzer.can_prove_equal(d, 1)
+    torch_in, offset = src.meta["val"].shape, val.dim() - len(var.ty.shape.values)
+    want = [1 if (isinstance(t, int) and t == 1) or (isinstance(o, int) and o == 1) else o
+            for t, o in zip(torch_in, list(val.shape)[offset:])]
+    _cast_dims(importer, src, want, _symbols(importer), Analyzer(), or_one=True)
+
+
+def _cast_dims(importer, a, wanted: list, symbols: dict, analyzer, or_one: bool = False) -> bool:
+    """match_cast env[a] so that each dim TVM cannot prove equal to its wanted torch size (None: kept;
+    or_one: a dim TVM proves 1 is kept too) becomes that size; the env entry is replaced, so later users
+    see the cast shape. False (nothing cast) where a wanted size has no TVM expression."""
+    var = importer.env[a]
+    new, changed = [], False
+    for d, w in zip(var.ty.shape.values, wanted):
+        if w is None:
+            new.append(d)
+            continue
+        w = symbolic(w, symbols)
+        if w is None:
+            return False
+        same = analyzer.can_prove_equal(d, w) or (or_one and analyzer.can_prove_equal(d, 1))
         changed |= not same
-        new.append(d if same else want)
+        new.append(d if same else w)
     if changed:
-        importer.env[src] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
+        importer.env[a] = importer.block_builder.match_cast(var, relax.TensorType(new, str(var.ty.dtype)))
+    return True
 
 
 def _agreeing(vars_) -> bool:
