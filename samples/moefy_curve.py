@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minilm  # noqa: E402
+import moefy_onnx_speed as onnx_speed  # noqa: E402
 
 from moecc import calibration as calib  # noqa: E402
 from moecc.frontend import capture  # noqa: E402
@@ -52,10 +53,13 @@ def ks_for(E: int, quick: bool) -> list[int]:
 
 
 def kernels() -> list[str]:
-    """The torch backend's sort + grouped-GEMM kernel (else its per-expert loop, else the reference)."""
+    """The torch backend's per-call choice by token count (else its sort + grouped-GEMM kernel, else the
+    reference)."""
     try:
         from moecc.backends.torch import kernels as k
-        return [n for n in ("torch.grouped_gemm", "torch.loop") if n in k.KERNELS][:1] or ["reference"]
+        from moecc.backends.torch import select
+        return (["torch.auto"] if select.AUTO == "torch.auto" else []) + [
+            n for n in ("torch.grouped_gemm",) if n in k.KERNELS][:1] or ["reference"]
     except ImportError:
         return ["reference"]
 
@@ -95,9 +99,13 @@ def cpu_time(fn, x, repeats: int, clock=time.thread_time) -> float:
     return min(times)
 
 
-def dense_ffn(gm):
+def dense_weights(gm) -> tuple:
     m = find_ffns(gm)[0][0]
-    w1, b1, w2, b2 = param(gm, m.w_in[0]), param(gm, m.b_in[0]), param(gm, m.w_out), param(gm, m.b_out)
+    return param(gm, m.w_in[0]), param(gm, m.b_in[0]), param(gm, m.w_out), param(gm, m.b_out)
+
+
+def dense_ffn(gm):
+    w1, b1, w2, b2 = dense_weights(gm)
     return lambda x: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
@@ -122,10 +130,11 @@ def moe_ffn(gm, kernel: str):
 def speed(gm, dense_fn, x, repeats: int) -> dict:
     """FFN (layer 0) MoE / dense: 1 thread (thread CPU time) and every core (wall time), per kernel."""
     out, threads = {}, torch.get_num_threads()
+    cores = max(threads, os.cpu_count() or 1)
     try:
         for kernel in kernels():
             fn = moe_ffn(gm, kernel)
-            for label, n, clock in ((kernel, 1, time.thread_time), (f"{kernel} {threads} threads", threads,
+            for label, n, clock in ((kernel, 1, time.thread_time), (f"{kernel} {cores} threads", cores,
                                                                     time.perf_counter)):
                 torch.set_num_threads(n)
                 t_dense, t_moe = [], []
@@ -145,11 +154,13 @@ def model_speed(gm, base, batches, repeats: int) -> dict:
             for b in batches:
                 m(*b)
     out, threads = {}, torch.get_num_threads()
-    for label, n, clock in (("1 thread", 1, time.thread_time), (f"{threads} threads", threads, time.perf_counter)):
+    cores = max(threads, os.cpu_count() or 1)
+    for label, n, clock in (("1 thread", 1, time.thread_time), (f"{cores} threads", cores, time.perf_counter)):
         torch.set_num_threads(n)
         try:
             best = {}
-            for _ in range(max(1, repeats // 2)):          # interleaved, fastest of the repeats
+            once(base), once(gm)                            # warm-up at this thread count (kernel choice)
+            for _ in range(max(1, repeats)):               # interleaved, fastest of the repeats
                 for name, m in (("dense", base), ("moe", gm)):
                     t = clock()
                     once(m)
@@ -186,7 +197,7 @@ def run(args) -> dict:
         sorted({max(1, round(f * E)) for f in args.fractions}) if args.fractions else args.ks or ks_for(E, args.quick))
         if k <= E]
     rows, bar = [], tqdm(total=len(grid) + len(args.upcycle_k), desc="moefy curve", unit="point")
-    plans_for = {}
+    plans_for, onnx_cache = {}, {}
     for E, k in grid:
         if E not in plans_for:
             bar.set_postfix_str(f"plan E={E}")
@@ -208,7 +219,11 @@ def run(args) -> dict:
                "router_recall": round(statistics.mean(p.facts["router_recall"] for p in plans), 4),
                "plan_seconds": round(plan_s, 1)}
         if args.time and k < E:
-            row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 2)
+            row["model_time_ratio"] = model_speed(gm, base.gm, held_b, 3)
+            if args.onnx:
+                bar.set_postfix_str(f"onnx E={E} k={k}")
+                row["time_ratio"].update(onnx_speed.ffn(gm, dense_weights(base.gm), x, args.repeats, onnx_cache))
+                row["model_time_ratio"].update(onnx_speed.model(base, gm, held_b, 3, onnx_cache))
         if args.heal and E in args.heal_experts and 0.125 <= facts["active_fraction"] <= 0.5:
             bar.set_postfix_str(f"heal E={E} k={k}")
             row["healed"] = heal_point(args, gm, base.gm, cal, held_b, dense)
@@ -230,7 +245,7 @@ def run(args) -> dict:
             "clock": "thread CPU time, fastest of 3 x repeats, dense and MoE interleaved",
             "kernels": kernels(), "heal_steps": args.heal, "heal_params": args.heal_params,
             "heal_routers": args.heal_routers,
-            "threads_all": torch.get_num_threads(), "rows": rows}
+            "threads_all": max(torch.get_num_threads(), os.cpu_count() or 1), "rows": rows}
 
 
 def _heal_cells(r: dict) -> list[str]:
@@ -248,12 +263,14 @@ def merge_times(result: dict, timed: dict) -> dict:
         t = by.get((r["pass"], r["E"], r["k"]), {})
         r["time_ratio"], r["model_time_ratio"] = t.get("time_ratio", {}), t.get("model_time_ratio", {})
     result["timing"] = {k: timed[k] for k in ("threads_all", "clock", "tokens_timed")}
+    result["kernels"] = timed["kernels"]
     return result
 
 
 def table(result: dict) -> str:
-    ffn = sorted({k for r in result["rows"] for k in r.get("time_ratio", {})})
-    whole = sorted({k for r in result["rows"] for k in r.get("model_time_ratio", {})})
+    order = lambda k: (k.startswith("onnx"), k)                               # noqa: E731 - torch first
+    ffn = sorted({k for r in result["rows"] for k in r.get("time_ratio", {})}, key=order)
+    whole = sorted({k for r in result["rows"] for k in r.get("model_time_ratio", {})}, key=order)
     head = ["pass", "E", "k", "active FFN", "cos mean", "cos worst", "NN agree", "no refit: cos / NN"] + [
         f"FFN time {k}" for k in ffn] + [f"model time {k}" for k in whole] + [
         "healed: cos / worst / NN", "heal steps (best) / s"]
@@ -275,7 +292,8 @@ def table(result: dict) -> str:
             f"FFN time: layer 0's router + MoE / dense FFN at {result['tokens_timed']} tokens; model time: "
             f"the whole model MoE / dense on the held-out sentences (unhealed weights: the same work as "
             f"healed ones); 1 thread: thread CPU time, N threads: wall time; torch eager, "
-            f"kernel {', '.join(result['kernels'])}. {heal}\n\n" + "\n".join(lines) + "\n")
+            f"kernel {', '.join(result['kernels'])}; onnx: moecc's ONNX artifacts of the model / of layer 0 "
+            f"alone in onnxruntime (samples/moefy_onnx_speed.py). {heal}\n\n" + "\n".join(lines) + "\n")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -347,6 +365,8 @@ def main(argv=None) -> None:
     p.add_argument("--heal-routers", action="store_true", help="train the routers too (straight-through gates)")
     p.add_argument("--no-time", dest="time", action="store_false",
                    help="quality only (healing on a shared machine); take the times from a --time-from run")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="torch times only (no ONNX artifacts of the model and of layer 0's FFN)")
     p.add_argument("--time-from", type=Path, default=None,
                    help="curve.json of a timing run (--heal 0, quiet machine): its times fill this table")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
@@ -356,6 +376,8 @@ def main(argv=None) -> None:
     if args.combine:
         parts = [json.loads(f.read_text()) for f in args.combine]
         result = {**parts[0], "rows": [r for part in parts for r in part["rows"]]}
+        if args.time_from:                  # e.g. the healed quality run + a timing run on a quiet machine
+            result = merge_times(result, json.loads(args.time_from.read_text()))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "curve.json").write_text(json.dumps(result, indent=1))
         (args.out / "curve.md").write_text(table(result))
