@@ -158,3 +158,13 @@ def test_routers_train_with_heal_routers(bert):
                     routers=True, eval_every=1)
     moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.rsplit(".", 1)[-1].startswith("router") for n in moved), moved
+
+
+def test_long_schedules_are_patient_for_a_share_of_their_steps():
+    """A 1000-step schedule evaluated every 25 steps waits 10 evaluations (a quarter of it) for a new
+    best, not 4: the held-out loss wanders while the learning rate is high (E=16 k=4 stopped at step
+    150 of 1000); short schedules keep PATIENCE."""
+    from moecc.passes.moefy_heal import PATIENCE, patience_for
+    assert patience_for(1000, 25) == 10
+    assert patience_for(300, 25) == PATIENCE == 4
+    assert patience_for(40, 4) == PATIENCE
