@@ -33,8 +33,8 @@ test-slow: setup       # the long campaigns: property tests at scale, EP fault c
 bench: setup
 	$(BIN)/moecc bench --quick --out out/bench
 
-# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport: ~15-25 min on
-# 2 cores; results in samples/results/overlap.md (--quick: the 2 headline configs, ~3 min)
+# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport, ranks pinned: ~5 min
+# on a quiet 2-core machine; results in samples/results/overlap.md (--quick: the 3 headline configs, ~2 min)
 bench-overlap: setup
 	OMP_NUM_THREADS=1 $(BIN)/python samples/overlap_bench.py --out samples/results
 

@@ -45,7 +45,7 @@ def predict(run: dict, scale: float = 1.0, extra: float = 0.0, skew: float = 0.0
     for key in ("chunk", "plan", "plan_fixed", "sums", "sums_fixed", "unpack", "unpack_fixed"):
         m[key] = m.get(key, 0.0) * scale
     m["flops"] /= scale
-    cl, c = measured_costs(layer_of(cfg), cfg["world"], ids_of(cfg), m)
+    cl, c = measured_costs(layer_of(cfg), cfg["world"], ids_of(cfg), m, placement_of(cfg))
     if extra:
         c = replace(c, alpha=c.alpha + extra, dispatch=c.dispatch + extra, combine=c.combine + extra,
                     sizes=c.sizes + extra)
@@ -58,6 +58,20 @@ def predict(run: dict, scale: float = 1.0, extra: float = 0.0, skew: float = 0.0
 @lru_cache(maxsize=None)
 def _ids(W, T, E, k, skew, seed):
     return sample_ids(W, T, E, k, skew, seed=seed, permute=True)
+
+
+@lru_cache(maxsize=None)
+def _planned(W, T, E, k, skew, seed, replicas):
+    from overlap_bench import planned
+    return planned(W, T, E, k, skew, seed, replicas)
+
+
+def placement_of(cfg: dict):
+    """The bench's placement: None (contiguous) or its planned one (overlap_bench.planned)."""
+    if cfg.get("placement") != "planned":
+        return None
+    return _planned(cfg["world"], cfg["tokens"], cfg["experts"], cfg["top_k"], cfg["skew"],
+                    cfg.get("seed", 3), cfg.get("replicas", cfg["world"]))
 
 
 def ids_of(cfg: dict):
@@ -113,7 +127,7 @@ def breakdown(runs: list[dict], timelines: dict) -> None:
             continue
         cfg, m = r["config"], r["constants"]
         W, T = cfg["world"], cfg["tokens"]
-        cl, c = measured_costs(layer_of(cfg), W, ids_of(cfg), m)
+        cl, c = measured_costs(layer_of(cfg), W, ids_of(cfg), m, placement_of(cfg))
         print(f"\n[{name}] W={W} T={T} H={cfg['hidden']} E={cfg['experts']} k={cfg['top_k']} "
               f"α={cfg['alpha'] * 1e3:g} ms (probe {m['alpha'] * 1e3:.2f}) β_set={r['beta_set']:.3g} "
               f"shared={cfg['shared']} late={r['late_calls']}")
@@ -172,6 +186,8 @@ def main() -> None:
     print(f"as measured:  {fmt(score(runs, [predict(r) for r in runs]))}")
     for name in ("W=2", "W=4"):
         sub = [r for r in runs if r["config"]["world"] == int(name[2:])]
+        if not sub:
+            continue
         print(f"  {name}: {fmt(score(sub, [predict(r) for r in sub]))}")
     ablations(runs)
     if a.no_fit:

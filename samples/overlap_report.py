@@ -1,5 +1,5 @@
 """Tables of samples/overlap_bench.py's runs: OUT/overlap.md, OUT/overlap.json, OUT/overlap_trace.json
-(balanced headline at d*) and OUT/overlap_trace_zipf.json (Zipf headline at d*)."""
+(balanced headline at d*) and OUT/overlap_trace_zipf.json (Zipf headline at d*), OUT/overlap_trace_zipf_planned.json (Zipf on the planned placement)."""
 from __future__ import annotations
 
 import json
@@ -109,7 +109,7 @@ def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -
     (out / "overlap.md").write_text("\n".join(lines))
     (out / "overlap.json").write_text(json.dumps({"summary": s, "runs": [
         {k: v for k, v in r.items() if k != "timelines"} for r in runs]}, indent=1))
-    for r, name in zip(head, ("overlap_trace.json", "overlap_trace_zipf.json")):
+    for r, name in zip(head, ("overlap_trace.json", "overlap_trace_zipf.json", "overlap_trace_zipf_planned.json")):
         if r.get("timelines"):              # each headline run at d*, its fastest repeat
             d = str(r["chosen"])
             write_chrome_trace([Timeline.from_dict(t[d][r["fastest"][d]]) for t in r["timelines"]],

@@ -23,22 +23,33 @@ META_BYTES = 24         # per pair in a dispatch: weight (float64), local id, ro
 
 
 def sample_ids(world: int, tokens: int, experts: int, top_k: int, skew: float, seed: int = 0,
-               permute: bool = False) -> np.ndarray:
+               permute: bool = False, draw_seed: int | None = None) -> np.ndarray:
     """[W, T, k] expert ids: k distinct experts per token, drawn ∝ Zipf(skew) popularity (expert 0
-    hottest unless permute shuffles which expert is hot)."""
+    hottest unless permute shuffles which expert is hot); draw_seed: other tokens from the same
+    popularities (seed fixes which expert is hot)."""
     rng = np.random.default_rng(seed)
     logp = np.log(zipf_probs(experts, skew))
     if permute:
         logp = logp[rng.permutation(experts)]
+    if draw_seed is not None:
+        rng = np.random.default_rng([seed, draw_seed])
     keys = logp + rng.gumbel(size=(world * tokens, experts))
     ids = np.argsort(-keys, axis=1)[:, :top_k]
     return ids.reshape(world, tokens, top_k).astype(np.int64)
 
 
-def _matrices(ids: np.ndarray, experts: int):
-    """-> pairs [W, W], rows [W, W] (source, destination), received pairs per rank [W]."""
+def _matrices(ids: np.ndarray, experts: int, placement=None):
+    """-> pairs [W, W], rows [W, W] (source, destination), received pairs per rank [W]. placement: a
+    moecc.distributed.layout.LayerPlacement (replica shares, one node), sent by its exact dispatch
+    rule (placement metrics' `dispatch`, tokens numbered rank-major); None: contiguous experts."""
     W, T, k = ids.shape
-    dest = np.where(ids >= 0, ids * W // experts, -1)                         # contiguous placement
+    if placement is None:
+        dest = np.where(ids >= 0, ids * W // experts, -1)                     # contiguous placement
+    else:
+        from moecc.passes.placement.metrics import dispatch
+        G = placement.devices_per_node
+        dest = np.stack([dispatch(placement.share, ids[r], placement.local, np.full(T, r // G), G,
+                                  np.arange(r * T, (r + 1) * T)) for r in range(W)])
     pairs = np.zeros((W, W), np.int64)
     rows = np.zeros((W, W), np.int64)
     for r in range(W):
@@ -69,7 +80,7 @@ def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> fl
 def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
-                  wake: float = 0.0, floor: float = 0.0) -> Costs:
+                  wake: float = 0.0, floor: float = 0.0, placement=None) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
@@ -77,7 +88,7 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     least time a collective takes (probe: an exchange's while the cores compute)."""
     cluster.validate()
     layer.validate(cluster.world)
-    pairs, rows, received = _matrices(np.asarray(ids), layer.experts)
+    pairs, rows, received = _matrices(np.asarray(ids), layer.experts, placement)
     H, W = layer.hidden, cluster.world
     b = layer.dispatch_bytes
     dispatch = _collective(cluster, rows * (H * b) + pairs * META_BYTES)        # one packed message
@@ -93,7 +104,8 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                  wake=wake, floor=floor)
 
 
-def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict) -> tuple[Cluster, Costs]:
+def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
+                   placement=None) -> tuple[Cluster, Costs]:
     """(one-node cluster, Costs) of this runtime on `world` ranks from the constants the probe
     measured at start-up (moecc.distributed.probe.Measured.to_dict(); the fields it lacks count 0)."""
     link = Link(k["alpha"], 1.0 / k["beta"] if k["beta"] > 0 else float("inf"))
@@ -102,4 +114,5 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict) -> t
     return cluster, runtime_costs(layer, cluster, ids, plan=k["plan"] * T, plan_fixed=k["plan_fixed"],
                                   sums=k["sums"] * T, sums_fixed=k["sums_fixed"],
                                   unpack=k.get("unpack", 0.0) * T, unpack_fixed=k.get("unpack_fixed", 0.0),
-                                  wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0))
+                                  wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0),
+                                  placement=placement)

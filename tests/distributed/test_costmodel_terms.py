@@ -100,3 +100,27 @@ def test_floor_is_the_least_time_a_collective_holds_the_channel():
     layer = LayerShape(tokens=64, hidden=16, ffn=32, experts=8, top_k=2, gated=True)
     _, m = measured_costs(layer, 2, sample_ids(2, 64, 8, 2, 0.0), {**K, "busy": 4e-3})
     assert m.floor == 4e-3
+
+
+def test_costs_count_a_planned_placement_as_the_runtime_dispatches_it():
+    """With a placement (replicas splitting an expert's tokens), the model's traffic is what
+    layout.layout sends rank by rank: pairs and hidden rows per (source, destination), received pairs
+    per rank; a contiguous LayerPlacement counts the same as no placement."""
+    from moecc.distributed.ep_costs import _matrices
+    from moecc.distributed.layout import LayerPlacement, layout
+    W, T, E, k = 4, 64, 8, 2
+    ids = sample_ids(W, T, E, k, 1.2, seed=5, permute=True)
+    contiguous = LayerPlacement.contiguous("moe", E, W)
+    for a, b in zip(_matrices(ids, E), _matrices(ids, E, contiguous)):
+        np.testing.assert_array_equal(a, b)
+    share = np.zeros((E, W))
+    share[np.arange(E), [0, 0, 1, 1, 2, 2, 3, 3]] = 1.0
+    share[5] = [0.0, 0.5, 0.5, 0.0]                 # expert 5: half its tokens on rank 1, half on 2
+    share[0] = [0.25, 0.25, 0.25, 0.25]             # expert 0 on every rank
+    placed = LayerPlacement("moe", share, np.zeros(E, bool), 1)
+    pairs, rows, received = _matrices(ids, E, placed)
+    for r in range(W):
+        lay = layout(torch.as_tensor(ids[r]), placed, r, np.arange(r * T, (r + 1) * T))
+        assert pairs[r].tolist() == list(lay.send) and rows[r].tolist() == list(lay.row_send)
+    assert received.tolist() == pairs.sum(0).tolist()
+    assert not np.array_equal(pairs, _matrices(ids, E)[0])     # the plan moves traffic
