@@ -5,6 +5,7 @@ into one error naming the rank and the layer.
     all_to_all(t, send, recv, group, where, async_op) -> Pending   .wait() -> the received rows
     agree(vec, group, where) -> [W, n]       every rank's vector, gathered: the numbers that shape
                                              the next collectives, seen identically by all ranks
+                                             (async_op=True: Gathered, .wait() -> [W, n])
 
 A collective that fails (a peer died: connection closed; a peer stalls: gloo's timeout) raises
 `EPError("rank R: layer L: <phase>: <cause>")`; the launcher prints that line and exits non-zero at
@@ -126,15 +127,17 @@ def use_transport(transport):
     return prev
 
 
-def agree(vec: Tensor, group, where: str) -> Tensor:
-    """vec [n] int64 -> [W, n]: every rank's vector (all_gather), identical on all ranks."""
+def agree(vec: Tensor, group, where: str, async_op: bool = False):
+    """vec [n] int64 -> [W, n]: every rank's vector (all_gather), identical on all ranks. async_op:
+    returns a Gathered in flight (the caller computes meanwhile), wait() -> [W, n]."""
     if _TRANSPORT is not None:
-        return _TRANSPORT.all_gather(vec, group, where)
+        return _TRANSPORT.all_gather(vec, group, where, async_op)
     W = dist.get_world_size(group)
     vec = vec.to(collective_device(group)).contiguous()
     out = [torch.empty_like(vec) for _ in range(W)]
-    _run(where, group, lambda: dist.all_gather(out, vec, group=group))
-    return torch.stack(out).cpu()
+    work = _run(where, group, lambda: dist.all_gather(out, vec, group=group, async_op=async_op))
+    p = Gathered(out, work if async_op else None, group, where)
+    return p if async_op else p.wait()
 
 
 def collective_device(group=None) -> torch.device:
@@ -159,6 +162,13 @@ class Pending:
             work, self._work = self._work, None
             _run(self.where, self._group, work.wait)
         return self.out
+
+
+class Gathered(Pending):
+    """An all_gather in flight: wait() -> [W, n] on the CPU (errors name rank and layer)."""
+
+    def wait(self) -> Tensor:
+        return torch.stack(super().wait()).cpu()
 
 
 def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str,

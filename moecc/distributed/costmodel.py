@@ -171,6 +171,8 @@ class Costs:
                                     # exchange's latency beyond a burst's (probe: lone - alpha)
     floor: float = 0.0              # the least time a collective holds the channel (s): the real
                                     # exchange's pace while the cores also compute (probe: busy)
+    pack: float = 0.0               # packing the dispatch buffers, all tokens (part of plan): the
+    pack_fixed: float = 0.0         # chunked schedule does it while the split sizes are in flight
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -222,13 +224,15 @@ def shared_block_count(degree: int) -> int:
 def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True,
              shared_blocks: int | None = None) -> Schedule:
     """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
-    plans all chunks, exchanges split sizes (one collective, synchronous), issues the d dispatches,
+    lays out all chunks, exchanges split sizes (one collective) while it packs the dispatch buffers
+    (c.pack; a wait if the sizes arrive later), issues the d dispatches,
     then per chunk: runs shared-expert blocks while its dispatch is in flight, waits for it,
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
     is in flight, wait, sum; the blocks left. One FIFO comm channel (a collective holds it at least
     c.floor), one compute stream; a wait for a collective that has not arrived yet resumes c.wake
     after its arrival.
-    overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps).
+    overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps; the
+    packing after the split sizes).
     shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
     2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
     layer's two nodes, passes/expert_parallel)."""
@@ -242,16 +246,25 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     t_sum = c.sums_fixed + c.sums / d
     sizes = max(c.sizes + (d - 1) * c.sizes_chunk, c.floor) if c.sizes > 0 else 0.0
     comm, comp = [], []
-    t = c.plan + d * c.plan_fixed
-    comp.append((0.0, t))
-    if sizes > 0:                                                # split sizes, synchronous
-        comm.append((t, t + sizes))
-        t += sizes + c.wake
     if not overlap:
+        t = c.plan + d * c.plan_fixed
+        comp.append((0.0, t))
+        if sizes > 0:                                            # split sizes, synchronous
+            comm.append((t, t + sizes))
+            t += sizes + c.wake
         for kind, dur in (("comm", t_disp), ("comp", t_exp), ("comm", t_comb), ("comp", c.shared + t_sum)):
             (comm if kind == "comm" else comp).append((t, t + dur))
             t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(0, t, comm, comp)
+    pack = c.pack + d * c.pack_fixed                             # packed while the sizes fly
+    t = max(c.plan + d * c.plan_fixed - pack, 0.0)               # the layouts
+    comp.append((0.0, t))
+    if sizes > 0:
+        comm.append((t, t + sizes))
+    if pack > 0:
+        comp.append((t, t + pack))
+    arrival = t + sizes
+    t = t + pack if t + pack >= arrival else arrival + (c.wake if sizes > 0 else 0.0)
     comm_free, disp_end = t, []
     for _ in range(d):                                           # all dispatches issued now
         comm.append((comm_free, comm_free + t_disp))

@@ -231,11 +231,12 @@ def dispatch_buffer(x: Tensor, weights: Tensor, lay: Layout) -> tuple[Tensor, li
 
 
 def dispatch(x: Tensor, weights: Tensor, ids: Tensor, lay: Layout, sizes: Sizes, group,
-             where: str = "dispatch", async_op: bool = False) -> Dispatched:
+             where: str = "dispatch", async_op: bool = False, packed=None) -> Dispatched:
     """x [T, H], weights [T, S], ids [T, S] -> the pairs this rank's experts compute, in ONE
     all-to-all (pack_dispatch): hidden rows (one per (token, rank)) and per pair (routing weight,
-    local id, row). async_op: in flight until wait()."""
-    buf, nbytes = dispatch_buffer(x, weights, lay)
+    local id, row). async_op: in flight until wait(). packed: dispatch_buffer(x, weights, lay),
+    built earlier (while the split sizes were in flight)."""
+    buf, nbytes = packed if packed is not None else dispatch_buffer(x, weights, lay)
     row_bytes = x.shape[-1] * x.element_size()
     recv = [r * row_bytes + m * META * 8 for r, m in zip(sizes.row_recv, sizes.recv)]
     pending = all_to_all(buf, nbytes, recv, group, where + ": dispatch hidden rows + pairs", async_op)

@@ -80,7 +80,8 @@ def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> fl
 def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
-                  wake: float = 0.0, floor: float = 0.0, placement=None) -> Costs:
+                  wake: float = 0.0, floor: float = 0.0, placement=None, pack: float = 0.0,
+                  pack_fixed: float = 0.0) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
@@ -101,7 +102,7 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                  dispatch_msgs=DISPATCH_MSGS, combine_msgs=COMBINE_MSGS, sizes=sizes, plan=plan,
                  plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed, unpack=unpack,
                  unpack_fixed=unpack_fixed, sizes_chunk=a2a_time(cluster, per_chunk, per_chunk) - alpha,
-                 wake=wake, floor=floor)
+                 wake=wake, floor=floor, pack=pack, pack_fixed=pack_fixed)
 
 
 def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
@@ -115,4 +116,5 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
                                   sums=k["sums"] * T, sums_fixed=k["sums_fixed"],
                                   unpack=k.get("unpack", 0.0) * T, unpack_fixed=k.get("unpack_fixed", 0.0),
                                   wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0),
-                                  placement=placement)
+                                  placement=placement, pack=k.get("pack", 0.0) * T,
+                                  pack_fixed=k.get("pack_fixed", 0.0))

@@ -1,7 +1,8 @@
 """Chunked expert-parallel MoE layer: the all-to-all of one chunk in flight while another computes.
 
     experts ⇒ split the rank's tokens into d chunks; plan each (layout); split sizes of all chunks
-              (one collective); dispatch × d (one all-to-all each, async, issued at once);
+              (one collective, in flight while every chunk's dispatch buffer is packed);
+              dispatch × d (one all-to-all each, async, issued at once);
               per chunk: [shared-expert blocks while its dispatch is in flight] → wait → local
               experts → combine (async); per chunk: [shared-expert blocks while its combine is in
               flight] → wait → weigh and sum its tokens; the shared-expert blocks left; + shared
@@ -31,8 +32,8 @@ import torch
 from torch import Tensor
 
 from moecc.distributed.comm import agree
-from moecc.distributed.ep import (check_world, combine, dispatch, local_experts, read_sizes, size_vector,
-                                  token_numbers)
+from moecc.distributed.ep import (check_world, combine, dispatch, dispatch_buffer, local_experts, read_sizes,
+                                  size_vector, token_numbers)
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
 from moecc.spec import MoESpec
@@ -157,11 +158,17 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
     with _span(timeline, f"{where} plan"):
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
         vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype)
-    sizes = read_sizes(agree(vec, group, where + ": split sizes"), lays, placement, group)   # 1 collective
     sl = [slice(lo, hi) for lo, hi in bounds]
-    with _span(timeline, f"{where} pack"):      # gather + pack each chunk's rows: compute
-        pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True)
-                for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
+    table = agree(vec, group, where + ": split sizes", async_op=overlap)                   # 1 collective
+    packed = [None] * d
+    if overlap:                                 # the buffers need only the layouts: pack while the
+        with _span(timeline, f"{where} pack"):  # split sizes are in flight
+            packed = [dispatch_buffer(x[s], weights[s], lay) for s, lay in zip(sl, lays)]
+        table = table.wait()
+    sizes = read_sizes(table, lays, placement, group)
+    with _span(timeline, f"{where} pack") if not overlap else nullcontext():
+        pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True,
+                         packed=packed[c]) for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
     return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap,
                          w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,

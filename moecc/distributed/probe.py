@@ -15,6 +15,8 @@ they compete for the machine as the layers will):
                          throughput from the slope, the fixed cost per call from the intercept
         plan, plan_fixed the send layout (layout.layout) and the packed dispatch buffer
                          (ep.dispatch_buffer), per token and per call
+        pack, pack_fixed the packed dispatch buffer alone (part of plan: the chunked schedule packs
+                         while the split sizes are in flight)
         sums, sums_fixed the combine's weigh-and-sum per token and per call
         unpack, unpack_fixed  reading a received dispatch (Dispatched.wait: unpack the rows and
                          pairs, index them for autograd), per token and per call
@@ -54,6 +56,8 @@ class Measured:
     lone: float = 0.0           # s per exchange waited for at once (>= alpha when measured)
     unpack: float = 0.0         # s per token (reading a received dispatch)
     unpack_fixed: float = 0.0   # s per call
+    pack: float = 0.0           # s per token (the packed dispatch buffer alone: part of plan)
+    pack_fixed: float = 0.0
     busy: float = 0.0           # s per exchange of a burst issued while every rank computes
 
     def to_dict(self) -> dict:
@@ -168,7 +172,7 @@ def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: i
 
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
                     seed: int = 0, aligned: bool = True) -> list[float]:
-    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed] of this rank
+    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed, pack, pack_fixed] of this rank
     (module docstring), timed while every rank computes."""
     import torch.distributed as dist
 
@@ -185,7 +189,7 @@ def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: i
     rng = np.random.default_rng(seed)
 
     def steps(n):
-        """(plan, sum, read) on n tokens routed at random."""
+        """(plan, sum, read, pack) on n tokens routed at random."""
         ids = torch.as_tensor(np.argsort(rng.random((n, E)), 1)[:, :k])
         lay = layout(ids, placement, rank, np.arange(n))
         back = torch.randn(int(lay.token.numel()), H, dtype=dtype)
@@ -193,13 +197,16 @@ def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: i
 
         def plan():                                   # the send layout, then the packed dispatch
             dispatch_buffer(x, w, layout(ids, placement, rank, np.arange(n)))
-        return plan, (lambda: _sum_slots(back, ids, lay)), _reader(x, w, ids, lay, group)
+        return (plan, (lambda: _sum_slots(back, ids, lay)), _reader(x, w, ids, lay, group),
+                lambda: dispatch_buffer(x, w, lay))
     m1, m2 = max(tokens // 8, 1), max(tokens, 2)
     a, b = steps(m1), steps(m2)
-    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2]], group, repeats, aligned)
+    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3]], group, repeats,
+                aligned)
     per_row, chunk = _line(n1, t[0], n2, t[1])
     inv_flops = per_row / (2.0 * H * (w_in.shape[1] + w_out.shape[2]))
-    return [inv_flops, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7])]
+    return [inv_flops, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7]),
+            *_line(m1, t[8], m2, t[9])]
 
 
 def _reader(x, w, ids, lay, group):
@@ -220,7 +227,7 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
     busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
     if not aligned:
-        lone, c[6:] = 0.0, [0.0, 0.0]
+        lone, c[6:] = 0.0, [0.0, 0.0, 0.0, 0.0]
     mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:], busy], dtype=torch.float64)
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
     return Measured(worst[0], worst[1], 1.0 / worst[2], *worst[3:])

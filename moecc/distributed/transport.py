@@ -88,8 +88,9 @@ class DelayedTransport:
             p.wait()
         return p
 
-    def all_gather(self, vec: Tensor, group, where: str) -> Tensor:
-        """vec [n] -> [W, n], synchronous; bytes: what the other ranks send this one."""
+    def all_gather(self, vec: Tensor, group, where: str, async_op: bool = False):
+        """vec [n] -> [W, n] (async_op: a DelayedPending whose wait() returns it); bytes: what the
+        other ranks send this one."""
         W = dist.get_world_size(group)
         vec = vec.contiguous()
 
@@ -97,8 +98,8 @@ class DelayedTransport:
             out = [torch.empty_like(vec) for _ in range(W)]
             dist.all_gather(out, vec, group=group)
             return torch.stack(out)
-        return self._submit(run, self.model_time((W - 1) * vec.numel() * vec.element_size()),
-                            group, where).wait()
+        p = self._submit(run, self.model_time((W - 1) * vec.numel() * vec.element_size()), group, where)
+        return p if async_op else p.wait()
 
     def close(self) -> None:
         self._q.put(None)

@@ -124,3 +124,20 @@ def test_costs_count_a_planned_placement_as_the_runtime_dispatches_it():
         assert pairs[r].tolist() == list(lay.send) and rows[r].tolist() == list(lay.row_send)
     assert received.tolist() == pairs.sum(0).tolist()
     assert not np.array_equal(pairs, _matrices(ids, E)[0])     # the plan moves traffic
+
+
+def test_packing_runs_while_the_split_sizes_are_in_flight():
+    """Chunked: layout (plan - pack), then the split sizes in flight while the dispatch buffers are
+    packed; the dispatches go when both are done (a wait, with its wake-up, only if the sizes arrive
+    after the packing). plan 1 (pack .5 of it), sizes 1, wake .5, D 4, experts 6, R 4: layout
+    [0, .5), sizes [.5, 1.5), pack [.5, 1), D1 [2, 6), experts [6.5, 12.5), R [12.5, 16.5), step 17
+    (packing after the sizes: 17.5). A pack longer than the sizes hides them whole. Serial: unchanged."""
+    c = Costs(dispatch=4.0, combine=4.0, experts=6.0, shared=0.0, alpha=0.0, sizes=1.0, plan=1.0,
+              pack=0.5, wake=0.5)
+    s = pipeline(c, 1)
+    assert s.step == pytest.approx(17.0) and pipeline(replace(c, pack=0.0), 1).step == pytest.approx(17.5)
+    assert s.compute_intervals[:2] == (pytest.approx((0.0, 0.5)), pytest.approx((0.5, 1.0)))
+    assert s.comm_intervals[:2] == (pytest.approx((0.5, 1.5)), pytest.approx((2.0, 6.0)))
+    long = replace(c, plan=3.0, pack=2.0)                   # layout [0, 1), sizes [1, 2), pack [1, 3)
+    assert pipeline(long, 1).comm_intervals[1] == pytest.approx((3.0, 7.0))
+    assert pipeline(c, 1, overlap=False).step == pipeline(replace(c, pack=0.0), 1, overlap=False).step

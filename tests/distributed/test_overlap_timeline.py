@@ -101,3 +101,20 @@ def test_shared_expert_fills_the_first_dispatch_wait(one_rank_group):
     assert torch.equal(y, ref)                                    # d = 1: bit-identical
     last_comm = max(b for k, _, _, b in ev if k == "comm")
     assert all(a >= last_comm for k, n, a, _ in ev if "shared" in n)
+
+
+def test_dispatch_buffers_are_packed_while_the_split_sizes_are_in_flight(one_rank_group):
+    """The chunked layer packs every chunk's dispatch buffer (it needs only the layouts) while the
+    split-size exchange is in flight, and issues the dispatches when the sizes arrive; without
+    overlap the packing comes after the sizes (the baseline's order)."""
+    y, ref, ev = _layer_timeline(degree=2, alpha=0.2)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    sizes = next((a, b) for k, n, a, b in ev if k == "comm" and "split sizes" in n)
+    pack = next((a, b) for k, n, a, b in ev if k == "compute" and n.endswith(" pack"))
+    first = min(a for k, n, a, b in ev if k == "comm" and "dispatch" in n)
+    assert sizes[0] <= pack[0] and pack[1] < sizes[1], (sizes, pack)
+    assert first >= sizes[1]
+    y, ref, ev = _layer_timeline(degree=1, alpha=0.05, overlap=False)
+    sizes = next((a, b) for k, n, a, b in ev if k == "comm" and "split sizes" in n)
+    pack = next((a, b) for k, n, a, b in ev if k == "compute" and n.endswith(" pack"))
+    assert pack[0] >= sizes[1]
