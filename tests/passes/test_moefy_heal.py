@@ -168,3 +168,24 @@ def test_long_schedules_are_patient_for_a_share_of_their_steps():
     assert patience_for(1000, 25) == 10
     assert patience_for(300, 25) == PATIENCE == 4
     assert patience_for(40, 4) == PATIENCE
+
+
+def test_a_schedule_that_never_heals_is_run_again_at_a_lower_rate(bert, monkeypatch):
+    """The default rate made the held-out loss worse at every evaluation (here: lr 3 diverges), so the
+    weights went back to the unhealed ones and a second schedule at RETRY_LR × the rate healed; a rate
+    the user fixed (heal_lr) is not second-guessed: the unhealed weights are kept."""
+    model, gm, cal, fresh = bert
+    monkeypatch.setitem(moefy_heal.LR, "experts", 3.0)
+    monkeypatch.setattr(moefy_heal, "RETRY_LR", 1e-3 / 3.0)
+    plain, _ = _moefied(gm, cal, 1)
+    healed, result = _moefied(gm, cal, 1, heal=40, heal_params="experts")
+    facts = healed.meta[moefy_heal.FACTS_KEY]
+    assert facts["lr_tried"] == [3.0, pytest.approx(1e-3)] and facts["lr"] == pytest.approx(1e-3)
+    assert facts["best_step"] > 0 and facts["held_out_loss_after"] < facts["held_out_loss_before"]
+    assert 40 < facts["steps_run"] <= 80 and result.stats["heal_steps"] == facts["steps_run"]
+    assert _error(healed, model, fresh) < _error(plain, model, fresh)
+    fixed, _ = _moefied(gm, cal, 1, heal=40, heal_params="experts", heal_lr=3.0)
+    facts = fixed.meta[moefy_heal.FACTS_KEY]
+    assert facts["lr_tried"] == [3.0] and facts["best_step"] == 0
+    with torch.no_grad():
+        assert torch.equal(fixed(*fresh), plain(*fresh))
