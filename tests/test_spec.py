@@ -42,3 +42,14 @@ def test_shared_expert_rows_and_params_match_a_real_layer(activation, shared_gat
     assert m.shared_w_in.shape == (s.shared_in_rows, 6) == ((6 if s.gated else 3), 6)
     held = sum(p.numel() for n, p in m.named_parameters() if n.startswith("shared_"))
     assert s.shared_params() == held
+
+
+def test_spec_string_is_made_once_and_follows_replace():
+    """Every MoE op call passes spec.to_json() and parses it back: both are cached (the string on the
+    frozen instance, one instance per string), and a replaced spec gets its own string."""
+    from moecc.spec import MoESpec, RouterSpec
+    s = MoESpec(num_experts=8, hidden=16, ffn=32, router=RouterSpec(top_k=2))
+    js = s.to_json()
+    assert s.to_json() is js and MoESpec.from_json(js) is MoESpec.from_json(js) and MoESpec.from_json(js) == s
+    t = s.replace(router=RouterSpec(top_k=3))
+    assert t.to_json() != js and MoESpec.from_json(t.to_json()) == t and MoESpec.from_json(js) == s

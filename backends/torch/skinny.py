@@ -295,18 +295,35 @@ int skinny_moe(const float *x, long T, long H, const long *ids, const float *wts
 }
 
 /* skinny_moe over `parts` runs of experts [bounds[i], bounds[i + 1]) at once, run i into ys + i * T * H
-   (zeroed by the caller; summed by it in run order): on the OpenMP pool of the process's libgomp
-   (torch's, already loaded: its threads are the ones spinning after torch's last parallel region) */
+   (zeroed here, by its thread), then ys[0] = ys[0] + ys[1] + ... in run order, rows split over the
+   threads: on the OpenMP pool of the process's libgomp (torch's, already loaded: its threads are the
+   ones spinning after torch's last parallel region) */
 int skinny_moe_parts(const float *x, long T, long H, const long *ids, const float *wts, long S, long E,
                      const float *w_in, long R, const float *w_out, long F, const float *b_in, const float *b_out,
                      int act, int il, float alpha, float limit, const long *bounds, long parts, float *ys) {
     int bad = 0;
 #ifdef _OPENMP
-    #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(|: bad)
+    #pragma omp parallel num_threads(parts) reduction(|: bad)
 #endif
-    for (long i = 0; i < parts; i++)
-        bad |= skinny_moe(x, T, H, ids, wts, S, E, w_in, R, w_out, F, b_in, b_out, act, il, alpha, limit,
-                          bounds[i], bounds[i + 1], ys + i * T * H) != 0;
+    {
+#ifdef _OPENMP
+        #pragma omp for schedule(static, 1)
+#endif
+        for (long i = 0; i < parts; i++) {
+            memset(ys + i * T * H, 0, T * H * sizeof(float));
+            bad |= skinny_moe(x, T, H, ids, wts, S, E, w_in, R, w_out, F, b_in, b_out, act, il, alpha, limit,
+                              bounds[i], bounds[i + 1], ys + i * T * H) != 0;
+        }
+#ifdef _OPENMP
+        #pragma omp for schedule(static)
+#endif
+        for (long r = 0; r < T; r++)
+            for (long i = 1; i < parts; i++) {
+                float *dst = ys + r * H;
+                const float *src = ys + i * T * H + r * H;
+                for (long h = 0; h < H; h++) dst[h] += src[h];
+            }
+    }
     return bad ? -1 : 0;
 }
 
@@ -543,22 +560,20 @@ def moe_parts(xt: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Ten
               bounds: list[int]) -> Tensor:
     """Σ over runs i of moe(zeros, ..., experts=(bounds[i], bounds[i + 1])), the runs at once on the
     OpenMP threads of torch's libgomp (one C call; no Python worker), their results added in run order
-    (what kernels._accumulate does with parallel.py's workers: the same sums)."""
+    inside the same call, rows split over the threads (what kernels._accumulate does with parallel.py's
+    workers: the same sums)."""
     ids = ids.contiguous() if ids.dtype == torch.int64 else ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
     (T, H), (E, R, _), Fw = xt.shape, w_in.shape, w_out.shape[2]
     parts = len(bounds) - 1
-    ys = torch.zeros(parts, T, H, dtype=torch.float32)
+    ys = torch.empty(parts, T, H, dtype=torch.float32)
     b = torch.tensor(bounds, dtype=torch.int64)
     p = lambda t: None if t is None else t.data_ptr()      # noqa: E731
     if _lib()[3](xt.data_ptr(), T, H, ids.data_ptr(), weights.data_ptr(), ids.shape[1] if ids.dim() == 2 else 1,
                  E, w_in.data_ptr(), R, w_out.data_ptr(), Fw, p(b_in), p(b_out), *_act(spec), b.data_ptr(),
                  parts, ys.data_ptr()):
         raise MemoryError("skinny.moe_parts: out of memory")
-    y = ys[0]
-    for i in range(1, parts):
-        y.add_(ys[i])
-    return y
+    return ys[0]
 
 
 def fits_ffn_all(xt: Tensor, w_in: Tensor, w_out: Tensor, gate, spec) -> bool:
