@@ -84,6 +84,41 @@ HEADLINE_REPS = 5
 CALIBRATE = 3          # rounds of β correction towards the configured comm : compute (measured)
 
 
+def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer) -> dict:
+    """Forward + backward of the layer (x, routing weights and expert weights trainable): without
+    overlap, at d* with autograd's backward (each exchange waited for inside its own node), and at d*
+    with the pipelined backward (overlap.PIPELINED_BACKWARD) -> {variant: {step s (slowest rank,
+    fastest repeat), hidden (comm hidden by compute, summed over ranks)}}."""
+    import torch
+
+    from moecc.distributed import comm, overlap
+
+    def step(d: int, on: bool, pipelined: bool) -> tuple[float, dict]:
+        together(None)
+        tl.clear()
+        was, overlap.PIPELINED_BACKWARD = overlap.PIPELINED_BACKWARD, pipelined
+        try:
+            t0 = time.perf_counter()
+            y = layer(d, on)
+            y.backward(torch.ones_like(y))
+            return time.perf_counter() - t0, tl.overlap()
+        finally:
+            overlap.PIPELINED_BACKWARD = was
+    out = {}
+    for name, args in (("serial", (1, False, False)), (f"d={degree} autograd backward", (degree, True, False)),
+                       (f"d={degree} pipelined backward", (degree, True, True))):
+        rows = []
+        for rep in range(reps + 1):
+            t, o = step(*args)
+            if rep:
+                rows.append([t, o["hidden"], o["comm"]])
+        allr = comm.agree(torch.tensor(rows, dtype=torch.float64).flatten(), None, "train").view(-1, reps, 3)
+        slowest = allr[:, :, 0].max(0).values                                   # [reps]
+        i = int(slowest.argmin())
+        out[name] = {"step": slowest[i].item(), "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum())}
+    return out
+
+
 def run_config(cfg: dict, rank: int, tr, tl, reps: int, keep: bool = False, aligned: bool = True) -> dict:
     import torch
 
@@ -191,8 +226,13 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int, keep: bool = False, alig
         per_rank[key] = (allr[:, 1, fastest] / allr[:, 2, fastest]).tolist()   # hidden / comm
         if key == "serial":          # comm : compute of this very run, per rank (nothing overlaps)
             ratio = (allr[:, 2, fastest] / allr[:, 3, fastest]).tolist()
+    def train_layer(degree: int, on: bool):
+        leaves = [t.detach().requires_grad_() for t in (x, wts, w_in, w_out)]
+        return moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec, placement, degree=degree,
+                         overlap=on, shared=shared, tokens=tokens, timeline=tl)
+    train = train_runs(cfg, best.degree, reps, tl, together, train_layer) if cfg.get("train") else None
     return {"config": {k_: v for k_, v in cfg.items() if not k_.startswith("_")}, "constants": m.to_dict(),
-            "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
+            "train": train, "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
             "late_s": tr.late_s - late_s0,
             "predicted": {k_: v.step for k_, v in pred.items()},
             "predicted_base": pred_base, "chosen_base": choose_degree(cb, mb.chunk).degree,
@@ -280,6 +320,9 @@ def main() -> None:
     ap.add_argument("--plain-barrier", action="store_true",
                     help="start each timed run after the delayed barrier alone (ranks up to ~α apart) "
                          "instead of at one agreed instant")
+    ap.add_argument("--train", action="store_true",
+                    help="also time forward + backward of the headline configurations: no overlap, d* with "
+                         "autograd's backward, d* with the pipelined backward")
     ap.add_argument("--timelines", action="store_true",
                     help="keep every configuration's per-rank timelines: OUT/overlap_timelines.json")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
@@ -293,6 +336,8 @@ def main() -> None:
         configs = [c for c in configs if c["name"] in a.only.split(",")]
     for c in configs:
         c.update({k: v for k, v in (("alpha", a.alpha and a.alpha * 1e-3), ("tokens", a.tokens)) if v})
+        if a.train and not c["name"].startswith("g"):
+            c["train"] = True
     t0 = time.time()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     runs = []

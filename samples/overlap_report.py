@@ -78,6 +78,17 @@ def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -
     lines += [md_table(["routing", "comm:compute measured", "d*", "hidden at d*", "per rank",
                         "bottleneck rank", "hidden at best d", "serial ms", "d* ms", "speedup", "predicted hidden",
                         "pred err d*"], rows), ""]
+    trained = [r for r in head if r.get("train")]
+    if trained:                                       # --train: forward + backward of the headline
+        rows = []
+        for r in trained:
+            t = r["train"]
+            serial = t["serial"]["step"]
+            for name, v in t.items():
+                rows.append([r["config"]["name"], name, f"{v['step'] * 1e3:.1f}", f"{serial / v['step']:.2f}x",
+                             f"{v['hidden']:.1%}"])
+        lines += ["## Training step (forward + backward, headline configurations, --train)", "",
+                  md_table(["routing", "variant", "ms", "speedup vs no overlap", "hidden"], rows), ""]
     lines += ["## Summary over the grid", "",
               f"- configurations: {s['configs']} (tokens, hidden, experts, k, α, comm:compute, skew, "
               "shared expert, 2 or 4 ranks)",

@@ -136,6 +136,26 @@ def _sum_slots(back: Tensor, ids: Tensor, lay: Layout) -> Tensor:
     return y
 
 
+def combine_backward(g: Tensor, lay: Layout, sizes: Sizes, group, where: str, async_op: bool = False) -> Pending:
+    """y's gradient g [T, H] per pair back to the experts' ranks (one row per pair, send order)."""
+    return all_to_all(g[lay.token], sizes.send, sizes.recv, group, where + ": combine backward", async_op)
+
+
+def hidden_backward(g: Tensor, sizes: Sizes, group, where: str, async_op: bool = False) -> Pending:
+    """The received pairs' gradients g [N_recv, H] back to the ranks that sent them."""
+    return all_to_all(g, sizes.recv, sizes.send, group, where + ": dispatch backward", async_op)
+
+
+def weights_backward(g: Tensor, sizes: Sizes, group, where: str, async_op: bool = False) -> Pending:
+    """The received routing weights' gradients g [N_recv, 1] back to the ranks that sent them."""
+    return all_to_all(g, sizes.recv, sizes.send, group, where + ": weights backward", async_op)
+
+
+def weight_grad(back: Tensor, lay: Layout, shape) -> Tensor:
+    """weights_backward's rows [N_send, 1] -> the routing weights' gradient [T, S]."""
+    return back.new_zeros(shape).index_put((lay.token, lay.slot), back[:, 0])
+
+
 class _Hidden(torch.autograd.Function):
     """Received hidden rows -> one row per received pair; backward: the pairs' gradients go back
     (reverse all-to-all, one row per pair) and each token sums its own (_descending_sum)."""
@@ -147,8 +167,7 @@ class _Hidden(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        s = ctx.sizes
-        back = all_to_all(g, s.recv, s.send, ctx.group, ctx.where + ": dispatch backward").wait()
+        back = hidden_backward(g, ctx.sizes, ctx.group, ctx.where).wait()
         return _descending_sum(back, ctx.lay, ctx.ids), None, None, None, None, None, None, None
 
 
@@ -162,10 +181,8 @@ class _Weights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        s, lay = ctx.sizes, ctx.lay
-        back = all_to_all(g, s.recv, s.send, ctx.group, ctx.where + ": weights backward").wait()
-        gw = g.new_zeros(ctx.shape).index_put((lay.token, lay.slot), back[:, 0])
-        return gw, None, None, None, None, None
+        back = weights_backward(g, ctx.sizes, ctx.group, ctx.where).wait()
+        return weight_grad(back, ctx.lay, ctx.shape), None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -179,9 +196,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        s = ctx.sizes
-        g_local = all_to_all(g[ctx.lay.token], s.send, s.recv, ctx.group,
-                             ctx.where + ": combine backward").wait()
+        g_local = combine_backward(g, ctx.lay, ctx.sizes, ctx.group, ctx.where).wait()
         return g_local, None, None, None, None, None, None
 
 
@@ -208,7 +223,7 @@ class Dispatched:
     def done(self) -> bool:
         return self._pending.done()
 
-    def wait(self) -> Received:
+    def _unpack(self):
         s = self._sizes
         rows, meta = unpack_dispatch(self._pending.wait(), s.row_recv, s.recv, self._x.shape[-1],
                                      self._x.dtype)
@@ -218,9 +233,19 @@ class Dispatched:
                                       torch.tensor(s.recv, device=meta.device))
         start = torch.tensor([0, *s.row_recv], device=meta.device).cumsum(0)[:-1]
         pair_row = meta[:, 2] + start[src]                                   # [N] into rows
-        args = (self._lay, s, self._group, self._where)
+        return rows, pair_row, w, meta[:, 1:2].contiguous()
+
+    def wait(self) -> Received:
+        rows, pair_row, w, local = self._unpack()
+        args = (self._lay, self._sizes, self._group, self._where)
         return Received(_Hidden.apply(self._x, rows, pair_row, self._ids, *args),
-                        _Weights.apply(self._weights, w, *args), meta[:, 1:2].contiguous())
+                        _Weights.apply(self._weights, w, *args), local)
+
+    def received(self) -> Received:
+        """The received pairs as plain tensors (no autograd through the exchange: overlap's
+        pipelined backward runs the reverse exchanges itself)."""
+        rows, pair_row, w, local = self._unpack()
+        return Received(rows[pair_row], w, local)
 
 
 def dispatch_buffer(x: Tensor, weights: Tensor, lay: Layout) -> tuple[Tensor, list[int]]:
@@ -268,6 +293,10 @@ class Combined:
         back = self._pending.wait()
         return _Combine.apply(self._y_local, back, self._ids, self._lay, self._sizes, self._group,
                               self._where)
+
+    def summed(self) -> Tensor:
+        """y [T, H] as plain tensors (overlap's pipelined backward sends y's gradient itself)."""
+        return _sum_slots(self._pending.wait(), self._ids, self._lay)
 
 
 def combine(y_local: Tensor, ids: Tensor, lay: Layout, sizes: Sizes, group,

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from moecc.distributed.comm import agree
-from moecc.distributed.ep import (check_world, combine, dispatch, dispatch_buffer, local_experts, read_sizes,
-                                  size_vector, token_numbers)
+from moecc.distributed.ep import (_descending_sum, check_world, combine, combine_backward, dispatch,
+                                  dispatch_buffer, hidden_backward, local_experts, read_sizes, size_vector,
+                                  token_numbers, weight_grad, weights_backward)
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
 from moecc.spec import MoESpec
@@ -61,12 +62,13 @@ class _Filler:
     def __init__(self, x, shared, spec, blocks, timeline, where):
         self.x, self.shared, self.spec, self.timeline, self.where = x, shared, spec, timeline, where
         self.todo = list(range(len(blocks))) if shared is not None else []
-        self.blocks, self.out = blocks, {}
+        self.blocks, self.out, self.grad = blocks, {}, False
 
     def _one(self) -> None:
         i = self.todo.pop(0)
         lo, hi = self.blocks[i]
-        with _span(self.timeline, f"{self.where} shared[{i}]"):
+        with _span(self.timeline, f"{self.where} shared[{i}]"), torch.set_grad_enabled(
+                self.grad or torch.is_grad_enabled()):
             self.out[i] = shared_expert(self.x[lo:hi], *self.shared, self.spec)        # [rows, H]
 
     def until(self, handle) -> None:
@@ -100,6 +102,16 @@ def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tens
                  shared, tokens, layer, kernel, timeline).finish()
 
 
+PIPELINED_BACKWARD = True
+"""Training (d > 1, a gradient needed): the chunked layer is one autograd node (_Pipelined) whose
+backward runs its own pipeline instead of autograd's chunk-by-chunk waits: every chunk's combine
+backward (y's gradient per pair to the experts' ranks) is issued at once, then per chunk, in the order
+autograd ran them (last first): wait for it, the experts' backward, and its weights / dispatch backward
+issued without waiting; the token sums at the end. Each chunk's expert backward computes while the
+later chunks' exchanges are in flight (autograd ran every combine backward, each waited for, before
+any expert backward). The same collectives in the same order, the same sums: gradients bit-identical."""
+
+
 class LayerInFlight:
     """A layer whose dispatches are in flight (issue); finish() -> y [T, H]. Whatever runs between
     the two (the graph's ops independent of this layer's output: its shared expert, ...) fills the
@@ -109,16 +121,40 @@ class LayerInFlight:
         self.__dict__.update(kw)
 
     def finish(self) -> Tensor:
+        tensors = (self.x, self.weights, self.w_in, self.w_out, self.b_in, self.b_out)
+        if (PIPELINED_BACKWARD and self.overlap and self.d > 1 and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors)):
+            y = _Pipelined.apply(self, *tensors)
+        else:
+            y = self._schedule(train=False)
+        ys = self.fill.result()
+        return y if ys is None else y + ys
+
+    def _schedule(self, train: bool) -> Tensor:
+        """The forward schedule -> the routed experts' y [T, H]. train: no autograd through the
+        exchanges; each chunk's experts recorded on leaf copies for _backward (self.saved)."""
         d, tl, where, fill, pend = self.d, self.timeline, self.where, self.fill, self.pend
+        params = (self.w_in, self.w_out, self.b_in, self.b_out)
+        if train:
+            fill.grad = True                     # the shared expert keeps its graph (outside _Pipelined)
+            params = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in params)
+            self.saved, self.leaves = [], params
         back = []
         for c in range(d):
             if self.overlap:
                 fill.until(pend[c])              # the shared expert fills the dispatch wait
             _arrived(pend[c])
             with _span(tl, f"{where} experts[{c}]"):
-                r = pend[c].wait()
-                y_local = local_experts(r, self.w_in, self.w_out, self.b_in, self.b_out, self.js,
-                                        self.kernel)                                     # [N_c, H]
+                if train:
+                    r = pend[c].received()
+                    r.x.requires_grad_(self.x.requires_grad)
+                    r.weights.requires_grad_(self.weights.requires_grad)
+                    with torch.enable_grad():
+                        y_local = local_experts(r, *params, self.js, self.kernel)        # [N_c, H]
+                    self.saved.append((y_local, r.x, r.weights))
+                    y_local = y_local.detach()
+                else:
+                    y_local = local_experts(pend[c].wait(), *params, self.js, self.kernel)
             back.append(combine(y_local, self.ids[self.sl[c]], self.lays[c], self.sizes[c], self.group,
                                 f"{where} [{c}]", async_op=True))
             if not self.overlap:
@@ -130,11 +166,58 @@ class LayerInFlight:
             fill.until(back[c])                  # ... and the combine waits (the last one above all)
             _arrived(back[c])
             with _span(tl, f"{where} sum[{c}]"):
-                out.append(back[c].wait())                                  # [T_c, H]
+                out.append(back[c].summed() if train else back[c].wait())          # [T_c, H]
         fill.rest()
-        y = torch.cat(out) if d > 1 else out[0]
-        ys = fill.result()
-        return y if ys is None else y + ys
+        return torch.cat(out) if d > 1 else out[0]
+
+    def _backward(self, g: Tensor, needs: tuple) -> tuple:
+        """y's gradient g [T, H] -> gradients of (x, weights, w_in, w_out, b_in, b_out) (PIPELINED_BACKWARD)."""
+        tl, where, d = self.timeline, self.where, self.d
+        gs, order = g.split([s.stop - s.start for s in self.sl]), range(d - 1, -1, -1)
+        at = lambda c: f"{where} [{c}]"                                              # noqa: E731
+        cb = {c: combine_backward(gs[c], self.lays[c], self.sizes[c], self.group, at(c), async_op=True)
+              for c in order}
+        pg: list = [None] * 4
+        wb, hb = {}, {}
+        for c in order:
+            y_local, xr, wr = self.saved[c]
+            g_local = cb.pop(c).wait()
+            with _span(tl, f"{where} experts backward[{c}]"):
+                inputs = [t for t in (xr, wr, *self.leaves) if t is not None and t.requires_grad]
+                grads = dict(zip(map(id, inputs), torch.autograd.grad(y_local, inputs, g_local, allow_unused=True)))
+            for i, t in enumerate(self.leaves):
+                gi = grads.get(id(t)) if t is not None else None
+                if gi is not None:
+                    pg[i] = gi if pg[i] is None else pg[i] + gi
+            if needs[1]:
+                gw = grads.get(id(wr))
+                wb[c] = weights_backward(gw if gw is not None else torch.zeros_like(wr), self.sizes[c],
+                                         self.group, at(c), async_op=True)
+            if needs[0]:
+                gx = grads.get(id(xr))
+                hb[c] = hidden_backward(gx if gx is not None else torch.zeros_like(xr), self.sizes[c],
+                                        self.group, at(c), async_op=True)
+        gx = gw = None
+        if needs[1]:
+            gw = torch.cat([weight_grad(wb[c].wait(), self.lays[c], self.weights[self.sl[c]].shape)
+                            for c in range(d)])
+        if needs[0]:
+            gx = torch.cat([_descending_sum(hb[c].wait(), self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
+        self.saved = None
+        return (gx, gw, *pg)
+
+
+class _Pipelined(torch.autograd.Function):
+    """A chunked layer call's routed experts as one autograd node (PIPELINED_BACKWARD)."""
+
+    @staticmethod
+    def forward(ctx, flight, x, weights, w_in, w_out, b_in, b_out):
+        ctx.flight = flight
+        return flight._schedule(train=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *ctx.flight._backward(g.contiguous(), ctx.needs_input_grad[1:]))
 
 
 def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
@@ -170,6 +253,7 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
         pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True,
                          packed=packed[c]) for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
-    return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap,
+    return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap, x=x,
+                         weights=weights,
                          w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,
                          sl=sl, lays=lays, sizes=sizes, group=group)
