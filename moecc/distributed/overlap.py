@@ -203,7 +203,6 @@ class LayerInFlight:
                             for c in range(d)])
         if needs[0]:
             gx = torch.cat([_descending_sum(hb[c].wait(), self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
-        self.saved = None
         return (gx, gw, *pg)
 
 

@@ -170,3 +170,25 @@ def test_backward_pipelines_the_chunks_exchanges(one_rank_group):
     assert first[0] < comb["layer m [0]: combine backward"][1], (first, comb)
     disp = [a for k, n, a, b in ev if k == "comm" and "dispatch backward" in n]
     assert len(disp) == 3 and min(disp) >= min(a for a, _ in comb.values())
+
+
+def test_pipelined_backward_twice_with_retain_graph(one_rank_group):
+    """retain_graph=True: a second backward through the pipelined layer gives the same gradients again
+    (the saved expert inputs live as long as the graph, as autograd's own)."""
+    from moecc.distributed import overlap
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.spec import MoESpec, RouterSpec
+
+    E, K, H, F, T = 4, 2, 8, 16, 12
+    g = torch.Generator().manual_seed(7)
+    spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=K))
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    w_in, w_out = torch.randn(E, 2 * F, H, generator=g), torch.randn(E, H, F, generator=g)
+    ids = torch.topk(torch.rand(T, E, generator=g), K, 1).indices
+    y = overlap.moe_layer(x, ids, torch.rand(T, K, generator=g), w_in, w_out, spec,
+                          LayerPlacement.contiguous("m", E, 1), degree=2, tokens=torch.arange(T).numpy())
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    y.sum().backward()
+    assert torch.equal(x.grad, first)
