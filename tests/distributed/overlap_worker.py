@@ -6,6 +6,7 @@ and writes, per (dtype, degree), the error against the single-process reference 
 """
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -91,7 +92,10 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
                        for a, b in zip(by_d[4], by_d[1]))
     with open(out, "w") as f:
         json.dump({"rank": rank, "results": results, "calls": comm.calls, "grad_rel_err": gerr}, f)
-    dist.destroy_process_group()
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)                     # as moecc.distributed.launch: no teardown (train_worker.py says why)
 
 
 if __name__ == "__main__":
