@@ -16,9 +16,10 @@ Every HOLD_OUT_EVERY-th calibration example is held out of the training: its los
 a new best, and at least PATIENCE_SHARE of the schedule). A schedule whose held-out loss never goes below
 the unhealed model's is run once more from the unhealed weights at RETRY_LR × the learning rate (unless
 --heal-lr fixed it): at 50% active on MiniLM the default rate only made the model worse, a third of it
-healed (E=8 k=4 cos 0.9337 -> 0.9380, E=16 k=8 0.9423 -> 0.9458 / NN 70.0 -> 74.3%). Both the teacher's values and the student's run through the fx graphs themselves (an
-fx.Interpreter records the nodes), so healing works on any graph moefy wrote; it trains the captured
-GraphModule's parameters in place (no nn.Module is rebuilt).
+healed (E=8 k=4 cos 0.9337 -> 0.9380, E=16 k=8 0.9423 -> 0.9458 / NN 70.0 -> 74.3%). Both the teacher's
+values and the student's run through the fx graphs themselves (an fx.Interpreter records the nodes), so
+healing works on any graph moefy wrote; it trains the captured GraphModule's parameters in place (no
+nn.Module is rebuilt).
 
 What is trained (`params`):
 - "experts": the MoE layers' w_in, b_in, w_out, b_out (the rest of the model stays the dense one's).
@@ -261,7 +262,6 @@ def heal(student: fx.GraphModule, teacher: fx.GraphModule, cal: calib.Calibratio
 
     before = held_out()
     start_values = {k: p.detach().clone() for k, p in chosen}
-    best = (before[0], 0, start_values)
     curve, done = [(0, None, round(before[0], 6))], 0
     bar = None
     if progress and steps:
@@ -331,7 +331,7 @@ def heal(student: fx.GraphModule, teacher: fx.GraphModule, cal: calib.Calibratio
         tried.append(rate)
         if best[1] > 0:
             break
-    lr = tried[-1] if tried else lr
+    lr = tried[-1]
     if bar is not None:
         bar.close()
     with torch.no_grad():

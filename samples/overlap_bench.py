@@ -70,7 +70,8 @@ def grid(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = [dict(c) for c in HEADLINE]
     while len(out) < n:
-        c = dict(name=f"g{len(out) - len(HEADLINE) + 2}", world=int(rng.choice([2, 4])), tokens=int(rng.choice([128, 256, 512])),
+        c = dict(name=f"g{len(out) - len(HEADLINE) + 2}",        # g2, g3, ...: the names before a third headline
+                 world=int(rng.choice([2, 4])), tokens=int(rng.choice([128, 256, 512])),
                  hidden=int(rng.choice([64, 128, 256])), experts=int(rng.choice([8, 16, 32])),
                  top_k=int(rng.choice([1, 2, 4])), alpha=float(rng.choice([1e-3, 2e-3, 4e-3])),
                  ratio=float(rng.choice([0.5, 1.0, 2.0])), skew=float(rng.choice([0.0, 1.2])),
@@ -84,6 +85,19 @@ HEADLINE_REPS = 5
 CALIBRATE = 3          # rounds of β correction towards the configured comm : compute (measured)
 
 
+def agreed_fastest(rows: list[list[float]], where: str):
+    """This rank's timed repeats, each [step s, *values] -> (every rank's [W, reps, n], the repeat whose
+    slowest rank was fastest (least disturbed by other jobs), that step: the slowest rank's)."""
+    import torch
+
+    from moecc.distributed import comm
+    mine = torch.tensor(rows, dtype=torch.float64)                              # [reps, n]
+    allr = comm.agree(mine.flatten(), None, where).view(-1, *mine.shape)        # [W, reps, n]
+    slowest = allr[:, :, 0].max(0).values                                       # [reps]
+    i = int(slowest.argmin())
+    return allr, i, slowest[i].item()
+
+
 def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer) -> dict:
     """Forward + backward of the layer (x, routing weights and expert weights trainable): without
     overlap, at d* with autograd's backward (each exchange waited for inside its own node), and at d*
@@ -91,7 +105,7 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer) -> dict:
     fastest repeat), hidden (comm hidden by compute, summed over ranks)}}."""
     import torch
 
-    from moecc.distributed import comm, overlap
+    from moecc.distributed import overlap
 
     def step(d: int, on: bool, pipelined: bool) -> tuple[float, dict]:
         together(None)
@@ -112,10 +126,8 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer) -> dict:
             t, o = step(*args)
             if rep:
                 rows.append([t, o["hidden"], o["comm"]])
-        allr = comm.agree(torch.tensor(rows, dtype=torch.float64).flatten(), None, "train").view(-1, reps, 3)
-        slowest = allr[:, :, 0].max(0).values                                   # [reps]
-        i = int(slowest.argmin())
-        out[name] = {"step": slowest[i].item(), "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum())}
+        allr, i, slowest = agreed_fastest(rows, "train")
+        out[name] = {"step": slowest, "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum())}
     return out
 
 
@@ -207,25 +219,21 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int, keep: bool = False, alig
     measured, fractions, fastest_rep, late0, per_rank, ratio = {}, {}, {}, tr.late, {}, []
     late_s0 = tr.late_s
     for key in ["serial"] + [str(d) for d in range(1, 9)]:
-        times, hid = [], []
+        rows = []
         for rep in range(reps + 1):
             t = run(key)
             if rep:
-                times.append(t)
                 o = tl.overlap()
-                hid.append((o["hidden"], o["comm"], o["compute"]))
+                rows.append([t, o["hidden"], o["comm"], o["compute"]])
             if rep and (keep or not cfg["name"].startswith("g")):
                 cfg.setdefault("_timelines", {}).setdefault(key, []).append(tl.to_dict())
-        vec = torch.tensor(times + [h[i] for i in range(3) for h in hid], dtype=torch.float64)
-        allr = comm.agree(vec, None, "times").view(-1, 4, reps)                # [W, 4, reps]
-        step = allr[:, 0].max(0).values                                        # [reps] slowest rank
-        fastest = int(step.argmin())                                           # least disturbed rep
-        measured[key] = step[fastest].item()
+        allr, fastest, measured[key] = agreed_fastest(rows, "times")          # [W, reps, 4]
         fastest_rep[key] = fastest
-        fractions[key] = float(allr[:, 1, fastest].sum() / allr[:, 2, fastest].sum())
-        per_rank[key] = (allr[:, 1, fastest] / allr[:, 2, fastest]).tolist()   # hidden / comm
+        fractions[key] = float(allr[:, fastest, 1].sum() / allr[:, fastest, 2].sum())
+        per_rank[key] = (allr[:, fastest, 1] / allr[:, fastest, 2]).tolist()   # hidden / comm
         if key == "serial":          # comm : compute of this very run, per rank (nothing overlaps)
-            ratio = (allr[:, 2, fastest] / allr[:, 3, fastest]).tolist()
+            ratio = (allr[:, fastest, 2] / allr[:, fastest, 3]).tolist()
+
     def train_layer(degree: int, on: bool):
         leaves = [t.detach().requires_grad_() for t in (x, wts, w_in, w_out)]
         return moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec, placement, degree=degree,

@@ -1,5 +1,6 @@
 """Tables of samples/overlap_bench.py's runs: OUT/overlap.md, OUT/overlap.json, OUT/overlap_trace.json
-(balanced headline at d*) and OUT/overlap_trace_zipf.json (Zipf headline at d*), OUT/overlap_trace_zipf_planned.json (Zipf on the planned placement)."""
+(balanced headline at d*), OUT/overlap_trace_zipf.json (Zipf headline at d*) and
+OUT/overlap_trace_zipf_planned.json (Zipf on the planned placement)."""
 from __future__ import annotations
 
 import json

@@ -108,7 +108,7 @@ def exchange_sizes(lay: Layout, placement: LayerPlacement, group, layer: int, hi
     return read_sizes(table, [lay], placement, group)[0]
 
 
-def _descending_sum(g: Tensor, lay: Layout, ids: Tensor) -> Tensor:
+def token_grad(g: Tensor, lay: Layout, ids: Tensor) -> Tensor:
     """Per-pair gradients g [N_send, H] (send order) -> [T, H]: each token's pairs added into zeros
     in descending expert id (the order autograd accumulates the reference's per-expert gathers)."""
     T, S = ids.shape
@@ -158,7 +158,7 @@ def weight_grad(back: Tensor, lay: Layout, shape) -> Tensor:
 
 class _Hidden(torch.autograd.Function):
     """Received hidden rows -> one row per received pair; backward: the pairs' gradients go back
-    (reverse all-to-all, one row per pair) and each token sums its own (_descending_sum)."""
+    (reverse all-to-all, one row per pair) and each token sums its own (token_grad)."""
 
     @staticmethod
     def forward(ctx, x, rows, pair_row, ids, lay, sizes, group, where):
@@ -168,7 +168,7 @@ class _Hidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         back = hidden_backward(g, ctx.sizes, ctx.group, ctx.where).wait()
-        return _descending_sum(back, ctx.lay, ctx.ids), None, None, None, None, None, None, None
+        return token_grad(back, ctx.lay, ctx.ids), None, None, None, None, None, None, None
 
 
 class _Weights(torch.autograd.Function):

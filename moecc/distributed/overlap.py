@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from moecc.distributed.comm import agree
-from moecc.distributed.ep import (_descending_sum, check_world, combine, combine_backward, dispatch,
-                                  dispatch_buffer, hidden_backward, local_experts, read_sizes, size_vector,
+from moecc.distributed.ep import (check_world, combine, combine_backward, dispatch, dispatch_buffer,
+                                  hidden_backward, local_experts, read_sizes, size_vector, token_grad,
                                   token_numbers, weight_grad, weights_backward)
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
@@ -202,7 +202,7 @@ class LayerInFlight:
             gw = torch.cat([weight_grad(wb[c].wait(), self.lays[c], self.weights[self.sl[c]].shape)
                             for c in range(d)])
         if needs[0]:
-            gx = torch.cat([_descending_sum(hb[c].wait(), self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
+            gx = torch.cat([token_grad(hb[c].wait(), self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
         return (gx, gw, *pg)
 
 
@@ -241,16 +241,17 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
         vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype)
     sl = [slice(lo, hi) for lo, hi in bounds]
+    # chunked, the dispatch buffers (they need only the layouts) are packed while the split sizes are in
+    # flight; the baseline waits for the sizes first
     table = agree(vec, group, where + ": split sizes", async_op=overlap)                   # 1 collective
-    packed = [None] * d
-    if overlap:                                 # the buffers need only the layouts: pack while the
-        with _span(timeline, f"{where} pack"):  # split sizes are in flight
-            packed = [dispatch_buffer(x[s], weights[s], lay) for s, lay in zip(sl, lays)]
-        table = table.wait()
-    sizes = read_sizes(table, lays, placement, group)
-    with _span(timeline, f"{where} pack") if not overlap else nullcontext():
-        pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True,
-                         packed=packed[c]) for c, (s, lay, sz) in enumerate(zip(sl, lays, sizes))]
+    if not overlap:
+        sizes = read_sizes(table, lays, placement, group)
+    with _span(timeline, f"{where} pack"):
+        packed = [dispatch_buffer(x[s], weights[s], lay) for s, lay in zip(sl, lays)]
+    if overlap:
+        sizes = read_sizes(table.wait(), lays, placement, group)
+    pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True, packed=buf)
+            for c, (s, lay, sz, buf) in enumerate(zip(sl, lays, sizes, packed))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
     return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap, x=x,
                          weights=weights,
