@@ -3,6 +3,8 @@ into one error naming the rank and the layer.
 
     init(backend, timeout_s, ...) -> group   init_process_group with a timeout (gloo on CPU, nccl on GPU)
     all_to_all(t, send, recv, group, where, async_op) -> Pending   .wait() -> the received rows
+    all_to_all_grouped(parts, sends, recvs, ...) -> Grouped      several chunks' exchanges as ONE
+                                             all-to-all; .wait() -> the received parts
     agree(vec, group, where) -> [W, n]       every rank's vector, gathered: the numbers that shape
                                              the next collectives, seen identically by all ranks
                                              (async_op=True: Gathered, .wait() -> [W, n])
@@ -183,3 +185,37 @@ def all_to_all(t: Tensor, send: list[int], recv: list[int], group, where: str,
     work = _run(where, group, lambda: dist.all_to_all_single(out, t, list(recv), list(send),
                                                             group=group, async_op=async_op))
     return Pending(out, work if async_op else None, group, where)
+
+
+class Grouped:
+    """Several parts' all-to-alls in flight as one (all_to_all_grouped): wait() -> the received parts."""
+
+    def __init__(self, pending: Pending, recvs: list[list[int]]):
+        self._pending, self._recvs = pending, recvs
+
+    def done(self) -> bool:
+        return self._pending.done()
+
+    def wait(self) -> list[Tensor]:
+        out = self._pending.wait()
+        n, W = len(self._recvs), len(self._recvs[0])
+        if n == 1:
+            return [out]
+        pieces = out.split([self._recvs[i][r] for r in range(W) for i in range(n)])
+        return [torch.cat([pieces[r * n + i] for r in range(W)]) for i in range(n)]
+
+
+def all_to_all_grouped(parts: list[Tensor], sends: list[list[int]], recvs: list[list[int]], group,
+                       where: str, async_op: bool = False) -> Grouped:
+    """parts[i] [sum(sends[i]), ...] -> [sum(recvs[i]), ...] for every i, in ONE all-to-all (one
+    latency for all the parts): to each rank, the parts' rows for it in part order; the bytes are
+    the same as the parts' own all-to-alls, and so are the received rows (bit for bit)."""
+    W, n = len(sends[0]), len(parts)
+    if n == 1:
+        buf = parts[0]
+    else:
+        pieces = [p.detach().split(s) for p, s in zip(parts, sends)]
+        buf = torch.cat([pieces[i][r] for r in range(W) for i in range(n)])
+    send = [sum(s[r] for s in sends) for r in range(W)]
+    recv = [sum(s[r] for s in recvs) for r in range(W)]
+    return Grouped(all_to_all(buf, send, recv, group, where, async_op), recvs)

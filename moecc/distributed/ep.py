@@ -40,7 +40,7 @@ from .comm import Pending, agree, all_to_all, fail
 from .layout import LayerPlacement, Layout, layout
 from .pack import META, pack_dispatch, unpack_dispatch
 
-_HEAD = 4       # agreed vector: [layer tag, placement fingerprint, hidden, dtype], then counts
+_HEAD = 5       # agreed vector: [layer tag, placement fingerprint, hidden, dtype, backward degree], then counts
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -56,16 +56,17 @@ class Sizes:
 
 
 def size_vector(lays: list[Layout], placement: LayerPlacement, layer: int, hidden: int,
-                dtype: torch.dtype) -> Tensor:
-    """[4 + 2W * chunks] int64: the header every rank must agree on (layer, placement fingerprint,
-    hidden, dtype), then per chunk its send counts (pairs, rows) to each rank."""
+                dtype: torch.dtype, backward: int = 1) -> Tensor:
+    """[5 + 2W * chunks] int64: the header every rank must agree on (layer, placement fingerprint,
+    hidden, dtype, backward degree: it sets the backward's collectives), then per chunk its send
+    counts (pairs, rows) to each rank."""
     code = _DTYPES.index(dtype) if dtype in _DTYPES else 99
     counts = [n for lay in lays for n in (*lay.send, *lay.row_send)]
-    return torch.tensor([layer, placement.fingerprint(), hidden, code, *counts], dtype=torch.int64)
+    return torch.tensor([layer, placement.fingerprint(), hidden, code, backward, *counts], dtype=torch.int64)
 
 
 def read_sizes(table: Tensor, lays: list[Layout], placement: LayerPlacement, group) -> list[Sizes]:
-    """Every rank's size_vector, gathered (table [W, 4 + 2W * chunks]) -> one Sizes per chunk, after
+    """Every rank's size_vector, gathered (table [W, 5 + 2W * chunks]) -> one Sizes per chunk, after
     checking that all ranks are at the same layer with the same placement, hidden size and dtype: a
     disagreement is an EPError on every rank (naming the rank that differs), never a hang or a
     mis-shaped collective."""
@@ -73,12 +74,13 @@ def read_sizes(table: Tensor, lays: list[Layout], placement: LayerPlacement, gro
 
     W, rank = placement.world, dist.get_rank(group)
     where = f"layer {placement.name}"
-    for col, what in enumerate(("layer", "placement", "hidden size", "dtype")):
+    for col, what in enumerate(("layer", "placement", "hidden size", "dtype", "backward overlap degree")):
         bad = torch.nonzero(table[:, col] != table[rank, col]).flatten().tolist()
         if bad:
+            hint = ("give every rank the same overlap degrees" if col == 4 else
+                    "ranks run different models or placements")
             raise fail(where, f"rank {bad[0]} disagrees on the {what} ({table[bad[0], col].item()} "
-                       f"vs {table[rank, col].item()} here): ranks run different models or "
-                       "placements", group)
+                       f"vs {table[rank, col].item()} here): {hint}", group)
     if table.shape[1] != _HEAD + 2 * W * len(lays):
         raise fail(where, f"ranks split the layer into different numbers of chunks ({table.shape[1]} "
                    f"counts, {_HEAD + 2 * W * len(lays)} here): give every rank the same degree", group)
@@ -104,7 +106,7 @@ def exchange_sizes(lay: Layout, placement: LayerPlacement, group, layer: int, hi
     """All ranks gather every rank's send counts (one all_gather) and check them (read_sizes)."""
     check_world(placement, group)
     vec = size_vector([lay], placement, layer, hidden, dtype)
-    table = agree(vec, group, f"layer {placement.name}: split sizes")     # [W, 4 + 2W]
+    table = agree(vec, group, f"layer {placement.name}: split sizes")     # [W, 5 + 2W]
     return read_sizes(table, [lay], placement, group)[0]
 
 

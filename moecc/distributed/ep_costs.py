@@ -4,7 +4,7 @@ message sizes counted from the expert ids, for the cost model's schedule (costmo
     ids [W, T, k] (global expert ids per rank's tokens; -1 empty)  ⇒  Costs
 
 What moecc.distributed.ep sends per layer call (or per chunk): split sizes (one all_gather of
-4 + 2W·d int64 per rank: one α, its bytes almost nothing), a dispatch of ONE all-to-all — hidden rows once per (token,
+5 + 2W·d int64 per rank: one α, its bytes almost nothing), a dispatch of ONE all-to-all — hidden rows once per (token,
 destination rank) and per (token, slot) its (weight, local id, row) as 3 int64, packed — and a
 combine of one all-to-all, an output row per (token, slot). Each collective takes
 alpha + max over ranks of max(sent, received) bytes over the link (own rows free; intra- vs
@@ -94,7 +94,7 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     b = layer.dispatch_bytes
     dispatch = _collective(cluster, rows * (H * b) + pairs * META_BYTES)        # one packed message
     combine = _collective(cluster, pairs, H * layer.combine_bytes)
-    head, per_chunk = (W - 1) * (4 + 2 * W) * index_bytes, (W - 1) * 2 * W * index_bytes
+    head, per_chunk = (W - 1) * (5 + 2 * W) * index_bytes, (W - 1) * 2 * W * index_bytes
     sizes = a2a_time(cluster, head, head)
     alpha = a2a_time(cluster, 0.0, 0.0)
     return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, float(received.max())),

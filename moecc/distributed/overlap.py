@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moecc.distributed.comm import agree
-from moecc.distributed.ep import (check_world, combine, combine_backward, dispatch, dispatch_buffer,
-                                  hidden_backward, local_experts, read_sizes, size_vector, token_grad,
-                                  token_numbers, weight_grad, weights_backward)
+from moecc.distributed.comm import agree, all_to_all_grouped, fail
+from moecc.distributed.ep import (check_world, combine, dispatch, dispatch_buffer, local_experts,
+                                  read_sizes, size_vector, token_grad, token_numbers, weight_grad)
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.ops import shared_expert
 from moecc.spec import MoESpec
@@ -43,6 +42,19 @@ from moecc.spec import MoESpec
 def chunk_bounds(tokens: int, degree: int) -> list[tuple[int, int]]:
     """d contiguous token ranges of nearly equal size (some empty when tokens < d)."""
     return [(tokens * i // degree, tokens * (i + 1) // degree) for i in range(degree)]
+
+
+def backward_degree_for(degree: int, backward: int | None, where: str = "overlap", group=None) -> int:
+    """The backward degree of a layer run in `degree` chunks: `backward` (default: degree), which
+    must divide degree: the backward merges consecutive forward chunks (each chunk's expert backward
+    needs its own saved forward; splitting a chunk would recompute it)."""
+    if backward is None:
+        return degree
+    if not isinstance(backward, int) or backward < 1 or degree % backward:
+        ok = [b for b in range(1, degree + 1) if degree % b == 0]
+        raise fail(where, f"backward overlap degree {backward!r} must divide the forward degree {degree} "
+                   f"(one of {ok}): the backward merges consecutive forward chunks", group)
+    return backward
 
 
 def _span(timeline, name: str):
@@ -94,12 +106,13 @@ def _arrived(handle) -> None:
 def moe_layer(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
               placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
               b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
-              kernel: str = "reference", timeline=None) -> Tensor:
+              kernel: str = "reference", timeline=None, backward_degree: int | None = None) -> Tensor:
     """x [T, H], ids/weights [T, S] (global expert ids), this rank's experts w_in [E_r, R, H],
     w_out [E_r, H, F]; shared = (w_in, w_out, gate) of the shared expert or None; tokens [T]: the
-    tokens' global numbers (default: rank-major, one all_gather) -> y [T, H]."""
+    tokens' global numbers (default: rank-major, one all_gather) -> y [T, H]. backward_degree: the
+    backward's exchanges per direction in training (a divisor of degree, default degree)."""
     return issue(x, ids, weights, w_in, w_out, spec, placement, group, degree, overlap, b_in, b_out,
-                 shared, tokens, layer, kernel, timeline).finish()
+                 shared, tokens, layer, kernel, timeline, backward_degree).finish()
 
 
 PIPELINED_BACKWARD = True
@@ -171,38 +184,58 @@ class LayerInFlight:
         return torch.cat(out) if d > 1 else out[0]
 
     def _backward(self, g: Tensor, needs: tuple) -> tuple:
-        """y's gradient g [T, H] -> gradients of (x, weights, w_in, w_out, b_in, b_out) (PIPELINED_BACKWARD)."""
-        tl, where, d = self.timeline, self.where, self.d
-        gs, order = g.split([s.stop - s.start for s in self.sl]), range(d - 1, -1, -1)
-        at = lambda c: f"{where} [{c}]"                                              # noqa: E731
-        cb = {c: combine_backward(gs[c], self.lays[c], self.sizes[c], self.group, at(c), async_op=True)
-              for c in order}
+        """y's gradient g [T, H] -> gradients of (x, weights, w_in, w_out, b_in, b_out) (PIPELINED_BACKWARD),
+        at the backward degree bd: the d forward chunks in bd groups of d / bd consecutive chunks, each
+        group's exchanges one all-to-all per direction (all_to_all_grouped: the same rows as the
+        chunks' own exchanges), each chunk's expert backward on its own saved graph: the gradients
+        are the same bits at every backward degree."""
+        tl, where, d, bd, group = self.timeline, self.where, self.d, self.bd, self.group
+        gs, m = g.split([s.stop - s.start for s in self.sl]), d // bd
+        groups = [list(range(j * m, (j + 1) * m)) for j in range(bd)]
+        order = range(bd - 1, -1, -1)                    # last first: autograd's order
+        at = lambda j: f"{where} [{groups[j][0]}{'' if m == 1 else f'..{groups[j][-1]}'}]"  # noqa: E731
+        send = lambda cs: [self.sizes[c].send for c in cs]                                 # noqa: E731
+        recv = lambda cs: [self.sizes[c].recv for c in cs]                                 # noqa: E731
+        cb = {j: all_to_all_grouped([gs[c][self.lays[c].token] for c in groups[j]], send(groups[j]),
+                                    recv(groups[j]), group, at(j) + ": combine backward", async_op=True)
+              for j in order}
+        # the received pairs' gradients go back in one exchange per group: x's and the routing
+        # weights' as the columns of one tensor when they share a dtype
+        kinds = [k for k, need in zip("xw", needs[:2]) if need]
+        packs = [kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds]
         pg: list = [None] * 4
-        wb, hb = {}, {}
-        for c in order:
-            y_local, xr, wr = self.saved[c]
-            g_local = cb.pop(c).wait()
-            with _span(tl, f"{where} experts backward[{c}]"):
-                inputs = [t for t in (xr, wr, *self.leaves) if t is not None and t.requires_grad]
-                grads = dict(zip(map(id, inputs), torch.autograd.grad(y_local, inputs, g_local, allow_unused=True)))
-            for i, t in enumerate(self.leaves):
-                gi = grads.get(id(t)) if t is not None else None
-                if gi is not None:
-                    pg[i] = gi if pg[i] is None else pg[i] + gi
-            if needs[1]:
-                gw = grads.get(id(wr))
-                wb[c] = weights_backward(gw if gw is not None else torch.zeros_like(wr), self.sizes[c],
-                                         self.group, at(c), async_op=True)
-            if needs[0]:
-                gx = grads.get(id(xr))
-                hb[c] = hidden_backward(gx if gx is not None else torch.zeros_like(xr), self.sizes[c],
-                                        self.group, at(c), async_op=True)
+        back = {}
+        for j in order:
+            mine = {}
+            for c, g_local in reversed(list(zip(groups[j], cb.pop(j).wait()))):
+                y_local, xr, wr = self.saved[c]
+                with _span(tl, f"{where} experts backward[{c}]"):
+                    inputs = [t for t in (xr, wr, *self.leaves) if t is not None and t.requires_grad]
+                    grads = dict(zip(map(id, inputs), torch.autograd.grad(y_local, inputs, g_local,
+                                                                          allow_unused=True)))
+                for i, t in enumerate(self.leaves):
+                    gi = grads.get(id(t)) if t is not None else None
+                    if gi is not None:
+                        pg[i] = gi if pg[i] is None else pg[i] + gi
+                mine[c] = {k: grads.get(id(t)) if grads.get(id(t)) is not None else torch.zeros_like(t)
+                           for k, t in zip("xw", (xr, wr)) if k in kinds}
+            back[j] = [(pack, all_to_all_grouped([torch.cat([mine[c][k] for k in pack], 1) for c in groups[j]],
+                                                 recv(groups[j]), send(groups[j]), group,
+                                                 at(j) + ": dispatch backward", async_op=True))
+                       for pack in packs]
+        got: dict = {"x": [None] * d, "w": [None] * d}
+        for j in range(bd):
+            for pack, pending in back[j]:
+                for c, rows in zip(groups[j], pending.wait()):
+                    widths = [self.x.shape[-1] if k == "x" else 1 for k in pack]
+                    for k, part in zip(pack, rows.split(widths, 1)):
+                        got[k][c] = part
         gx = gw = None
         if needs[1]:
-            gw = torch.cat([weight_grad(wb[c].wait(), self.lays[c], self.weights[self.sl[c]].shape)
+            gw = torch.cat([weight_grad(got["w"][c], self.lays[c], self.weights[self.sl[c]].shape)
                             for c in range(d)])
         if needs[0]:
-            gx = torch.cat([token_grad(hb[c].wait(), self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
+            gx = torch.cat([token_grad(got["x"][c], self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
         return (gx, gw, *pg)
 
 
@@ -222,12 +255,13 @@ class _Pipelined(torch.autograd.Function):
 def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, spec: MoESpec | str,
           placement: LayerPlacement, group=None, degree: int = 1, overlap: bool = True,
           b_in=None, b_out=None, shared=None, tokens: np.ndarray | None = None, layer: int = 0,
-          kernel: str = "reference", timeline=None) -> LayerInFlight:
+          kernel: str = "reference", timeline=None, backward_degree: int | None = None) -> LayerInFlight:
     """moe_layer up to its dispatches in flight (plan, split sizes, d dispatches issued)."""
     import torch.distributed as dist
 
     rank, T = dist.get_rank(group), x.shape[0]
     where = f"layer {placement.name}"
+    bd = backward_degree_for(degree if overlap else 1, backward_degree, where, group)
     js = spec if isinstance(spec, str) else spec.to_json()
     if isinstance(spec, str):
         from moecc.ops import parse_spec
@@ -239,7 +273,7 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
     check_world(placement, group)
     with _span(timeline, f"{where} plan"):
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
-        vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype)
+        vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype, bd)
     sl = [slice(lo, hi) for lo, hi in bounds]
     # chunked, the dispatch buffers (they need only the layouts) are packed while the split sizes are in
     # flight; the baseline waits for the sizes first
@@ -253,7 +287,7 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
     pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True, packed=buf)
             for c, (s, lay, sz, buf) in enumerate(zip(sl, lays, sizes, packed))]
     fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
-    return LayerInFlight(d=d, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap, x=x,
+    return LayerInFlight(d=d, bd=bd, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap, x=x,
                          weights=weights,
                          w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,
                          sl=sl, lays=lays, sizes=sizes, group=group)

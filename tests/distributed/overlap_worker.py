@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import moecc.ops  # noqa: F401
-from moecc.distributed.comm import use_transport
+from moecc.distributed.comm import EPError, use_transport
 from moecc.distributed.layout import LayerPlacement
 from moecc.distributed.overlap import moe_layer
 from moecc.distributed.timeline import Timeline
@@ -39,11 +39,12 @@ def routing(case: str, T: int, W: int, g: torch.Generator) -> torch.Tensor:
     return ids
 
 
-def _grads(x, ids, wts, w_in, w_out, spec, placement, d, shared, tokens):
-    """Gradients of sum(y * c) (c fixed) w.r.t. x, routing weights, local w_in / w_out at degree d."""
+def _grads(x, ids, wts, w_in, w_out, spec, placement, d, shared, tokens, bd=None):
+    """Gradients of sum(y * c) (c fixed) w.r.t. x, routing weights, local w_in / w_out at degree d
+    (backward degree bd)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, wts, w_in, w_out)]
     y = moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec, placement, degree=d,
-                  shared=shared, tokens=tokens)
+                  shared=shared, tokens=tokens, backward_degree=bd)
     c = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     (y * c).sum().backward()
     return [t.grad for t in leaves]
@@ -82,16 +83,24 @@ def main(rank: int, world: int, port: int, cases: str, out: str) -> None:
                 err = (y - ref).abs().max().item()
                 results[f"{case}/{str(dtype)[6:]}/{d if overlap else 0}"] = {
                     "err": err, "scale": ref.abs().max().item(), "equal": bool(torch.equal(y, ref))}
-        if case == "random":
-            grads[str(dtype)[6:]] = {d: _grads(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec,
-                                               placement, d, sh, tokens) for d in (1, 4)}
+        if case == "random":     # (degree, backward degree)
+            grads[str(dtype)[6:]] = {db: _grads(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec,
+                                                placement, db[0], sh, tokens, db[1]) for db in ((1, 1), (4, 4), (4, 2), (4, 1))}
+    try:                         # rank 0 with another backward degree: every rank refuses, naming it
+        moe_layer(x[lo:hi], ids[lo:hi], wts[lo:hi], w_in[mine], w_out[mine], spec, placement, degree=4,
+                  tokens=tokens, backward_degree=2 if rank == 0 else 4)
+        mismatch = None
+    except EPError as e:
+        mismatch = str(e)
     comm.close()
-    gerr = {}
+    gerr, same = {}, {}
     for dt, by_d in grads.items():              # d = 4 vs d = 1: max abs error / max |grad| per tensor
         gerr[dt] = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-                       for a, b in zip(by_d[4], by_d[1]))
+                       for a, b in zip(by_d[4, 4], by_d[1, 1]))
+        same[dt] = {bd: all(torch.equal(a, b) for a, b in zip(by_d[4, bd], by_d[4, 4])) for bd in (1, 2)}
     with open(out, "w") as f:
-        json.dump({"rank": rank, "results": results, "calls": comm.calls, "grad_rel_err": gerr}, f)
+        json.dump({"rank": rank, "results": results, "calls": comm.calls, "grad_rel_err": gerr,
+                   "backward_degree_same": same, "mismatch": mismatch}, f)
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -44,11 +44,11 @@ def test_unpack_per_chunk_and_split_sizes_bytes_per_chunk():
 
 
 def test_runtime_costs_count_the_split_sizes_per_chunk():
-    """sizes: (W-1)(4 + 2W) int64 at β; each further chunk adds (W-1) 2W int64."""
+    """sizes: (W-1)(5 + 2W) int64 at β; each further chunk adds (W-1) 2W int64."""
     layer = LayerShape(tokens=32, hidden=16, ffn=32, experts=8, top_k=2)
     ids = sample_ids(4, 32, 8, 2, 0.0)
     cl, c = measured_costs(layer, 4, ids, K)
-    assert c.sizes == pytest.approx(K["alpha"] + 3 * (4 + 8) * 8 * K["beta"])
+    assert c.sizes == pytest.approx(K["alpha"] + 3 * (5 + 8) * 8 * K["beta"])
     assert c.sizes_chunk == pytest.approx(3 * 8 * 8 * K["beta"])
 
 

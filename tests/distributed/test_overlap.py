@@ -2,7 +2,8 @@
 every degree 1..8 against the single-process reference on the concatenated batch.
 
 Gradients (random routing, x, routing weights, expert weights) at d = 4 against d = 1 within the
-same bars. Bars: d = 1 (with and without overlap) is bit-identical to the reference (same rows reach each expert in the same order, same
+same bars; at d = 4 with backward degrees 1 and 2 (forward chunks merged in the backward's exchanges)
+bit-identical to backward degree 4; ranks that disagree on the backward degree are refused by name. Bars: d = 1 (with and without overlap) is bit-identical to the reference (same rows reach each expert in the same order, same
 sum order); d > 1 changes GEMM shapes only: max abs error <= 1e-6 × max|reference| in float32,
 1e-12 × in float64 (NaN fails: `not (err <= bar)`)."""
 from pathlib import Path
@@ -31,8 +32,14 @@ def test_chunked_equals_reference(tmp_path):
                 assert v["equal"], f"rank {r['rank']} {key}: d=1 not bit-identical (err {v['err']:.3e})"
             assert not (v["err"] > BAR[dtype] * v["scale"]) and v["err"] == v["err"], \
                 f"rank {r['rank']} {case} {key}: max err {v['err']:.3e} > {BAR[dtype]} x {v['scale']:.3g}"
+        for dtype, same in r["backward_degree_same"].items():   # backward degrees 1, 2 of d = 4
+            assert same == {"1": True, "2": True}, f"rank {r['rank']} {dtype}: grads differ from bd = 4: {same}"
+        other = 1 if r["rank"] == 0 else 0
+        assert f"rank {other} disagrees on the backward overlap degree" in (r["mismatch"] or ""), r["mismatch"]
         # per run: split sizes (1 all_gather), 1 all-to-all per dispatch (rows and pairs packed),
-        # 1 per combine; with gradients (random routing, d = 1 and 4): forward + 2 backward per
-        # dispatch (hidden rows, weights) and 1 per combine
+        # 1 per combine; with gradients (random routing): at d = 1 forward + 2 backward per dispatch
+        # (hidden rows, weights) and 1 per combine; at d = 4 with backward degree b (4, 2, 1): the
+        # forward + b combine backward + b dispatch backward (hidden rows and weights packed)
         fwd = 3 + 3 + sum(1 + 2 * d for d in range(2, 9))
-        assert r["calls"] == len(CASES) * 2 * fwd + 2 * ((3 + 3) + (1 + 2 * 4 + 3 * 4))
+        grads = (3 + 3) + sum(1 + 2 * 4 + 2 * b for b in (4, 2, 1))
+        assert r["calls"] == len(CASES) * 2 * fwd + 2 * grads + 1
