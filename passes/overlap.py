@@ -10,9 +10,13 @@ cost model.
         measured on the ranks at start-up (moecc.distributed.probe.measure)
     apply(module, plan) -> n      sets `overlap_degree` on each EP experts module (by layer name)
 
-The choice: the smallest degree predicted within DEGREE_TOLERANCE (8%) of the fastest
-(costmodel.choose_degree; why 8%: its docstring, measured on the overlap grid) on balanced routing of the layer's tokens per rank, with this runtime's message accounting (ep_costs);
-`overlap_degree` (`--overlap-degree`) overrides it for every layer. Without measured constants (at
+The choice: the smallest degree predicted within DEGREE_TOLERANCE (5%) of the fastest
+(costmodel.choose_degree; why 5%: its docstring, measured on the overlap grids) on balanced routing of
+the layer's tokens per rank, with this runtime's message accounting (ep_costs);
+`overlap_degree` (`--overlap-degree`) overrides it for every layer. Training (plan_layers(...,
+training=True), moecc.distributed.schedule.configure(..., training=True)): the degree and the
+backward's degree (a divisor of it: the backward merges forward chunks) are chosen together for the
+fastest predicted forward + backward (costmodel.choose_degrees); `backward_degree` overrides the latter. Without measured constants (at
 compile time: no process group yet) the layers are recorded with degree "auto" and no predictions;
 with them, schedule.json holds each layer's predicted serial and overlapped step time, hidden
 fraction and degree. The graph itself is not rewritten: the chunked schedule is a runtime of the EP
@@ -46,6 +50,11 @@ class LayerSchedule:
     predicted_serial_s: float | None = None   # no overlap
     predicted_step_s: float | None = None     # at `degree`
     predicted_hidden: float | None = None     # hidden comm / comm at `degree`
+    # training: the backward's degree (a divisor of `degree`; None: inference, the backward at `degree`)
+    backward_degree: int | str | None = None
+    predicted_backward_serial_s: float | None = None
+    predicted_backward_s: float | None = None
+    predicted_backward_hidden: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,12 @@ class OverlapPlan:
         for lay in self.layers:
             if lay.name == name and isinstance(lay.degree, int):
                 return lay.degree
+        return None
+
+    def backward_degree(self, name: str) -> int | None:
+        for lay in self.layers:
+            if lay.name == name and isinstance(lay.backward_degree, int):
+                return lay.backward_degree
         return None
 
     def to_json(self) -> str:
@@ -94,27 +109,37 @@ class LayerShape:
     bytes: int = 4
 
 
-def _check_degree(degree) -> int | None:
+def _check_degree(degree, what: str = "--overlap-degree") -> int | None:
     if degree is None:
         return None
     if not isinstance(degree, int) or not 1 <= degree <= 8:
-        raise MoeccError(f"--overlap-degree must be an integer in 1..8, got {degree!r}")
+        raise MoeccError(f"{what} must be an integer in 1..8, got {degree!r}")
     return degree
 
 
 def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: int | None = None,
-                skew: float = 0.0, seed: int = 0) -> OverlapPlan:
-    """constants: moecc.distributed.probe.Measured (or its dict), or None (degree "auto")."""
+                skew: float = 0.0, seed: int = 0, training: bool = False,
+                backward_degree: int | None = None) -> OverlapPlan:
+    """constants: moecc.distributed.probe.Measured (or its dict), or None (degree "auto").
+    training: the degree and the backward degree (a divisor of it) chosen together for the fastest
+    predicted forward + backward (costmodel.choose_degrees); backward_degree overrides the latter."""
     from moecc.distributed import costmodel as cm
     from moecc.distributed.ep_costs import measured_costs, sample_ids
 
     degree = _check_degree(degree)
+    if backward_degree is not None:
+        if not training:
+            raise MoeccError("a backward overlap degree needs training=True (inference runs no backward)")
+        backward_degree = _check_degree(backward_degree, "backward overlap degree")
+        if degree is not None and degree % backward_degree:
+            raise MoeccError(f"backward overlap degree {backward_degree} must divide the overlap degree {degree}")
     if constants is not None and not isinstance(constants, dict):
         constants = constants.to_dict()
     out = []
     for lay in layers:
         if constants is None:
-            out.append(LayerSchedule(lay.name, lay.tokens, degree or "auto", degree is not None))
+            out.append(LayerSchedule(lay.name, lay.tokens, degree or "auto", degree is not None,
+                                     backward_degree=(backward_degree or "auto") if training else None))
             continue
         shape = cm.LayerShape(lay.tokens, lay.hidden, lay.ffn, lay.experts, lay.top_k, lay.gated,
                               lay.shared_ffn, lay.bytes, lay.bytes)
@@ -124,10 +149,18 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
         chosen = (cm.pipeline(c, degree, cluster.chunk_overhead, shared_blocks=1) if degree
                   else cm.choose_degree(c, cluster.chunk_overhead, shared_blocks=1))
         serial = cm.pipeline(c, 1, cluster.chunk_overhead, overlap=False)
-        log.info("overlap: layer %s d=%d%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
-                 chosen.degree, " (forced)" if degree else "", chosen.step * 1e3, serial.step * 1e3)
+        back, extra = None, {}
+        if training:
+            chosen, back = cm.choose_degrees(c, cluster.chunk_overhead, shared_blocks=1, degree=degree,
+                                             backward_degree=backward_degree)
+            extra = dict(backward_degree=back.degree, predicted_backward_s=back.step,
+                         predicted_backward_hidden=back.overlap,
+                         predicted_backward_serial_s=cm.backward_pipeline(c, 1, overlap=False).step)
+        log.info("overlap: layer %s d=%d%s%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
+                 chosen.degree, f", backward d={back.degree}" if back else "", " (forced)" if degree else "",
+                 chosen.step * 1e3, serial.step * 1e3)
         out.append(LayerSchedule(lay.name, lay.tokens, chosen.degree, degree is not None, serial.step,
-                                 chosen.step, chosen.overlap))
+                                 chosen.step, chosen.overlap, **extra))
     return OverlapPlan(world, tuple(out), constants)
 
 
@@ -164,12 +197,14 @@ def plan(gm: fx.GraphModule, options: dict) -> OverlapPlan:
 
 
 def apply(module: torch.nn.Module, p: OverlapPlan) -> int:
-    """Set `overlap_degree` on every submodule with a placement whose layer the plan names."""
+    """Set `overlap_degree` (and, planned for training, `overlap_backward_degree`) on every submodule
+    with a placement whose layer the plan names."""
     n = 0
     for m in module.modules():
         name = getattr(getattr(m, "placement", None), "name", None)
         if name is not None and p.degree(name) is not None:
             m.overlap_degree = p.degree(name)
+            m.overlap_backward_degree = p.backward_degree(name)
             n += 1
     return n
 

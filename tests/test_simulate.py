@@ -1,11 +1,14 @@
 """`moecc simulate` and the expert-parallel cost model: checked against DeepEP's published low-latency
 table (model check, no timing), the schedule recurrence by hand, the CLI's table and its refusals."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from moecc.cli import main
-from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, choose_degree, intersection,
-                                         layer_costs, pipeline, trace_probs, zipf_probs)
+from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, backward_pipeline, choose_degree,
+                                         choose_degrees, intersection, layer_costs, pipeline, trace_probs,
+                                         zipf_probs)
 from moecc.errors import MoeccError
 from moecc.simulate import DEEPEP_TABLES, calibrate_deepep, deepep_check
 
@@ -49,6 +52,45 @@ def test_pipeline_by_hand():
     serial = pipeline(c, 1, overlap=False)
     assert serial.step == pytest.approx(4 + 1 + 6 + 4) and serial.overlap == 0.0
     assert pipeline(c, 1).step == pytest.approx(4 + 6 + 4)          # d=1: shared hides in the dispatch
+
+
+def test_backward_pipeline_by_hand():
+    """The pipelined backward (expert backward 2 x experts = 6, gradients back = combine = 4):
+    d=2, b=2: CB1 [0,2) CB2 [2,4); group 0's experts [2,5), its gradients back [5,7); group 1's
+    [5,8), back [8,10): step 10. d=2, b=1 (both chunks in one exchange per direction): CB [0,4),
+    experts [4,10), back [10,14). Unchunked (autograd): combine backward, experts, hidden rows,
+    weights (one latency, here 0) in a row: 14. The shared expert's backward (2 x shared) runs first."""
+    c = Costs(dispatch=4.0, combine=4.0, experts=3.0, shared=0.0, alpha=0.0)
+    s = backward_pipeline(c, 2)
+    assert s.degree == 2 and s.step == pytest.approx(10.0)
+    assert s.compute_intervals == (pytest.approx((2.0, 5.0)), pytest.approx((5.0, 8.0)),
+                                   pytest.approx((8.0, 8.0)), pytest.approx((10.0, 10.0)))
+    assert s.comm_intervals[2:] == (pytest.approx((5.0, 7.0)), pytest.approx((8.0, 10.0)))
+    assert backward_pipeline(c, 2, 1).step == pytest.approx(14.0)
+    assert backward_pipeline(c, 1).step == pytest.approx(14.0) == backward_pipeline(c, 2, overlap=False).step
+    # the shared expert first, per-chunk fixed costs per forward chunk: d=4, b=2, fixed .25,
+    # shared 1: [0,2); CB1 [2,4) CB2 [4,6); group 0: 2 x .25 + 3 = 3.5 [4,7.5); back [7.5,9.5);
+    # group 1 [7.5,11), back [11,13)
+    c2 = replace(c, shared=1.0, backward_fixed=0.25)
+    assert backward_pipeline(c2, 4, 2).step == pytest.approx(13.0)
+    with pytest.raises(MoeccError, match="divide"):
+        backward_pipeline(c, 4, 3)
+
+
+def test_choose_degrees_merges_chunks_when_latency_dominates_the_backward():
+    """alpha 0.9 of an exchange of 1: at d=2 the backward in one group (CB [0,1), experts [1,2), back
+    [2,3): 3) beats two groups (per exchange .95: 3.8); with alpha 0 two groups win."""
+    c = Costs(dispatch=1.0, combine=1.0, experts=0.5, shared=0.0, alpha=0.9)
+    assert backward_pipeline(c, 2, 1).step == pytest.approx(3.0)
+    assert backward_pipeline(c, 2, 2).step == pytest.approx(3.8)
+    f, b = choose_degrees(c, degree=2)
+    assert (f.degree, b.degree) == (2, 1)
+    f, b = choose_degrees(replace(c, alpha=0.0), degree=2)
+    assert (f.degree, b.degree) == (2, 2)
+    f, b = choose_degrees(replace(c, alpha=0.0))            # free: forward + backward fastest
+    options = {(d, bd): pipeline(replace(c, alpha=0.0), d).step + backward_pipeline(replace(c, alpha=0.0), d, bd).step
+               for d in range(1, 9) for bd in range(1, d + 1) if d % bd == 0}
+    assert f.step + b.step <= min(options.values()) * 1.05 + 1e-12 and f.degree % b.degree == 0
 
 
 def test_pipeline_fills_waits_greedily_with_shared_blocks():

@@ -173,6 +173,14 @@ class Costs:
                                     # exchange's pace while the cores also compute (probe: busy)
     pack: float = 0.0               # packing the dispatch buffers, all tokens (part of plan): the
     pack_fixed: float = 0.0         # chunked schedule does it while the split sizes are in flight
+    # training (backward_pipeline); 0 = derived: experts_backward 2 x experts, backward_fixed the
+    # forward's chunk overhead, back the combine's exchange, weights_back one latency, grads the sums
+    experts_backward: float = 0.0   # the local experts' backward (input and weight gradients), all tokens
+    backward_fixed: float = 0.0     # ... fixed part per forward chunk (one autograd call)
+    back: float = 0.0               # the pairs' x and routing-weight gradients back, one exchange
+    weights_back: float = 0.0       # the routing weights' gradients alone (the unchunked backward)
+    grads: float = 0.0              # the token sums of the returned gradients, all tokens
+    grads_fixed: float = 0.0        # ... fixed part per forward chunk
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -302,6 +310,60 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     return _schedule(d, max(comm_free, comp_free), comm, comp)
 
 
+def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
+                      chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+    """Event recurrence of the backward of a layer run at `degree` (moecc.distributed.overlap:
+    PIPELINED_BACKWARD), Schedule.degree = the backward degree b (a divisor of degree; default
+    degree): the shared expert's backward (autograd runs it first); the b combine-backward exchanges
+    (each group's y gradient per pair) issued at once; per group: wait for it, the expert backward of
+    its degree / b forward chunks, issue its gradients' exchange back; per group: wait, token sums.
+    degree = 1 or overlap=False: autograd's own backward, every exchange waited for at once (combine
+    backward, expert backward, the hidden rows' and the routing weights' exchanges)."""
+    d = degree if overlap else 1
+    b = d if backward_degree is None else backward_degree
+    if not 1 <= d <= MAX_DEGREE or b < 1 or d % b:
+        raise MoeccError(f"backward degree {backward_degree} must divide the overlap degree {degree} (1..{MAX_DEGREE})")
+    m = d // b
+    fixed = c.backward_fixed or chunk_overhead
+    bwd = c.experts_backward or 2.0 * c.experts
+    back = c.back or c.combine
+    grads, grads_fixed = (c.grads, c.grads_fixed) if c.grads or c.grads_fixed else (c.sums, c.sums_fixed)
+    per = lambda total: max(c.alpha + (total - c.alpha) / b, c.floor)             # noqa: E731
+    comm, comp = [], []
+    t = 2.0 * c.shared
+    if t > 0:
+        comp.append((0.0, t))
+    if d == 1:                                   # autograd: each exchange waited for at once
+        for kind, dur in (("comm", max(c.combine, c.floor)), ("comp", fixed + bwd),
+                          ("comm", max(c.combine, c.floor)), ("comm", max(c.weights_back or c.alpha, c.floor)),
+                          ("comp", grads_fixed + grads)):
+            (comm if kind == "comm" else comp).append((t, t + dur))
+            t += dur + (c.wake if kind == "comm" else 0.0)
+        return _schedule(1, t, comm, comp)
+    comm_free, cb_end = t, []
+    for _ in range(b):                           # every group's combine backward issued at once
+        comm.append((comm_free, comm_free + per(c.combine)))
+        comm_free += per(c.combine)
+        cb_end.append(comm_free)
+    comp_free, hb_end = t, []
+
+    def resume(arrival: float) -> float:
+        return comp_free if comp_free >= arrival else arrival + c.wake
+    for j in range(b):
+        start = resume(cb_end[j])
+        comp_free = start + m * fixed + bwd / b
+        comp.append((start, comp_free))
+        r0 = max(comm_free, comp_free)
+        comm_free = r0 + per(back)
+        comm.append((r0, comm_free))
+        hb_end.append(comm_free)
+    for j in range(b):
+        start = resume(hb_end[j])
+        comp_free = start + m * grads_fixed + grads / b
+        comp.append((start, comp_free))
+    return _schedule(b, max(comm_free, comp_free), comm, comp)
+
+
 def _schedule(d: int, step: float, comm, comp) -> Schedule:
     total = sum(b - a for a, b in comm)
     return Schedule(d, step, total, sum(b - a for a, b in comp), total - intersection(comm, comp),
@@ -357,6 +419,24 @@ def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_D
     return next(s for s in options if s.step <= fastest * (1 + tolerance) + 1e-12)
 
 
+def choose_degrees(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE,
+                   shared_blocks: int | None = None, tolerance: float = DEGREE_TOLERANCE,
+                   degree: int | None = None, backward_degree: int | None = None) -> tuple[Schedule, Schedule]:
+    """Training: (forward, backward) schedules of the (degree, backward degree) pair whose predicted
+    forward + backward time is within `tolerance` of the fastest pair, the smallest degree first,
+    then the smallest backward degree (a divisor of the degree). degree / backward_degree: forced."""
+    options = [(pipeline(c, d, chunk_overhead, shared_blocks=shared_blocks),
+                backward_pipeline(c, d, b, chunk_overhead))
+               for d in ([degree] if degree else range(1, max_degree + 1))
+               for b in ([backward_degree] if backward_degree else range(1, d + 1)) if d % b == 0]
+    if not options:
+        raise MoeccError(f"backward overlap degree {backward_degree} divides no overlap degree "
+                         f"{degree or f'in 1..{max_degree}'}")
+    fastest = min(f.step + bk.step for f, bk in options)
+    return next((f, bk) for f, bk in options if f.step + bk.step <= fastest * (1 + tolerance) + 1e-12)
+
+
 __all__ = ["Link", "Cluster", "LayerShape", "Costs", "Schedule", "Traffic", "zipf_probs", "trace_probs",
-           "traffic", "a2a_time", "layer_costs", "pipeline", "choose_degree", "union", "intersection",
-           "MAX_DEGREE", "DEGREE_TOLERANCE", "math"]
+           "traffic", "a2a_time", "layer_costs", "pipeline", "choose_degree", "backward_pipeline",
+           "choose_degrees", "union", "intersection",
+           "MAX_DEGREE", "DEGREE_TOLERANCE"]

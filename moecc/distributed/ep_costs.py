@@ -81,12 +81,15 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
                   wake: float = 0.0, floor: float = 0.0, placement=None, pack: float = 0.0,
-                  pack_fixed: float = 0.0) -> Costs:
+                  pack_fixed: float = 0.0, bwd_flops: float = 0.0, bwd_chunk: float = 0.0,
+                  grads: float = 0.0, grads_fixed: float = 0.0) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
     that blocks costs beyond the collective (probe: a lone exchange's time minus alpha); floor: the
-    least time a collective takes (probe: an exchange's while the cores compute)."""
+    least time a collective takes (probe: an exchange's while the cores compute); bwd_flops /
+    bwd_chunk / grads / grads_fixed: the backward's measured experts throughput (forward FLOPs per s),
+    fixed cost per call, and token sums (0: the cost model's defaults, costmodel.backward_pipeline)."""
     cluster.validate()
     layer.validate(cluster.world)
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts, placement)
@@ -97,12 +100,17 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     head, per_chunk = (W - 1) * (5 + 2 * W) * index_bytes, (W - 1) * 2 * W * index_bytes
     sizes = a2a_time(cluster, head, head)
     alpha = a2a_time(cluster, 0.0, 0.0)
-    return Costs(dispatch=dispatch, combine=combine, experts=expert_time(layer, cluster, float(received.max())),
+    experts = expert_time(layer, cluster, float(received.max()))
+    return Costs(dispatch=dispatch, combine=combine, experts=experts,
                  shared=shared_time(layer, cluster), alpha=alpha,
                  dispatch_msgs=DISPATCH_MSGS, combine_msgs=COMBINE_MSGS, sizes=sizes, plan=plan,
                  plan_fixed=plan_fixed, sums=sums, sums_fixed=sums_fixed, unpack=unpack,
                  unpack_fixed=unpack_fixed, sizes_chunk=a2a_time(cluster, per_chunk, per_chunk) - alpha,
-                 wake=wake, floor=floor, pack=pack, pack_fixed=pack_fixed)
+                 wake=wake, floor=floor, pack=pack, pack_fixed=pack_fixed,
+                 experts_backward=experts * cluster.flops / bwd_flops if bwd_flops > 0 else 0.0,
+                 backward_fixed=bwd_chunk, back=_collective(cluster, pairs, (H + 1) * layer.combine_bytes),
+                 weights_back=_collective(cluster, pairs, layer.combine_bytes), grads=grads,
+                 grads_fixed=grads_fixed)
 
 
 def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
@@ -117,4 +125,6 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
                                   unpack=k.get("unpack", 0.0) * T, unpack_fixed=k.get("unpack_fixed", 0.0),
                                   wake=max(k.get("lone", 0.0) - k["alpha"], 0.0), floor=k.get("busy", 0.0),
                                   placement=placement, pack=k.get("pack", 0.0) * T,
-                                  pack_fixed=k.get("pack_fixed", 0.0))
+                                  pack_fixed=k.get("pack_fixed", 0.0), bwd_flops=k.get("bwd_flops", 0.0),
+                                  bwd_chunk=k.get("bwd_chunk", 0.0), grads=k.get("grads", 0.0) * T,
+                                  grads_fixed=k.get("grads_fixed", 0.0))

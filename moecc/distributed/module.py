@@ -40,12 +40,13 @@ class EPExperts(nn.Module):
         node = s.node if (s.carry_node and self.layer > 0 and s.node is not None
                           and len(s.node) == x.shape[0]) else None
         tokens = token_numbers(x.shape[0], s.group, where)
-        degree = getattr(self, "overlap_degree", 1)          # set by passes/overlap.apply
+        degree = getattr(self, "overlap_degree", 1)          # set by passes/overlap.apply (and
+                                                             # overlap_backward_degree, for training)
         if (degree > 1 or self.split) and not s.carry_node:  # chunked, all-to-alls behind compute
             from .overlap import issue
             h = issue(x, ids, weights, self.w_in, self.w_out, self.spec, self.placement, s.group,
                       degree, b_in=self.b_in, b_out=self.b_out, tokens=tokens, layer=self.layer,
-                      kernel=self.kernel)
+                      kernel=self.kernel, backward_degree=getattr(self, "overlap_backward_degree", None))
             return h if self.split else h.finish()
         y, lay = ep_experts(x, ids, weights, self.w_in, self.w_out, self.b_in, self.b_out, self.spec,
                             self.placement, s.group, self.layer, tokens, node, self.kernel)

@@ -120,9 +120,13 @@ PIPELINED_BACKWARD = True
 backward runs its own pipeline instead of autograd's chunk-by-chunk waits: every chunk's combine
 backward (y's gradient per pair to the experts' ranks) is issued at once, then per chunk, in the order
 autograd ran them (last first): wait for it, the experts' backward, and its weights / dispatch backward
-issued without waiting; the token sums at the end. Each chunk's expert backward computes while the
-later chunks' exchanges are in flight (autograd ran every combine backward, each waited for, before
-any expert backward). The same collectives in the same order, the same sums: gradients bit-identical."""
+issued without waiting; each chunk's token sums once its exchange is back. Each chunk's expert backward
+computes while the later chunks' exchanges are in flight (autograd ran every combine backward, each
+waited for, before any expert backward). The same rows exchanged, the same sums in the same order:
+gradients bit-identical to autograd's. The backward degree (backward_degree, a divisor of d) groups
+consecutive forward chunks: one exchange per group and direction (fewer latencies when the backward,
+with twice the forward's compute for the same traffic, needs fewer chunks to hide it); the x and
+routing-weight gradients of a group travel as one exchange."""
 
 
 class LayerInFlight:
@@ -224,18 +228,20 @@ class LayerInFlight:
                                                  at(j) + ": dispatch backward", async_op=True))
                        for pack in packs]
         got: dict = {"x": [None] * d, "w": [None] * d}
-        for j in range(bd):
+        for j in order:                                  # each group's token sums while later ones fly
             for pack, pending in back[j]:
+                widths = [self.x.shape[-1] if k == "x" else 1 for k in pack]
                 for c, rows in zip(groups[j], pending.wait()):
-                    widths = [self.x.shape[-1] if k == "x" else 1 for k in pack]
                     for k, part in zip(pack, rows.split(widths, 1)):
                         got[k][c] = part
-        gx = gw = None
-        if needs[1]:
-            gw = torch.cat([weight_grad(got["w"][c], self.lays[c], self.weights[self.sl[c]].shape)
-                            for c in range(d)])
-        if needs[0]:
-            gx = torch.cat([token_grad(got["x"][c], self.lays[c], self.ids[self.sl[c]]) for c in range(d)])
+            with _span(tl, f"{where} grads[{j}]"):
+                for c in groups[j]:
+                    if needs[1]:
+                        got["w"][c] = weight_grad(got["w"][c], self.lays[c], self.weights[self.sl[c]].shape)
+                    if needs[0]:
+                        got["x"][c] = token_grad(got["x"][c], self.lays[c], self.ids[self.sl[c]])
+        gx = torch.cat(got["x"]) if needs[0] else None
+        gw = torch.cat(got["w"]) if needs[1] else None
         return (gx, gw, *pg)
 
 

@@ -20,6 +20,11 @@ they compete for the machine as the layers will):
         sums, sums_fixed the combine's weigh-and-sum per token and per call
         unpack, unpack_fixed  reading a received dispatch (Dispatched.wait: unpack the rows and
                          pairs, index them for autograd), per token and per call
+        bwd_flops, bwd_chunk  the local experts' backward (input, routing-weight and weight
+                         gradients: one autograd.grad) at two row counts, as FLOP/s of the forward's
+                         FLOP count (≈ half the forward's when the backward costs twice) and per call
+        grads, grads_fixed  the token sums of returned gradients (ep.token_grad, ep.weight_grad),
+                         per token and per call
     The compute is timed on every rank in the same instants (together(): an agreed start on the
     machine's monotonic clock), in bursts of calls long enough to overlap: where ranks share cores
     (4 gloo ranks on 2 cores) each call is timed as stretched as the layer's will be. The slowest
@@ -37,7 +42,8 @@ import numpy as np
 import torch
 
 from moecc.distributed import comm
-from moecc.distributed.ep import Dispatched, Received, Sizes, _sum_slots, dispatch_buffer, local_experts
+from moecc.distributed.ep import (Dispatched, Received, Sizes, _sum_slots, dispatch_buffer, local_experts,
+                                  token_grad, weight_grad)
 from moecc.distributed.layout import layout
 
 BURST_S = 4e-3          # a timed burst of compute calls lasts at least this long (s)
@@ -59,6 +65,10 @@ class Measured:
     pack: float = 0.0           # s per token (the packed dispatch buffer alone: part of plan)
     pack_fixed: float = 0.0
     busy: float = 0.0           # s per exchange of a burst issued while every rank computes
+    bwd_flops: float = 0.0      # forward FLOPs per s of the local experts' backward (0: not measured)
+    bwd_chunk: float = 0.0      # s per experts backward call
+    grads: float = 0.0          # s per token (token sums of the returned gradients)
+    grads_fixed: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,8 +182,9 @@ def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: i
 
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
                     seed: int = 0, aligned: bool = True) -> list[float]:
-    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed, pack, pack_fixed] of this rank
-    (module docstring), timed while every rank computes."""
+    """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed, pack, pack_fixed,
+    1/bwd_flops, bwd_chunk, grads, grads_fixed] of this rank (module docstring), timed while every rank
+    computes."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
@@ -185,6 +196,19 @@ def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: i
         r = Received(torch.randn(n, H, generator=g, dtype=dtype), torch.ones(n, 1, dtype=dtype),
                      (torch.arange(n) % E_r).unsqueeze(1))
         return lambda: local_experts(r, w_in, w_out, None, None, js)
+
+    def backward(n):                             # one autograd.grad through a kept graph
+        with torch.enable_grad():
+            r = Received(torch.randn(n, H, generator=g, dtype=dtype, requires_grad=True),
+                         torch.ones(n, 1, dtype=dtype, requires_grad=True), (torch.arange(n) % E_r).unsqueeze(1))
+            leaves = [w.detach().requires_grad_() for w in (w_in, w_out)]
+            y = local_experts(r, *leaves, None, None, js)
+        inputs, gy = [r.x, r.weights, *leaves], torch.randn(y.shape, generator=g, dtype=dtype)
+
+        def run():
+            with torch.enable_grad():
+                torch.autograd.grad(y, inputs, gy, retain_graph=True)
+        return run
     n1, n2 = max(tokens * k // 8, E_r), max(tokens * k, E_r + 1)
     rng = np.random.default_rng(seed)
 
@@ -198,15 +222,17 @@ def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: i
         def plan():                                   # the send layout, then the packed dispatch
             dispatch_buffer(x, w, layout(ids, placement, rank, np.arange(n)))
         return (plan, (lambda: _sum_slots(back, ids, lay)), _reader(x, w, ids, lay, group),
-                lambda: dispatch_buffer(x, w, lay))
+                lambda: dispatch_buffer(x, w, lay),
+                lambda: (token_grad(back, lay, ids), weight_grad(back[:, :1], lay, ids.shape)))
     m1, m2 = max(tokens // 8, 1), max(tokens, 2)
     a, b = steps(m1), steps(m2)
-    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3]], group, repeats,
-                aligned)
+    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3],
+                 backward(n1), backward(n2), a[4], b[4]], group, repeats, aligned)
+    flop = 2.0 * H * (w_in.shape[1] + w_out.shape[2])                  # forward FLOPs per row
     per_row, chunk = _line(n1, t[0], n2, t[1])
-    inv_flops = per_row / (2.0 * H * (w_in.shape[1] + w_out.shape[2]))
-    return [inv_flops, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7]),
-            *_line(m1, t[8], m2, t[9])]
+    bwd_row, bwd_chunk = _line(n1, t[10], n2, t[11])
+    return [per_row / flop, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7]),
+            *_line(m1, t[8], m2, t[9]), bwd_row / flop, bwd_chunk, *_line(m1, t[12], m2, t[13])]
 
 
 def _reader(x, w, ids, lay, group):
@@ -227,8 +253,11 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
     busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
     if not aligned:
-        lone, c[6:] = 0.0, [0.0, 0.0, 0.0, 0.0]
-    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:], busy], dtype=torch.float64)
+        lone, c[6:10] = 0.0, [0.0, 0.0, 0.0, 0.0]
+    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:10], busy, *c[10:]], dtype=torch.float64)
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
-    return Measured(worst[0], worst[1], 1.0 / worst[2], *worst[3:])
+    w = dict(zip(("alpha", "beta", "flops", "chunk", "plan", "plan_fixed", "sums", "sums_fixed", "lone",
+                  "unpack", "unpack_fixed", "pack", "pack_fixed", "busy", "bwd_flops", "bwd_chunk", "grads",
+                  "grads_fixed"), worst))
+    return Measured(**{**w, "flops": 1.0 / w["flops"], "bwd_flops": 1.0 / w["bwd_flops"]})
 

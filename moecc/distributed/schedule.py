@@ -1,12 +1,15 @@
 """Start-up of the overlap schedule on the ranks of an expert-parallel model:
 
-    plan = configure(gm, group, warmup, degree="auto" | 1..8, out=Path | None)
+    plan = configure(gm, group, warmup, degree="auto" | 1..8, out=Path | None,
+                     training=False, backward_degree="auto" | 1..8)
 
 1. one warm-up forward (`warmup()`) records each EP experts layer's tokens per rank;
 2. the cost model's constants are measured on the ranks (moecc.distributed.probe.measure, on the
    first EP layer's experts; every rank takes part, the slowest rank's values are kept);
 3. passes/overlap.plan_layers picks each layer's degree (or takes `degree` for all) and
    passes/overlap.apply sets it on the modules; rank 0 writes schedule.json to `out`.
+   training=True: the degree and the backward's degree (a divisor of it) are chosen together for
+   the fastest predicted forward + backward; `backward_degree` forces the latter.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def _ep_modules(gm) -> list:
     return [m for m in gm.modules() if hasattr(m, "placement") and hasattr(m, "w_in")]
 
 
-def configure(gm, group, warmup, degree="auto", out: Path | None = None):
+def configure(gm, group, warmup, degree="auto", out: Path | None = None, training: bool = False,
+              backward_degree="auto"):
     import torch.distributed as dist
 
     from moecc.passes.overlap import LayerShape, apply, plan_layers
@@ -52,7 +56,8 @@ def configure(gm, group, warmup, degree="auto", out: Path | None = None):
         layers.append(LayerShape(m.placement.name, max(tokens.get(m.placement.name, 1), 1), s.hidden, s.ffn,
                                  s.num_experts, s.top_k, s.gated, s.shared_ffn, m.w_in.element_size()))
     plan = plan_layers(layers, dist.get_world_size(group), measured,
-                       None if degree == "auto" else int(degree))
+                       None if degree == "auto" else int(degree), training=training,
+                       backward_degree=None if backward_degree in ("auto", None) else int(backward_degree))
     apply(gm, plan)
     if out is not None and dist.get_rank(group) == 0:
         plan.write(out)

@@ -66,6 +66,34 @@ def test_measured_costs_take_the_probe_fields():
     assert new.unpack == pytest.approx(64e-6) and new.unpack_fixed == 5e-5
     _, fast = measured_costs(layer, 2, ids, {**K, "lone": 0.5e-3})         # lone < alpha: no wake
     assert fast.wake == 0.0
+    # the backward: experts at the measured backward throughput (forward FLOPs per s), its fixed
+    # cost per call, token sums per token; without them the model's defaults (0 = derived)
+    assert old.experts_backward == 0.0 and old.backward_fixed == 0.0 and old.grads == 0.0
+    _, bw = measured_costs(layer, 2, ids, {**K, "bwd_flops": K["flops"] / 2.5, "bwd_chunk": 4e-4,
+                                           "grads": 2e-6, "grads_fixed": 1e-5})
+    assert bw.experts_backward == pytest.approx(2.5 * bw.experts)
+    assert (bw.backward_fixed, bw.grads, bw.grads_fixed) == (4e-4, pytest.approx(128e-6), 1e-5)
+    assert bw.back > bw.combine > bw.weights_back > bw.alpha     # rows of H + 1, H and 1 elements
+
+
+def test_probe_measures_the_backward(one_rank_group):
+    """The probe times the local experts' backward and the gradients' token sums on the ranks
+    (measure_compute: [..., 1 / bwd_flops, bwd_chunk, grads, grads_fixed])."""
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.distributed.probe import measure_compute
+    from moecc.spec import MoESpec, RouterSpec
+
+    H, F = 128, 256
+    spec = MoESpec(num_experts=4, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=2))
+    g = torch.Generator().manual_seed(0)
+    w_in, w_out = torch.randn(4, 2 * F, H, generator=g), torch.randn(4, H, F, generator=g)
+    with torch.no_grad():                     # as schedule.configure calls it
+        t = measure_compute(spec, w_in, w_out, LayerPlacement.contiguous("m", 4, 1), None, 256, repeats=2)
+    inv_flops, inv_bwd, bwd_chunk, grads, grads_fixed = t[0], *t[10:]
+    assert len(t) == 14 and 0 < grads < 1, t
+    assert 0 <= bwd_chunk < 1 and 0 <= grads_fixed < 1
+    flop = 2.0 * H * (2 * F + F)              # forward FLOPs per row: a slope, not the clip (1e-15 / flop)
+    assert inv_bwd > 1e-12 / flop and inv_bwd > inv_flops / 10, (inv_bwd, inv_flops)
 
 
 

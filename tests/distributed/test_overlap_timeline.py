@@ -121,7 +121,7 @@ def test_dispatch_buffers_are_packed_while_the_split_sizes_are_in_flight(one_ran
     assert pack[0] >= sizes[1]
 
 
-def _train_step(pipelined: bool, degree: int = 3, alpha: float = 0.05):
+def _train_step(pipelined: bool, degree: int = 3, alpha: float = 0.05, backward_degree: int | None = None):
     """One rank, the chunked layer (shared expert included) forward + backward through the delayed
     transport -> (gradients of x, routing weights, w_in, w_out and the shared expert's w_in; the
     backward's timeline events)."""
@@ -146,7 +146,7 @@ def _train_step(pipelined: bool, degree: int = 3, alpha: float = 0.05):
     try:
         y = overlap.moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec,
                               LayerPlacement.contiguous("m", E, 1), degree=degree, shared=shared,
-                              tokens=torch.arange(T).numpy(), timeline=tl)
+                              tokens=torch.arange(T).numpy(), timeline=tl, backward_degree=backward_degree)
         start = time.perf_counter()
         (y * torch.randn(T, H, generator=g)).sum().backward()
     finally:
@@ -192,3 +192,20 @@ def test_pipelined_backward_twice_with_retain_graph(one_rank_group):
     x.grad = None
     y.sum().backward()
     assert torch.equal(x.grad, first)
+
+
+def test_backward_degree_merges_forward_chunks(one_rank_group):
+    """d = 4 forward chunks, backward degree 2: two combine-backward exchanges (chunks 0..1, 2..3),
+    both in flight at once; chunks 3 and 2 (the first group) compute their expert backward while the
+    second group's exchange flies; two gradient exchanges back. Same bits as backward degree 4."""
+    grads, ev = _train_step(True, degree=4, backward_degree=2)
+    full, ev4 = _train_step(True, degree=4)
+    for a, b in zip(grads, full):
+        assert torch.equal(a, b)
+    comb = {n: (a, b) for k, n, a, b in ev if k == "comm" and "combine backward" in n}
+    assert sorted(comb) == ["layer m [0..1]: combine backward", "layer m [2..3]: combine backward"]
+    assert len([n for k, n, a, b in ev4 if k == "comm" and "combine backward" in n]) == 4
+    first = next((a, b) for k, n, a, b in ev if k == "compute" and n.endswith("experts backward[3]"))
+    assert first[0] < comb["layer m [0..1]: combine backward"][1], (first, comb)
+    back = [n for k, n, a, b in ev if k == "comm" and "dispatch backward" in n]
+    assert sorted(back) == ["layer m [0..1]: dispatch backward", "layer m [2..3]: dispatch backward"]
