@@ -14,7 +14,9 @@ EPILOG = """examples:
   moecc simulate --nodes 1 --devices 4 --experts 8 --top-k 2 --skew 1.2 --overlap-degree 4
   moecc simulate --experts 64 --top-k 8 --trace out/trace.npz        # per-layer loads from `moecc trace`
   moecc simulate --deepep                 # the model vs DeepEP's published low-latency table
-times: per layer and rank-step; 'serial' is d=1 (no overlap); d* the recommended overlap degree."""
+  moecc simulate --nodes 2 --devices 8 --experts 64 --top-k 8 --train   # forward + backward
+times: per layer and rank-step; 'serial' is d=1 (no overlap); d* the recommended overlap degree; with
+--train, d*/b* the recommended degree and backward degree (a divisor: the backward merges chunks)."""
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,6 +52,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                         "weights and ids, split sizes per chunk) on routing sampled from --skew or "
                         "the trace; choice: a row per (token, choice), expected loads (DeepEP LL)")
     p.add_argument("--overlap-degree", type=int, help="also report this degree (1..8)")
+    p.add_argument("--train", action="store_true",
+                   help="also predict the training step (forward + backward: expert backward 2x the forward's "
+                        "GEMMs) and recommend the degree and the backward's degree together")
     p.add_argument("--deepep", action="store_true", help="print the model's check against DeepEP's table")
     p.set_defaults(func=run)
     return p
@@ -71,11 +76,14 @@ def run(a) -> int:
     cluster = Cluster(a.nodes, a.devices, Link(a.intra_lat * 1e-6, a.intra_bw * 1e9),
                       Link(a.inter_lat * 1e-6, a.inter_bw * 1e9), a.tflops * 1e12, a.chunk_overhead * 1e-6)
     layer = LayerShape(a.tokens, a.hidden, a.ffn, a.experts, a.top_k, a.gated, a.shared_ffn, a.bytes, a.bytes)
-    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree, a.accounting)
+    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree, a.accounting, a.train)
     head = ["layer", "dispatch ms", "experts ms", "shared ms", "combine ms", "serial ms", "d*", "overlap ms",
             "speedup", "hidden"]
     if a.overlap_degree:
         head += [f"d={a.overlap_degree} ms", f"d={a.overlap_degree} hidden"]
+    if a.train:
+        head += ["train serial ms", "d*/b*" if not a.overlap_degree else f"d={a.overlap_degree}/b*",
+                 "train ms", "train speedup", "backward hidden"]
     rows = []
     for p in preds:
         c = p.costs
@@ -83,11 +91,18 @@ def run(a) -> int:
              p.best.degree, _ms(p.best.step), f"{p.serial / p.best.step:.2f}x", f"{p.best.overlap:.0%}"]
         if p.forced:
             r += [_ms(p.forced.step), f"{p.forced.overlap:.0%}"]
+        if p.train:
+            f, b = p.train
+            r += [_ms(p.train_serial), f"{f.degree}/{b.degree}", _ms(f.step + b.step),
+                  f"{p.train_serial / (f.step + b.step):.2f}x", f"{b.overlap:.0%}"]
         rows.append(r)
     serial, best = sum(p.serial for p in preds), sum(p.best.step for p in preds)
     total = ["model", "", "", "", "", _ms(serial), "", _ms(best), f"{serial / best:.2f}x", ""]
     if a.overlap_degree:
         total += [_ms(sum(p.forced.step for p in preds)), ""]
+    if a.train:
+        ts, tt = sum(p.train_serial for p in preds), sum(p.train[0].step + p.train[1].step for p in preds)
+        total += [_ms(ts), "", _ms(tt), f"{ts / tt:.2f}x", ""]
     if len(preds) > 1:
         rows.append(total)
     print(f"cluster {a.nodes}x{a.devices} (EP{cluster.world}), {a.tokens} tokens/device, H={a.hidden}, "

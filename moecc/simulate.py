@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, choose_degree, layer_costs,
+from moecc.distributed.costmodel import (Cluster, Costs, LayerShape, Link, backward_pipeline, choose_degree,
+                                         choose_degrees, layer_costs,
                                          pipeline, traffic, trace_probs, zipf_probs)
 from moecc.distributed.ep_costs import runtime_costs, sample_ids
 from moecc.errors import MoeccError
@@ -105,21 +106,29 @@ class LayerPrediction:
     serial: float                   # step time without overlap (s): every collective waited at once
     best: object                    # Schedule at the recommended degree
     forced: object | None           # Schedule at --overlap-degree, if given
+    train: tuple | None = None      # training: (forward, backward) Schedules at the recommended
+                                    # (degree, backward degree) (costmodel.choose_degrees)
+    train_serial: float = 0.0       # forward + backward without overlap (s)
 
 
-def predict_costs(c: Costs, cluster: Cluster, degree: int | None = None, name: str = "layer") -> LayerPrediction:
+def predict_costs(c: Costs, cluster: Cluster, degree: int | None = None, name: str = "layer",
+                  train: bool = False) -> LayerPrediction:
     serial = pipeline(c, 1, cluster.chunk_overhead, overlap=False).step
     best = choose_degree(c, cluster.chunk_overhead)
     forced = pipeline(c, degree, cluster.chunk_overhead) if degree else None
-    return LayerPrediction(name, c, serial, best, forced)
+    if not train:
+        return LayerPrediction(name, c, serial, best, forced)
+    both = choose_degrees(c, cluster.chunk_overhead, degree=degree)
+    return LayerPrediction(name, c, serial, best, forced, both,
+                           serial + backward_pipeline(c, 1, chunk_overhead=cluster.chunk_overhead, overlap=False).step)
 
 
 def predict_layer(layer: LayerShape, cluster: Cluster, probs=None, degree: int | None = None,
-                  name: str = "layer", ids=None) -> LayerPrediction:
+                  name: str = "layer", ids=None, train: bool = False) -> LayerPrediction:
     """ids [W, T, k]: moecc's runtime accounting on that routing (ep_costs); else one row per
     (token, choice) with expected loads from probs (DeepEP's low-latency accounting)."""
     c = runtime_costs(layer, cluster, ids) if ids is not None else layer_costs(layer, cluster, probs)
-    return predict_costs(c, cluster, degree, name)
+    return predict_costs(c, cluster, degree, name, train)
 
 
 def layer_routing(layer: LayerShape, world: int, skew: float, trace_path: str | None, seed: int = 0):
@@ -146,13 +155,14 @@ def layer_routing(layer: LayerShape, world: int, skew: float, trace_path: str | 
 
 
 def simulate(layer: LayerShape, cluster: Cluster, skew: float = 0.0, trace: str | None = None,
-             layers: int = 1, degree: int | None = None, accounting: str = "moecc") -> list[LayerPrediction]:
+             layers: int = 1, degree: int | None = None, accounting: str = "moecc",
+             train: bool = False) -> list[LayerPrediction]:
     """Per MoE layer predictions; a trace gives its own layers, else `layers` identical ones.
     accounting: "moecc" (this runtime's messages on sampled / traced routing) or "choice"
     (a row per (token, choice), expected loads: DeepEP's low-latency kernels)."""
     if accounting not in ("moecc", "choice"):
         raise MoeccError(f"accounting must be moecc or choice, got {accounting!r}")
-    preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None)
+    preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None, train)
              for name, p, ids in layer_routing(layer, cluster.validate().world, skew, trace)]
     if not trace and layers > 1:
         preds = [replace(preds[0], name=f"layer{i}") for i in range(layers)]

@@ -98,36 +98,57 @@ def agreed_fastest(rows: list[list[float]], where: str):
     return allr, i, slowest[i].item()
 
 
-def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer) -> dict:
-    """Forward + backward of the layer (x, routing weights and expert weights trainable): without
-    overlap, at d* with autograd's backward (each exchange waited for inside its own node), and at d*
-    with the pipelined backward (overlap.PIPELINED_BACKWARD) -> {variant: {step s (slowest rank,
-    fastest repeat), hidden (comm hidden by compute, summed over ranks)}}."""
+TRAIN_PAIR_REPS = 3    # timed repeats of each (degree, backward degree) pair in --train
+
+
+def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer, costs=None, chunk: float = 0.0) -> dict:
+    """Forward + backward of the layer (x, routing weights, expert and shared-expert weights
+    trainable): without overlap, at d* with autograd's backward (each exchange waited for inside its
+    own node), at d* with the pipelined backward (overlap.PIPELINED_BACKWARD), and every (degree d,
+    backward degree b | d) pair pipelined -> {"variants": {name: {step, forward, backward (s, slowest
+    rank, fastest repeat), hidden (comm hidden by compute, summed over ranks)}}, "pairs": {"d,b":
+    measured + predicted forward / backward}, "chosen": the cost model's (d, b) (choose_degrees)}."""
     import torch
 
     from moecc.distributed import overlap
+    from moecc.distributed.costmodel import backward_pipeline, choose_degrees, pipeline
 
-    def step(d: int, on: bool, pipelined: bool) -> tuple[float, dict]:
+    def step(d: int, on: bool, pipelined: bool, b: int | None = None) -> list[float]:
         together(None)
         tl.clear()
         was, overlap.PIPELINED_BACKWARD = overlap.PIPELINED_BACKWARD, pipelined
         try:
             t0 = time.perf_counter()
-            y = layer(d, on)
+            y = layer(d, on, b)
+            t1 = time.perf_counter()
             y.backward(torch.ones_like(y))
-            return time.perf_counter() - t0, tl.overlap()
+            t2 = time.perf_counter()
+            o = tl.overlap()
+            return [t2 - t0, o["hidden"], o["comm"], t1 - t0, t2 - t1]
         finally:
             overlap.PIPELINED_BACKWARD = was
-    out = {}
+
+    def timed(args, n: int, where: str) -> dict:
+        rows = [step(*args) for _ in range(n + 1)][1:]
+        allr, i, slowest = agreed_fastest(rows, where)
+        return {"step": slowest, "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum()),
+                "forward": allr[:, i, 3].max().item(), "backward": allr[:, i, 4].max().item()}
+    out = {"variants": {}, "pairs": {}}
     for name, args in (("serial", (1, False, False)), (f"d={degree} autograd backward", (degree, True, False)),
                        (f"d={degree} pipelined backward", (degree, True, True))):
-        rows = []
-        for rep in range(reps + 1):
-            t, o = step(*args)
-            if rep:
-                rows.append([t, o["hidden"], o["comm"]])
-        allr, i, slowest = agreed_fastest(rows, "train")
-        out[name] = {"step": slowest, "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum())}
+        out["variants"][name] = timed(args, reps, "train")
+    for d in range(1, 9):
+        for b in (b for b in range(1, d + 1) if d % b == 0):
+            v = timed((d, True, True, b), TRAIN_PAIR_REPS, "train pairs")
+            if costs is not None:
+                v.update(predicted_forward=pipeline(costs, d, chunk).step,
+                         predicted_backward=backward_pipeline(costs, d, b, chunk).step)
+            out["pairs"][f"{d},{b}"] = v
+    if costs is not None:
+        f, bk = choose_degrees(costs, chunk)
+        out["chosen"] = [f.degree, bk.degree]
+        out["predicted_serial"] = {"forward": pipeline(costs, 1, chunk, overlap=False).step,
+                                   "backward": backward_pipeline(costs, 1, overlap=False).step}
     return out
 
 
@@ -234,11 +255,13 @@ def run_config(cfg: dict, rank: int, tr, tl, reps: int, keep: bool = False, alig
         if key == "serial":          # comm : compute of this very run, per rank (nothing overlaps)
             ratio = (allr[:, fastest, 2] / allr[:, fastest, 3]).tolist()
 
-    def train_layer(degree: int, on: bool):
+    def train_layer(degree: int, on: bool, backward_degree: int | None = None):
         leaves = [t.detach().requires_grad_() for t in (x, wts, w_in, w_out)]
+        sh = None if shared is None else tuple(None if t is None else t.detach().requires_grad_() for t in shared)
         return moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec, placement, degree=degree,
-                         overlap=on, shared=shared, tokens=tokens, timeline=tl)
-    train = train_runs(cfg, best.degree, reps, tl, together, train_layer) if cfg.get("train") else None
+                         overlap=on, shared=sh, tokens=tokens, timeline=tl, backward_degree=backward_degree)
+    train = (train_runs(cfg, best.degree, reps, tl, together, train_layer, c, m.chunk)
+             if cfg.get("train") else None)
     return {"config": {k_: v for k_, v in cfg.items() if not k_.startswith("_")}, "constants": m.to_dict(),
             "train": train, "beta_set": tr.beta, "chosen": best.degree, "late_calls": tr.late - late0,
             "late_s": tr.late_s - late_s0,
@@ -330,7 +353,10 @@ def main() -> None:
                          "instead of at one agreed instant")
     ap.add_argument("--train", action="store_true",
                     help="also time forward + backward of the headline configurations: no overlap, d* with "
-                         "autograd's backward, d* with the pipelined backward")
+                         "autograd's backward, d* with the pipelined backward, and every (degree, backward "
+                         "degree) pair against the cost model")
+    ap.add_argument("--train-all", action="store_true",
+                    help="with --train: time the training step of every configuration, not only the headline ones")
     ap.add_argument("--timelines", action="store_true",
                     help="keep every configuration's per-rank timelines: OUT/overlap_timelines.json")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
@@ -344,7 +370,7 @@ def main() -> None:
         configs = [c for c in configs if c["name"] in a.only.split(",")]
     for c in configs:
         c.update({k: v for k, v in (("alpha", a.alpha and a.alpha * 1e-3), ("tokens", a.tokens)) if v})
-        if a.train and not c["name"].startswith("g"):
+        if a.train and (a.train_all or not c["name"].startswith("g")):
             c["train"] = True
     t0 = time.time()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"

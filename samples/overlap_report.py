@@ -51,6 +51,53 @@ def _bottleneck(run) -> int:
     return min(range(len(r)), key=lambda i: r[i])
 
 
+def train_section(trained: list[dict]) -> list[str]:
+    """--train: the training step's variants, and every (degree, backward degree) pair against the
+    cost model (forward: costmodel.pipeline, backward: costmodel.backward_pipeline)."""
+    rows, pairs, summary = [], [], []
+    for r in trained:
+        t, name = r["train"], r["config"]["name"]
+        variants = t.get("variants", t)                 # runs before the pairs: {variant: ...} only
+        serial = variants["serial"]["step"]
+        for key, v in variants.items():
+            rows.append([name, key, f"{v['step'] * 1e3:.1f}", f"{serial / v['step']:.2f}x", f"{v['hidden']:.1%}"])
+        if not t.get("pairs"):
+            continue
+        best = min(t["pairs"], key=lambda k: t["pairs"][k]["step"])
+        for key, v in t["pairs"].items():
+            mark = " (chosen)" if key == ",".join(map(str, t.get("chosen", []))) else ""
+            mark += " (best)" if key == best else ""
+            err = v["predicted_backward"] / v["backward"] - 1 if "predicted_backward" in v else float("nan")
+            pairs.append([name, key.replace(",", " / ") + mark, f"{v['forward'] * 1e3:.1f}", f"{v['backward'] * 1e3:.1f}",
+                          f"{v.get('predicted_backward', float('nan')) * 1e3:.1f}", f"{err:+.1%}",
+                          f"{v['step'] * 1e3:.1f}", f"{serial / v['step']:.2f}x", f"{v['hidden']:.1%}"])
+        if "chosen" in t:
+            ch = t["pairs"][",".join(map(str, t["chosen"]))]
+            errs = [abs(v["predicted_backward"] / v["backward"] - 1) for v in t["pairs"].values()]
+            summary.append(f"- {name}: chosen (d, b) = ({t['chosen'][0]}, {t['chosen'][1]}) runs "
+                           f"{ch['step'] * 1e3:.1f} ms, {ch['step'] / t['pairs'][best]['step'] - 1:+.1%} from the "
+                           f"best measured pair ({best.replace(',', ', ')}: {t['pairs'][best]['step'] * 1e3:.1f} ms), "
+                           f"{serial / ch['step']:.2f}x vs no overlap; backward predicted within ±10% on "
+                           f"{sum(e <= 0.10 for e in errs)}/{len(errs)} pairs (median |error| "
+                           f"{sorted(errs)[len(errs) // 2]:.1%})")
+    scored = [r["train"] for r in trained if r["train"].get("chosen")]
+    if len(scored) > 1:
+        near = sum(t["pairs"][",".join(map(str, t["chosen"]))]["step"]
+                   <= 1.05 * min(v["step"] for v in t["pairs"].values()) for t in scored)
+        errs = [abs(v["predicted_backward"] / v["backward"] - 1) for t in scored for v in t["pairs"].values()]
+        summary.insert(0, f"- over {len(scored)} configurations: the chosen (d, b) within 5% of the best measured "
+                          f"pair on {near}/{len(scored)}; backward predicted within ±10% on "
+                          f"{sum(e <= 0.10 for e in errs)}/{len(errs)} pairs (median |error| "
+                          f"{sorted(errs)[len(errs) // 2]:.1%})")
+    out = ["## Training step (forward + backward, --train)", "",
+           md_table(["routing", "variant", "ms", "speedup vs no overlap", "hidden"], rows), ""]
+    if pairs:
+        out += ["### Forward degree d / backward degree b (pipelined backward; b divides d)", "", *summary, "",
+                md_table(["routing", "d / b", "forward ms", "backward ms", "backward predicted ms",
+                          "pred err backward", "step ms", "speedup vs no overlap", "hidden"], pairs), ""]
+    return out
+
+
 def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -> Path:
     out = Path(out)
     s = summarize(runs)
@@ -79,17 +126,9 @@ def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -
     lines += [md_table(["routing", "comm:compute measured", "d*", "hidden at d*", "per rank",
                         "bottleneck rank", "hidden at best d", "serial ms", "d* ms", "speedup", "predicted hidden",
                         "pred err d*"], rows), ""]
-    trained = [r for r in head if r.get("train")]
+    trained = [r for r in runs if r.get("train")]
     if trained:                                       # --train: forward + backward of the headline
-        rows = []
-        for r in trained:
-            t = r["train"]
-            serial = t["serial"]["step"]
-            for name, v in t.items():
-                rows.append([r["config"]["name"], name, f"{v['step'] * 1e3:.1f}", f"{serial / v['step']:.2f}x",
-                             f"{v['hidden']:.1%}"])
-        lines += ["## Training step (forward + backward, headline configurations, --train)", "",
-                  md_table(["routing", "variant", "ms", "speedup vs no overlap", "hidden"], rows), ""]
+        lines += train_section(trained)
     lines += ["## Summary over the grid", "",
               f"- configurations: {s['configs']} (tokens, hidden, experts, k, α, comm:compute, skew, "
               "shared expert, 2 or 4 ranks)",

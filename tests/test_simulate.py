@@ -159,6 +159,19 @@ def test_cli_table_and_degree(capsys):
     assert out.strip().splitlines()[-1].startswith("model")
 
 
+def test_cli_train_recommends_the_backward_degree(capsys):
+    """--train: forward + backward predicted, the degree and the backward's degree recommended
+    together; forced to 4 chunks on a latency-bound layer, the backward merges them all (b* = 1)."""
+    args = ["simulate", "--nodes", "1", "--devices", "4", "--experts", "8", "--top-k", "2", "--tokens", "256",
+            "--intra-lat", "200", "--train"]
+    assert main([*args, "--overlap-degree", "4"]) == 0
+    head, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "d=4/b*" in head and " 4/1 " in row, (head, row)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "d*/b*" in out and "train speedup" in out
+
+
 def test_cli_deepep(capsys):
     assert main(["simulate", "--deepep"]) == 0
     out = capsys.readouterr().out
