@@ -68,11 +68,16 @@ def test_backward_pipeline_by_hand():
     assert s.comm_intervals[2:] == (pytest.approx((5.0, 7.0)), pytest.approx((8.0, 10.0)))
     assert backward_pipeline(c, 2, 1).step == pytest.approx(14.0)
     assert backward_pipeline(c, 1).step == pytest.approx(14.0) == backward_pipeline(c, 2, overlap=False).step
-    # the shared expert first, per-chunk fixed costs per forward chunk: d=4, b=2, fixed .25,
-    # shared 1: [0,2); CB1 [2,4) CB2 [4,6); group 0: 2 x .25 + 3 = 3.5 [4,7.5); back [7.5,9.5);
-    # group 1 [7.5,11), back [11,13)
+    # per-chunk fixed costs per forward chunk, the shared expert's backward (2 x 1) whole and first
+    # (shared_blocks=1, the graph's): d=4, b=2, fixed .25: [0,2); CB1 [2,4) CB2 [4,6); group 0:
+    # 2 x .25 + 3 = 3.5 [4,7.5); back [7.5,9.5); group 1 [7.5,11), back [11,13)
     c2 = replace(c, shared=1.0, backward_fixed=0.25)
-    assert backward_pipeline(c2, 4, 2).step == pytest.approx(13.0)
+    assert backward_pipeline(c2, 4, 2, shared_blocks=1).step == pytest.approx(13.0)
+    # in 8 blocks of .25 filling the first wait (the runtime's filler): CB1 [0,2) CB2 [2,4); the
+    # blocks [0,2); group 0 [2,5.5), back [5.5,7.5); group 1 [5.5,9), back [9,11)
+    s2 = backward_pipeline(c2, 4, 2)
+    assert s2.step == pytest.approx(11.0)
+    assert s2.compute_intervals[:8] == tuple(pytest.approx((i / 4, (i + 1) / 4)) for i in range(8))
     with pytest.raises(MoeccError, match="divide"):
         backward_pipeline(c, 4, 3)
 

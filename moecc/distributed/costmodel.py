@@ -311,14 +311,17 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
 
 
 def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
-                      chunk_overhead: float = 0.0, overlap: bool = True) -> Schedule:
+                      chunk_overhead: float = 0.0, overlap: bool = True,
+                      shared_blocks: int | None = None) -> Schedule:
     """Event recurrence of the backward of a layer run at `degree` (moecc.distributed.overlap:
     PIPELINED_BACKWARD), Schedule.degree = the backward degree b (a divisor of degree; default
-    degree): the shared expert's backward (autograd runs it first); the b combine-backward exchanges
-    (each group's y gradient per pair) issued at once; per group: wait for it, the expert backward of
-    its degree / b forward chunks, issue its gradients' exchange back; per group: wait, token sums.
-    degree = 1 or overlap=False: autograd's own backward, every exchange waited for at once (combine
-    backward, expert backward, the hidden rows' and the routing weights' exchanges)."""
+    degree): the b combine-backward exchanges (each group's y gradient per pair) issued at once; per
+    group: wait for it, the expert backward of its degree / b forward chunks, issue its gradients'
+    exchange back; per group: wait, token sums. The shared expert's backward (2 x its forward) runs
+    in its forward's row blocks (shared_blocks, default 2d), one whenever an awaited exchange has not
+    arrived (moecc.distributed.filler); shared_blocks=1: whole, first (the graph's shared expert,
+    autograd's). degree = 1 or overlap=False: autograd's own backward, every exchange waited for at
+    once (combine backward, expert backward, the hidden rows' and the routing weights' exchanges)."""
     d = degree if overlap else 1
     b = d if backward_degree is None else backward_degree
     if not 1 <= d <= MAX_DEGREE or b < 1 or d % b:
@@ -330,7 +333,8 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
     grads, grads_fixed = (c.grads, c.grads_fixed) if c.grads or c.grads_fixed else (c.sums, c.sums_fixed)
     per = lambda total: max(c.alpha + (total - c.alpha) / b, c.floor)             # noqa: E731
     comm, comp = [], []
-    t = 2.0 * c.shared
+    nb = 1 if d == 1 else (shared_blocks or shared_block_count(d))
+    t = 2.0 * c.shared if nb == 1 else 0.0
     if t > 0:
         comp.append((0.0, t))
     if d == 1:                                   # autograd: each exchange waited for at once
@@ -340,6 +344,7 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
             (comm if kind == "comm" else comp).append((t, t + dur))
             t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(1, t, comm, comp)
+    blocks = [2.0 * c.shared / nb] * nb if c.shared > 0 and nb > 1 else []
     comm_free, cb_end = t, []
     for _ in range(b):                           # every group's combine backward issued at once
         comm.append((comm_free, comm_free + per(c.combine)))
@@ -347,7 +352,15 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
         cb_end.append(comm_free)
     comp_free, hb_end = t, []
 
+    def fill(until: float) -> None:              # greedy: a shared block while waiting
+        nonlocal comp_free
+        while blocks and comp_free < until:
+            dur = blocks.pop()
+            comp.append((comp_free, comp_free + dur))
+            comp_free += dur
+
     def resume(arrival: float) -> float:
+        fill(arrival)
         return comp_free if comp_free >= arrival else arrival + c.wake
     for j in range(b):
         start = resume(cb_end[j])
@@ -361,6 +374,7 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
         start = resume(hb_end[j])
         comp_free = start + m * grads_fixed + grads / b
         comp.append((start, comp_free))
+    fill(float("inf"))
     return _schedule(b, max(comm_free, comp_free), comm, comp)
 
 
@@ -426,7 +440,7 @@ def choose_degrees(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_
     forward + backward time is within `tolerance` of the fastest pair, the smallest degree first,
     then the smallest backward degree (a divisor of the degree). degree / backward_degree: forced."""
     options = [(pipeline(c, d, chunk_overhead, shared_blocks=shared_blocks),
-                backward_pipeline(c, d, b, chunk_overhead))
+                backward_pipeline(c, d, b, chunk_overhead, shared_blocks=shared_blocks))
                for d in ([degree] if degree else range(1, max_degree + 1))
                for b in ([backward_degree] if backward_degree else range(1, d + 1)) if d % b == 0]
     if not options:

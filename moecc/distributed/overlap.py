@@ -25,8 +25,6 @@ blocks, so when each block runs never changes the result): equal within 1e-6 rel
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -34,8 +32,8 @@ from torch import Tensor
 from moecc.distributed.comm import agree, all_to_all_grouped, fail
 from moecc.distributed.ep import (check_world, combine, dispatch, dispatch_buffer, local_experts,
                                   read_sizes, size_vector, token_grad, token_numbers, weight_grad)
+from moecc.distributed.filler import Filler, span
 from moecc.distributed.layout import LayerPlacement, layout
-from moecc.ops import shared_expert
 from moecc.spec import MoESpec
 
 
@@ -57,44 +55,10 @@ def backward_degree_for(degree: int, backward: int | None, where: str = "overlap
     return backward
 
 
-def _span(timeline, name: str):
-    return timeline.span("compute", name) if timeline is not None else nullcontext()
-
-
 def shared_blocks(tokens: int, degree: int) -> list[tuple[int, int]]:
     """Row blocks the shared expert is computed in: the whole batch at d = 1 (bit-identical to the
     reference), 2d blocks above (each small enough to fill a chunk's wait without delaying it much)."""
     return [b for b in chunk_bounds(tokens, 1 if degree == 1 else 2 * degree) if b[1] > b[0]]
-
-
-class _Filler:
-    """Compute independent of the exchanged tokens (the shared expert, in fixed row blocks), run a
-    block at a time while a collective the schedule must wait for is still in flight."""
-
-    def __init__(self, x, shared, spec, blocks, timeline, where):
-        self.x, self.shared, self.spec, self.timeline, self.where = x, shared, spec, timeline, where
-        self.todo = list(range(len(blocks))) if shared is not None else []
-        self.blocks, self.out, self.grad = blocks, {}, False
-
-    def _one(self) -> None:
-        i = self.todo.pop(0)
-        lo, hi = self.blocks[i]
-        with _span(self.timeline, f"{self.where} shared[{i}]"), torch.set_grad_enabled(
-                self.grad or torch.is_grad_enabled()):
-            self.out[i] = shared_expert(self.x[lo:hi], *self.shared, self.spec)        # [rows, H]
-
-    def until(self, handle) -> None:
-        """Blocks while `handle` (Dispatched / Combined) has not arrived (greedy: the wait it fills
-        is the earliest one left)."""
-        while self.todo and not handle.done():
-            self._one()
-
-    def rest(self) -> None:
-        while self.todo:
-            self._one()
-
-    def result(self):
-        return torch.cat([self.out[i] for i in range(len(self.blocks))]) if self.out else None
 
 
 def _arrived(handle) -> None:
@@ -138,22 +102,23 @@ class LayerInFlight:
         self.__dict__.update(kw)
 
     def finish(self) -> Tensor:
-        tensors = (self.x, self.weights, self.w_in, self.w_out, self.b_in, self.b_out)
+        tensors = (self.x, self.weights, self.w_in, self.w_out, self.b_in, self.b_out,
+                   *(self.fill.shared or ()))
         if (PIPELINED_BACKWARD and self.overlap and self.d > 1 and torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in tensors)):
-            y = _Pipelined.apply(self, *tensors)
-        else:
-            y = self._schedule(train=False)
+            return _Pipelined.apply(self, *tensors)          # the shared expert's output included
+        y = self._schedule(train=False)
         ys = self.fill.result()
         return y if ys is None else y + ys
 
     def _schedule(self, train: bool) -> Tensor:
-        """The forward schedule -> the routed experts' y [T, H]. train: no autograd through the
-        exchanges; each chunk's experts recorded on leaf copies for _backward (self.saved)."""
+        """The forward schedule -> the routed experts' y [T, H]; train: y + the shared expert's, no
+        autograd through the exchanges, each chunk's experts and each shared-expert block recorded on
+        leaf copies for _backward (self.saved, the filler)."""
         d, tl, where, fill, pend = self.d, self.timeline, self.where, self.fill, self.pend
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
         if train:
-            fill.grad = True                     # the shared expert keeps its graph (outside _Pipelined)
+            fill.record()                        # the shared expert's blocks on leaves, for _backward
             params = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in params)
             self.saved, self.leaves = [], params
         back = []
@@ -161,7 +126,7 @@ class LayerInFlight:
             if self.overlap:
                 fill.until(pend[c])              # the shared expert fills the dispatch wait
             _arrived(pend[c])
-            with _span(tl, f"{where} experts[{c}]"):
+            with span(tl, f"{where} experts[{c}]"):
                 if train:
                     r = pend[c].received()
                     r.x.requires_grad_(self.x.requires_grad)
@@ -182,10 +147,12 @@ class LayerInFlight:
         for c in range(d):
             fill.until(back[c])                  # ... and the combine waits (the last one above all)
             _arrived(back[c])
-            with _span(tl, f"{where} sum[{c}]"):
+            with span(tl, f"{where} sum[{c}]"):
                 out.append(back[c].summed() if train else back[c].wait())          # [T_c, H]
         fill.rest()
-        return torch.cat(out) if d > 1 else out[0]
+        y = torch.cat(out) if d > 1 else out[0]
+        ys = fill.result() if train else None
+        return y if ys is None else y + ys
 
     def _backward(self, g: Tensor, needs: tuple) -> tuple:
         """y's gradient g [T, H] -> gradients of (x, weights, w_in, w_out, b_in, b_out) (PIPELINED_BACKWARD),
@@ -209,11 +176,14 @@ class LayerInFlight:
         packs = [kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds]
         pg: list = [None] * 4
         back = {}
+        fill = self.fill
+        fill.backward(g)                                 # the shared expert's backward fills the waits
         for j in order:
             mine = {}
+            fill.until(cb[j])
             for c, g_local in reversed(list(zip(groups[j], cb.pop(j).wait()))):
                 y_local, xr, wr = self.saved[c]
-                with _span(tl, f"{where} experts backward[{c}]"):
+                with span(tl, f"{where} experts backward[{c}]"):
                     inputs = [t for t in (xr, wr, *self.leaves) if t is not None and t.requires_grad]
                     grads = dict(zip(map(id, inputs), torch.autograd.grad(y_local, inputs, g_local,
                                                                           allow_unused=True)))
@@ -230,26 +200,31 @@ class LayerInFlight:
         got: dict = {"x": [None] * d, "w": [None] * d}
         for j in order:                                  # each group's token sums while later ones fly
             for pack, pending in back[j]:
+                fill.until(pending)
                 widths = [self.x.shape[-1] if k == "x" else 1 for k in pack]
                 for c, rows in zip(groups[j], pending.wait()):
                     for k, part in zip(pack, rows.split(widths, 1)):
                         got[k][c] = part
-            with _span(tl, f"{where} grads[{j}]"):
+            with span(tl, f"{where} grads[{j}]"):
                 for c in groups[j]:
                     if needs[1]:
                         got["w"][c] = weight_grad(got["w"][c], self.lays[c], self.weights[self.sl[c]].shape)
                     if needs[0]:
                         got["x"][c] = token_grad(got["x"][c], self.lays[c], self.ids[self.sl[c]])
+        fill.rest()
         gx = torch.cat(got["x"]) if needs[0] else None
         gw = torch.cat(got["w"]) if needs[1] else None
-        return (gx, gw, *pg)
+        gx_shared, g_shared = fill.grads()
+        if gx_shared is not None:
+            gx = gx_shared if gx is None else gx + gx_shared
+        return (gx, gw, *pg, *g_shared)
 
 
 class _Pipelined(torch.autograd.Function):
     """A chunked layer call's routed experts as one autograd node (PIPELINED_BACKWARD)."""
 
     @staticmethod
-    def forward(ctx, flight, x, weights, w_in, w_out, b_in, b_out):
+    def forward(ctx, flight, x, weights, w_in, w_out, b_in, b_out, *shared):
         ctx.flight = flight
         return flight._schedule(train=True)
 
@@ -277,7 +252,7 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
     d = degree if overlap else 1
     bounds = chunk_bounds(T, d)
     check_world(placement, group)
-    with _span(timeline, f"{where} plan"):
+    with span(timeline, f"{where} plan"):
         lays = [layout(ids[lo:hi], placement, rank, tokens[lo:hi]) for lo, hi in bounds]
         vec = size_vector(lays, placement, layer, x.shape[-1], x.dtype, bd)
     sl = [slice(lo, hi) for lo, hi in bounds]
@@ -286,13 +261,13 @@ def issue(x: Tensor, ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, 
     table = agree(vec, group, where + ": split sizes", async_op=overlap)                   # 1 collective
     if not overlap:
         sizes = read_sizes(table, lays, placement, group)
-    with _span(timeline, f"{where} pack"):
+    with span(timeline, f"{where} pack"):
         packed = [dispatch_buffer(x[s], weights[s], lay) for s, lay in zip(sl, lays)]
     if overlap:
         sizes = read_sizes(table.wait(), lays, placement, group)
     pend = [dispatch(x[s], weights[s], ids[s], lay, sz, group, f"{where} [{c}]", async_op=True, packed=buf)
             for c, (s, lay, sz, buf) in enumerate(zip(sl, lays, sizes, packed))]
-    fill = _Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
+    fill = Filler(x, shared, spec, shared_blocks(T, d), timeline, where)
     return LayerInFlight(d=d, bd=bd, timeline=timeline, where=where, fill=fill, pend=pend, overlap=overlap, x=x,
                          weights=weights,
                          w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, js=js, kernel=kernel, ids=ids,

@@ -209,3 +209,14 @@ def test_backward_degree_merges_forward_chunks(one_rank_group):
     assert first[0] < comb["layer m [0..1]: combine backward"][1], (first, comb)
     back = [n for k, n, a, b in ev if k == "comm" and "dispatch backward" in n]
     assert sorted(back) == ["layer m [0..1]: dispatch backward", "layer m [2..3]: dispatch backward"]
+
+
+def test_shared_expert_backward_fills_the_combine_backward_wait(one_rank_group):
+    """The pipelined backward runs the shared expert's backward in its forward's row blocks while the
+    first combine backward is in flight (not before every exchange is issued, as autograd would)."""
+    grads, ev = _train_step(True)
+    comb = sorted((a, b) for k, n, a, b in ev if k == "comm" and "combine backward" in n)
+    shared = [(a, b) for k, n, a, b in ev if k == "compute" and "shared backward" in n]
+    assert len(shared) == 6                         # 2d row blocks at d = 3
+    assert shared[0][0] >= comb[0][0] and shared[0][0] < comb[0][1], (shared, comb)
+    assert grads[4] is not None and torch.isfinite(grads[4]).all()
