@@ -15,6 +15,15 @@ before its experts, its combine right before its sum). moecc.distributed.costmod
 predicts exactly this order. overlap=False runs the same steps at d = 1, waiting for each
 collective at once and computing the shared expert after them (the baseline without overlap).
 
+Training (PIPELINED_BACKWARD): the backward runs its own pipeline at the backward degree b, a divisor
+of d (backward_degree; consecutive forward chunks merged, one exchange per group and direction):
+
+    backward ⇒ combine backward × b (async, issued at once); per group (last first): [shared-expert
+               backward blocks while its exchange is in flight] → wait → each chunk's expert
+               backward → its x and routing-weight gradients back (one exchange, async); per group:
+               wait → token sums; the shared-expert blocks left
+costmodel.backward_pipeline predicts it; costmodel.choose_degrees picks (d, b) together.
+
 Numerics: chunks are contiguous token ranges and keep their global token numbers, so every
 (token, slot) goes to the same device; each expert sees its rows in (source rank, token, slot)
 order and each token sums its outputs in ascending expert id (ep.py), so d = 1 equals the

@@ -1,6 +1,10 @@
 """One rank of the expert-parallel training check (tests/distributed/test_ep_integration.py), run by torchrun:
 
-    torchrun --nproc-per-node W tests/distributed/train_worker.py OUT.json
+    torchrun --nproc-per-node W tests/distributed/train_worker.py OUT.json [overlap]
+
+overlap: before training, moecc.distributed.schedule.configure(training=True) plans every EP layer at
+degree 4 with backward degree 2 (rank 0 writes OUT.schedule.json): the chunked layers with the
+pipelined backward.
 
 Every rank builds the same captured model (tiny_gpt upcycled to 4 experts, perturbed: routing
 matters), plans expert parallel over W ranks (the pass), `parallelize`s it, runs forward + backward on
@@ -35,7 +39,7 @@ def _loss(y: torch.Tensor) -> torch.Tensor:
     return (y * proj).sum()
 
 
-def main(out: str) -> None:
+def main(out: str, overlap: bool = False) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -46,6 +50,10 @@ def main(out: str) -> None:
     plan = EPPlan.from_json(captured.gm.meta["moecc.ep"])
     ep = parallelize(captured, plan)
     mine = tokens.chunk(world)[rank]
+    if overlap:                  # the overlap schedule for training: constants measured on the ranks
+        from moecc.distributed.schedule import configure
+        configure(ep, None, lambda: ep(mine), degree=4, out=Path(out).with_suffix(".schedule.json"),
+                  training=True, backward_degree=2)
     _loss(ep(mine)).backward()
     grads = {}
     for name, p in ep.named_parameters():
@@ -90,4 +98,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
+    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "overlap")
