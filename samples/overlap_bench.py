@@ -134,8 +134,11 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer, costs=Non
         return {"step": slowest, "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum()),
                 "forward": allr[:, i, 3].max().item(), "backward": allr[:, i, 4].max().item()}
     out = {"variants": {}, "pairs": {}}
-    for name, args in (("serial", (1, False, False)), (f"d={degree} autograd backward", (degree, True, False)),
-                       (f"d={degree} pipelined backward", (degree, True, True))):
+    variants = [("serial", (1, False, False))]
+    if degree > 1:               # at d = 1 both run autograd's backward: the pair (1, 1) below
+        variants += [(f"d={degree} autograd backward", (degree, True, False)),
+                     (f"d={degree} pipelined backward", (degree, True, True))]
+    for name, args in variants:
         out["variants"][name] = timed(args, reps, "train")
     for d in range(1, 9):
         for b in (b for b in range(1, d + 1) if d % b == 0):
