@@ -33,7 +33,7 @@ test-slow: setup       # the long campaigns: property tests at scale, EP fault c
 bench: setup
 	$(BIN)/moecc bench --quick --out out/bench
 
-# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport, ranks pinned: ~5 min
+# overlap of expert-parallel all-to-alls on gloo ranks with a delayed (α–β) transport, ranks pinned: ~7 min
 # on a quiet 2-core machine; results in samples/results/overlap.md (--quick: the 3 headline configs, ~2 min)
 bench-overlap: setup
 	OMP_NUM_THREADS=1 $(BIN)/python samples/overlap_bench.py --out samples/results

@@ -23,6 +23,20 @@ def _ratio(run) -> str:
     return f"{statistics.mean(r):.2f} ({min(r):.2f}-{max(r):.2f})" if r else "-"
 
 
+def by_alpha(runs: list[dict]) -> list[str]:
+    """The simulator's accuracy per α of the grid, beside how often the real gloo exchange outlasted
+    the transport's α–β delay (late calls: there the run is not an α–β channel)."""
+    lines = []
+    for a in sorted({r["config"]["alpha"] for r in runs}):
+        sel = [r for r in runs if r["config"]["alpha"] == a]
+        s = _summary(sel, "predicted", "chosen")
+        lines.append(f"  - α = {a * 1e3:g} ms: {s['configs']} configurations, within ±10% {s['pred_within_10pct']}/"
+                     f"{s['predictions']} (median |error| {s['pred_median_abs_err']:.1%}), d* within 5% "
+                     f"{s['degree_within_5pct']}/{s['configs']}, late calls {s['late_calls'] / s['configs']:.0f} "
+                     "per configuration")
+    return lines
+
+
 def summarize(runs: list[dict]) -> dict:
     out = _summary(runs, "predicted", "chosen")
     if all("predicted_base" in r for r in runs):         # the probe before 2026-12-03, same runs
@@ -137,7 +151,8 @@ def write_report(runs: list[dict], out: Path, seconds: float, setup: str = "") -
               f"- simulator within ±10% of the measured step time: {s['pred_within_10pct']}/"
               f"{s['predictions']} predictions (serial and d = 1..8; median |error| "
               f"{s['pred_median_abs_err']:.1%}); at d*: {s['pred_within_10pct_at_chosen']}/{s['configs']}; "
-              f"serial: {s['pred_within_10pct_serial']}/{s['configs']}",
+              f"serial: {s['pred_within_10pct_serial']}/{s['configs']}; by α:",
+              *by_alpha(runs),
               *([f"- the same runs against the probe before 2026-12-03 (compute timed uncontended, no lone "
                   f"exchange, no dispatch reading): d* within 5% {s['base_degree_within_5pct']}/{s['configs']}, "
                   f"within ±10% {s['base_pred_within_10pct']}/{s['predictions']} (median |error| "

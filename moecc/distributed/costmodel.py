@@ -421,7 +421,8 @@ grids (samples/results/overlap.json, every degree timed): unpinned ranks (sessio
 fitted on one half 0.08 and 0.05, the other half's d* within 5% of the best measured went from 21/26
 (argmin) to 25/26 and 23/26; pinned ranks with 2048-token headlines (session 12, 53 configs): d* within
 5% at 0 / 0.03 / 0.05 / 0.08 / 0.12: 45 / 46 / 46 / 45 / 43, mean loss against the best degree 3.1 /
-2.5 / 2.5 / 2.8 / 3.7%. 0.05 is the value both grids support."""
+2.5 / 2.5 / 2.8 / 3.7%. 0.05 is the value both grids support. Session 13's grid (α 4 and 8 ms, where the
+delayed transport is an α–β channel here): 51/53 at 0.05."""
 
 
 def choose_degree(c: Costs, chunk_overhead: float = 0.0, max_degree: int = MAX_DEGREE,

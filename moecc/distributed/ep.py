@@ -16,7 +16,8 @@ return handles; wait() blocks and links the result into autograd; done() says wh
 return at once. A dispatch is ONE all-to-all: per destination rank its hidden rows, then its pairs'
 (routing weight, local expert id, row index), packed as bytes (pack_dispatch), so a chunk pays the
 collective's latency once per direction. The backward all-to-alls are synchronous, issued by the
-autograd engine in the same order on every rank.
+autograd engine in the same order on every rank (the chunked layer's pipelined backward,
+moecc.distributed.overlap, issues them itself, async, from the reverse exchanges below).
 
 Bit-identical to `torch.ops.moecc.experts` on the concatenated batch of all ranks (rank-major, each
 expert one copy; with replicas: to the reference on the physical copies, see tests/distributed):
