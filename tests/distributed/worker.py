@@ -3,8 +3,9 @@ a forked child (harness.spawn(fork=True)).
 
 JOB.json: {"world", "port", "timeout_s", "init_timeout_s"?, "out", "cases": [case, ...], "fault"?}.
 For each case the rank takes its slice of the global batch (cases.problem) and the experts it holds,
-runs moecc.distributed.ep.ep_experts forward and backward, and saves y, the gradients and the
-layout (OUT/case<i>_rank<r>.pt). A case with "carry" starts from the tokens' nodes after the
+runs moecc.distributed.ep.ep_experts forward and backward (a case with "degree" > 1: the chunked
+layer, moecc.distributed.overlap.moe_layer, at that degree and "backward_degree", its pipelined
+backward), and saves y, the gradients and the layout (OUT/case<i>_rank<r>.pt; no layout when chunked). A case with "carry" starts from the tokens' nodes after the
 previous case (node-local experts: Layout.node, the placement metrics' rule). A fault {"rank", "case", "kind", "phase"?, "sleep_s"?} hits one
 rank in one case:
   kill       the process dies (os._exit) when it reaches the collective named `phase` (a substring
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cases as C  # noqa: E402
-from moecc.distributed import comm, ep  # noqa: E402
+from moecc.distributed import comm, ep, overlap  # noqa: E402
 
 
 def _mark(job):
@@ -49,6 +50,8 @@ def _inject(job, fault):
             return fn(*a, **k)
         return inner
     ep.all_to_all, ep.agree = wrap(ep.all_to_all, 4), wrap(ep.agree, 2)
+    # the chunked layer's own collectives: its split sizes, its backward's grouped exchanges
+    overlap.agree, comm.all_to_all = wrap(overlap.agree, 2), wrap(comm.all_to_all, 4)
 
 
 def run_case(job, i, case, rank, group, fault, state):
@@ -67,15 +70,22 @@ def run_case(job, i, case, rank, group, fault, state):
     params = {n: p[n][held].clone().requires_grad_(True) for n in ("w_in", "w_out", "b_in", "b_out")
               if n in p}
     node = state.get("node") if case.get("carry") else None         # node-local: previous layer's
-    y, lay = ep.ep_experts(x, p["ids"][sl], w, params["w_in"], params["w_out"], params.get("b_in"),
-                           params.get("b_out"), C.spec(case).to_json(), pl, group, layer=i,
-                           tokens=sl.numpy(), node=node)
-    home = np.full(len(sl), rank // pl.devices_per_node)
-    state["node"] = lay.node(home if node is None else node, pl)
+    extra = {}
+    if case.get("degree", 1) > 1:
+        y = overlap.moe_layer(x, p["ids"][sl], w, params["w_in"], params["w_out"], C.spec(case).to_json(), pl,
+                              group, degree=case["degree"], b_in=params.get("b_in"), b_out=params.get("b_out"),
+                              tokens=sl.numpy(), layer=i, backward_degree=case.get("backward_degree"))
+        state["node"] = None
+    else:
+        y, lay = ep.ep_experts(x, p["ids"][sl], w, params["w_in"], params["w_out"], params.get("b_in"),
+                               params.get("b_out"), C.spec(case).to_json(), pl, group, layer=i,
+                               tokens=sl.numpy(), node=node)
+        home = np.full(len(sl), rank // pl.devices_per_node)
+        state["node"] = lay.node(home if node is None else node, pl)
+        extra = {"send": lay.send, "row_send": lay.row_send, "device": lay.device}
     y.backward(p["grad"][sl])
     torch.save({"y": y.detach(), "grad_x": x.grad, "grad_weights": w.grad,
-                **{f"grad_{n}": t.grad for n, t in params.items()},
-                "held": held, "send": lay.send, "row_send": lay.row_send, "device": lay.device},
+                **{f"grad_{n}": t.grad for n, t in params.items()}, "held": held, **extra},
                os.path.join(job["out"], f"case{i}_rank{rank}.pt"))
 
 
