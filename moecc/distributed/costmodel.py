@@ -273,41 +273,49 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
         comp.append((t, t + pack))
     arrival = t + sizes
     t = t + pack if t + pack >= arrival else arrival + (c.wake if sizes > 0 else 0.0)
-    comm_free, disp_end = t, []
-    for _ in range(d):                                           # all dispatches issued now
-        comm.append((comm_free, comm_free + t_disp))
-        comm_free += t_disp
-        disp_end.append(comm_free)
     nb = shared_blocks or shared_block_count(d)
-    blocks = [c.shared / nb] * nb if c.shared > 0 else []
-    comp_free = t
-
-    def fill(until: float) -> None:                              # greedy: a block while waiting
-        nonlocal comp_free
-        while blocks and comp_free < until:
-            dur = blocks.pop()
-            comp.append((comp_free, comp_free + dur))
-            comp_free += dur
-
-    def resume(arrival: float) -> float:                         # the wait, and its wake-up
-        return comp_free if comp_free >= arrival else arrival + c.wake
+    st = _Streams(t, [c.shared / nb] * nb if c.shared > 0 else [], c.wake, comm, comp)
+    disp_end = [st.send(t_disp) for _ in range(d)]               # all dispatches issued now
     comb_end = []
     for i in range(d):
-        fill(disp_end[i])
-        start = resume(disp_end[i])
-        comp_free = start + t_exp
-        comp.append((start, comp_free))
-        r0 = max(comm_free, comp_free)
-        comm_free = r0 + t_comb
-        comm.append((r0, comm_free))
-        comb_end.append(comm_free)
+        st.compute_after(disp_end[i], t_exp)                     # its experts, then its combine
+        comb_end.append(st.send(t_comb, st.comp_free))
     for i in range(d):
-        fill(comb_end[i])
-        start = resume(comb_end[i])
-        comp_free = start + t_sum
-        comp.append((start, comp_free))
-    fill(float("inf"))
-    return _schedule(d, max(comm_free, comp_free), comm, comp)
+        st.compute_after(comb_end[i], t_sum)
+    st.fill(float("inf"))
+    return _schedule(d, st.end, comm, comp)
+
+
+class _Streams:
+    """One FIFO comm channel and one compute stream from time t: send(dur, at) queues a collective
+    (issued at `at`); compute_after(arrival, dur) waits for an arrival (resuming `wake` after it when
+    it blocks) and computes; shared-expert blocks fill every wait greedily (fill)."""
+
+    def __init__(self, t: float, blocks: list, wake: float, comm: list, comp: list):
+        self.comm_free = self.comp_free = t
+        self.blocks, self.wake, self.comm, self.comp = blocks, wake, comm, comp
+
+    def send(self, dur: float, at: float = 0.0) -> float:
+        start = max(self.comm_free, at)
+        self.comm_free = start + dur
+        self.comm.append((start, self.comm_free))
+        return self.comm_free
+
+    def fill(self, until: float) -> None:                       # greedy: a block while waiting
+        while self.blocks and self.comp_free < until:
+            dur = self.blocks.pop()
+            self.comp.append((self.comp_free, self.comp_free + dur))
+            self.comp_free += dur
+
+    def compute_after(self, arrival: float, dur: float) -> None:
+        self.fill(arrival)
+        start = self.comp_free if self.comp_free >= arrival else arrival + self.wake
+        self.comp_free = start + dur
+        self.comp.append((start, self.comp_free))
+
+    @property
+    def end(self) -> float:
+        return max(self.comm_free, self.comp_free)
 
 
 def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
@@ -344,38 +352,16 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
             (comm if kind == "comm" else comp).append((t, t + dur))
             t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(1, t, comm, comp)
-    blocks = [2.0 * c.shared / nb] * nb if c.shared > 0 and nb > 1 else []
-    comm_free, cb_end = t, []
-    for _ in range(b):                           # every group's combine backward issued at once
-        comm.append((comm_free, comm_free + per(c.combine)))
-        comm_free += per(c.combine)
-        cb_end.append(comm_free)
-    comp_free, hb_end = t, []
-
-    def fill(until: float) -> None:              # greedy: a shared block while waiting
-        nonlocal comp_free
-        while blocks and comp_free < until:
-            dur = blocks.pop()
-            comp.append((comp_free, comp_free + dur))
-            comp_free += dur
-
-    def resume(arrival: float) -> float:
-        fill(arrival)
-        return comp_free if comp_free >= arrival else arrival + c.wake
+    st = _Streams(t, [2.0 * c.shared / nb] * nb if c.shared > 0 and nb > 1 else [], c.wake, comm, comp)
+    cb_end = [st.send(per(c.combine)) for _ in range(b)]         # every group's combine backward at once
+    hb_end = []
+    for j in range(b):                                           # its experts' backward, gradients back
+        st.compute_after(cb_end[j], m * fixed + bwd / b)
+        hb_end.append(st.send(per(back), st.comp_free))
     for j in range(b):
-        start = resume(cb_end[j])
-        comp_free = start + m * fixed + bwd / b
-        comp.append((start, comp_free))
-        r0 = max(comm_free, comp_free)
-        comm_free = r0 + per(back)
-        comm.append((r0, comm_free))
-        hb_end.append(comm_free)
-    for j in range(b):
-        start = resume(hb_end[j])
-        comp_free = start + m * grads_fixed + grads / b
-        comp.append((start, comp_free))
-    fill(float("inf"))
-    return _schedule(b, max(comm_free, comp_free), comm, comp)
+        st.compute_after(hb_end[j], m * grads_fixed + grads / b)
+    st.fill(float("inf"))
+    return _schedule(b, st.end, comm, comp)
 
 
 def _schedule(d: int, step: float, comm, comp) -> Schedule:
