@@ -26,11 +26,28 @@ def span(timeline, name: str):
     return timeline.span("compute", name) if timeline is not None else nullcontext()
 
 
+def grads_by_id(out, tensors, g) -> dict:
+    """out's gradients (upstream g) w.r.t. those of `tensors` that require one -> {id(tensor): grad
+    or None}; {} when none does (autograd.grad refuses an empty list)."""
+    inputs = [t for t in tensors if t is not None and t.requires_grad]
+    if not inputs:
+        return {}
+    return dict(zip(map(id, inputs), torch.autograd.grad(out, inputs, g, allow_unused=True)))
+
+
+def add_grads(acc: list, leaves, got: dict) -> None:
+    """acc[i] += got's gradient of leaves[i], where it has one (calls in a fixed order: the sum's order)."""
+    for i, t in enumerate(leaves):
+        gi = got.get(id(t)) if t is not None else None
+        if gi is not None:
+            acc[i] = gi if acc[i] is None else acc[i] + gi
+
+
 class Filler:
     def __init__(self, x, shared, spec, blocks, timeline, where):
         self.x, self.shared, self.spec, self.timeline, self.where = x, shared, spec, timeline, where
         self.todo = list(range(len(blocks))) if shared is not None else []
-        self.blocks, self.out, self.grad, self.inputs = blocks, {}, False, None
+        self.blocks, self.out, self.inputs = blocks, {}, None       # inputs: {block: x leaf} (record)
         self._step = self._forward
 
     def record(self) -> None:
@@ -38,7 +55,7 @@ class Filler:
         pipelined node's inputs."""
         if self.shared is None:
             return
-        self.grad, self.inputs = True, {}
+        self.inputs = {}
         self.leaves = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in self.shared)
 
     def _forward(self) -> None:
@@ -49,7 +66,7 @@ class Filler:
             xb, weights = xb.detach().requires_grad_(self.x.requires_grad), self.leaves
             self.inputs[i] = xb
         with span(self.timeline, f"{self.where} shared[{i}]"), torch.set_grad_enabled(
-                self.grad or torch.is_grad_enabled()):
+                self.inputs is not None or torch.is_grad_enabled()):
             self.out[i] = shared_expert(xb, *weights, self.spec)                          # [rows, H]
 
     def backward(self, g) -> None:
@@ -61,17 +78,10 @@ class Filler:
     def _backward(self) -> None:
         i = self.todo.pop(0)
         lo, hi = self.blocks[i]
-        inputs = [t for t in (self.inputs[i], *self.leaves) if t is not None and t.requires_grad]
-        if not inputs:
-            return
         with span(self.timeline, f"{self.where} shared backward[{i}]"):
-            got = dict(zip(map(id, inputs), torch.autograd.grad(self.out[i], inputs, self.g[lo:hi],
-                                                                allow_unused=True)))
+            got = grads_by_id(self.out[i], (self.inputs[i], *self.leaves), self.g[lo:hi])
         self.gx[i] = got.get(id(self.inputs[i]))
-        for j, t in enumerate(self.leaves):
-            gj = got.get(id(t)) if t is not None else None
-            if gj is not None:
-                self.gw[j] = gj if self.gw[j] is None else self.gw[j] + gj
+        add_grads(self.gw, self.leaves, got)
 
     def until(self, handle) -> None:
         while self.todo and not handle.done():

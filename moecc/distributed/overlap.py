@@ -41,7 +41,7 @@ from torch import Tensor
 from moecc.distributed.comm import agree, all_to_all_grouped, fail
 from moecc.distributed.ep import (check_world, combine, dispatch, dispatch_buffer, local_experts,
                                   read_sizes, size_vector, token_grad, token_numbers, weight_grad)
-from moecc.distributed.filler import Filler, span
+from moecc.distributed.filler import Filler, add_grads, grads_by_id, span
 from moecc.distributed.layout import LayerPlacement, layout
 from moecc.spec import MoESpec
 
@@ -182,7 +182,7 @@ class LayerInFlight:
         # the received pairs' gradients go back in one exchange per group: x's and the routing
         # weights' as the columns of one tensor when they share a dtype
         kinds = [k for k, need in zip("xw", needs[:2]) if need]
-        packs = [kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds]
+        packs = [p for p in ([kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds]) if p]
         pg: list = [None] * 4
         back = {}
         fill = self.fill
@@ -193,13 +193,8 @@ class LayerInFlight:
             for c, g_local in reversed(list(zip(groups[j], cb.pop(j).wait()))):
                 y_local, xr, wr = self.saved[c]
                 with span(tl, f"{where} experts backward[{c}]"):
-                    inputs = [t for t in (xr, wr, *self.leaves) if t is not None and t.requires_grad]
-                    grads = dict(zip(map(id, inputs), torch.autograd.grad(y_local, inputs, g_local,
-                                                                          allow_unused=True)))
-                for i, t in enumerate(self.leaves):
-                    gi = grads.get(id(t)) if t is not None else None
-                    if gi is not None:
-                        pg[i] = gi if pg[i] is None else pg[i] + gi
+                    grads = grads_by_id(y_local, (xr, wr, *self.leaves), g_local)
+                add_grads(pg, self.leaves, grads)
                 mine[c] = {k: grads.get(id(t)) if grads.get(id(t)) is not None else torch.zeros_like(t)
                            for k, t in zip("xw", (xr, wr)) if k in kinds}
             back[j] = [(pack, all_to_all_grouped([torch.cat([mine[c][k] for k in pack], 1) for c in groups[j]],

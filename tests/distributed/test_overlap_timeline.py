@@ -220,3 +220,41 @@ def test_shared_expert_backward_fills_the_combine_backward_wait(one_rank_group):
     assert len(shared) == 6                         # 2d row blocks at d = 3
     assert shared[0][0] >= comb[0][0] and shared[0][0] < comb[0][1], (shared, comb)
     assert grads[4] is not None and torch.isfinite(grads[4]).all()
+
+
+def test_pipelined_backward_with_only_the_shared_expert_trainable(one_rank_group):
+    """Frozen routed experts, x and routing weights, a trainable shared expert: the chunked layer's
+    backward computes the shared weights' gradients (the same bits as autograd's path) and sends no
+    gradients back to the experts' senders (nothing there needs one)."""
+    from moecc.distributed import overlap
+    from moecc.distributed.comm import use_transport
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.distributed.transport import DelayedTransport
+    from moecc.spec import MoESpec, RouterSpec
+
+    E, K, H, F, T = 4, 2, 8, 16, 12
+    spec = MoESpec(num_experts=E, hidden=H, ffn=F, activation="swiglu", router=RouterSpec(top_k=K), shared_ffn=F)
+    out = {}
+    for pipelined in (True, False):
+        g = torch.Generator().manual_seed(3)
+        shared = (torch.randn(2 * F, H, generator=g).requires_grad_(), torch.randn(H, F, generator=g).requires_grad_(),
+                  None)
+        x, wts = torch.randn(T, H, generator=g), torch.rand(T, K, generator=g)
+        w_in, w_out = torch.randn(E, 2 * F, H, generator=g), torch.randn(E, H, F, generator=g)
+        ids = torch.topk(torch.rand(T, E, generator=g), K, 1).indices
+        tr = DelayedTransport(0.0, 0.0)
+        use_transport(tr)
+        was, overlap.PIPELINED_BACKWARD = overlap.PIPELINED_BACKWARD, pipelined
+        try:
+            y = overlap.moe_layer(x, ids, wts, w_in, w_out, spec, LayerPlacement.contiguous("m", E, 1), degree=2,
+                                  shared=shared, tokens=torch.arange(T).numpy())
+            before = tr.calls
+            y.square().sum().backward()
+            out[pipelined] = [t.grad for t in shared[:2]], tr.calls - before
+        finally:
+            overlap.PIPELINED_BACKWARD = was
+            use_transport(None)
+            tr.close()
+    (grads, calls), (plain, _) = out[True], out[False]
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(grads, plain))
+    assert calls == 2                                    # the two chunks' combine backward, nothing back
