@@ -155,7 +155,7 @@ def plan_layers(layers: list[LayerShape], world: int, constants=None, degree: in
                                              backward_degree=backward_degree)
             extra = dict(backward_degree=back.degree, predicted_backward_s=back.step,
                          predicted_backward_hidden=back.overlap,
-                         predicted_backward_serial_s=cm.backward_pipeline(c, 1, overlap=False).step)
+                         predicted_backward_serial_s=cm.backward_pipeline(c, 1, chunk_overhead=cluster.chunk_overhead, overlap=False).step)
         log.info("overlap: layer %s d=%d%s%s (predicted %.3g ms vs %.3g ms serial)", lay.name,
                  chosen.degree, f", backward d={back.degree}" if back else "", " (forced)" if degree else "",
                  chosen.step * 1e3, serial.step * 1e3)

@@ -155,7 +155,7 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer, costs=Non
         f, bk = choose_degrees(costs, chunk)
         out["chosen"] = [f.degree, bk.degree]
         out["predicted_serial"] = {"forward": pipeline(costs, 1, chunk, overlap=False).step,
-                                   "backward": backward_pipeline(costs, 1, overlap=False).step}
+                                   "backward": backward_pipeline(costs, 1, chunk_overhead=chunk, overlap=False).step}
     return out
 
 

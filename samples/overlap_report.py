@@ -65,6 +65,17 @@ def _bottleneck(run) -> int:
     return min(range(len(r)), key=lambda i: r[i])
 
 
+def _chosen(train: dict) -> str:
+    """The key ("d,b") of the pair the cost model chose ("" when the run has none)."""
+    return ",".join(map(str, train.get("chosen", [])))
+
+
+def _backward_accuracy(trains: list[dict]) -> str:
+    errs = [abs(v["predicted_backward"] / v["backward"] - 1) for t in trains for v in t["pairs"].values()]
+    return (f"backward predicted within ±10% on {sum(e <= 0.10 for e in errs)}/{len(errs)} pairs (median "
+            f"|error| {sorted(errs)[len(errs) // 2]:.1%})")
+
+
 def train_section(trained: list[dict]) -> list[str]:
     """--train: the training step's variants, and every (degree, backward degree) pair against the
     cost model (forward: costmodel.pipeline, backward: costmodel.backward_pipeline)."""
@@ -79,30 +90,24 @@ def train_section(trained: list[dict]) -> list[str]:
             continue
         best = min(t["pairs"], key=lambda k: t["pairs"][k]["step"])
         for key, v in t["pairs"].items():
-            mark = " (chosen)" if key == ",".join(map(str, t.get("chosen", []))) else ""
+            mark = " (chosen)" if key == _chosen(t) else ""
             mark += " (best)" if key == best else ""
             err = v["predicted_backward"] / v["backward"] - 1 if "predicted_backward" in v else float("nan")
             pairs.append([name, key.replace(",", " / ") + mark, f"{v['forward'] * 1e3:.1f}", f"{v['backward'] * 1e3:.1f}",
                           f"{v.get('predicted_backward', float('nan')) * 1e3:.1f}", f"{err:+.1%}",
                           f"{v['step'] * 1e3:.1f}", f"{serial / v['step']:.2f}x", f"{v['hidden']:.1%}"])
         if "chosen" in t:
-            ch = t["pairs"][",".join(map(str, t["chosen"]))]
-            errs = [abs(v["predicted_backward"] / v["backward"] - 1) for v in t["pairs"].values()]
+            ch = t["pairs"][_chosen(t)]
             summary.append(f"- {name}: chosen (d, b) = ({t['chosen'][0]}, {t['chosen'][1]}) runs "
                            f"{ch['step'] * 1e3:.1f} ms, {ch['step'] / t['pairs'][best]['step'] - 1:+.1%} from the "
                            f"best measured pair ({best.replace(',', ', ')}: {t['pairs'][best]['step'] * 1e3:.1f} ms), "
-                           f"{serial / ch['step']:.2f}x vs no overlap; backward predicted within ±10% on "
-                           f"{sum(e <= 0.10 for e in errs)}/{len(errs)} pairs (median |error| "
-                           f"{sorted(errs)[len(errs) // 2]:.1%})")
+                           f"{serial / ch['step']:.2f}x vs no overlap; {_backward_accuracy([t])}")
     scored = [r["train"] for r in trained if r["train"].get("chosen")]
     if len(scored) > 1:
-        near = sum(t["pairs"][",".join(map(str, t["chosen"]))]["step"]
-                   <= 1.05 * min(v["step"] for v in t["pairs"].values()) for t in scored)
-        errs = [abs(v["predicted_backward"] / v["backward"] - 1) for t in scored for v in t["pairs"].values()]
+        near = sum(t["pairs"][_chosen(t)]["step"] <= 1.05 * min(v["step"] for v in t["pairs"].values())
+                   for t in scored)
         summary.insert(0, f"- over {len(scored)} configurations: the chosen (d, b) within 5% of the best measured "
-                          f"pair on {near}/{len(scored)}; backward predicted within ±10% on "
-                          f"{sum(e <= 0.10 for e in errs)}/{len(errs)} pairs (median |error| "
-                          f"{sorted(errs)[len(errs) // 2]:.1%})")
+                          f"pair on {near}/{len(scored)}; {_backward_accuracy(scored)}")
     out = ["## Training step (forward + backward, --train)", "",
            md_table(["routing", "variant", "ms", "speedup vs no overlap", "hidden"], rows), ""]
     if pairs:
