@@ -297,7 +297,7 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     tl = Timeline(rank)
-    tr = DelayedTransport(0.0, 0.0, timeline=tl)
+    tr = DelayedTransport(0.0, 0.0, timeline=tl, spin=spec.get("spin", True))
     use_transport(tr)
     if spec["nice"]:
         # the communication threads (gloo's, the transport's: started above, at priority 0) preempt
@@ -318,12 +318,13 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
 
 
 def launch(configs: list[dict], world: int, out: Path, reps: int, pin: bool = False,
-           nice: int = 0, timelines: bool = False, aligned: bool = True) -> list[list[dict]]:
+           nice: int = 0, timelines: bool = False, aligned: bool = True,
+           spin: bool = True) -> list[list[dict]]:
     from moecc.distributed.comm import free_port
     job = out / f"job{world}.json"
     job.write_text(json.dumps({"configs": configs, "reps": reps, "out": str(out / f"runs{world}"),
                                "pin": pin, "nice": nice, "timelines": timelines,
-                               "aligned": aligned}))
+                               "aligned": aligned, "spin": spin}))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--job", str(job)]) for r in range(world)]
@@ -366,6 +367,10 @@ def main() -> None:
                          "degree) pair against the cost model")
     ap.add_argument("--train-all", action="store_true",
                     help="with --train: time the training step of every configuration, not only the headline ones")
+    ap.add_argument("--sleep-waits", dest="spin", action="store_false",
+                    help="waits for an exchange sleep (sessions 9-13) instead of keeping the core busy: ranks "
+                         "sharing a core then lend it, so an imbalanced layer runs faster than on a device "
+                         "per rank (default: waits spin, as a device per rank)")
     ap.add_argument("--timelines", action="store_true",
                     help="keep every configuration's per-rank timelines: OUT/overlap_timelines.json")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
@@ -388,7 +393,8 @@ def main() -> None:
     for world in (4, 2):
         mine = [c for c in configs if c["world"] == world]
         if mine:
-            runs += launch(mine, world, a.out, a.reps, a.pin, a.nice, a.timelines, not a.plain_barrier)
+            runs += launch(mine, world, a.out, a.reps, a.pin, a.nice, a.timelines, not a.plain_barrier,
+                           a.spin)
     if a.timelines:                 # {config: {key: [per repeat: [per rank: timeline]]}}
         (a.out / "overlap_timelines.json").write_text(json.dumps(
             {r["config"]["name"]: {k: [list(x) for x in zip(*[t[k] for t in r["timelines"]])]
@@ -396,7 +402,8 @@ def main() -> None:
     from overlap_report import write_report
     setup = (f"Setup: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 1 torch thread per rank, "
              f"{'each rank pinned to core rank mod ' + str(os.cpu_count()) if a.pin else 'ranks not pinned'}, "
-             f"{'compute threads at nice +' + str(a.nice) + ' below the communication threads' if a.nice else 'no priorities'}; "
+             f"{'compute threads at nice +' + str(a.nice) + ' below the communication threads' if a.nice else 'no priorities'}, "
+             f"{'waits spin (a device per rank)' if a.spin else 'waits sleep (ranks sharing a core lend it)'}; "
              f"load average before the run {load0}. {a.note}")
     write_report(runs, a.out, time.time() - t0, setup)
 

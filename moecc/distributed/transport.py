@@ -19,6 +19,12 @@ proceeds meanwhile, as beside an accelerator's communication stream. Every colle
 must go through the transport while it is in use (one thread issues them all, in the same order on
 every rank). Each call is recorded as a "comm" interval [start, delivery] on the timeline. The EP
 runtime's backward all-to-alls go through comm.all_to_all too, so training steps are delayed alike.
+
+Waiting: a sleeping wait (the default) gives the core away. Where ranks share cores (4 ranks on this
+2-core machine) a rank whose core partner waits then computes up to twice as fast, unlike a device per
+rank. `spin=True` keeps a waiting rank's core busy (small torch ops with the GIL released, so the
+transport's threads still run): every rank then gets the same share of the machine, busy or waiting,
+as with one device per rank (samples/results/overlap_notes.md has the measurements).
 """
 from __future__ import annotations
 
@@ -36,15 +42,20 @@ from moecc.distributed.timeline import Timeline
 
 
 class DelayedPending:
-    """A collective queued or in flight; wait() -> the received tensor (re-raises its error)."""
+    """A collective queued or in flight; wait() -> the received tensor (re-raises its error).
+    With `spin`, wait() keeps the core busy until delivery (small torch ops, the GIL released)."""
 
-    def __init__(self, future: Future, where: str):
-        self._f, self.where = future, where
+    def __init__(self, future: Future, where: str, spin: bool = False):
+        self._f, self.where, self._spin = future, where, spin
 
     def done(self) -> bool:
         return self._f.done()
 
     def wait(self) -> Tensor:
+        if self._spin and not self._f.done():
+            burn = torch.empty(64, 64)
+            while not self._f.done():
+                burn.normal_()              # releases the GIL: the delivery thread runs meanwhile
         return self._f.result()
 
 
@@ -52,11 +63,13 @@ class DelayedTransport:
     """Install with moecc.distributed.comm.use_transport(tr): the EP runtime's every collective
     (all_to_all and the all_gather of split sizes) then runs here, delayed, in issue order."""
 
-    def __init__(self, alpha: float, beta: float, timeline: Timeline | None = None):
+    def __init__(self, alpha: float, beta: float, timeline: Timeline | None = None,
+                 spin: bool = False):
         if not (alpha >= 0 and beta >= 0):
             raise ValueError(f"delayed transport: alpha and beta must be >= 0, got {alpha}, {beta}")
         self.alpha, self.beta = float(alpha), float(beta)
         self.timeline = timeline
+        self.spin = bool(spin)
         self.calls = 0
         self.late = 0                       # calls whose real exchange outlasted the model
         self.late_s = 0.0                   # ... and by how much, in all (s)
@@ -109,7 +122,7 @@ class DelayedTransport:
     def _submit(self, run, model: float, group, where: str) -> DelayedPending:
         f: Future = Future()
         self._q.put((f, run, model, group, where, time.perf_counter()))
-        return DelayedPending(f, where)
+        return DelayedPending(f, where, self.spin)
 
     def _loop(self) -> None:
         """Real exchanges, back to back in issue order; each then waits for its modelled end."""

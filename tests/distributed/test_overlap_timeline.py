@@ -48,6 +48,27 @@ def test_delayed_transport_is_a_fifo_channel(one_rank_group):
     assert all(comm[i + 1][0] >= comm[i][0] + 0.02 for i in range(3))  # one at a time, in order
 
 
+@pytest.mark.parametrize("spin", [False, True])
+def test_spinning_waits_keep_the_core_busy(one_rank_group, spin):
+    """A device per rank on shared cores: a spinning wait uses its core until delivery (so a core
+    partner gets no more of the machine than it would beside a waiting device); a sleeping one
+    gives it away. Same result either way, delivered at the modelled end."""
+    from moecc.distributed.transport import DelayedTransport
+    tr = DelayedTransport(alpha=0.2, beta=0.0, spin=spin)
+    try:
+        t = torch.arange(6.0).view(3, 2)
+        w0, c0 = time.perf_counter(), time.thread_time()
+        out = tr.all_to_all(t, [3], [3], None, "spin", async_op=True).wait()
+        wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+    finally:
+        tr.close()
+    assert torch.equal(out, t) and wall >= 0.2
+    if spin:
+        assert cpu >= 0.25 * wall, (cpu, wall)      # busy (less what other threads and processes took)
+    else:
+        assert cpu <= 0.1 * wall, (cpu, wall)
+
+
 def _layer_timeline(degree: int, alpha: float, overlap: bool = True):
     """One rank, the chunked layer with a shared expert through the delayed transport -> (y,
     reference, timeline events sorted by start)."""
