@@ -297,7 +297,10 @@ def rank_main(rank: int, world: int, port: int, job: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     tl = Timeline(rank)
-    tr = DelayedTransport(0.0, 0.0, timeline=tl, spin=spec.get("spin", True))
+    # spinning waits where ranks share the cores (there a sleeping wait lends its core to the partner
+    # rank); where each rank has its own core, spinning only takes time from the exchange's threads
+    spin = spec.get("spin", True) and world > (os.cpu_count() or 1)
+    tr = DelayedTransport(0.0, 0.0, timeline=tl, spin=spin)
     use_transport(tr)
     if spec["nice"]:
         # the communication threads (gloo's, the transport's: started above, at priority 0) preempt
@@ -370,7 +373,7 @@ def main() -> None:
     ap.add_argument("--sleep-waits", dest="spin", action="store_false",
                     help="waits for an exchange sleep (sessions 9-13) instead of keeping the core busy: ranks "
                          "sharing a core then lend it, so an imbalanced layer runs faster than on a device "
-                         "per rank (default: waits spin, as a device per rank)")
+                         "per rank (default: waits spin where ranks share the cores, as a device per rank)")
     ap.add_argument("--timelines", action="store_true",
                     help="keep every configuration's per-rank timelines: OUT/overlap_timelines.json")
     ap.add_argument("--rank", type=int), ap.add_argument("--world", type=int)
@@ -403,7 +406,7 @@ def main() -> None:
     setup = (f"Setup: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, 1 torch thread per rank, "
              f"{'each rank pinned to core rank mod ' + str(os.cpu_count()) if a.pin else 'ranks not pinned'}, "
              f"{'compute threads at nice +' + str(a.nice) + ' below the communication threads' if a.nice else 'no priorities'}, "
-             f"{'waits spin (a device per rank)' if a.spin else 'waits sleep (ranks sharing a core lend it)'}; "
+             f"{'waits spin where ranks share a core (a device per rank)' if a.spin else 'waits sleep (ranks sharing a core lend it)'}; "
              f"load average before the run {load0}. {a.note}")
     write_report(runs, a.out, time.time() - t0, setup)
 
