@@ -53,9 +53,9 @@ class DelayedPending:
 
     def wait(self) -> Tensor:
         if self._spin and not self._f.done():
-            burn = torch.empty(64, 64)
-            while not self._f.done():
-                burn.normal_()              # releases the GIL: the delivery thread runs meanwhile
+            a, out = torch.full((64, 64), 1e-3), torch.empty(64, 64)
+            while not self._f.done():       # torch ops release the GIL: the delivery thread runs
+                torch.mm(a, a, out=out)     # (no RNG draws: the caller's random streams stay put)
         return self._f.result()
 
 

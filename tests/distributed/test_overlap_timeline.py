@@ -57,12 +57,14 @@ def test_spinning_waits_keep_the_core_busy(one_rank_group, spin):
     tr = DelayedTransport(alpha=0.2, beta=0.0, spin=spin)
     try:
         t = torch.arange(6.0).view(3, 2)
+        rng = torch.get_rng_state()
         w0, c0 = time.perf_counter(), time.thread_time()
         out = tr.all_to_all(t, [3], [3], None, "spin", async_op=True).wait()
         wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
     finally:
         tr.close()
     assert torch.equal(out, t) and wall >= 0.2
+    assert torch.equal(torch.get_rng_state(), rng)  # waiting draws nothing from the caller's stream
     if spin:
         assert cpu >= 0.25 * wall, (cpu, wall)      # busy (less what other threads and processes took)
     else:
