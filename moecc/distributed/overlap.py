@@ -182,7 +182,8 @@ class LayerInFlight:
         # the received pairs' gradients go back in one exchange per group: x's and the routing
         # weights' as the columns of one tensor when they share a dtype
         kinds = [k for k, need in zip("xw", needs[:2]) if need]
-        packs = [p for p in ([kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds]) if p]
+        packs = (([kinds] if len({self.x.dtype, self.weights.dtype}) == 1 else [[k] for k in kinds])
+                 if kinds else [])                      # nothing goes back when nothing needs a gradient
         pg: list = [None] * 4
         back = {}
         fill = self.fill

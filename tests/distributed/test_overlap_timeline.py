@@ -1,12 +1,33 @@
 """Timeline (intervals, overlap fraction by interval union, Chrome trace JSON) and the delayed
 transport's channel on a one-rank gloo group (no timed assertions: only what a sleep guarantees)."""
+import contextlib
 import json
 import time
 
 import pytest
 import torch
 
+from moecc.distributed.comm import use_transport
 from moecc.distributed.timeline import Timeline, write_chrome_trace
+from moecc.distributed.transport import DelayedTransport
+
+
+@contextlib.contextmanager
+def _delayed(alpha: float = 0.0, timeline=None, pipelined: bool | None = None):
+    """The delayed transport installed for the block (and overlap.PIPELINED_BACKWARD set, unless
+    None); both undone after, the transport closed."""
+    from moecc.distributed import overlap
+    tr = DelayedTransport(alpha=alpha, beta=0.0, timeline=timeline)
+    use_transport(tr)
+    was = overlap.PIPELINED_BACKWARD
+    if pipelined is not None:
+        overlap.PIPELINED_BACKWARD = pipelined
+    try:
+        yield tr
+    finally:
+        overlap.PIPELINED_BACKWARD = was
+        use_transport(None)
+        tr.close()
 
 
 def test_overlap_fraction_by_interval_union(tmp_path):
@@ -30,7 +51,6 @@ def test_overlap_fraction_by_interval_union(tmp_path):
 
 
 def test_delayed_transport_is_a_fifo_channel(one_rank_group):
-    from moecc.distributed.transport import DelayedTransport
     tl = Timeline(0)
     tr = DelayedTransport(alpha=0.02, beta=0.0, timeline=tl)
     try:
@@ -53,7 +73,6 @@ def test_spinning_waits_keep_the_core_busy(one_rank_group, spin):
     """A device per rank on shared cores: a spinning wait uses its core until delivery (so a core
     partner gets no more of the machine than it would beside a waiting device); a sleeping one
     gives it away. Same result either way, delivered at the modelled end."""
-    from moecc.distributed.transport import DelayedTransport
     tr = DelayedTransport(alpha=0.2, beta=0.0, spin=spin)
     try:
         t = torch.arange(6.0).view(3, 2)
@@ -74,10 +93,8 @@ def test_spinning_waits_keep_the_core_busy(one_rank_group, spin):
 def _layer_timeline(degree: int, alpha: float, overlap: bool = True):
     """One rank, the chunked layer with a shared expert through the delayed transport -> (y,
     reference, timeline events sorted by start)."""
-    from moecc.distributed.comm import use_transport
     from moecc.distributed.layout import LayerPlacement
     from moecc.distributed.overlap import moe_layer
-    from moecc.distributed.transport import DelayedTransport
     from moecc.ops import experts_reference, shared_expert
     from moecc.spec import MoESpec, RouterSpec
 
@@ -89,14 +106,9 @@ def _layer_timeline(degree: int, alpha: float, overlap: bool = True):
     x, ids = torch.randn(T, H, generator=g), torch.topk(torch.rand(T, E, generator=g), K, 1).indices
     wts = torch.rand(T, K, generator=g)
     tl = Timeline(0)
-    tr = DelayedTransport(alpha=alpha, beta=0.0, timeline=tl)
-    use_transport(tr)
-    try:
+    with _delayed(alpha, tl):
         y = moe_layer(x, ids, wts, w_in, w_out, spec, LayerPlacement.contiguous("m", E, 1), degree=degree,
                       overlap=overlap, shared=sh, tokens=torch.arange(T).numpy(), timeline=tl)
-    finally:
-        use_transport(None)
-        tr.close()
     ref = experts_reference(x, ids, wts, w_in, w_out, None, None, spec) + shared_expert(x, *sh, spec)
     return y, ref, sorted(tl.events, key=lambda e: e[2])
 
@@ -149,9 +161,7 @@ def _train_step(pipelined: bool, degree: int = 3, alpha: float = 0.05, backward_
     transport -> (gradients of x, routing weights, w_in, w_out and the shared expert's w_in; the
     backward's timeline events)."""
     from moecc.distributed import overlap
-    from moecc.distributed.comm import use_transport
     from moecc.distributed.layout import LayerPlacement
-    from moecc.distributed.transport import DelayedTransport
     from moecc.spec import MoESpec, RouterSpec
 
     E, K, H, F, T = 4, 2, 8, 16, 24
@@ -163,19 +173,12 @@ def _train_step(pipelined: bool, degree: int = 3, alpha: float = 0.05, backward_
     shared = (leaves[4], torch.randn(H, F, generator=g), None)
     ids = torch.topk(torch.rand(T, E, generator=g), K, 1).indices
     tl = Timeline(0)
-    tr = DelayedTransport(alpha=alpha, beta=0.0, timeline=tl)
-    use_transport(tr)
-    was, overlap.PIPELINED_BACKWARD = overlap.PIPELINED_BACKWARD, pipelined
-    try:
+    with _delayed(alpha, tl, pipelined):
         y = overlap.moe_layer(leaves[0], ids, leaves[1], leaves[2], leaves[3], spec,
                               LayerPlacement.contiguous("m", E, 1), degree=degree, shared=shared,
                               tokens=torch.arange(T).numpy(), timeline=tl, backward_degree=backward_degree)
         start = time.perf_counter()
         (y * torch.randn(T, H, generator=g)).sum().backward()
-    finally:
-        overlap.PIPELINED_BACKWARD = was
-        use_transport(None)
-        tr.close()
     return [t.grad for t in leaves], [e for e in tl.events if e[2] >= start]
 
 
@@ -250,9 +253,7 @@ def test_pipelined_backward_with_only_the_shared_expert_trainable(one_rank_group
     backward computes the shared weights' gradients (the same bits as autograd's path) and sends no
     gradients back to the experts' senders (nothing there needs one)."""
     from moecc.distributed import overlap
-    from moecc.distributed.comm import use_transport
     from moecc.distributed.layout import LayerPlacement
-    from moecc.distributed.transport import DelayedTransport
     from moecc.spec import MoESpec, RouterSpec
 
     E, K, H, F, T = 4, 2, 8, 16, 12
@@ -265,19 +266,12 @@ def test_pipelined_backward_with_only_the_shared_expert_trainable(one_rank_group
         x, wts = torch.randn(T, H, generator=g), torch.rand(T, K, generator=g)
         w_in, w_out = torch.randn(E, 2 * F, H, generator=g), torch.randn(E, H, F, generator=g)
         ids = torch.topk(torch.rand(T, E, generator=g), K, 1).indices
-        tr = DelayedTransport(0.0, 0.0)
-        use_transport(tr)
-        was, overlap.PIPELINED_BACKWARD = overlap.PIPELINED_BACKWARD, pipelined
-        try:
+        with _delayed(pipelined=pipelined) as tr:
             y = overlap.moe_layer(x, ids, wts, w_in, w_out, spec, LayerPlacement.contiguous("m", E, 1), degree=2,
                                   shared=shared, tokens=torch.arange(T).numpy())
             before = tr.calls
             y.square().sum().backward()
             out[pipelined] = [t.grad for t in shared[:2]], tr.calls - before
-        finally:
-            overlap.PIPELINED_BACKWARD = was
-            use_transport(None)
-            tr.close()
     (grads, calls), (plain, _) = out[True], out[False]
     assert all(a is not None and torch.equal(a, b) for a, b in zip(grads, plain))
     assert calls == 2                                    # the two chunks' combine backward, nothing back
