@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moecc.distributed.costmodel import LayerShape, choose_degree, pipeline
-from moecc.distributed.ep_costs import measured_costs, sample_ids
+from moecc.distributed.ep_costs import COLD, measured_costs, sample_ids
 
 KEYS = ["serial"] + [str(d) for d in range(1, 9)]
 
@@ -50,8 +50,8 @@ def predict(run: dict, scale: float = 1.0, extra: float = 0.0, skew: float = 0.0
         c = replace(c, alpha=c.alpha + extra, dispatch=c.dispatch + extra, combine=c.combine + extra,
                     sizes=c.sizes + extra)
     start = skew * m["alpha"]
-    pred = {"serial": pipeline(c, 1, cl.chunk_overhead, overlap=False).step + start}
-    pred.update({str(d): pipeline(c, d, cl.chunk_overhead).step + start for d in range(1, 9)})
+    pred = {"serial": pipeline(c, 1, cl.chunk_overhead, overlap=False, cold_start=True).step + start}
+    pred.update({str(d): pipeline(c, d, cl.chunk_overhead, cold_start=True).step + start for d in range(1, 9)})
     return pred, choose_degree(c, cl.chunk_overhead).degree
 
 
@@ -163,7 +163,8 @@ def ablations(runs: list[dict]) -> None:
         base = [({k: r["predicted_base"][k] for k in KEYS}, r["chosen_base"]) for r in runs]
         print(f"  old probe, same runs: {fmt(score(runs, base))}")
     for name, drop in (("the floor (busy)", {"busy": 0.0}), ("the wake-up (lone)", {"lone": 0.0}),
-                       ("the dispatch reading", {"unpack": 0.0, "unpack_fixed": 0.0})):
+                       ("the dispatch reading", {"unpack": 0.0, "unpack_fixed": 0.0}),
+                       ("the cold penalties", dict.fromkeys(COLD, 0.0))):
         if any(r["constants"].get(k) for r in runs for k in drop):
             preds = [predict(r, consts={**r["constants"], **drop}) for r in runs]
             print(f"  without {name:20s} {fmt(score(runs, preds))}")

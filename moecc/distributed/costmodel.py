@@ -181,6 +181,17 @@ class Costs:
     weights_back: float = 0.0       # the routing weights' gradients alone (the unchunked backward)
     grads: float = 0.0              # the token sums of the returned gradients, all tokens
     grads_fixed: float = 0.0        # ... fixed part per forward chunk
+    # a compute step right after a wait that blocked runs slower than the same call in a burst
+    # (caches and clocks after the idle wait; probe: one call after a lone exchange waited for, less
+    # the burst's): the first call's extra time, per token of the whole layer and fixed per call
+    cold_exp: float = 0.0           # a chunk's dispatch reading + local experts after its dispatch
+    cold_exp_fixed: float = 0.0
+    cold_sums: float = 0.0          # a chunk's weigh-and-sum (the unchunked: shared expert + sum)
+    cold_sums_fixed: float = 0.0
+    cold_plan: float = 0.0          # the layout + packing at a step's start from idle (cold_start)
+    cold_plan_fixed: float = 0.0
+    cold_pack: float = 0.0          # the unchunked schedule's packing after its split sizes' wait
+    cold_pack_fixed: float = 0.0
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -230,7 +241,7 @@ def shared_block_count(degree: int) -> int:
 
 
 def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool = True,
-             shared_blocks: int | None = None) -> Schedule:
+             shared_blocks: int | None = None, cold_start: bool = False) -> Schedule:
     """Event recurrence of moecc.distributed.overlap.moe_layer (module docstring): the main thread
     lays out all chunks, exchanges split sizes (one collective) while it packs the dispatch buffers
     (c.pack; a wait if the sizes arrive later), issues the d dispatches,
@@ -238,12 +249,14 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
     is in flight, wait, sum; the blocks left. One FIFO comm channel (a collective holds it at least
     c.floor), one compute stream; a wait for a collective that has not arrived yet resumes c.wake
-    after its arrival.
+    after its arrival, and the compute step after it pays its cold penalty (c.cold_*).
     overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps; the
     packing after the split sizes).
     shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
     2d; 1 = whole, right after the dispatches are issued: the graph's shared expert between an EP
-    layer's two nodes, passes/expert_parallel)."""
+    layer's two nodes, passes/expert_parallel).
+    cold_start: the step starts from idle (a layer timed alone after a barrier, as the overlap
+    bench does), not right after the previous layer's compute: its first layout pays c.cold_plan."""
     if not 1 <= degree <= MAX_DEGREE:
         raise MoeccError(f"overlap degree must be in 1..{MAX_DEGREE}, got {degree}")
     d = degree if overlap else 1
@@ -253,19 +266,24 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     t_exp = chunk_overhead + c.experts / d + c.unpack_fixed + c.unpack / d
     t_sum = c.sums_fixed + c.sums / d
     sizes = max(c.sizes + (d - 1) * c.sizes_chunk, c.floor) if c.sizes > 0 else 0.0
+    cold_exp, cold_sum = c.cold_exp_fixed + c.cold_exp / d, c.cold_sums_fixed + c.cold_sums / d
+    start = c.cold_plan_fixed + c.cold_plan / d if cold_start else 0.0
     comm, comp = [], []
     if not overlap:
-        t = c.plan + d * c.plan_fixed
+        t = start + c.plan + d * c.plan_fixed
         comp.append((0.0, t))
         if sizes > 0:                                            # split sizes, synchronous
             comm.append((t, t + sizes))
             t += sizes + c.wake
-        for kind, dur in (("comm", t_disp), ("comp", t_exp), ("comm", t_comb), ("comp", c.shared + t_sum)):
+            comp.append((t, t + c.cold_pack_fixed + c.cold_pack))      # the packing, after it
+            t = comp[-1][1]
+        for kind, dur in (("comm", t_disp), ("comp", t_exp + cold_exp), ("comm", t_comb),
+                          ("comp", c.shared + t_sum + cold_sum)):
             (comm if kind == "comm" else comp).append((t, t + dur))
             t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(0, t, comm, comp)
     pack = c.pack + d * c.pack_fixed                             # packed while the sizes fly
-    t = max(c.plan + d * c.plan_fixed - pack, 0.0)               # the layouts
+    t = start + max(c.plan + d * c.plan_fixed - pack, 0.0)       # the layouts
     comp.append((0.0, t))
     if sizes > 0:
         comm.append((t, t + sizes))
@@ -278,10 +296,10 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     disp_end = [st.send(t_disp) for _ in range(d)]               # all dispatches issued now
     comb_end = []
     for i in range(d):
-        st.compute_after(disp_end[i], t_exp)                     # its experts, then its combine
+        st.compute_after(disp_end[i], t_exp, cold_exp)           # its experts, then its combine
         comb_end.append(st.send(t_comb, st.comp_free))
     for i in range(d):
-        st.compute_after(comb_end[i], t_sum)
+        st.compute_after(comb_end[i], t_sum, cold_sum)
     st.fill(float("inf"))
     return _schedule(d, st.end, comm, comp)
 
@@ -289,7 +307,8 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
 class _Streams:
     """One FIFO comm channel and one compute stream from time t: send(dur, at) queues a collective
     (issued at `at`); compute_after(arrival, dur) waits for an arrival (resuming `wake` after it when
-    it blocks) and computes; shared-expert blocks fill every wait greedily (fill)."""
+    it blocks, and then paying `cold` beyond dur) and computes; shared-expert blocks fill every wait
+    greedily (fill)."""
 
     def __init__(self, t: float, blocks: list, wake: float, comm: list, comp: list):
         self.comm_free = self.comp_free = t
@@ -307,10 +326,11 @@ class _Streams:
             self.comp.append((self.comp_free, self.comp_free + dur))
             self.comp_free += dur
 
-    def compute_after(self, arrival: float, dur: float) -> None:
+    def compute_after(self, arrival: float, dur: float, cold: float = 0.0) -> None:
         self.fill(arrival)
-        start = self.comp_free if self.comp_free >= arrival else arrival + self.wake
-        self.comp_free = start + dur
+        blocked = self.comp_free < arrival
+        start = arrival + self.wake if blocked else self.comp_free
+        self.comp_free = start + dur + (cold if blocked else 0.0)
         self.comp.append((start, self.comp_free))
 
     @property

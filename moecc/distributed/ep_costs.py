@@ -82,14 +82,15 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
                   wake: float = 0.0, floor: float = 0.0, placement=None, pack: float = 0.0,
                   pack_fixed: float = 0.0, bwd_flops: float = 0.0, bwd_chunk: float = 0.0,
-                  grads: float = 0.0, grads_fixed: float = 0.0) -> Costs:
+                  grads: float = 0.0, grads_fixed: float = 0.0, cold: dict | None = None) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
     that blocks costs beyond the collective (probe: a lone exchange's time minus alpha); floor: the
     least time a collective takes (probe: an exchange's while the cores compute); bwd_flops /
     bwd_chunk / grads / grads_fixed: the backward's measured experts throughput (forward FLOPs per s),
-    fixed cost per call, and token sums (0: the cost model's defaults, costmodel.backward_pipeline)."""
+    fixed cost per call, and token sums (0: the cost model's defaults, costmodel.backward_pipeline);
+    cold: Costs' cold_* penalties of a compute step after a wait that blocked (all tokens / per call)."""
     cluster.validate()
     layer.validate(cluster.world)
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts, placement)
@@ -110,7 +111,12 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                  experts_backward=experts * cluster.flops / bwd_flops if bwd_flops > 0 else 0.0,
                  backward_fixed=bwd_chunk, back=_collective(cluster, pairs, (H + 1) * layer.combine_bytes),
                  weights_back=_collective(cluster, pairs, layer.combine_bytes), grads=grads,
-                 grads_fixed=grads_fixed)
+                 grads_fixed=grads_fixed, **(cold or {}))
+
+
+COLD = ("cold_exp", "cold_exp_fixed", "cold_sums", "cold_sums_fixed", "cold_plan", "cold_plan_fixed",
+        "cold_pack", "cold_pack_fixed")
+"""The probe's cold penalties (probe.Measured: s per token and per call), Costs' fields of the same names."""
 
 
 def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
@@ -127,4 +133,5 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
                                   placement=placement, pack=k.get("pack", 0.0) * T,
                                   pack_fixed=k.get("pack_fixed", 0.0), bwd_flops=k.get("bwd_flops", 0.0),
                                   bwd_chunk=k.get("bwd_chunk", 0.0), grads=k.get("grads", 0.0) * T,
-                                  grads_fixed=k.get("grads_fixed", 0.0))
+                                  grads_fixed=k.get("grads_fixed", 0.0),
+                                  cold={f: k.get(f, 0.0) * (1 if f.endswith("_fixed") else T) for f in COLD})

@@ -25,6 +25,12 @@ they compete for the machine as the layers will):
                          FLOP count (≈ half the forward's when the backward costs twice) and per call
         grads, grads_fixed  the token sums of returned gradients (ep.token_grad, ep.weight_grad),
                          per token and per call
+        cold_exp, cold_sums, cold_plan, cold_pack (and _fixed)  what one call of the dispatch reading
+                         + experts, the sums, the layout + packing, the packing costs beyond its burst
+                         timing when it runs right after a wait that blocked (an empty exchange waited
+                         for at once): per token and per call, >= 0. Caches and clocks after an idle
+                         wait: on this 2-core VM the first call after a 4 ms wait ran up to 2x its
+                         burst time (samples/results/overlap_notes.md, session 15)
     The compute is timed on every rank in the same instants (together(): an agreed start on the
     machine's monotonic clock), in bursts of calls long enough to overlap: where ranks share cores
     (4 gloo ranks on 2 cores) each call is timed as stretched as the layer's will be. The slowest
@@ -44,6 +50,7 @@ import torch
 from moecc.distributed import comm
 from moecc.distributed.ep import (Dispatched, Received, Sizes, _sum_slots, dispatch_buffer, local_experts,
                                   token_grad, weight_grad)
+from moecc.distributed.ep_costs import COLD
 from moecc.distributed.layout import layout
 
 BURST_S = 4e-3          # a timed burst of compute calls lasts at least this long (s)
@@ -69,6 +76,14 @@ class Measured:
     bwd_chunk: float = 0.0      # s per experts backward call
     grads: float = 0.0          # s per token (token sums of the returned gradients)
     grads_fixed: float = 0.0
+    cold_exp: float = 0.0       # s per token beyond the burst's, right after a wait that blocked
+    cold_exp_fixed: float = 0.0
+    cold_sums: float = 0.0
+    cold_sums_fixed: float = 0.0
+    cold_plan: float = 0.0
+    cold_plan_fixed: float = 0.0
+    cold_pack: float = 0.0
+    cold_pack_fixed: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +138,30 @@ def _rounds(fns: list, group, repeats: int, aligned: bool = True) -> list[float]
                 fn()
             best[i] = min(best[i], (time.perf_counter() - t0) / n)
     return best
+
+
+def _cold(fns: list, group, repeats: int) -> list[float]:
+    """Per fn: one call right after an empty exchange waited for at once (all ranks together: every
+    compute step of the unchunked schedule follows a wait that blocked); the fastest repeat."""
+    import torch.distributed as dist
+
+    W = dist.get_world_size(group)
+    empty = torch.zeros(0, 1)
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            together(group)
+            comm.all_to_all(empty, [0] * W, [0] * W, group, "probe: cold").wait()
+            best[i] = min(best[i], _once(fn))
+    return best
+
+
+def _penalty(x1, p1, x2, p2) -> tuple[float, float]:
+    """(per unit >= 0, fixed >= 0) of an extra time measured at two sizes (noisy: a negative
+    extra counts 0; a smaller extra at the larger size: the larger size's, as a fixed cost)."""
+    p1, p2 = max(p1, 0.0), max(p2, 0.0)
+    slope = max((p2 - p1) / (x2 - x1), 0.0)
+    return slope, max(p2 - slope * x2, 0.0)
 
 
 def measure_comm(group, hidden: int, dtype, rows: int = 256, repeats: int = 5, burst: int = 6,
@@ -183,8 +222,9 @@ def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: i
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
                     seed: int = 0, aligned: bool = True) -> list[float]:
     """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed, pack, pack_fixed,
-    1/bwd_flops, bwd_chunk, grads, grads_fixed] of this rank (module docstring), timed while every rank
-    computes."""
+    1/bwd_flops, bwd_chunk, grads, grads_fixed, cold_exp, cold_exp_fixed, cold_sums, cold_sums_fixed,
+    cold_plan, cold_plan_fixed, cold_pack, cold_pack_fixed] of this rank (module docstring), timed
+    while every rank computes (cold: aligned only, else 0)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
@@ -226,13 +266,20 @@ def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: i
                 lambda: (token_grad(back, lay, ids), weight_grad(back[:, :1], lay, ids.shape)))
     m1, m2 = max(tokens // 8, 1), max(tokens, 2)
     a, b = steps(m1), steps(m2)
-    t = _rounds([experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3],
-                 backward(n1), backward(n2), a[4], b[4]], group, repeats, aligned)
+    fns = [experts(n1), experts(n2), a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3],
+           backward(n1), backward(n2), a[4], b[4]]
+    t = _rounds(fns, group, repeats, aligned)
     flop = 2.0 * H * (w_in.shape[1] + w_out.shape[2])                  # forward FLOPs per row
     per_row, chunk = _line(n1, t[0], n2, t[1])
     bwd_row, bwd_chunk = _line(n1, t[10], n2, t[11])
+    cold = [0.0] * 8
+    if aligned:     # (read + experts, sums, layout + packing, packing) at m1 and m2 tokens
+        cold_fns = [lambda: (fns[6](), fns[0]()), lambda: (fns[7](), fns[1]()), *fns[2:6], fns[8], fns[9]]
+        c = _cold(cold_fns, group, repeats)
+        warm = [t[6] + t[0], t[7] + t[1], *t[2:6], t[8], t[9]]
+        cold = [v for i in (0, 4, 2, 6) for v in _penalty(m1, c[i] - warm[i], m2, c[i + 1] - warm[i + 1])]
     return [per_row / flop, chunk, *_line(m1, t[2], m2, t[3]), *_line(m1, t[4], m2, t[5]), *_line(m1, t[6], m2, t[7]),
-            *_line(m1, t[8], m2, t[9]), bwd_row / flop, bwd_chunk, *_line(m1, t[12], m2, t[13])]
+            *_line(m1, t[8], m2, t[9]), bwd_row / flop, bwd_chunk, *_line(m1, t[12], m2, t[13]), *cold]
 
 
 def _reader(x, w, ids, lay, group):
@@ -258,6 +305,6 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
     w = dict(zip(("alpha", "beta", "flops", "chunk", "plan", "plan_fixed", "sums", "sums_fixed", "lone",
                   "unpack", "unpack_fixed", "pack", "pack_fixed", "busy", "bwd_flops", "bwd_chunk", "grads",
-                  "grads_fixed"), worst))
+                  "grads_fixed", *COLD), worst))
     return Measured(**{**w, "flops": 1.0 / w["flops"], "bwd_flops": 1.0 / w["bwd_flops"]})
 

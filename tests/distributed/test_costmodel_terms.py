@@ -89,8 +89,8 @@ def test_probe_measures_the_backward(one_rank_group):
     w_in, w_out = torch.randn(4, 2 * F, H, generator=g), torch.randn(4, H, F, generator=g)
     with torch.no_grad():                     # as schedule.configure calls it
         t = measure_compute(spec, w_in, w_out, LayerPlacement.contiguous("m", 4, 1), None, 256, repeats=2)
-    inv_flops, inv_bwd, bwd_chunk, grads, grads_fixed = t[0], *t[10:]
-    assert len(t) == 14 and 0 < grads < 1, t
+    inv_flops, inv_bwd, bwd_chunk, grads, grads_fixed = t[0], *t[10:14]
+    assert len(t) == 22 and 0 < grads < 1, t
     assert 0 <= bwd_chunk < 1 and 0 <= grads_fixed < 1
     flop = 2.0 * H * (2 * F + F)              # forward FLOPs per row: a slope, not the clip (1e-15 / flop)
     assert inv_bwd > 1e-12 / flop and inv_bwd > inv_flops / 10, (inv_bwd, inv_flops)
