@@ -18,6 +18,7 @@ Per configuration (tokens, hidden, experts, k, α, comm:compute ratio, skew, sha
   3. every variant is run (1 warm-up + 3 timed, each started on every rank at one agreed instant:
      probe.together; the step = the slowest rank's time; the fastest of the 3, least disturbed by
      other jobs), with per-rank timelines: overlap fraction = hidden comm / comm by interval union, summed over ranks.
+     --train-all's (d, b) pairs interleave their repeats: one untimed round over every pair, then 3 timed rounds.
 Writes OUT/overlap.md (tables), OUT/overlap.json (every run), OUT/overlap_trace.json (Chrome trace of
 the balanced headline run at d*; open in ui.perfetto.dev), with --timelines every configuration's
 per-rank timelines (OUT/overlap_timelines.json; samples/overlap_model_check.py --timelines reads them).
@@ -132,8 +133,7 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer, costs=Non
         finally:
             overlap.PIPELINED_BACKWARD = was
 
-    def timed(args, n: int, where: str) -> dict:
-        rows = [step(*args) for _ in range(n + 1)][1:]
+    def fastest(rows: list, where: str) -> dict:
         allr, i, slowest = agreed_fastest(rows, where)
         return {"step": slowest, "hidden": float(allr[:, i, 1].sum() / allr[:, i, 2].sum()),
                 "forward": allr[:, i, 3].max().item(), "backward": allr[:, i, 4].max().item()}
@@ -143,14 +143,24 @@ def train_runs(cfg: dict, degree: int, reps: int, tl, together, layer, costs=Non
         variants += [(f"d={degree} autograd backward", (degree, True, False)),
                      (f"d={degree} pipelined backward", (degree, True, True))]
     for name, args in variants:
-        out["variants"][name] = timed(args, reps, "train")
-    for d in range(1, 9):
-        for b in (b for b in range(1, d + 1) if d % b == 0):
-            v = timed((d, True, True, b), TRAIN_PAIR_REPS, "train pairs")
-            if costs is not None:
-                v.update(predicted_forward=pipeline(costs, d, chunk, cold_start=True).step,
-                         predicted_backward=backward_pipeline(costs, d, b, chunk).step)
-            out["pairs"][f"{d},{b}"] = v
+        out["variants"][name] = fastest([step(*args) for _ in range(reps + 1)][1:], "train")
+    # the pairs' repeats interleave: round 0 (untimed) warms every pair, then each round times every
+    # pair once, so a slow stretch of a few seconds (seen on this VM: every rank's backward 2-4x slower
+    # for ~7 s, with high system time and page faults, at the start of the pairs whatever ran before)
+    # spoils one repeat of several pairs rather than every repeat of one or two
+    pairs = [(d, b) for d in range(1, 9) for b in range(1, d + 1) if d % b == 0]
+    rows = {p: [] for p in pairs}
+    for r in range(TRAIN_PAIR_REPS + 1):
+        for d, b in pairs:
+            row = step(d, True, True, b)
+            if r:
+                rows[(d, b)].append(row)
+    for d, b in pairs:
+        v = fastest(rows[(d, b)], "train pairs")
+        if costs is not None:
+            v.update(predicted_forward=pipeline(costs, d, chunk, cold_start=True).step,
+                     predicted_backward=backward_pipeline(costs, d, b, chunk).step)
+        out["pairs"][f"{d},{b}"] = v
     if costs is not None:
         f, bk = choose_degrees(costs, chunk)
         out["chosen"] = [f.degree, bk.degree]
