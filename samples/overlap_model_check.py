@@ -164,7 +164,8 @@ def ablations(runs: list[dict]) -> None:
         print(f"  old probe, same runs: {fmt(score(runs, base))}")
     for name, drop in (("the floor (busy)", {"busy": 0.0}), ("the wake-up (lone)", {"lone": 0.0}),
                        ("the dispatch reading", {"unpack": 0.0, "unpack_fixed": 0.0}),
-                       ("the cold penalties", dict.fromkeys(COLD, 0.0))):
+                       ("the cold penalties", dict.fromkeys(COLD, 0.0)),
+                       ("the steal", {"steal": 0.0, "steal_fixed": 0.0})):
         if any(r["constants"].get(k) for r in runs for k in drop):
             preds = [predict(r, consts={**r["constants"], **drop}) for r in runs]
             print(f"  without {name:20s} {fmt(score(runs, preds))}")

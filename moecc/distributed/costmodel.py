@@ -192,6 +192,14 @@ class Costs:
     cold_plan_fixed: float = 0.0
     cold_pack: float = 0.0          # the unchunked schedule's packing after its split sizes' wait
     cold_pack_fixed: float = 0.0
+    # an exchange issued while the rank computes takes compute time from it (the real exchange's
+    # threads share the cores here; NCCL's kernels share a GPU's SMs): per call, and per byte as the
+    # whole layer's volume of the bottleneck rank in each direction (probe: steal, steal_fixed). A
+    # wait that blocks absorbs it (the exchange then runs while the rank waits)
+    steal_fixed: float = 0.0
+    dispatch_steal: float = 0.0
+    combine_steal: float = 0.0
+    back_steal: float = 0.0
 
 
 def layer_costs(layer: LayerShape, cluster: Cluster, probs: np.ndarray | None = None) -> Costs:
@@ -249,7 +257,8 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     computes its experts and issues its combine; per chunk: shared-expert blocks while its combine
     is in flight, wait, sum; the blocks left. One FIFO comm channel (a collective holds it at least
     c.floor), one compute stream; a wait for a collective that has not arrived yet resumes c.wake
-    after its arrival, and the compute step after it pays its cold penalty (c.cold_*).
+    after its arrival, and the compute step after it pays its cold penalty (c.cold_*). A collective
+    takes c.steal_* from the compute that runs after its issue (less what waits absorb).
     overlap=False: the same work at d = 1, each collective waited for at once (nothing overlaps; the
     packing after the split sizes).
     shared_blocks: how many blocks the shared expert runs in (default: moecc.distributed.overlap's
@@ -287,17 +296,18 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
     comp.append((0.0, t))
     if sizes > 0:
         comm.append((t, t + sizes))
+        pack += c.steal_fixed if pack > 0 else 0.0               # the sizes' exchange, while packing
     if pack > 0:
         comp.append((t, t + pack))
     arrival = t + sizes
     t = t + pack if t + pack >= arrival else arrival + (c.wake if sizes > 0 else 0.0)
     nb = shared_blocks or shared_block_count(d)
     st = _Streams(t, [c.shared / nb] * nb if c.shared > 0 else [], c.wake, comm, comp)
-    disp_end = [st.send(t_disp) for _ in range(d)]               # all dispatches issued now
+    disp_end = [st.send(t_disp, cpu=c.steal_fixed + c.dispatch_steal / d) for _ in range(d)]   # all now
     comb_end = []
     for i in range(d):
         st.compute_after(disp_end[i], t_exp, cold_exp)           # its experts, then its combine
-        comb_end.append(st.send(t_comb, st.comp_free))
+        comb_end.append(st.send(t_comb, st.comp_free, c.steal_fixed + c.combine_steal / d))
     for i in range(d):
         st.compute_after(comb_end[i], t_sum, cold_sum)
     st.fill(float("inf"))
@@ -305,33 +315,40 @@ def pipeline(c: Costs, degree: int, chunk_overhead: float = 0.0, overlap: bool =
 
 
 class _Streams:
-    """One FIFO comm channel and one compute stream from time t: send(dur, at) queues a collective
-    (issued at `at`); compute_after(arrival, dur) waits for an arrival (resuming `wake` after it when
-    it blocks, and then paying `cold` beyond dur) and computes; shared-expert blocks fill every wait
-    greedily (fill)."""
+    """One FIFO comm channel and one compute stream from time t: send(dur, at, cpu) queues a
+    collective (issued at `at`) that takes `cpu` from the compute after it (debt: the next compute
+    steps pay it, a wait that blocks absorbs it); compute_after(arrival, dur) waits for an arrival
+    (resuming `wake` after it when it blocks, and then paying `cold` beyond dur) and computes;
+    shared-expert blocks fill every wait greedily (fill)."""
 
     def __init__(self, t: float, blocks: list, wake: float, comm: list, comp: list):
         self.comm_free = self.comp_free = t
         self.blocks, self.wake, self.comm, self.comp = blocks, wake, comm, comp
+        self.debt = 0.0
 
-    def send(self, dur: float, at: float = 0.0) -> float:
+    def send(self, dur: float, at: float = 0.0, cpu: float = 0.0) -> float:
         start = max(self.comm_free, at)
         self.comm_free = start + dur
         self.comm.append((start, self.comm_free))
+        self.debt += cpu
         return self.comm_free
+
+    def _run(self, start: float, dur: float) -> None:
+        self.comp_free = start + dur + self.debt
+        self.debt = 0.0
+        self.comp.append((start, self.comp_free))
 
     def fill(self, until: float) -> None:                       # greedy: a block while waiting
         while self.blocks and self.comp_free < until:
-            dur = self.blocks.pop()
-            self.comp.append((self.comp_free, self.comp_free + dur))
-            self.comp_free += dur
+            self._run(self.comp_free, self.blocks.pop())
 
     def compute_after(self, arrival: float, dur: float, cold: float = 0.0) -> None:
         self.fill(arrival)
         blocked = self.comp_free < arrival
         start = arrival + self.wake if blocked else self.comp_free
-        self.comp_free = start + dur + (cold if blocked else 0.0)
-        self.comp.append((start, self.comp_free))
+        if blocked:                                             # the exchanges ran while it waited
+            self.debt = max(self.debt - (start - self.comp_free), 0.0)
+        self._run(start, dur + (cold if blocked else 0.0))
 
     @property
     def end(self) -> float:
@@ -373,11 +390,12 @@ def backward_pipeline(c: Costs, degree: int, backward_degree: int | None = None,
             t += dur + (c.wake if kind == "comm" else 0.0)
         return _schedule(1, t, comm, comp)
     st = _Streams(t, [2.0 * c.shared / nb] * nb if c.shared > 0 and nb > 1 else [], c.wake, comm, comp)
-    cb_end = [st.send(per(c.combine)) for _ in range(b)]         # every group's combine backward at once
+    cb_end = [st.send(per(c.combine), cpu=c.steal_fixed + c.combine_steal / b)   # every group's at once
+              for _ in range(b)]
     hb_end = []
     for j in range(b):                                           # its experts' backward, gradients back
         st.compute_after(cb_end[j], m * fixed + bwd / b)
-        hb_end.append(st.send(per(back), st.comp_free))
+        hb_end.append(st.send(per(back), st.comp_free, c.steal_fixed + c.back_steal / b))
     for j in range(b):
         st.compute_after(hb_end[j], m * grads_fixed + grads / b)
     st.fill(float("inf"))

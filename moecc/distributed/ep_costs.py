@@ -77,12 +77,20 @@ def _collective(cluster: Cluster, mat: np.ndarray, row_bytes: float = 1.0) -> fl
     return worst
 
 
+def _volume(mat: np.ndarray, row_bytes: float = 1.0) -> float:
+    """The most bytes one rank sends to or receives from the others in an all-to-all whose rank i
+    sends mat[i, j] rows of row_bytes to rank j."""
+    off = mat * ~np.eye(mat.shape[0], dtype=bool)
+    return float(np.maximum(off.sum(1), off.sum(0)).max()) * row_bytes
+
+
 def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_bytes: int = 8,
                   plan: float = 0.0, plan_fixed: float = 0.0, sums: float = 0.0,
                   sums_fixed: float = 0.0, unpack: float = 0.0, unpack_fixed: float = 0.0,
                   wake: float = 0.0, floor: float = 0.0, placement=None, pack: float = 0.0,
                   pack_fixed: float = 0.0, bwd_flops: float = 0.0, bwd_chunk: float = 0.0,
-                  grads: float = 0.0, grads_fixed: float = 0.0, cold: dict | None = None) -> Costs:
+                  grads: float = 0.0, grads_fixed: float = 0.0, cold: dict | None = None,
+                  steal: float = 0.0, steal_fixed: float = 0.0) -> Costs:
     """Costs of one layer call of moecc's runtime with routing ids [W, T, k] (W = cluster.world).
     plan/sums/unpack: measured compute of building the send layout, summing the combine and reading
     a received dispatch (s, all tokens of a rank), and their fixed cost per chunk; wake: what a wait
@@ -90,13 +98,16 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
     least time a collective takes (probe: an exchange's while the cores compute); bwd_flops /
     bwd_chunk / grads / grads_fixed: the backward's measured experts throughput (forward FLOPs per s),
     fixed cost per call, and token sums (0: the cost model's defaults, costmodel.backward_pipeline);
-    cold: Costs' cold_* penalties of a compute step after a wait that blocked (all tokens / per call)."""
+    cold: Costs' cold_* penalties of a compute step after a wait that blocked (all tokens / per call);
+    steal / steal_fixed: the compute time an exchange issued during compute takes from it, per byte
+    (of the bottleneck rank's volume) and per call."""
     cluster.validate()
     layer.validate(cluster.world)
     pairs, rows, received = _matrices(np.asarray(ids), layer.experts, placement)
     H, W = layer.hidden, cluster.world
     b = layer.dispatch_bytes
-    dispatch = _collective(cluster, rows * (H * b) + pairs * META_BYTES)        # one packed message
+    disp_bytes = rows * (H * b) + pairs * META_BYTES                            # one packed message
+    dispatch = _collective(cluster, disp_bytes)
     combine = _collective(cluster, pairs, H * layer.combine_bytes)
     head, per_chunk = (W - 1) * (5 + 2 * W) * index_bytes, (W - 1) * 2 * W * index_bytes
     sizes = a2a_time(cluster, head, head)
@@ -111,7 +122,9 @@ def runtime_costs(layer: LayerShape, cluster: Cluster, ids: np.ndarray, index_by
                  experts_backward=experts * cluster.flops / bwd_flops if bwd_flops > 0 else 0.0,
                  backward_fixed=bwd_chunk, back=_collective(cluster, pairs, (H + 1) * layer.combine_bytes),
                  weights_back=_collective(cluster, pairs, layer.combine_bytes), grads=grads,
-                 grads_fixed=grads_fixed, **(cold or {}))
+                 grads_fixed=grads_fixed, **(cold or {}), steal_fixed=steal_fixed,
+                 dispatch_steal=steal * _volume(disp_bytes), combine_steal=steal * _volume(pairs, H * layer.combine_bytes),
+                 back_steal=steal * _volume(pairs, (H + 1) * layer.combine_bytes))
 
 
 COLD = ("cold_exp", "cold_exp_fixed", "cold_sums", "cold_sums_fixed", "cold_plan", "cold_plan_fixed",
@@ -134,4 +147,5 @@ def measured_costs(layer: LayerShape, world: int, ids: np.ndarray, k: dict,
                                   pack_fixed=k.get("pack_fixed", 0.0), bwd_flops=k.get("bwd_flops", 0.0),
                                   bwd_chunk=k.get("bwd_chunk", 0.0), grads=k.get("grads", 0.0) * T,
                                   grads_fixed=k.get("grads_fixed", 0.0),
-                                  cold={f: k.get(f, 0.0) * (1 if f.endswith("_fixed") else T) for f in COLD})
+                                  cold={f: k.get(f, 0.0) * (1 if f.endswith("_fixed") else T) for f in COLD},
+                                  steal=k.get("steal", 0.0), steal_fixed=k.get("steal_fixed", 0.0))

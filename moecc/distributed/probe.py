@@ -11,6 +11,11 @@ they compete for the machine as the layers will):
                          (waking the threads that run it and the one that waits) beyond a burst's
         busy             per call of a burst of empty exchanges issued while every rank computes: the
                          real exchange's pace when its threads compete with compute for the cores
+        steal, steal_fixed  what an exchange issued while the rank computes takes from that compute,
+                         per byte and per call: GEMMs timed with a burst of exchanges (empty, then of
+                         a layer's rows, >= 1 MiB) issued at their start, less the same GEMMs alone.
+                         Here the real exchange's threads share the cores (4 ranks on 2: 0.5-2 ms
+                         per call, ~1.5 ms per MB; samples/results/overlap_notes.md, session 17)
         flops, chunk     the local experts (torch.ops.moecc.experts) timed at two row counts: GEMM
                          throughput from the slope, the fixed cost per call from the intercept
         plan, plan_fixed the send layout (layout.layout) and the packed dispatch buffer
@@ -84,6 +89,8 @@ class Measured:
     cold_plan_fixed: float = 0.0
     cold_pack: float = 0.0
     cold_pack_fixed: float = 0.0
+    steal: float = 0.0          # s of compute per byte of an exchange issued while computing
+    steal_fixed: float = 0.0    # ... per call
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,6 +226,50 @@ def measure_busy(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: i
     return best
 
 
+STEAL_SPAN_S = 0.06     # the GEMMs timed beside a burst of exchanges last about this long (s)
+STEAL_BYTES = 1 << 20   # the per-byte part is timed on exchanges of at least this many bytes a call
+
+
+def measure_steal(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: int = 6) -> tuple[float, float]:
+    """(s per byte, s per call) of compute an exchange takes when issued while the rank computes:
+    per round (all ranks together) GEMMs of the first local expert's input weights timed with
+    `burst` exchanges issued at their start (async, as the chunked schedule issues them), and the
+    same GEMMs alone; the fastest of each, empty and at `rows` rows per peer (at least STEAL_BYTES
+    a call: at a small layer's sizes the per-byte part drowns in the per-call noise)."""
+    import torch.distributed as dist
+
+    W = dist.get_world_size(group)
+    x = torch.randn(max(rows // 2, 8), hidden, dtype=w_in.dtype)
+    one = min(_once(lambda: x @ w_in[0].T) for _ in range(3))
+    n = int(comm.agree(torch.tensor([math.ceil(STEAL_SPAN_S / max(one, 1e-7))], dtype=torch.float64),
+                       group, "probe: steal calls").max())
+
+    def gemms():
+        for _ in range(n):
+            x @ w_in[0].T
+
+    def stolen(per_peer: int) -> float:
+        t = torch.zeros(per_peer * W, hidden, dtype=w_in.dtype)
+        beside, alone = math.inf, math.inf
+        for _ in range(repeats):
+            together(group)
+            t0 = time.perf_counter()
+            pend = [comm.all_to_all(t, [per_peer] * W, [per_peer] * W, group, "probe: steal", async_op=True)
+                    for _ in range(burst)]
+            gemms()
+            beside = min(beside, time.perf_counter() - t0)
+            for p in pend:
+                p.wait()
+            together(group)
+            alone = min(alone, _once(gemms))
+        return (beside - alone) / burst
+    if W == 1:                                   # nothing crosses: the call's own cost only
+        return 0.0, max(stolen(0), 0.0)
+    row = (W - 1) * hidden * w_in.element_size()
+    rows = max(rows, math.ceil(STEAL_BYTES / row))
+    return _penalty(0, stolen(0), rows * row, stolen(rows))
+
+
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
                     seed: int = 0, aligned: bool = True) -> list[float]:
     """[1/flops, chunk, plan, plan_fixed, sums, sums_fixed, unpack, unpack_fixed, pack, pack_fixed,
@@ -296,15 +347,20 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     """Both parts on every rank; the slowest rank's value of each (one all_gather). aligned=False:
     the probe before 2026-12-03 (compute timed one call at a time with no common start, no lone
     exchange, no dispatch reading), kept to compare the two in one run (samples/overlap_bench.py)."""
+    import torch.distributed as dist
+
     alpha, beta, lone = measure_comm(group, spec.hidden, w_in.dtype, repeats=repeats, aligned=aligned)
     c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
     busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
+    W = dist.get_world_size(group)
+    steal = (measure_steal(group, spec.hidden, w_in, max(tokens * spec.top_k // W, 8), repeats) if aligned
+             else (0.0, 0.0))
     if not aligned:
         lone, c[6:10] = 0.0, [0.0, 0.0, 0.0, 0.0]
-    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:10], busy, *c[10:]], dtype=torch.float64)
+    mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:10], busy, *c[10:], *steal], dtype=torch.float64)
     worst = comm.agree(mine, group, "probe constants").max(0).values.tolist()   # the slowest rank
     w = dict(zip(("alpha", "beta", "flops", "chunk", "plan", "plan_fixed", "sums", "sums_fixed", "lone",
                   "unpack", "unpack_fixed", "pack", "pack_fixed", "busy", "bwd_flops", "bwd_chunk", "grads",
-                  "grads_fixed", *COLD), worst))
+                  "grads_fixed", *COLD, "steal", "steal_fixed"), worst))
     return Measured(**{**w, "flops": 1.0 / w["flops"], "bwd_flops": 1.0 / w["bwd_flops"]})
 
