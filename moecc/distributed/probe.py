@@ -234,12 +234,14 @@ def measure_steal(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: 
     """(s per byte, s per call) of compute an exchange takes when issued while the rank computes:
     per round (all ranks together) GEMMs of the first local expert's input weights timed with
     `burst` exchanges issued at their start (async, as the chunked schedule issues them), and the
-    same GEMMs alone; the fastest of each, empty and at `rows` rows per peer (at least STEAL_BYTES
-    a call: at a small layer's sizes the per-byte part drowns in the per-call noise)."""
+    same GEMMs alone; the fastest of each, empty and with the layer's `rows` per rank spread over
+    the peers (at least STEAL_BYTES a call: at a small layer's sizes the per-byte part drowns in the
+    per-call noise)."""
     import torch.distributed as dist
 
     W = dist.get_world_size(group)
-    x = torch.randn(max(rows // 2, 8), hidden, dtype=w_in.dtype)
+    per_peer = max(rows // W, 8)
+    x = torch.randn(max(per_peer // 2, 8), hidden, dtype=w_in.dtype)
     one = min(_once(lambda: x @ w_in[0].T) for _ in range(3))
     n = int(comm.agree(torch.tensor([math.ceil(STEAL_SPAN_S / max(one, 1e-7))], dtype=torch.float64),
                        group, "probe: steal calls").max())
@@ -266,8 +268,8 @@ def measure_steal(group, hidden: int, w_in, rows: int, repeats: int = 5, burst: 
     if W == 1:                                   # nothing crosses: the call's own cost only
         return 0.0, max(stolen(0), 0.0)
     row = (W - 1) * hidden * w_in.element_size()
-    rows = max(rows, math.ceil(STEAL_BYTES / row))
-    return _penalty(0, stolen(0), rows * row, stolen(rows))
+    per_peer = max(per_peer, math.ceil(STEAL_BYTES / row))
+    return _penalty(0, stolen(0), per_peer * row, stolen(per_peer))
 
 
 def measure_compute(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
@@ -347,14 +349,10 @@ def measure(spec, w_in, w_out, placement, group, tokens: int, repeats: int = 5,
     """Both parts on every rank; the slowest rank's value of each (one all_gather). aligned=False:
     the probe before 2026-12-03 (compute timed one call at a time with no common start, no lone
     exchange, no dispatch reading), kept to compare the two in one run (samples/overlap_bench.py)."""
-    import torch.distributed as dist
-
     alpha, beta, lone = measure_comm(group, spec.hidden, w_in.dtype, repeats=repeats, aligned=aligned)
     c = measure_compute(spec, w_in, w_out, placement, group, tokens, repeats, aligned=aligned)
     busy = measure_busy(group, spec.hidden, w_in, max(tokens * spec.top_k // 8, 8), repeats) if aligned else 0.0
-    W = dist.get_world_size(group)
-    steal = (measure_steal(group, spec.hidden, w_in, max(tokens * spec.top_k // W, 8), repeats) if aligned
-             else (0.0, 0.0))
+    steal = measure_steal(group, spec.hidden, w_in, tokens * spec.top_k, repeats) if aligned else (0.0, 0.0)
     if not aligned:
         lone, c[6:10] = 0.0, [0.0, 0.0, 0.0, 0.0]
     mine = torch.tensor([alpha, beta, *c[:6], lone, *c[6:10], busy, *c[10:], *steal], dtype=torch.float64)
