@@ -13,6 +13,7 @@ EPILOG = """examples:
                  --gated --shared-ffn 2048 --bytes 2 --layers 58
   moecc simulate --nodes 1 --devices 4 --experts 8 --top-k 2 --skew 1.2 --overlap-degree 4
   moecc simulate --experts 64 --top-k 8 --trace out/trace.npz        # per-layer loads from `moecc trace`
+  moecc simulate --experts 64 --top-k 8 --trace out/trace.npz --placement placement.json   # `moecc plan`'s
   moecc simulate --deepep                 # the model vs DeepEP's published low-latency table
   moecc simulate --nodes 2 --devices 8 --experts 64 --top-k 8 --train   # forward + backward
 times: per layer and rank-step; 'serial' is d=1 (no overlap); d* the recommended overlap degree; with
@@ -47,6 +48,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("routing")
     g.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity (0 = balanced)")
     g.add_argument("--trace", help="per-layer expert loads from a `moecc trace` file (.npz/.json)")
+    g.add_argument("--placement", help="placement.json from `moecc plan` (default: contiguous experts); the "
+                   "table then also gives the contiguous placement's times on the same routing")
     g.add_argument("--accounting", default="moecc", choices=["moecc", "choice"],
                    help="moecc: this runtime's messages (a hidden row per token and destination rank, "
                         "weights and ids, split sizes per chunk) on routing sampled from --skew or "
@@ -76,7 +79,8 @@ def run(a) -> int:
     cluster = Cluster(a.nodes, a.devices, Link(a.intra_lat * 1e-6, a.intra_bw * 1e9),
                       Link(a.inter_lat * 1e-6, a.inter_bw * 1e9), a.tflops * 1e12, a.chunk_overhead * 1e-6)
     layer = LayerShape(a.tokens, a.hidden, a.ffn, a.experts, a.top_k, a.gated, a.shared_ffn, a.bytes, a.bytes)
-    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree, a.accounting, a.train)
+    preds = simulate(layer, cluster, a.skew, a.trace, a.layers, a.overlap_degree, a.accounting, a.train,
+                     a.placement)
     head = ["layer", "dispatch ms", "experts ms", "shared ms", "combine ms", "serial ms", "d*", "overlap ms",
             "speedup", "hidden"]
     if a.overlap_degree:
@@ -108,7 +112,21 @@ def run(a) -> int:
     print(f"cluster {a.nodes}x{a.devices} (EP{cluster.world}), {a.tokens} tokens/device, H={a.hidden}, "
           f"F={a.ffn}, E={a.experts}, top-{a.top_k}, " + (f"trace {a.trace}" if a.trace else f"skew {a.skew}"))
     print(text_table(head, rows))
+    if a.placement:
+        print(placement_table(preds, simulate(layer, cluster, a.skew, a.trace, a.layers, None, a.accounting)))
     return 0
+
+
+def placement_table(planned: list, contiguous: list) -> str:
+    """The placement's gain: contiguous experts against the plan, layer by layer, on the same routing."""
+    from .table import text_table
+    rows = [[p.name, _ms(c.serial), _ms(c.best.step), f"{c.best.overlap:.0%}", _ms(p.best.step),
+             f"{p.best.overlap:.0%}", f"{c.best.step / p.best.step:.2f}x"] for p, c in zip(planned, contiguous)]
+    if len(planned) > 1:
+        cs, ps = sum(c.best.step for c in contiguous), sum(p.best.step for p in planned)
+        rows.append(["model", _ms(sum(c.serial for c in contiguous)), _ms(cs), "", _ms(ps), "", f"{cs / ps:.2f}x"])
+    return "\n" + text_table(["layer", "contiguous serial ms", "contiguous d* ms", "contiguous hidden",
+                               "placement d* ms", "placement hidden", "placement gain"], rows)
 
 
 def deepep_table(table_name: str = "2025-06") -> str:

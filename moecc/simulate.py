@@ -124,11 +124,44 @@ def predict_costs(c: Costs, cluster: Cluster, degree: int | None = None, name: s
 
 
 def predict_layer(layer: LayerShape, cluster: Cluster, probs=None, degree: int | None = None,
-                  name: str = "layer", ids=None, train: bool = False) -> LayerPrediction:
-    """ids [W, T, k]: moecc's runtime accounting on that routing (ep_costs); else one row per
-    (token, choice) with expected loads from probs (DeepEP's low-latency accounting)."""
-    c = runtime_costs(layer, cluster, ids) if ids is not None else layer_costs(layer, cluster, probs)
+                  name: str = "layer", ids=None, train: bool = False, placement=None) -> LayerPrediction:
+    """ids [W, T, k]: moecc's runtime accounting on that routing (ep_costs), on `placement` (a
+    LayerPlacement; None: contiguous experts); else one row per (token, choice) with expected loads
+    from probs (DeepEP's low-latency accounting)."""
+    c = (runtime_costs(layer, cluster, ids, placement=placement) if ids is not None
+         else layer_costs(layer, cluster, probs))
     return predict_costs(c, cluster, degree, name, train)
+
+
+def load_placements(path: str, cluster: Cluster, layer: LayerShape, names: list[str],
+                    traced: bool = False) -> list:
+    """placement.json (`moecc plan`) -> one LayerPlacement per simulated layer (by position; a plan of
+    one layer serves every layer), checked against the cluster, the layer and (traced: the names are
+    a trace's layers) the trace's layer names."""
+    from moecc.distributed.layout import LayerPlacement
+    from moecc.passes.placement import load_plan
+
+    plan = load_plan(path)
+    topo = plan.topology
+    if (topo.nodes, topo.devices_per_node) != (cluster.nodes, cluster.devices):
+        raise MoeccError(f"placement {path} is for {topo.nodes} node(s) x {topo.devices_per_node} devices, "
+                         f"the cluster is --nodes {cluster.nodes} x --devices {cluster.devices}: give the "
+                         "cluster the plan was made for, or plan again with its topology")
+    if len(plan.layers) not in (1, len(names)):
+        raise MoeccError(f"placement {path} has {len(plan.layers)} layers, the simulation {len(names)} "
+                         f"({'the trace' if len(names) > 1 else '--layers'}): it is for another model")
+    out = []
+    for i, name in enumerate(names):
+        j = i if len(plan.layers) > 1 else 0
+        lp = LayerPlacement.from_plan(plan, j)
+        if lp.num_experts != layer.experts:
+            raise MoeccError(f"placement {path}: layer {lp.name} places {lp.num_experts} experts but "
+                             f"--experts is {layer.experts}")
+        if traced and len(plan.layers) > 1 and lp.name != name:
+            raise MoeccError(f"placement {path}: its layer {j} is {lp.name!r}, the trace's is {name!r}: "
+                             "plan on the same trace")
+        out.append(lp)
+    return out
 
 
 def layer_routing(layer: LayerShape, world: int, skew: float, trace_path: str | None, seed: int = 0):
@@ -156,18 +189,28 @@ def layer_routing(layer: LayerShape, world: int, skew: float, trace_path: str | 
 
 def simulate(layer: LayerShape, cluster: Cluster, skew: float = 0.0, trace: str | None = None,
              layers: int = 1, degree: int | None = None, accounting: str = "moecc",
-             train: bool = False) -> list[LayerPrediction]:
-    """Per MoE layer predictions; a trace gives its own layers, else `layers` identical ones.
-    accounting: "moecc" (this runtime's messages on sampled / traced routing) or "choice"
-    (a row per (token, choice), expected loads: DeepEP's low-latency kernels)."""
+             train: bool = False, placement: str | None = None) -> list[LayerPrediction]:
+    """Per MoE layer predictions; a trace gives its own layers, else `layers` identical ones (with a
+    placement of several layers: one per layer, each on its own). accounting: "moecc" (this
+    runtime's messages on sampled / traced routing) or "choice" (a row per (token, choice), expected
+    loads: DeepEP's low-latency kernels). placement: a placement.json (`moecc plan`; default:
+    contiguous experts), which ranks compute each (token, expert) and so the traffic and the loads."""
     if accounting not in ("moecc", "choice"):
         raise MoeccError(f"accounting must be moecc or choice, got {accounting!r}")
-    preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None, train)
-             for name, p, ids in layer_routing(layer, cluster.validate().world, skew, trace)]
-    if not trace and layers > 1:
+    if placement and accounting != "moecc":
+        raise MoeccError("a placement needs --accounting moecc (the choice accounting assumes "
+                         "expected loads on contiguous experts)")
+    routed = layer_routing(layer, cluster.validate().world, skew, trace)
+    if placement and not trace and layers > 1:
+        routed = [(f"layer{i}", p, ids) for i in range(layers) for _, p, ids in routed[:1]]
+    places = (load_placements(placement, cluster, layer, [r[0] for r in routed], bool(trace)) if placement
+              else [None] * len(routed))
+    preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None, train, lp)
+             for (name, p, ids), lp in zip(routed, places)]
+    if not trace and layers > 1 and len(preds) == 1:
         preds = [replace(preds[0], name=f"layer{i}") for i in range(layers)]
     return preds
 
 
 __all__ = ["DEEPEP_TABLES", "calibrate_deepep", "predict_deepep", "deepep_check", "simulate",
-           "predict_layer", "LayerPrediction"]
+           "predict_layer", "load_placements", "LayerPrediction"]

@@ -208,3 +208,65 @@ def test_cli_refuses(args, words, capsys):
 def test_layer_refuses_top_k_above_experts():
     with pytest.raises(MoeccError, match="top-k"):
         layer_costs(LayerShape(8, 8, 8, 4, 5), _cluster())
+
+
+def _skewed_trace(path, layers: int = 2, experts: int = 16, tokens: int = 2048):
+    """A trace of Zipf 1.2 routing (expert 0 hottest), top-2."""
+    from moecc.distributed.ep_costs import sample_ids
+    from moecc.passes.placement.trace import Trace, save_trace
+    ids = np.stack([sample_ids(1, tokens, experts, 2, 1.2, seed=i)[0] for i in range(layers)]).astype(np.int32)
+    save_trace(Trace(ids, np.ones(ids.shape, np.float32), np.zeros(tokens, np.int32), experts), path)
+    return path
+
+
+def _plan(trace_path, out, method: str, replicas: int = 0, devices: int = 4):
+    from moecc.passes.placement import Topology, load_trace, plan, save_plan
+    tr = load_trace(trace_path)
+    save_plan(plan(tr, Topology(1, devices, (tr.num_experts + replicas) // devices), method, replicas), out)
+    return out
+
+
+def _gains(out: str) -> list[float]:
+    table = out[out.index("placement gain"):].splitlines()[2:]
+    return [float(line.split()[-1].rstrip("x")) for line in table if line.strip()]
+
+
+SIM = ["simulate", "--devices", "4", "--experts", "16", "--top-k", "2", "--tokens", "512", "--hidden", "1024",
+       "--ffn", "512", "--gated", "--tflops", "20", "--intra-bw", "20"]
+
+
+def test_cli_placement_from_plan_balances_skewed_routing(tmp_path, capsys):
+    """--placement: the cost model runs on the plan's dispatch rule. On Zipf 1.2 routing the plan
+    (EPLB, 4 replicas) takes load off the rank of the hot experts: its layers are predicted faster
+    than contiguous experts on the same routing; a plan that is itself contiguous changes nothing."""
+    trace = _skewed_trace(tmp_path / "t.npz")
+    args = [*SIM, "--trace", str(trace)]
+    assert main([*args, "--placement", str(_plan(trace, tmp_path / "eplb.json", "eplb", 4))]) == 0
+    out = capsys.readouterr().out
+    gains = _gains(out)
+    assert len(gains) == 3 and all(g > 1.2 for g in gains), out           # layer0, layer1, model
+    assert main([*args, "--placement", str(_plan(trace, tmp_path / "c.json", "contiguous"))]) == 0
+    assert _gains(capsys.readouterr().out) == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("extra, words", [(["--devices", "8"], "x 4 devices"),
+                                          (["--experts", "32"], "places 16 experts"),
+                                          (["--accounting", "choice"], "accounting moecc")])
+def test_cli_placement_refuses_another_cluster_or_model(tmp_path, capsys, extra, words):
+    trace = _skewed_trace(tmp_path / "t.npz")
+    placement = _plan(trace, tmp_path / "p.json", "eplb", 4)
+    args = [*SIM, "--placement", str(placement)]
+    args += ["--trace", str(trace)] if extra[0] != "--experts" else ["--layers", "2", "--skew", "1.2"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moecc: error:") and words in err and "Traceback" not in err, err
+
+
+def test_cli_placement_layers_must_match(tmp_path, capsys):
+    placement = _plan(_skewed_trace(tmp_path / "t2.npz"), tmp_path / "p.json", "eplb", 4)
+    trace3 = _skewed_trace(tmp_path / "t3.npz", layers=3)
+    assert main([*SIM, "--trace", str(trace3), "--placement", str(placement)]) == 2
+    assert "has 2 layers" in capsys.readouterr().err
+    # without a trace: a plan of 2 layers gives --layers 2 their own placements
+    assert main([*SIM, "--skew", "1.2", "--layers", "2", "--placement", str(placement)]) == 0
+    assert len(_gains(capsys.readouterr().out)) == 3
