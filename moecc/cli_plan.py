@@ -191,7 +191,7 @@ def cmd_trace(a) -> int:
 def _runnable(ref: str):
     """MODEL (a factory, or a torch artifact directory from `moecc compile`) -> (graph module to
     run, [MoESpec per MoE layer in graph order], the factory reference it came from)."""
-    from moecc.pipeline import moe_nodes
+    from moecc.pipeline import layer_nodes
     source = ref
     if Path(ref).is_dir():
         from moecc import load
@@ -206,7 +206,7 @@ def _runnable(ref: str):
         from moecc.loader import load_model
         model, inputs = load_model(ref)
         gm = capture(model, inputs, source=ref).gm
-    specs = [spec for _, spec in moe_nodes(gm)]
+    specs = [spec for _, spec in layer_nodes(gm)]      # moe nodes, or a torch artifact's experts nodes
     if not specs:
         raise MoeccError(f"model {ref} has no MoE layer moecc recognizes (make one with "
                          "`moecc compile --upcycle E` or `--moefy E`)")

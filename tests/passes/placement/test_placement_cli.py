@@ -96,3 +96,19 @@ def test_trace_then_plan_against_the_model(tmp_path, capsys):
     (tmp_path / "bigger.py").write_text(other)
     assert main(args + ["--model", f"{tmp_path / 'bigger.py'}:build", "--out", "p.json"]) == 2
     assert "trace has 2 MoE layers but the model has 3" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_trace_a_torch_artifact_as_its_factory(tmp_path, capsys):
+    """`moecc trace ARTIFACT` (the README's placement flow): a torch artifact holds the decomposed
+    program (experts nodes, no moe node); its trace is the factory's, id for id."""
+    (tmp_path / "tiny_moe.py").write_text(TINY_MOE)
+    torch.save(torch.randn(6, 8, 16, generator=torch.Generator().manual_seed(1)), tmp_path / "x.pt")
+    model, art = f"{tmp_path / 'tiny_moe.py'}:build", tmp_path / "art"
+    assert main(["compile", model, "--to", "torch", "--out", str(art)]) == 0
+    for ref, out in ((model, "f.npz"), (str(art), "a.npz")):
+        assert main(["trace", ref, "--calibration", str(tmp_path / "x.pt"), "--out", str(tmp_path / out)]) == 0
+    f, a = load_trace(tmp_path / "f.npz"), load_trace(tmp_path / "a.npz")
+    assert a.layers == f.layers == ("blocks.0.moe", "blocks.1.moe")
+    assert (a.expert_ids == f.expert_ids).all() and a.expert_ids.shape == (2, 48, 2)
+    torch.testing.assert_close(torch.as_tensor(a.weights), torch.as_tensor(f.weights))
