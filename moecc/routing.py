@@ -33,7 +33,7 @@ decoding (one token per call) every expert takes that token — the output diffe
 """
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -186,11 +186,24 @@ def hierarchical_probs(logits: Tensor, spec: MoESpec) -> Tensor:
     return (group_p.unsqueeze(-1) * inner).reshape(-1, E)
 
 
+CAPACITY_DENOMINATOR = 10 ** 6
+
+
+def ceil_scaled(factor: float, num, den: int) -> int:
+    """ceil(factor · num / den) in integer arithmetic, factor taken as its nearest fraction with a
+    denominator <= 10^6 (0.07 is 7/100: 100 tokens at 0.07 give 7 slots, where the float product
+    7.000000000000001 gave 8). num may be symbolic (a torch.export.Dim token count): + and // of ints are ops every
+    backend imports and torch.export serializes (math.ceil of a SymFloat is not)."""
+    f = Fraction(factor).limit_denominator(CAPACITY_DENOMINATOR)
+    q = f.denominator * den
+    return (f.numerator * num + q - 1) // q
+
+
 def expert_choice_capacity(tokens: int, spec: MoESpec) -> int:
     """C = ceil(c · T / E) tokens per expert, c = capacity_factor (default k), 1 ≤ C ≤ T (0 if T = 0).
     sym_min/sym_max: a symbolic T (torch.export.Dim) stays symbolic, no guard on its value."""
     cf = spec.router.capacity_factor or float(spec.top_k)
-    return torch.sym_min(tokens, torch.sym_max(1, math.ceil(cf * tokens / spec.num_experts)))
+    return torch.sym_min(tokens, torch.sym_max(1, ceil_scaled(cf, tokens, spec.num_experts)))
 
 
 def _expert_choice(logits: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
@@ -240,7 +253,7 @@ def token_capacity(tokens: int, spec: MoESpec) -> int:
     """Slots per expert: the fixed `capacity`, else ceil(capacity_factor * T * k / E)."""
     if spec.router.capacity:
         return spec.router.capacity
-    return torch.sym_max(1, math.ceil(spec.router.capacity_factor * tokens * spec.top_k / spec.num_experts))
+    return torch.sym_max(1, ceil_scaled(spec.router.capacity_factor, tokens * spec.top_k, spec.num_experts))
 
 
 def expected_load(spec: MoESpec, tokens: int) -> tuple[float, float]:

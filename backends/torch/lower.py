@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moecc.decompose import decompose, experts_nodes, set_experts_kernel
+from moecc.errors import MoeccError
 
 from ..base import KernelChoice, Lowered
 from . import select
@@ -47,7 +48,13 @@ def lower(program: torch.export.ExportedProgram, out_dir: Path, options: dict) -
     program.graph_module.recompile()
     files = ["model.pt2"]
     buffer = io.BytesIO()                  # torch's C++ writer aborts the process on a full disk:
-    torch.export.save(program, buffer)     # write the bytes from Python (a catchable OSError)
+    try:                                   # write the bytes from Python (a catchable OSError)
+        torch.export.save(program, buffer)
+    except Exception as e:                 # noqa: BLE001  (torch's serializer: an op it cannot write)
+        text = str(e).strip().splitlines()
+        raise MoeccError(f"torch backend: torch.export cannot serialize the program "
+                         f"({type(e).__name__}: {text[0][:300] if text else ''}); compile with "
+                         "--to onnx or --to tvm, or report the op") from None
     (Path(out_dir) / "model.pt2").write_bytes(buffer.getbuffer())
     if tables:
         select.save({select.table_id(t): t for t in tables.values()}, Path(out_dir) / TABLES)
