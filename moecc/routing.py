@@ -33,6 +33,7 @@ decoding (one token per call) every expert takes that token — the output diffe
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -195,8 +196,10 @@ def ceil_scaled(factor: float, num, den: int) -> int:
     7.000000000000001 gave 8). num may be symbolic (a torch.export.Dim token count): + and // of ints are ops every
     backend imports and torch.export serializes (math.ceil of a SymFloat is not)."""
     f = Fraction(factor).limit_denominator(CAPACITY_DENOMINATOR)
+    if isinstance(num, (int, float)):                 # a plain count (a float: a cost model's mean)
+        return math.ceil(f * Fraction(num) / den)
     q = f.denominator * den
-    return (f.numerator * num + q - 1) // q
+    return (f.numerator * num + q - 1) // q           # num a whole SymInt: the same ceiling
 
 
 def expert_choice_capacity(tokens: int, spec: MoESpec) -> int:
