@@ -191,9 +191,9 @@ CAPACITY_DENOMINATOR = 10 ** 6
 
 
 def ceil_scaled(factor: float, num, den: int) -> int:
-    """ceil(factor · num / den) in integer arithmetic, factor taken as its nearest fraction with a
-    denominator <= 10^6 (0.07 is 7/100: 100 tokens at 0.07 give 7 slots, where the float product
-    7.000000000000001 gave 8). num may be symbolic (a torch.export.Dim token count): + and // of ints are ops every
+    """ceil(factor · num / den), factor taken as its nearest fraction with a denominator <= 10^6
+    (0.07 is 7/100: 100 tokens at 0.07 give 7 slots, where the float product 7.000000000000001 gave
+    8). num may be symbolic (a torch.export.Dim token count): then integer + and //, ops every
     backend imports and torch.export serializes (math.ceil of a SymFloat is not)."""
     f = Fraction(factor).limit_denominator(CAPACITY_DENOMINATOR)
     if isinstance(num, (int, float)):                 # a plain count (a float: a cost model's mean)

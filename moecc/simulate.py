@@ -135,9 +135,9 @@ def predict_layer(layer: LayerShape, cluster: Cluster, probs=None, degree: int |
 
 def load_placements(path: str, cluster: Cluster, layer: LayerShape, names: list[str],
                     traced: bool = False) -> list:
-    """placement.json (`moecc plan`) -> one LayerPlacement per simulated layer (by position; a plan of
-    one layer serves every layer), checked against the cluster, the layer and (traced: the names are
-    a trace's layers) the trace's layer names."""
+    """placement.json (`moecc plan`) -> its LayerPlacements: one (serving every simulated layer) or
+    one per simulated layer `names` (by position), checked against the cluster, the layer and
+    (traced: the names are a trace's layers) the trace's layer names."""
     from moecc.distributed.layout import LayerPlacement
     from moecc.passes.placement import load_plan
 
@@ -150,17 +150,14 @@ def load_placements(path: str, cluster: Cluster, layer: LayerShape, names: list[
     if len(plan.layers) not in (1, len(names)):
         raise MoeccError(f"placement {path} has {len(plan.layers)} layers, the simulation {len(names)} "
                          f"({'the trace' if len(names) > 1 else '--layers'}): it is for another model")
-    out = []
-    for i, name in enumerate(names):
-        j = i if len(plan.layers) > 1 else 0
-        lp = LayerPlacement.from_plan(plan, j)
+    out = [LayerPlacement.from_plan(plan, j) for j in range(len(plan.layers))]
+    for lp, name in zip(out, names):
         if lp.num_experts != layer.experts:
             raise MoeccError(f"placement {path}: layer {lp.name} places {lp.num_experts} experts but "
                              f"--experts is {layer.experts}")
-        if traced and len(plan.layers) > 1 and lp.name != name:
-            raise MoeccError(f"placement {path}: its layer {j} is {lp.name!r}, the trace's is {name!r}: "
+        if traced and len(out) > 1 and lp.name != name:
+            raise MoeccError(f"placement {path}: its layer {lp.name!r} meets the trace's {name!r}: "
                              "plan on the same trace")
-        out.append(lp)
     return out
 
 
@@ -201,10 +198,13 @@ def simulate(layer: LayerShape, cluster: Cluster, skew: float = 0.0, trace: str 
         raise MoeccError("a placement needs --accounting moecc (the choice accounting assumes "
                          "expected loads on contiguous experts)")
     routed = layer_routing(layer, cluster.validate().world, skew, trace)
-    if placement and not trace and layers > 1:
-        routed = [(f"layer{i}", p, ids) for i in range(layers) for _, p, ids in routed[:1]]
-    places = (load_placements(placement, cluster, layer, [r[0] for r in routed], bool(trace)) if placement
-              else [None] * len(routed))
+    places = [None]
+    if placement:
+        names = [r[0] for r in routed] if trace else [f"layer{i}" for i in range(layers)]
+        places = load_placements(placement, cluster, layer, names, bool(trace))
+        if len(places) > len(routed):            # --layers N, a plan of N layers: each its own
+            routed = [(name, p, ids) for name in names for _, p, ids in routed]
+    places = places * (len(routed) // len(places))                 # one placement serves every layer
     preds = [predict_layer(layer, cluster, p, degree, name, ids if accounting == "moecc" else None, train, lp)
              for (name, p, ids), lp in zip(routed, places)]
     if not trace and layers > 1 and len(preds) == 1:
